@@ -1,0 +1,12 @@
+//! Shared plumbing for the PixArt-Σ engine.
+//!
+//! Every model part (T5 encoder, transformer, VAE) loads its weights the same way: from a
+//! diffusers-layout sub-folder holding either one `*.safetensors` file or several shards listed by
+//! a `*.safetensors.index.json`. [`weights`] finds and validates those files; [`dtype`] parses the
+//! user-facing dtype names.
+
+pub mod dtype;
+pub mod weights;
+
+pub use dtype::parse_dtype;
+pub use weights::{load_config, var_builder, ModelWeights, WeightsError};

@@ -1,0 +1,162 @@
+//! Locating, validating and memory-mapping safetensors weights in a diffusers-layout folder.
+//!
+//! A component folder (`text_encoder/`, `transformer/`, `vae/`) holds either
+//! `<stem>.safetensors` or shards `<stem>-0000N-of-0000M.safetensors` described by
+//! `<stem>.safetensors.index.json` (`{"weight_map": {tensor name: shard file}}`). The published
+//! PixArt-Σ text encoder is sharded, so the index path is the one real users hit.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+/// Errors raised while finding or opening a model's files. Each names the file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum WeightsError {
+    /// Neither a single safetensors file nor an index was found.
+    #[error("no weights in {dir}: expected {stem}.safetensors or {stem}.safetensors.index.json")]
+    NoWeights {
+        /// The component folder searched.
+        dir: PathBuf,
+        /// The file stem looked for (`model`, `diffusion_pytorch_model`).
+        stem: String,
+    },
+    /// A file the model needs does not exist.
+    #[error("missing file {path}{}", .referenced_by.as_ref().map(|p| format!(" (listed in {})", p.display())).unwrap_or_default())]
+    MissingFile {
+        /// The absent file.
+        path: PathBuf,
+        /// The index that named it, if any.
+        referenced_by: Option<PathBuf>,
+    },
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A JSON file (config or index) is malformed.
+    #[error("malformed JSON in {path}: {source}")]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// The parse error, with line and column.
+        source: serde_json::Error,
+    },
+    /// A safetensors file is corrupt or truncated.
+    #[error("corrupt safetensors file {path}: {source}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What candle/safetensors reported.
+        source: candle_core::Error,
+    },
+    /// The index names a tensor that its shard does not contain.
+    #[error("{index} says tensor {tensor} is in {shard}, but that file does not contain it")]
+    IndexMismatch {
+        /// The index file.
+        index: PathBuf,
+        /// The tensor name.
+        tensor: String,
+        /// The shard file named for it.
+        shard: String,
+    },
+    /// A dtype name that is not one of [`crate::dtype::SUPPORTED_DTYPES`].
+    #[error("unknown dtype {name:?}: allowed values are {}", crate::dtype::SUPPORTED_DTYPES)]
+    UnknownDtype {
+        /// The rejected name.
+        name: String,
+    },
+}
+
+#[derive(Deserialize)]
+struct SafetensorsIndex {
+    weight_map: HashMap<String, String>,
+}
+
+/// The validated safetensors files of one model component.
+#[derive(Debug, Clone)]
+pub struct ModelWeights {
+    /// The shard files (one entry when the weights are not sharded), in a stable order.
+    pub files: Vec<PathBuf>,
+    /// The index file, when the weights are sharded.
+    pub index: Option<PathBuf>,
+}
+
+impl ModelWeights {
+    /// Finds the weights `<stem>.safetensors[.index.json]` in `dir`, preferring the index when both
+    /// exist (as diffusers and transformers do), and checks that every listed shard exists.
+    pub fn find(dir: &Path, stem: &str) -> Result<Self, WeightsError> {
+        let index = dir.join(format!("{stem}.safetensors.index.json"));
+        if index.is_file() {
+            let parsed: SafetensorsIndex = read_json(&index)?;
+            let shards: BTreeSet<&String> = parsed.weight_map.values().collect();
+            let mut files = Vec::with_capacity(shards.len());
+            for shard in shards {
+                let path = dir.join(shard);
+                if !path.is_file() {
+                    return Err(WeightsError::MissingFile { path, referenced_by: Some(index.clone()) });
+                }
+                files.push(path);
+            }
+            return Ok(Self { files, index: Some(index) });
+        }
+        let single = dir.join(format!("{stem}.safetensors"));
+        if single.is_file() {
+            return Ok(Self { files: vec![single], index: None });
+        }
+        Err(WeightsError::NoWeights { dir: dir.to_path_buf(), stem: stem.to_string() })
+    }
+
+    /// Memory-maps every file (naming the one that fails to parse), checks the index against the
+    /// shards' contents, and returns a [`VarBuilder`] that converts tensors to `dtype` on `device`.
+    pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>, WeightsError> {
+        // Open each file on its own first so a corrupt shard is reported by name.
+        for path in &self.files {
+            // SAFETY: the files are opened read-only; like every mmap-based loader we rely on them
+            // not being truncated while the model is alive.
+            unsafe { MmapedSafetensors::new(path) }
+                .map_err(|source| WeightsError::Corrupt { path: path.clone(), source })?;
+        }
+        // SAFETY: as above.
+        let tensors = unsafe { MmapedSafetensors::multi(&self.files) }
+            .map_err(|source| WeightsError::Corrupt { path: self.files[0].clone(), source })?;
+        if let Some(index) = &self.index {
+            let parsed: SafetensorsIndex = read_json(index)?;
+            for (tensor, shard) in &parsed.weight_map {
+                if tensors.get(tensor).is_err() {
+                    return Err(WeightsError::IndexMismatch {
+                        index: index.clone(),
+                        tensor: tensor.clone(),
+                        shard: shard.clone(),
+                    });
+                }
+            }
+        }
+        Ok(VarBuilder::from_backend(Box::new(tensors), dtype, device.clone()))
+    }
+}
+
+/// Shorthand for [`ModelWeights::find`] followed by [`ModelWeights::var_builder`].
+pub fn var_builder(dir: &Path, stem: &str, dtype: DType, device: &Device) -> Result<VarBuilder<'static>, WeightsError> {
+    ModelWeights::find(dir, stem)?.var_builder(dtype, device)
+}
+
+/// Reads and parses a component's `config.json` (or any JSON file), naming the file on error.
+pub fn load_config<T: DeserializeOwned>(path: &Path) -> Result<T, WeightsError> {
+    if !path.is_file() {
+        return Err(WeightsError::MissingFile { path: path.to_path_buf(), referenced_by: None });
+    }
+    read_json(path)
+}
+
+fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, WeightsError> {
+    let text = std::fs::read_to_string(path).map_err(|source| WeightsError::Io { path: path.to_path_buf(), source })?;
+    serde_json::from_str(&text).map_err(|source| WeightsError::Json { path: path.to_path_buf(), source })
+}

@@ -1,0 +1,122 @@
+//! The text encoder's `config.json` (transformers' `T5Config`), reduced to what the encoder uses.
+
+use serde::Deserialize;
+
+use crate::error::T5Error;
+
+/// Hyper-parameters of a T5 encoder, deserialised from the checkpoint's `config.json`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct T5Config {
+    /// Rows of the token embedding.
+    pub vocab_size: usize,
+    /// Width of the residual stream.
+    pub d_model: usize,
+    /// Width of one attention head.
+    pub d_kv: usize,
+    /// Hidden width of the feed-forward block.
+    pub d_ff: usize,
+    /// Number of encoder blocks.
+    pub num_layers: usize,
+    /// Number of attention heads.
+    pub num_heads: usize,
+    /// Buckets of the relative position bias.
+    #[serde(default = "default_buckets")]
+    pub relative_attention_num_buckets: usize,
+    /// Distance beyond which relative positions share a bucket.
+    #[serde(default = "default_max_distance")]
+    pub relative_attention_max_distance: usize,
+    /// RMSNorm epsilon.
+    #[serde(default = "default_eps")]
+    pub layer_norm_epsilon: f64,
+    /// `relu`, `gated-gelu` (T5 v1.1), or `[gated-]{gelu,gelu_new,relu,silu}`.
+    #[serde(default = "default_ff")]
+    pub feed_forward_proj: String,
+}
+
+fn default_buckets() -> usize {
+    32
+}
+fn default_max_distance() -> usize {
+    128
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_ff() -> String {
+    "relu".into()
+}
+
+/// The activation inside the feed-forward block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `max(x, 0)`.
+    Relu,
+    /// GELU with the exact erf (transformers' `gelu`).
+    GeluErf,
+    /// GELU with the tanh approximation (transformers' `gelu_new`, T5 v1.1).
+    GeluTanh,
+    /// `x · sigmoid(x)`.
+    Silu,
+}
+
+/// How the feed-forward block is built, parsed from `feed_forward_proj` as transformers does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FeedForwardKind {
+    /// `wo(act(wi_0 x) ⊙ wi_1 x)` when true, `wo(act(wi x))` when false.
+    pub gated: bool,
+    /// The activation.
+    pub activation: Activation,
+}
+
+impl T5Config {
+    /// Parses `feed_forward_proj`; `gated-gelu` means the tanh GELU, as in transformers.
+    pub fn feed_forward(&self) -> Result<FeedForwardKind, T5Error> {
+        let proj = self.feed_forward_proj.as_str();
+        let (gated, act) = match proj.split_once('-') {
+            Some(("gated", act)) => (true, act),
+            None => (false, proj),
+            Some(_) => return Err(unsupported_ff(proj)),
+        };
+        let activation = match (gated, act) {
+            (true, "gelu") => Activation::GeluTanh,
+            (_, "gelu_new") => Activation::GeluTanh,
+            (false, "gelu") => Activation::GeluErf,
+            (_, "relu") => Activation::Relu,
+            (_, "silu") => Activation::Silu,
+            _ => return Err(unsupported_ff(proj)),
+        };
+        Ok(FeedForwardKind { gated, activation })
+    }
+}
+
+fn unsupported_ff(proj: &str) -> T5Error {
+    T5Error::Unsupported(format!(
+        "feed_forward_proj {proj:?} is not supported: allowed are relu, gelu, gelu_new, silu, optionally prefixed with gated-"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(ff: &str) -> T5Config {
+        serde_json::from_value(serde_json::json!({
+            "vocab_size": 10, "d_model": 8, "d_kv": 4, "d_ff": 16, "num_layers": 1, "num_heads": 2,
+            "feed_forward_proj": ff
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn feed_forward_kinds() {
+        assert_eq!(
+            cfg("gated-gelu").feed_forward().unwrap(),
+            FeedForwardKind { gated: true, activation: Activation::GeluTanh }
+        );
+        assert_eq!(cfg("relu").feed_forward().unwrap(), FeedForwardKind { gated: false, activation: Activation::Relu });
+        assert_eq!(cfg("gelu").feed_forward().unwrap().activation, Activation::GeluErf);
+        let err = cfg("gated-swish").feed_forward().unwrap_err().to_string();
+        assert!(err.contains("gated-swish") && err.contains("allowed"), "{err}");
+        assert!(cfg("fancy-gelu").feed_forward().is_err());
+    }
+}
