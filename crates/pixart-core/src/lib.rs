@@ -5,8 +5,9 @@
 //! a `*.safetensors.index.json`. [`weights`] finds and validates those files; [`dtype`] parses the
 //! user-facing dtype names.
 
+pub mod attention;
 pub mod dtype;
 pub mod weights;
 
 pub use dtype::parse_dtype;
-pub use weights::{load_config, var_builder, ModelWeights, WeightsError};
+pub use weights::{load_config, python_json, var_builder, ModelWeights, WeightsError};

@@ -158,5 +158,61 @@ pub fn load_config<T: DeserializeOwned>(path: &Path) -> Result<T, WeightsError> 
 
 fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, WeightsError> {
     let text = std::fs::read_to_string(path).map_err(|source| WeightsError::Io { path: path.to_path_buf(), source })?;
-    serde_json::from_str(&text).map_err(|source| WeightsError::Json { path: path.to_path_buf(), source })
+    serde_json::from_str(&python_json(&text)).map_err(|source| WeightsError::Json { path: path.to_path_buf(), source })
+}
+
+/// Python's `json` writes `Infinity`, `-Infinity` and `NaN` (diffusers does, e.g.
+/// `"lambda_min_clipped": -Infinity`); standard JSON has no such numbers. This turns those bare
+/// words into the strings `"Infinity"`, `"-Infinity"`, `"NaN"` so serde can read the file, and
+/// leaves everything else (including string contents) untouched.
+pub fn python_json(text: &str) -> std::borrow::Cow<'_, str> {
+    if !(text.contains("Infinity") || text.contains("NaN")) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            out.push(c);
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+            rest = &rest[c.len_utf8()..];
+            continue;
+        }
+        if let Some(word) = ["-Infinity", "Infinity", "NaN"].into_iter().find(|w| rest.starts_with(w)) {
+            out.push('"');
+            out.push_str(word);
+            out.push('"');
+            rest = &rest[word.len()..];
+            continue;
+        }
+        if c == '"' {
+            in_string = true;
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_json_quotes_non_finite_numbers_outside_strings() {
+        let text = r#"{"a": -Infinity, "b": [Infinity, NaN], "c": "NaN -Infinity \" x", "d": 1.5}"#;
+        let value: serde_json::Value = serde_json::from_str(&python_json(text)).unwrap();
+        assert_eq!(value["a"], "-Infinity");
+        assert_eq!(value["b"][1], "NaN");
+        assert_eq!(value["c"], "NaN -Infinity \" x");
+        assert_eq!(value["d"], 1.5);
+    }
 }

@@ -1,0 +1,52 @@
+//! Baselines for speed work: one transformer step (CFG batch of 2) and one VAE decode, on small
+//! random-weight configs that keep the real architectures' shapes and code paths.
+//!
+//! `cargo bench --bench model_parts` (release). Full-size figures come from `pixart bench`.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use pixart_dit::{DitConfig, PixArtTransformer};
+use pixart_vae::{VaeConfig, VaeDecoder};
+
+fn main() {
+    divan::main();
+}
+
+fn small_dit() -> PixArtTransformer {
+    // XL-2's head width and structure, 6 heads, 4 layers; 32×32 latents = 256 tokens.
+    let config: DitConfig = serde_json::from_value(serde_json::json!({
+        "num_attention_heads": 6, "attention_head_dim": 72, "in_channels": 4, "out_channels": 8,
+        "num_layers": 4, "sample_size": 32, "patch_size": 2, "caption_channels": 512,
+        "interpolation_scale": 0.5, "use_additional_conditions": false
+    }))
+    .unwrap();
+    let vars = VarMap::new();
+    PixArtTransformer::new(&config, VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu)).unwrap()
+}
+
+fn small_vae() -> VaeDecoder {
+    let config: VaeConfig = serde_json::from_value(serde_json::json!({
+        "block_out_channels": [32, 64, 64, 64], "layers_per_block": 2, "norm_num_groups": 32
+    }))
+    .unwrap();
+    let vars = VarMap::new();
+    VaeDecoder::new(&config, VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu)).unwrap()
+}
+
+#[divan::bench(sample_count = 10)]
+fn transformer_step_cfg_batch(bencher: divan::Bencher) {
+    let dit = small_dit();
+    let latents = Tensor::randn(0f32, 1.0, (2, 4, 32, 32), &Device::Cpu).unwrap();
+    let caption = Tensor::randn(0f32, 1.0, (2, 120, 512), &Device::Cpu).unwrap();
+    let mut mask = vec![1u32; 2 * 120];
+    mask[120 + 20..].fill(0);
+    let mask = Tensor::from_vec(mask, (2, 120), &Device::Cpu).unwrap();
+    bencher.bench_local(|| dit.forward(&latents, &[500.0, 500.0], &caption, Some(&mask)).unwrap());
+}
+
+#[divan::bench(sample_count = 10)]
+fn vae_decode_256px(bencher: divan::Bencher) {
+    let vae = small_vae();
+    let latents = Tensor::randn(0f32, 1.0, (1, 4, 32, 32), &Device::Cpu).unwrap();
+    bencher.bench_local(|| vae.decode_latents(&latents).unwrap());
+}

@@ -1,0 +1,54 @@
+//! Multi-head attention (diffusers' `Attention` with the default processor).
+
+use candle_core::{Module, Tensor};
+use candle_nn::{Linear, VarBuilder};
+use pixart_core::attention::scaled_dot_product_attention;
+
+/// Self- or cross-attention with biased `to_q/to_k/to_v` and `to_out.0`.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    /// `query_dim` → heads × head_dim; keys and values from `context_dim` features.
+    pub fn new(
+        query_dim: usize,
+        context_dim: usize,
+        heads: usize,
+        head_dim: usize,
+        bias: bool,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        let inner = heads * head_dim;
+        let lin = |i, o, vb| if bias { candle_nn::linear(i, o, vb) } else { candle_nn::linear_no_bias(i, o, vb) };
+        Ok(Self {
+            to_q: lin(query_dim, inner, vb.pp("to_q"))?,
+            to_k: lin(context_dim, inner, vb.pp("to_k"))?,
+            to_v: lin(context_dim, inner, vb.pp("to_v"))?,
+            to_out: candle_nn::linear(inner, query_dim, vb.pp("to_out").pp("0"))?,
+            heads,
+            head_dim,
+        })
+    }
+
+    /// `x`: `[B, N, D]`; `context`: `[B, L, C]` (None: self-attention); `bias`: f32 scores bias.
+    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let context = context.unwrap_or(x);
+        let split = |t: Tensor| -> candle_core::Result<Tensor> {
+            let (b, n, _) = t.dims3()?;
+            t.reshape((b, n, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous()
+        };
+        let q = split(self.to_q.forward(x)?)?;
+        let k = split(self.to_k.forward(context)?)?;
+        let v = split(self.to_v.forward(context)?)?;
+        let out = scaled_dot_product_attention(&q, &k, &v, bias, 1.0 / (self.head_dim as f64).sqrt())?;
+        let (b, _, n, _) = out.dims4()?;
+        self.to_out.forward(&out.transpose(1, 2)?.reshape((b, n, self.heads * self.head_dim))?)
+    }
+}

@@ -1,0 +1,60 @@
+//! One PixArt transformer block (diffusers' `BasicTransformerBlock` with `ada_norm_single`).
+
+use candle_core::{Module, Tensor};
+use candle_nn::{Linear, VarBuilder};
+
+use crate::attention::Attention;
+use crate::config::DitConfig;
+use crate::embeddings::layer_norm;
+
+/// Self-attention, cross-attention to the caption, and a GELU(tanh) feed-forward, modulated by
+/// the timestep through a learned `scale_shift_table`.
+#[derive(Debug, Clone)]
+pub struct TransformerBlock {
+    scale_shift_table: Tensor,
+    attn1: Attention,
+    attn2: Attention,
+    ff_in: Linear,
+    ff_out: Linear,
+    eps: f64,
+}
+
+impl TransformerBlock {
+    /// `transformer_blocks.{i}.*`.
+    pub fn new(cfg: &DitConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let d = cfg.hidden_size();
+        let (heads, head_dim) = (cfg.num_attention_heads, cfg.attention_head_dim);
+        Ok(Self {
+            scale_shift_table: vb.get((6, d), "scale_shift_table")?,
+            attn1: Attention::new(d, d, heads, head_dim, cfg.attention_bias, vb.pp("attn1"))?,
+            attn2: Attention::new(d, d, heads, head_dim, cfg.attention_bias, vb.pp("attn2"))?,
+            ff_in: candle_nn::linear(d, 4 * d, vb.pp("ff.net.0.proj"))?,
+            ff_out: candle_nn::linear(4 * d, d, vb.pp("ff.net.2"))?,
+            eps: cfg.norm_eps,
+        })
+    }
+
+    /// `x`: `[B, N, D]`; `t6`: `[B, 6D]`; `caption`: `[B, L, D]`; `caption_bias`: f32
+    /// `[B, 1, 1, L]` (0 for tokens, −10000 for padding).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        t6: &Tensor,
+        caption: &Tensor,
+        caption_bias: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, _, d) = x.dims3()?;
+        // shift/scale/gate for attention, then for the MLP: each [B, 1, D].
+        let modulation = self.scale_shift_table.unsqueeze(0)?.broadcast_add(&t6.reshape((b, 6, d))?)?;
+        let part = |i: usize| modulation.narrow(1, i, 1);
+        let (shift_msa, scale_msa, gate_msa) = (part(0)?, part(1)?, part(2)?);
+        let (shift_mlp, scale_mlp, gate_mlp) = (part(3)?, part(4)?, part(5)?);
+
+        let h = layer_norm(x, self.eps)?.broadcast_mul(&(scale_msa + 1.0)?)?.broadcast_add(&shift_msa)?;
+        let x = (x + self.attn1.forward(&h, None, None)?.broadcast_mul(&gate_msa)?)?;
+        let x = (&x + self.attn2.forward(&x, Some(caption), caption_bias)?)?;
+        let h = layer_norm(&x, self.eps)?.broadcast_mul(&(scale_mlp + 1.0)?)?.broadcast_add(&shift_mlp)?;
+        let ff = self.ff_out.forward(&self.ff_in.forward(&h)?.gelu()?)?;
+        x + ff.broadcast_mul(&gate_mlp)?
+    }
+}

@@ -1,0 +1,158 @@
+//! Input embeddings: patches with the 2-D sin-cos position embedding, the adaLN-single timestep
+//! embedding, and the caption projection.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+
+/// The fixed 2-D sin-cos position embedding for an `h × w` token grid, `[h·w, dim]` in f32.
+///
+/// As diffusers' `get_2d_sincos_pos_embed`: positions `p_w(j) = j / (w / base) / scale` (and
+/// likewise for rows) in f32, frequencies `ω_k = 1/10000^(k/(dim/4))` and the sines/cosines in
+/// f64; the first half of each vector encodes the column, the second the row; tokens row-major.
+pub fn sincos_position_embedding(
+    dim: usize,
+    h: usize,
+    w: usize,
+    base: usize,
+    scale: f64,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let quarter = dim / 4;
+    let omega: Vec<f64> = (0..quarter).map(|k| 1.0 / 10000f64.powf(k as f64 / quarter as f64)).collect();
+    let positions = |n: usize| -> Vec<f64> {
+        let div = (n as f64 / base as f64) as f32;
+        (0..n).map(|i| f64::from(i as f32 / div / scale as f32)).collect()
+    };
+    let (rows, cols) = (positions(h), positions(w));
+    let mut out = Vec::with_capacity(h * w * dim);
+    let mut push = |p: f64| {
+        out.extend(omega.iter().map(|o| (p * o).sin() as f32));
+        out.extend(omega.iter().map(|o| (p * o).cos() as f32));
+    };
+    for &r in &rows {
+        for &c in &cols {
+            push(c);
+            push(r);
+        }
+    }
+    Tensor::from_vec(out, (h * w, dim), device)
+}
+
+/// Patchify (`conv p×p / stride p`) and add the position embedding: `[B,C,H,W] → [B, N, D]`.
+#[derive(Debug, Clone)]
+pub struct PatchEmbed {
+    proj: Conv2d,
+    patch: usize,
+    base: usize,
+    interpolation_scale: f64,
+}
+
+impl PatchEmbed {
+    /// `pos_embed.proj.*`.
+    pub fn new(
+        in_channels: usize,
+        dim: usize,
+        patch: usize,
+        sample_size: usize,
+        interpolation_scale: f64,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        let cfg = Conv2dConfig { stride: patch, ..Default::default() };
+        Ok(Self {
+            proj: candle_nn::conv2d(in_channels, dim, patch, cfg, vb.pp("proj"))?,
+            patch,
+            base: sample_size / patch,
+            interpolation_scale,
+        })
+    }
+
+    /// Returns the tokens `[B, N, D]`, N = (H/p)(W/p).
+    pub fn forward(&self, latents: &Tensor) -> candle_core::Result<Tensor> {
+        let (_, _, h, w) = latents.dims4()?;
+        let x = self.proj.forward(latents)?.flatten_from(2)?.transpose(1, 2)?; // [B, N, D]
+        let dim = x.dim(2)?;
+        let pos = sincos_position_embedding(
+            dim,
+            h / self.patch,
+            w / self.patch,
+            self.base,
+            self.interpolation_scale,
+            x.device(),
+        )?;
+        x.broadcast_add(&pos.to_dtype(x.dtype())?.unsqueeze(0)?)
+    }
+}
+
+/// The 256-wide sinusoidal timestep features (`flip_sin_to_cos`, shift 0), in f32: cosines first.
+pub fn timestep_features(timesteps: &[f32], device: &Device) -> candle_core::Result<Tensor> {
+    const HALF: usize = 128;
+    let ln_max = -(10000f64.ln() as f32);
+    let freqs: Vec<f32> = (0..HALF).map(|k| (ln_max * k as f32 / HALF as f32).exp()).collect();
+    let mut out = Vec::with_capacity(timesteps.len() * 2 * HALF);
+    for &t in timesteps {
+        out.extend(freqs.iter().map(|f| (t * f).cos()));
+        out.extend(freqs.iter().map(|f| (t * f).sin()));
+    }
+    Tensor::from_vec(out, (timesteps.len(), 2 * HALF), device)
+}
+
+/// adaLN-single: the timestep MLP and the projection to six modulation vectors per block.
+#[derive(Debug, Clone)]
+pub struct AdaLayerNormSingle {
+    linear_1: Linear,
+    linear_2: Linear,
+    linear: Linear,
+}
+
+impl AdaLayerNormSingle {
+    /// `adaln_single.emb.timestep_embedder.linear_{1,2}`, `adaln_single.linear`.
+    pub fn new(dim: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        let emb = vb.pp("emb").pp("timestep_embedder");
+        Ok(Self {
+            linear_1: candle_nn::linear(256, dim, emb.pp("linear_1"))?,
+            linear_2: candle_nn::linear(dim, dim, emb.pp("linear_2"))?,
+            linear: candle_nn::linear(dim, 6 * dim, vb.pp("linear"))?,
+        })
+    }
+
+    /// Returns `(t6 [B, 6D], embedded timestep [B, D])`.
+    pub fn forward(&self, timesteps: &[f32], dtype: DType, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+        let features = timestep_features(timesteps, device)?.to_dtype(dtype)?;
+        let emb = self.linear_2.forward(&self.linear_1.forward(&features)?.silu()?)?;
+        let t6 = self.linear.forward(&emb.silu()?)?;
+        Ok((t6, emb))
+    }
+}
+
+/// Caption projection `Linear → GELU(tanh) → Linear`: `[B, L, C_cap] → [B, L, D]`.
+#[derive(Debug, Clone)]
+pub struct CaptionProjection {
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl CaptionProjection {
+    /// `caption_projection.linear_{1,2}`.
+    pub fn new(caption_channels: usize, dim: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(Self {
+            linear_1: candle_nn::linear(caption_channels, dim, vb.pp("linear_1"))?,
+            linear_2: candle_nn::linear(dim, dim, vb.pp("linear_2"))?,
+        })
+    }
+}
+
+impl Module for CaptionProjection {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.linear_2.forward(&self.linear_1.forward(x)?.gelu()?)
+    }
+}
+
+/// LayerNorm over the last dimension without affine parameters, statistics in f32.
+pub fn layer_norm(x: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centered = x.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    centered.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)
+}

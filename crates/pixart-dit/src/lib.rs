@@ -1,0 +1,44 @@
+//! The PixArt-Σ diffusion transformer (diffusers' `PixArtTransformer2DModel`, XL-2):
+//!
+//! ```text
+//! x = conv p×p/s p (latents) + 2-D sin-cos position embedding        [B, N, D]
+//! t6, emb = adaLN-single(timestep)                                    [B, 6D], [B, D]
+//! y = Linear → GELU(tanh) → Linear (T5 states)                        [B, L, D]
+//! per block: x += g_msa · SelfAttn(LN(x)(1+c_msa)+s_msa)
+//!            x += CrossAttn(x, y, caption mask)
+//!            x += g_mlp · FF(LN(x)(1+c_mlp)+s_mlp)
+//! out = proj_out(LN(x)(1+scale)+shift) → unpatchify                   [B, 8, H, W]
+//! ```
+
+pub mod attention;
+pub mod block;
+pub mod config;
+pub mod embeddings;
+pub mod model;
+
+pub use config::DitConfig;
+pub use model::{DitTrace, PixArtTransformer};
+
+/// Errors from loading or running the transformer.
+#[derive(Debug, thiserror::Error)]
+pub enum DitError {
+    /// A weights or config file is missing, unreadable or corrupt.
+    #[error(transparent)]
+    Weights(#[from] pixart_core::WeightsError),
+    /// The checkpoint asks for something this implementation does not compute.
+    #[error("transformer config: {field} = {value} is not supported (supported: {supported})")]
+    Unsupported {
+        /// The config key.
+        field: &'static str,
+        /// Its value.
+        value: String,
+        /// What is accepted.
+        supported: &'static str,
+    },
+    /// Inputs of the wrong shape.
+    #[error("invalid transformer input: {0}")]
+    Input(String),
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}

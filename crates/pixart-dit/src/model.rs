@@ -1,0 +1,175 @@
+//! The whole transformer: latents, timestep and caption in, ε and variance out.
+
+use std::path::Path;
+
+use candle_core::{DType, Module, Tensor};
+use candle_nn::{Linear, VarBuilder};
+
+use crate::block::TransformerBlock;
+use crate::config::DitConfig;
+use crate::embeddings::{layer_norm, AdaLayerNormSingle, CaptionProjection, PatchEmbed};
+use crate::DitError;
+
+/// The intermediate values of one call, for parity tests and debugging.
+#[derive(Debug, Clone)]
+pub struct DitTrace {
+    /// Patch tokens plus position embedding `[B, N, D]`.
+    pub pos_embed: Tensor,
+    /// The six modulation vectors `[B, 6D]`.
+    pub t6: Tensor,
+    /// The embedded timestep `[B, D]`.
+    pub embedded_timestep: Tensor,
+    /// The projected caption `[B, L, D]`.
+    pub caption: Tensor,
+    /// The token stream after each block.
+    pub blocks: Vec<Tensor>,
+}
+
+/// PixArt-Σ's diffusion transformer (diffusers' `PixArtTransformer2DModel`).
+#[derive(Debug, Clone)]
+pub struct PixArtTransformer {
+    config: DitConfig,
+    pos_embed: PatchEmbed,
+    adaln_single: AdaLayerNormSingle,
+    caption_projection: CaptionProjection,
+    blocks: Vec<TransformerBlock>,
+    scale_shift_table: Tensor,
+    proj_out: Linear,
+    dtype: DType,
+}
+
+impl PixArtTransformer {
+    /// Loads `transformer/` (`config.json` + `diffusion_pytorch_model.safetensors`, or shards).
+    pub fn load(dir: &Path, dtype: DType, device: &candle_core::Device) -> Result<Self, DitError> {
+        let config: DitConfig = pixart_core::load_config(&dir.join("config.json"))?;
+        let vb = pixart_core::var_builder(dir, "diffusion_pytorch_model", dtype, device)?;
+        Self::new(&config, vb)
+    }
+
+    /// Builds the model from its config and weights.
+    pub fn new(config: &DitConfig, vb: VarBuilder) -> Result<Self, DitError> {
+        config.validate()?;
+        if vb.contains_tensor("adaln_single.emb.resolution_embedder.linear_1.weight") {
+            return Err(DitError::Unsupported {
+                field: "weights",
+                value: "resolution/aspect-ratio embedders (PixArt-α)".into(),
+                supported: "PixArt-Σ weights without additional conditions",
+            });
+        }
+        let d = config.hidden_size();
+        let p = config.patch_size;
+        let blocks = (0..config.num_layers)
+            .map(|i| TransformerBlock::new(config, vb.pp(format!("transformer_blocks.{i}"))))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            pos_embed: PatchEmbed::new(
+                config.in_channels,
+                d,
+                p,
+                config.sample_size,
+                config.interpolation_scale,
+                vb.pp("pos_embed"),
+            )?,
+            adaln_single: AdaLayerNormSingle::new(d, vb.pp("adaln_single"))?,
+            caption_projection: CaptionProjection::new(config.caption_channels, d, vb.pp("caption_projection"))?,
+            blocks,
+            scale_shift_table: vb.get((2, d), "scale_shift_table")?,
+            proj_out: candle_nn::linear(d, p * p * config.out_channels(), vb.pp("proj_out"))?,
+            dtype: vb.dtype(),
+            config: config.clone(),
+        })
+    }
+
+    /// The model's config.
+    pub fn config(&self) -> &DitConfig {
+        &self.config
+    }
+
+    /// The weights' dtype (inputs are converted to it).
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Predicts `[B, out_channels, H, W]` from latents `[B, in_channels, H, W]`, one timestep per
+    /// batch row, caption states `[B, L, caption_channels]` and their mask `[B, L]` (1 = token).
+    pub fn forward(
+        &self,
+        latents: &Tensor,
+        timesteps: &[f32],
+        caption: &Tensor,
+        caption_mask: Option<&Tensor>,
+    ) -> Result<Tensor, DitError> {
+        Ok(self.forward_traced(latents, timesteps, caption, caption_mask, false)?.0)
+    }
+
+    /// [`Self::forward`], also returning the intermediate values when `trace` is set.
+    pub fn forward_traced(
+        &self,
+        latents: &Tensor,
+        timesteps: &[f32],
+        caption: &Tensor,
+        caption_mask: Option<&Tensor>,
+        trace: bool,
+    ) -> Result<(Tensor, Option<DitTrace>), DitError> {
+        let (b, c, h, w) = latents.dims4()?;
+        let p = self.config.patch_size;
+        if c != self.config.in_channels || h % p != 0 || w % p != 0 || h == 0 || w == 0 {
+            return Err(DitError::Input(format!(
+                "latents must be [B, {}, H, W] with H and W positive multiples of {p}, got {:?}",
+                self.config.in_channels,
+                latents.dims()
+            )));
+        }
+        if timesteps.len() != b || caption.dim(0)? != b {
+            return Err(DitError::Input(format!(
+                "batch sizes differ: latents {b}, timesteps {}, caption {}",
+                timesteps.len(),
+                caption.dim(0)?
+            )));
+        }
+        let (caption, bias) = self.caption_and_bias(caption, caption_mask)?;
+        let x = self.pos_embed.forward(&latents.to_dtype(self.dtype)?)?;
+        let (t6, embedded) = self.adaln_single.forward(timesteps, self.dtype, latents.device())?;
+        let caption = self.caption_projection.forward(&caption.to_dtype(self.dtype)?)?;
+        let mut tokens = x.clone();
+        let mut block_outputs = Vec::new();
+        for block in &self.blocks {
+            tokens = block.forward(&tokens, &t6, &caption, bias.as_ref())?;
+            if trace {
+                block_outputs.push(tokens.clone());
+            }
+        }
+        // Final layer: shift and scale from the embedded timestep (shift first).
+        let modulation = self.scale_shift_table.unsqueeze(0)?.broadcast_add(&embedded.unsqueeze(1)?)?; // [B, 2, D]
+        let (shift, scale) = (modulation.narrow(1, 0, 1)?, modulation.narrow(1, 1, 1)?);
+        let out = layer_norm(&tokens, self.config.norm_eps)?.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(&shift)?;
+        let out = self.proj_out.forward(&out)?; // [B, N, p·p·C_out]
+                                                // Unpatchify: n h w p q c → n c (h p) (w q).
+        let c_out = self.config.out_channels();
+        let (gh, gw) = (h / p, w / p);
+        let image = out.reshape((b, gh, gw, p, p, c_out))?.permute((0, 5, 1, 3, 2, 4))?.reshape((b, c_out, h, w))?;
+        let traced =
+            trace.then(|| DitTrace { pos_embed: x, t6, embedded_timestep: embedded, caption, blocks: block_outputs });
+        Ok((image, traced))
+    }
+
+    /// Trims caption positions that are padding in every row (their keys get weight exactly 0
+    /// under the −10000 bias), and builds the bias `(1 − mask)·(−10000)` for the rest.
+    fn caption_and_bias(&self, caption: &Tensor, mask: Option<&Tensor>) -> Result<(Tensor, Option<Tensor>), DitError> {
+        let Some(mask) = mask else { return Ok((caption.clone(), None)) };
+        let (b, l) = mask.dims2()?;
+        if caption.dims()[..2] != [b, l] {
+            return Err(DitError::Input(format!(
+                "caption mask {:?} does not match caption {:?}",
+                mask.dims(),
+                caption.dims()
+            )));
+        }
+        let rows = mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let used =
+            rows.iter().map(|r| r.iter().rposition(|&m| m != 0.0).map_or(0, |i| i + 1)).max().unwrap_or(0).max(1);
+        let caption = caption.narrow(1, 0, used)?;
+        let bias = ((mask.narrow(1, 0, used)?.to_dtype(DType::F32)? - 1.0)? * 10000.0)?.reshape((b, 1, 1, used))?;
+        Ok((caption, Some(bias)))
+    }
+}

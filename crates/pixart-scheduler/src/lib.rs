@@ -1,0 +1,88 @@
+//! The samplers PixArt-Σ uses, equal to diffusers' schedulers step for step:
+//!
+//! * [`DpmSolverMultistep`] — DPM-Solver++ 2M (`DPMSolverMultistepScheduler`) exactly as the
+//!   model repos' `scheduler_config.json` configures it (linspace spacing, order 2, midpoint,
+//!   epsilon prediction, lower-order final step, final sigma zero).
+//! * [`SaSolver`] — SA-Solver (`SASolverScheduler`) as the official PixArt-Σ demo runs it (data
+//!   prediction, τ = 1 for 200 ≤ t ≤ 800, predictor and corrector of order 2), drawing its per-step
+//!   noise from a [`NoiseSource`] the caller owns (so a seeded generator reproduces diffusers).
+//!
+//! Scalar coefficients are computed in f32 in the same order of operations as diffusers (which
+//! computes them on 0-dim f32 tensors), so steps agree to a few ulps. A config asking for
+//! something not implemented here (Karras sigmas, another solver type, thresholding, …) is an
+//! error, never a silent divergence.
+
+pub mod config;
+pub mod dpm_solver;
+pub mod noise_schedule;
+pub mod sa_solver;
+
+pub use config::SchedulerConfig;
+pub use dpm_solver::DpmSolverMultistep;
+pub use sa_solver::SaSolver;
+
+use candle_core::{DType, Device, Shape, Tensor};
+
+/// Errors from building or stepping a scheduler.
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    /// The config asks for behaviour this implementation does not have.
+    #[error("scheduler config: {field} = {value} is not supported (supported: {supported})")]
+    Unsupported {
+        /// The config key.
+        field: &'static str,
+        /// Its value.
+        value: String,
+        /// What is accepted.
+        supported: &'static str,
+    },
+    /// The number of inference steps is out of range.
+    #[error("num_inference_steps must be between 1 and {max}, got {got}")]
+    Steps {
+        /// The rejected value.
+        got: usize,
+        /// The largest value (the number of training timesteps).
+        max: usize,
+    },
+    /// `step` was called more times than there are timesteps.
+    #[error("scheduler stepped past its last timestep ({0} steps)")]
+    Finished(usize),
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Where a stochastic sampler gets its per-step Gaussian noise.
+pub trait NoiseSource {
+    /// Draws standard normal noise of `shape`.
+    fn sample(&mut self, shape: &Shape, dtype: DType, device: &Device) -> candle_core::Result<Tensor>;
+}
+
+/// A sampler driven by the denoising loop: it owns the timesteps and turns model outputs into the
+/// next sample.
+pub trait Scheduler: Send {
+    /// The timesteps to run the model at, first to last.
+    fn timesteps(&self) -> &[u32];
+    /// The factor the initial noise is multiplied by (1 for both samplers here).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+    /// One step: the model's (ε) output at the current timestep and the current sample give the
+    /// next sample. Stochastic samplers draw from `noise`.
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        sample: &Tensor,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<Tensor, SchedulerError>;
+}
+
+/// `x · a` for a scalar `a` computed in f32 (candle's affine, `x · a + 0`).
+pub(crate) fn scale(x: &Tensor, a: f32) -> candle_core::Result<Tensor> {
+    x.affine(f64::from(a), 0.0)
+}
+
+/// `x / a` for a scalar `a`, as an elementwise division (not a multiplication by `1/a`).
+pub(crate) fn divide(x: &Tensor, a: f32) -> candle_core::Result<Tensor> {
+    x.broadcast_div(&Tensor::new(a, x.device())?.to_dtype(x.dtype())?)
+}

@@ -1,0 +1,92 @@
+//! The VAE's `config.json` (diffusers' `AutoencoderKL`), reduced to what decoding uses.
+
+use serde::Deserialize;
+
+use crate::VaeError;
+
+/// Hyper-parameters of the VAE decoder, deserialised from `vae/config.json`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct VaeConfig {
+    /// Channels per resolution level, encoder order ([128, 256, 512, 512] for SDXL).
+    pub block_out_channels: Vec<usize>,
+    /// ResNets per encoder level; the decoder has one more.
+    #[serde(default = "two")]
+    pub layers_per_block: usize,
+    /// Latent channels (4).
+    #[serde(default = "four")]
+    pub latent_channels: usize,
+    /// Image channels (3).
+    #[serde(default = "three")]
+    pub out_channels: usize,
+    /// GroupNorm groups (32).
+    #[serde(default = "thirty_two")]
+    pub norm_num_groups: usize,
+    /// Latents are divided by this before decoding (0.13025 for SDXL).
+    #[serde(default = "sdxl_scale")]
+    pub scaling_factor: f64,
+    /// Added after scaling, when set.
+    pub shift_factor: Option<f64>,
+    /// Whether a 1×1 `post_quant_conv` precedes the decoder.
+    #[serde(default = "yes")]
+    pub use_post_quant_conv: bool,
+    /// Whether the mid block has its attention layer.
+    #[serde(default = "yes")]
+    pub mid_block_add_attention: bool,
+    /// Must be `silu`.
+    #[serde(default = "silu")]
+    pub act_fn: String,
+    /// Must all be `UpDecoderBlock2D`.
+    #[serde(default)]
+    pub up_block_types: Vec<String>,
+}
+
+fn two() -> usize {
+    2
+}
+fn three() -> usize {
+    3
+}
+fn four() -> usize {
+    4
+}
+fn thirty_two() -> usize {
+    32
+}
+fn sdxl_scale() -> f64 {
+    0.13025
+}
+fn yes() -> bool {
+    true
+}
+fn silu() -> String {
+    "silu".into()
+}
+
+impl VaeConfig {
+    /// The spatial factor between latents and pixels, `2^(levels − 1)` (8 for SDXL).
+    pub fn scale_factor(&self) -> usize {
+        1 << (self.block_out_channels.len().saturating_sub(1))
+    }
+
+    /// Refuses configs this decoder does not compute.
+    pub fn validate(&self) -> Result<(), VaeError> {
+        if self.act_fn != "silu" {
+            return Err(VaeError::Unsupported { field: "act_fn", value: self.act_fn.clone(), supported: "silu" });
+        }
+        if let Some(other) = self.up_block_types.iter().find(|t| *t != "UpDecoderBlock2D") {
+            return Err(VaeError::Unsupported {
+                field: "up_block_types",
+                value: other.clone(),
+                supported: "UpDecoderBlock2D",
+            });
+        }
+        if self.block_out_channels.is_empty() || self.block_out_channels.iter().any(|c| c % self.norm_num_groups != 0) {
+            return Err(VaeError::Unsupported {
+                field: "block_out_channels",
+                value: format!("{:?}", self.block_out_channels),
+                supported: "a non-empty list of multiples of norm_num_groups",
+            });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,41 @@
+//! The SDXL VAE decoder PixArt-Σ uses (diffusers' `AutoencoderKL.decode`):
+//!
+//! ```text
+//! z = latents / scaling_factor (+ shift_factor)
+//! post_quant_conv 1×1 → conv_in → mid (ResNet, 1-head attention, ResNet)
+//!   → up blocks (layers_per_block+1 ResNets each, nearest 2× + conv on all but the last)
+//!   → GroupNorm → SiLU → conv_out                                     [B, 3, 8h, 8w] in [−1, 1]
+//! ```
+//!
+//! GroupNorm statistics run in f32 whatever the weights' dtype, so bf16 stays finite on
+//! large-magnitude latents.
+
+pub mod config;
+pub mod decoder;
+
+pub use config::VaeConfig;
+pub use decoder::VaeDecoder;
+
+/// Errors from loading or running the VAE.
+#[derive(Debug, thiserror::Error)]
+pub enum VaeError {
+    /// A weights or config file is missing, unreadable or corrupt.
+    #[error(transparent)]
+    Weights(#[from] pixart_core::WeightsError),
+    /// The checkpoint asks for something this implementation does not compute.
+    #[error("vae config: {field} = {value} is not supported (supported: {supported})")]
+    Unsupported {
+        /// The config key.
+        field: &'static str,
+        /// Its value.
+        value: String,
+        /// What is accepted.
+        supported: &'static str,
+    },
+    /// Latents of the wrong shape.
+    #[error("invalid VAE input: {0}")]
+    Input(String),
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
