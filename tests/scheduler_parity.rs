@@ -1,5 +1,11 @@
 //! DPM-Solver++ and SA-Solver against diffusers' schedulers fed the same inputs, for
-//! N ∈ {1, 2, 3, 5, 14, 20, 25, 35, 50}: identical timesteps, every step within 1e-6 relative.
+//! N ∈ {1, 2, 3, 5, 14, 20, 25, 35, 50}: identical timesteps, every step within 1e-6 relative
+//! (max |ours − diffusers| / max |diffusers|).
+//!
+//! One exception, measured rather than assumed: where an SA-Solver update cancels, diffusers'
+//! own f32 result is more than 1e-6 away from the same step evaluated exactly (float64, recorded
+//! in the goldens as `sa.N.samples_f64`), because torch's f32 `exp`/`log` (MKL VML) round
+//! differently from any portable libm. There the bound is 3× diffusers' own f32 error.
 
 use candle_core::{DType, Device, Shape, Tensor};
 use pixart_scheduler::{DpmSolverMultistep, NoiseSource, SaSolver, Scheduler, SchedulerConfig, SchedulerError};
@@ -27,6 +33,15 @@ impl NoiseSource for Recorded {
     }
 }
 
+/// The bound for step `i`: 1e-6, or 3× diffusers' own f32 rounding error at that step when the
+/// goldens record an exact (f64) evaluation and that error is larger.
+fn bound(goldens: &std::collections::HashMap<String, Tensor>, prefix: &str, n: usize, i: usize) -> f32 {
+    let Some(exact) = goldens.get(&format!("{prefix}.{n}.samples_f64")) else { return 1e-6 };
+    let want = golden(goldens, &format!("{prefix}.{n}.samples")).get(i).unwrap();
+    let floor = max_abs_diff(&want, &exact.get(i).unwrap()) / max_abs(&want);
+    1e-6f32.max(3.0 * floor)
+}
+
 fn run(prefix: &str, n: usize, scheduler: &mut dyn Scheduler, noise: &mut dyn NoiseSource) {
     let goldens = load_goldens("schedulers.safetensors");
     let timesteps: Vec<u32> = golden(&goldens, &format!("{prefix}.{n}.timesteps"))
@@ -45,7 +60,11 @@ fn run(prefix: &str, n: usize, scheduler: &mut dyn Scheduler, noise: &mut dyn No
         let want = expected.get(i).unwrap();
         let relative = max_abs_diff(&sample, &want) / max_abs(&want).max(f32::MIN_POSITIVE);
         worst = worst.max(relative);
-        assert!(relative <= 1e-6, "{prefix} N={n} step {i}: relative diff {relative:e}");
+        let tolerance = bound(&goldens, prefix, n, i);
+        if tolerance > 1e-6 {
+            eprintln!("{prefix} N={n} step {i}: diffusers' own f32 error allows {tolerance:.2e}; ours {relative:.2e}");
+        }
+        assert!(relative <= tolerance, "{prefix} N={n} step {i}: relative diff {relative:e} > {tolerance:e}");
         sample = want; // each step is compared on diffusers' own input
     }
     eprintln!("{prefix} N={n}: worst step relative diff {worst:.2e}");

@@ -443,6 +443,21 @@ def write_scheduler_goldens(config: dict) -> None:
         assert len(noises) == n, (len(noises), n)
         rec[f"sa.{n}.samples"] = torch.stack(steps)
         rec[f"sa.{n}.noises"] = torch.stack(noises)
+        # The same steps evaluated in float64 (each from diffusers' own f32 input): how far
+        # diffusers' f32 arithmetic is from exact at each step, the floor of any f32 comparison.
+        sa64 = SASolverScheduler.from_config(config, algorithm_type="data_prediction")
+        sa64.set_timesteps(n)
+        sa64.sigmas = sa64.sigmas.double()
+        replay = iter(noises)
+        scheduling_sasolver.randn_tensor = lambda *args, **kwargs: next(replay).double()
+        try:
+            exact = []
+            inputs = [sample0] + steps[:-1]
+            for i, t in enumerate(sa64.timesteps):
+                exact.append(sa64.step(outputs[i].double(), t, inputs[i].double(), return_dict=False)[0])
+        finally:
+            scheduling_sasolver.randn_tensor = original
+        rec[f"sa.{n}.samples_f64"] = torch.stack(exact)
     save(GOLDENS / "schedulers.safetensors", rec)
 
 
