@@ -461,6 +461,23 @@ def write_scheduler_goldens(config: dict) -> None:
     save(GOLDENS / "schedulers.safetensors", rec)
 
 
+RNG_SEEDS = [0, 1, 42, 2**32 + 7]
+RNG_SHAPES = [(1, 4, 16, 16), (2, 4, 6, 10), (3,), (15,), (16,), (17,), (1, 4, 3, 5), (33,)]
+
+
+def write_rng_goldens() -> None:
+    """torch.randn from torch.Generator("cpu").manual_seed(seed), twice per generator so the
+    state carried from one draw to the next is covered too."""
+    rec = {}
+    for seed in RNG_SEEDS:
+        for shape in RNG_SHAPES:
+            gen = torch.Generator("cpu").manual_seed(seed)
+            name = "x".join(str(d) for d in shape)
+            rec[f"{seed}.{name}.first"] = torch.randn(shape, generator=gen)
+            rec[f"{seed}.{name}.second"] = torch.randn(shape, generator=gen)
+    save(GOLDENS / "rng.safetensors", rec)
+
+
 def write_bucket_goldens() -> None:
     rel = torch.arange(MAX_LENGTH)[None, :] - torch.arange(MAX_LENGTH)[:, None]
     buckets = T5Attention._relative_position_bucket(rel, bidirectional=True, num_buckets=32, max_distance=128)
@@ -527,7 +544,7 @@ def run_pipeline_case(pipe: PixArtSigmaPipeline, case: dict) -> None:
 
     def tr_hook(m, args_, kwargs, out):
         i = step["i"]
-        if full:
+        if full and i == 0:
             rec[f"step{i}.transformer.hidden_states"] = f32(args_[0])
             rec[f"step{i}.transformer.timestep"] = kwargs["timestep"].to(torch.int64)
             rec[f"step{i}.transformer.output"] = f32(out[0])
@@ -584,11 +601,12 @@ def run_pipeline_case(pipe: PixArtSigmaPipeline, case: dict) -> None:
     rec["timesteps"] = pipe.scheduler.timesteps.to(torch.int64)
     rec["prompt.input_ids"] = tok_calls[0].input_ids.to(torch.int64)
     rec["prompt.attention_mask"] = tok_calls[0].attention_mask.to(torch.int64)
-    rec["prompt.hidden_states"] = te_calls[0]
+    # Only the real tokens: the rest never reaches the image (the transformer masks them).
+    rec["prompt.hidden_states"] = te_calls[0][:, : int(tok_calls[0].attention_mask.sum())]
     if len(tok_calls) > 1:
         rec["negative.input_ids"] = tok_calls[1].input_ids.to(torch.int64)
         rec["negative.attention_mask"] = tok_calls[1].attention_mask.to(torch.int64)
-        rec["negative.hidden_states"] = te_calls[1]
+        rec["negative.hidden_states"] = te_calls[1][:, : int(tok_calls[1].attention_mask.sum())]
     if noises:
         rec["sa.noises"] = torch.stack(noises)
     rec["image"] = torch.from_numpy((images * 255).round().astype("uint8"))
@@ -598,6 +616,69 @@ def run_pipeline_case(pipe: PixArtSigmaPipeline, case: dict) -> None:
     base = GOLDENS / case["model"] / f"pipeline_{case['case']}"
     save(base.with_suffix(".safetensors"), rec)
     base.with_suffix(".json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# fal requests run end to end; diffusers is called with the request mapped as fal's endpoint
+# documents it (style template, style negative prepended, width/height, num_images_per_prompt,
+# a CPU generator seeded with `seed`, resolution binning on, clean_caption off).
+FAL_CASES = [
+    ("default_dpm", "tiny-sigma-256", {"prompt": "a small cactus with a happy face in the sahara desert", "seed": 0,
+                                       "image_size": {"width": 128, "height": 128}}),
+    ("negative_nonsquare", "tiny-sigma-512", {"prompt": "An Astronaut riding a horse", "negative_prompt": "blurry, low quality",
+                                              "image_size": {"width": 160, "height": 96}, "num_inference_steps": 10, "seed": 42}),
+    ("sa_solver", "tiny-sigma-256", {"prompt": "a red fox in the snow", "scheduler": "SA-SOLVER", "num_inference_steps": 25,
+                                     "guidance_scale": 3.0, "image_size": {"width": 160, "height": 96}, "seed": 5}),
+    ("two_images", "tiny-sigma-256", {"prompt": "two owls on a branch", "num_images": 2, "num_inference_steps": 8,
+                                      "image_size": {"width": 96, "height": 96}, "seed": 7}),
+    ("guidance_one", "tiny-sigma-512", {"prompt": "a lighthouse at dusk", "guidance_scale": 1.0, "num_inference_steps": 6,
+                                        "image_size": {"width": 96, "height": 128}, "seed": 11}),
+    ("style_preset", "tiny-sigma-256", {"prompt": "a dragon over a castle", "style": "Anime", "negative_prompt": "text",
+                                        "image_size": "square", "num_inference_steps": 5, "seed": 3}),
+    ("long_prompt", "tiny-sigma-512", {"prompt": " ".join(["Dragon castle neon, highly detailed"] * 90), "num_inference_steps": 4,
+                                       "image_size": {"width": 64, "height": 64}, "seed": 123}),
+]
+
+STYLE_TEMPLATES = {
+    "(No style)": ("{prompt}", ""),
+    "Anime": ("anime artwork {prompt} . anime style, key visual, vibrant, studio anime,  highly detailed",
+              "photo, deformed, black and white, realism, disfigured, low contrast"),
+}
+PRESETS = {"square_hd": (1024, 1024), "square": (512, 512), "portrait_4_3": (768, 1024), "portrait_16_9": (576, 1024),
+           "landscape_4_3": (1024, 768), "landscape_16_9": (1024, 576)}
+
+
+@torch.no_grad()
+def run_fal_case(pipe: PixArtSigmaPipeline, name: str, model: str, request: dict) -> None:
+    from PIL import Image
+
+    template, style_negative = STYLE_TEMPLATES[request.get("style", "(No style)")]
+    size = request.get("image_size", "square_hd")
+    width, height = PRESETS[size] if isinstance(size, str) else (size["width"], size["height"])
+    scheduler = pipe.scheduler
+    if request.get("scheduler") == "SA-SOLVER":
+        pipe.scheduler = sa_solver_for(pipe)
+    try:
+        images = pipe(
+            prompt=template.replace("{prompt}", request["prompt"]),
+            negative_prompt=style_negative + request.get("negative_prompt", ""),
+            num_inference_steps=request.get("num_inference_steps", 35),
+            guidance_scale=request.get("guidance_scale", 4.5),
+            num_images_per_prompt=request.get("num_images", 1),
+            height=height,
+            width=width,
+            generator=torch.Generator("cpu").manual_seed(request["seed"]),
+            output_type="np",
+            clean_caption=False,
+        ).images
+    finally:
+        pipe.scheduler = scheduler
+    folder = GOLDENS / "e2e" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "request.json").write_text(json.dumps(request, indent=2) + "\n", encoding="utf-8")
+    (folder / "model.txt").write_text(model + "\n")
+    for i, image in enumerate((images * 255).round().astype("uint8")):
+        # Lossless PNG written without timestamps, so reruns give identical bytes.
+        Image.fromarray(image).save(folder / f"image_{i}.png", format="PNG", optimize=True)
 
 
 def main() -> None:
@@ -614,6 +695,7 @@ def main() -> None:
         dirs = {name: build_model(name, spec, spiece) for name, spec in MODELS.items()}
     write_tokenizer_goldens(dirs["tiny-sigma-256"])
     write_bucket_goldens()
+    write_rng_goldens()
     latent_shapes = {"tiny-sigma-256": (6, 10), "tiny-sigma-512": (10, 4)}
     pipes = {}
     for name, path in dirs.items():
@@ -630,6 +712,8 @@ def main() -> None:
         scheduler = pipe.scheduler
         run_pipeline_case(pipe, case)
         pipe.scheduler = scheduler
+    for name, model, request in FAL_CASES:
+        run_fal_case(pipes[model], name, model, request)
     total = sum(p.stat().st_size for p in FIXTURES.rglob("*") if p.is_file())
     print(f"fixtures written under {FIXTURES}: {total / 1e6:.2f} MB")
 

@@ -6,6 +6,7 @@
 //! user-facing dtype names.
 
 pub mod attention;
+pub mod conv;
 pub mod dtype;
 pub mod weights;
 

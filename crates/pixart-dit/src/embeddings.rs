@@ -2,7 +2,8 @@
 //! embedding, and the caption projection.
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, Linear, VarBuilder};
+use pixart_core::conv::Conv;
 
 /// The fixed 2-D sin-cos position embedding for an `h × w` token grid, `[h·w, dim]` in f32.
 ///
@@ -41,7 +42,7 @@ pub fn sincos_position_embedding(
 /// Patchify (`conv p×p / stride p`) and add the position embedding: `[B,C,H,W] → [B, N, D]`.
 #[derive(Debug, Clone)]
 pub struct PatchEmbed {
-    proj: Conv2d,
+    proj: Conv,
     patch: usize,
     base: usize,
     interpolation_scale: f64,
@@ -59,7 +60,7 @@ impl PatchEmbed {
     ) -> candle_core::Result<Self> {
         let cfg = Conv2dConfig { stride: patch, ..Default::default() };
         Ok(Self {
-            proj: candle_nn::conv2d(in_channels, dim, patch, cfg, vb.pp("proj"))?,
+            proj: Conv(candle_nn::conv2d(in_channels, dim, patch, cfg, vb.pp("proj"))?),
             patch,
             base: sample_size / patch,
             interpolation_scale,

@@ -3,31 +3,14 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, GroupNorm, Linear, VarBuilder};
 use pixart_core::attention::scaled_dot_product_attention;
+use pixart_core::conv::Conv;
 
 use crate::config::VaeConfig;
 use crate::VaeError;
 
 const EPS: f64 = 1e-6;
-
-/// A convolution that also runs in bf16 on the CPU, where candle has no bf16 conv kernel: that
-/// layer is computed in f32 and its output rounded back to bf16 (a GPU bf16 conv accumulates in
-/// f32 too), so activations are stored in bf16 between layers as on a GPU.
-#[derive(Debug, Clone)]
-struct Conv(Conv2d);
-
-impl Module for Conv {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if x.dtype() == DType::BF16 && x.device().is_cpu() {
-            let weight = self.0.weight().to_dtype(DType::F32)?;
-            let bias = self.0.bias().map(|b| b.to_dtype(DType::F32)).transpose()?;
-            let conv = Conv2d::new(weight, bias, *self.0.config());
-            return conv.forward(&x.to_dtype(DType::F32)?)?.to_dtype(DType::BF16);
-        }
-        self.0.forward(x)
-    }
-}
 
 fn conv3x3(i: usize, o: usize, vb: VarBuilder) -> candle_core::Result<Conv> {
     Ok(Conv(candle_nn::conv2d(i, o, 3, Conv2dConfig { padding: 1, ..Default::default() }, vb)?))

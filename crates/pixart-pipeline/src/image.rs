@@ -1,0 +1,108 @@
+//! From decoded VAE output to pictures: diffusers' `resize_and_crop_tensor` (bilinear,
+//! `align_corners=False`, no antialias, then a centre crop) and `postprocess` to 8-bit RGB.
+
+use candle_core::{DType, Tensor};
+
+use crate::PipelineError;
+
+/// One generated picture: 8-bit RGB, row-major.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RgbImage {
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// `width × height × 3` bytes.
+    pub pixels: Vec<u8>,
+}
+
+impl RgbImage {
+    /// Encodes the picture as PNG.
+    pub fn to_png(&self) -> Result<Vec<u8>, PipelineError> {
+        use image::ImageEncoder;
+        let mut out = Vec::new();
+        image::codecs::png::PngEncoder::new(&mut out)
+            .write_image(&self.pixels, self.width, self.height, image::ExtendedColorType::Rgb8)
+            .map_err(|e| PipelineError::Image(e.to_string()))?;
+        Ok(out)
+    }
+}
+
+/// Bilinear resampling of one `[h, w]` plane to `[oh, ow]` as torch's `upsample_bilinear2d`
+/// (`align_corners=False`): source `max(s·(i + ½) − ½, 0)` with `s = in/out` in f32.
+fn bilinear_plane(src: &[f32], h: usize, w: usize, oh: usize, ow: usize) -> Vec<f32> {
+    let weights = |out: usize, len: usize| -> Vec<(usize, usize, f32, f32)> {
+        let scale = len as f32 / out as f32;
+        (0..out)
+            .map(|i| {
+                let real = (scale * (i as f32 + 0.5) - 0.5).max(0.0);
+                let i0 = real as usize;
+                let i1 = if i0 < len - 1 { i0 + 1 } else { i0 };
+                let l1 = (real - i0 as f32).clamp(0.0, 1.0);
+                (i0, i1, 1.0 - l1, l1)
+            })
+            .collect()
+    };
+    let (rows, cols) = (weights(oh, h), weights(ow, w));
+    let mut out = Vec::with_capacity(oh * ow);
+    for &(y0, y1, wy0, wy1) in &rows {
+        for &(x0, x1, wx0, wx1) in &cols {
+            let top = wx0 * src[y0 * w + x0] + wx1 * src[y0 * w + x1];
+            let bottom = wx0 * src[y1 * w + x0] + wx1 * src[y1 * w + x1];
+            out.push(wy0 * top + wy1 * bottom);
+        }
+    }
+    out
+}
+
+/// `resize_and_crop_tensor`: scales `[B, C, H, W]` by `max(new_h/H, new_w/W)` (sizes truncated
+/// to integers) and crops the centre `new_h × new_w`. Returns f32 on the CPU.
+pub fn resize_and_crop(images: &Tensor, new_width: usize, new_height: usize) -> Result<Tensor, PipelineError> {
+    let images = images.to_dtype(DType::F32)?.to_device(&candle_core::Device::Cpu)?;
+    let (b, c, h, w) = images.dims4()?;
+    if h == new_height && w == new_width {
+        return Ok(images);
+    }
+    let ratio = (new_height as f64 / h as f64).max(new_width as f64 / w as f64);
+    let (rh, rw) = ((h as f64 * ratio) as usize, (w as f64 * ratio) as usize);
+    let data = images.flatten_all()?.to_vec1::<f32>()?;
+    let mut resized = Vec::with_capacity(b * c * rh * rw);
+    for plane in data.chunks_exact(h * w) {
+        resized.extend(bilinear_plane(plane, h, w, rh, rw));
+    }
+    let resized = Tensor::from_vec(resized, (b, c, rh, rw), &candle_core::Device::Cpu)?;
+    let (x0, y0) = ((rw - new_width) / 2, (rh - new_height) / 2);
+    Ok(resized.narrow(2, y0, new_height)?.narrow(3, x0, new_width)?)
+}
+
+/// `postprocess` + `numpy_to_pil`: `(x/2 + ½)` clamped to [0, 1], ×255, rounded half to even.
+pub fn to_rgb8(images: &Tensor) -> Result<Vec<RgbImage>, PipelineError> {
+    let images = images.to_dtype(DType::F32)?.to_device(&candle_core::Device::Cpu)?;
+    let (b, c, h, w) = images.dims4()?;
+    if c != 3 {
+        return Err(PipelineError::Image(format!("expected 3 channels from the VAE, got {c}")));
+    }
+    let hwc = ((images * 0.5)? + 0.5)?.clamp(0f32, 1f32)?.permute((0, 2, 3, 1))?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(hwc
+        .chunks_exact(h * w * 3)
+        .take(b)
+        .map(|chunk| RgbImage {
+            width: w as u32,
+            height: h as u32,
+            pixels: chunk.iter().map(|v| (v * 255.0).round_ties_even() as u8).collect(),
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bilinear_identity_and_halving() {
+        let plane: Vec<f32> = (0..16).map(|v| v as f32).collect();
+        assert_eq!(bilinear_plane(&plane, 4, 4, 4, 4), plane);
+        // Halving averages 2×2 blocks at align_corners=False.
+        assert_eq!(bilinear_plane(&plane, 4, 4, 2, 2), vec![2.5, 4.5, 10.5, 12.5]);
+    }
+}

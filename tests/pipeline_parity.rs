@@ -1,0 +1,78 @@
+//! End to end through the library: fal requests on the fixture models give diffusers' images
+//! (≤ 2/255 per pixel), and the pipeline's intermediate values equal the hooked diffusers run.
+
+use std::path::Path;
+
+use candle_core::{DType, Device};
+use pixart_pipeline::{GenerateRequest, LoadOptions, Pipeline, TorchGenerator};
+use pixart_suite::{assert_close, golden, goldens_dir, load_goldens, model_dir};
+
+fn load(model: &str) -> Pipeline {
+    let options = LoadOptions { device: Device::Cpu, dtype: DType::F32, hub: Default::default() };
+    Pipeline::load(model_dir(model).to_str().unwrap(), &options).unwrap()
+}
+
+/// The largest per-channel difference between two 8-bit pictures of the same size.
+pub fn max_pixel_diff(ours: &[u8], png: &Path) -> u8 {
+    let want = image::open(png).unwrap().to_rgb8();
+    assert_eq!(ours.len(), want.as_raw().len(), "{}: size differs", png.display());
+    ours.iter().zip(want.as_raw()).map(|(a, b)| a.abs_diff(*b)).max().unwrap_or(0)
+}
+
+#[test]
+fn fal_requests_reproduce_diffusers_images() {
+    let cases = std::fs::read_dir(goldens_dir().join("e2e")).unwrap();
+    let mut names: Vec<_> = cases.map(|e| e.unwrap().path()).collect();
+    names.sort();
+    assert!(names.len() >= 7, "expected the seven end-to-end cases, found {}", names.len());
+    let mut pipelines = std::collections::HashMap::new();
+    for case in names {
+        let model = std::fs::read_to_string(case.join("model.txt")).unwrap().trim().to_string();
+        let pipeline = pipelines.entry(model.clone()).or_insert_with(|| load(&model));
+        let request = GenerateRequest::from_json(&std::fs::read_to_string(case.join("request.json")).unwrap()).unwrap();
+        let generation = pipeline.generate(&request).unwrap();
+        assert_eq!(generation.images.len(), request.num_images as usize);
+        assert_eq!(generation.seed, request.seed.unwrap());
+        for (i, image) in generation.images.iter().enumerate() {
+            let (w, h) = request.image_size.dimensions().unwrap();
+            assert_eq!((image.width, image.height), (w, h));
+            let diff = max_pixel_diff(&image.pixels, &case.join(format!("image_{i}.png")));
+            eprintln!("{} image {i}: max pixel diff {diff}/255", case.file_name().unwrap().to_string_lossy());
+            assert!(diff <= 2, "{}: image {i} differs by {diff}/255", case.display());
+        }
+    }
+}
+
+#[test]
+fn intermediate_values_equal_the_hooked_diffusers_run() {
+    let pipeline = load("tiny-sigma-256");
+    let g = load_goldens("tiny-sigma-256/pipeline_dpm_default.safetensors");
+    // Text states of the real tokens (lowercased, stripped prompt).
+    let prompt = pipeline.encode_prompt("a small cactus with a happy face in the sahara desert").unwrap();
+    assert_close("prompt states", &prompt, golden(&g, "prompt.hidden_states"), 1e-5);
+    let negative = pipeline.encode_prompt("").unwrap();
+    assert_close("negative states", &negative, golden(&g, "negative.hidden_states"), 1e-5);
+    // Initial latents from the seed: generated at the 256 bin (32×32 latents) for a 128×128 request.
+    let latents = TorchGenerator::new(0).randn((1, 4, 32, 32), DType::F32, &Device::Cpu).unwrap();
+    assert_close("initial latents", &latents, golden(&g, "latents_init"), 2e-6);
+    assert_eq!(pipeline.aspect_ratio_bins().unwrap().classify(128, 128), (256, 256));
+}
+
+#[test]
+fn cancelling_from_the_step_callback_stops_the_run() {
+    let pipeline = load("tiny-sigma-256");
+    let mut request = GenerateRequest::new("a cat");
+    request.image_size = pixart_pipeline::ImageSize::Custom { width: 64, height: 64 };
+    request.num_inference_steps = 10;
+    let mut seen = 0;
+    let result = pipeline.generate_with_progress(&request, |p| {
+        seen = p.step;
+        if p.step == 3 {
+            std::ops::ControlFlow::Break(())
+        } else {
+            std::ops::ControlFlow::Continue(())
+        }
+    });
+    assert!(matches!(result, Err(pixart_pipeline::PipelineError::Cancelled)));
+    assert_eq!(seen, 3);
+}
