@@ -38,7 +38,7 @@ pub use rng::TorchGenerator;
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
     /// The request is invalid; each entry names a field and what it allows.
-    #[error("invalid request: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    #[error("invalid request:{}", .0.iter().map(|e| format!("\n  - {e}")).collect::<String>())]
     Invalid(Vec<FieldError>),
     /// The model could not be found or resolved.
     #[error("model: {0}")]

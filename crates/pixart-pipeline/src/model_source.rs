@@ -105,7 +105,9 @@ impl Fetcher {
     fn get(&self, file: &str) -> Result<PathBuf, PipelineError> {
         match self {
             Self::Offline { repo, cache } => cache.get(file).ok_or_else(|| {
-                PipelineError::Model(format!("{repo}: {file} is not in the hub cache and HF_HUB_OFFLINE is set"))
+                PipelineError::Model(format!(
+                    "{repo}: {file} is not in the hub cache and offline mode is on (--offline or HF_HUB_OFFLINE)"
+                ))
             }),
             Self::Online { repo, api } => {
                 api.get(file).map_err(|e| PipelineError::Model(format!("{repo}: cannot download {file}: {e}")))

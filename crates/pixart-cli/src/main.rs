@@ -1,0 +1,45 @@
+//! `pixart`: PixArt-Σ text-to-image from the terminal.
+
+mod generate;
+
+use clap::{Parser, Subcommand};
+
+/// PixArt-Σ text-to-image in native Rust: the same images as diffusers for the same request and
+/// seed, with fal's `fal-ai/pixart-sigma` request and response schema.
+#[derive(Debug, Parser)]
+#[command(name = "pixart", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate images from a prompt or a fal request; prints fal's response JSON on stdout.
+    ///
+    /// Requests use fal's `fal-ai/pixart-sigma` schema (a JSON file with --request, or plain flags,
+    /// which override the file's fields). PNGs go to --out-dir and their `file://` URLs into the
+    /// response, or inline as data URIs with --sync-mode.
+    ///
+    /// Safety checker: `enable_safety_checker` is accepted, but no safety checker runs yet, so
+    /// `has_nsfw_concepts` is always false.
+    Generate(generate::GenerateArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => generate::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            // 2 for requests that fail validation (like clap's usage errors), 1 otherwise.
+            let invalid = err
+                .downcast_ref::<pixart_pipeline::PipelineError>()
+                .is_some_and(|e| matches!(e, pixart_pipeline::PipelineError::Invalid(_)));
+            std::process::ExitCode::from(if invalid { 2 } else { 1 })
+        }
+    }
+}

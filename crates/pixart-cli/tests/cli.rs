@@ -1,0 +1,337 @@
+//! `pixart generate` end to end on the fixture models: diffusers' images from fal requests, the
+//! hf-hub offline cache path, and clear errors (never a panic, never a stray image) on bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).ancestors().nth(2).unwrap().to_path_buf()
+}
+
+fn fixtures() -> PathBuf {
+    repo_root().join("tests").join("fixtures")
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("pixart-cli-{name}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn pixart(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pixart"));
+    cmd.args(args).env_remove("HF_HUB_OFFLINE").env_remove("HF_HUB_CACHE").env_remove("PIXART_MODEL");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn response(output: &Output) -> Value {
+    assert!(output.status.success(), "pixart failed: {}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+fn png_files(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|d| d.map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "png")).collect())
+        .unwrap_or_default()
+}
+
+fn max_diff(a: &Path, b: &Path) -> u8 {
+    let (a, b) = (image::open(a).unwrap().to_rgb8(), image::open(b).unwrap().to_rgb8());
+    assert_eq!(a.dimensions(), b.dimensions());
+    a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| x.abs_diff(*y)).max().unwrap()
+}
+
+#[test]
+fn cli_pngs_equal_diffusers_for_every_end_to_end_case() {
+    let mut cases: Vec<PathBuf> =
+        std::fs::read_dir(fixtures().join("goldens/e2e")).unwrap().map(|e| e.unwrap().path()).collect();
+    cases.sort();
+    assert!(cases.len() >= 7);
+    for case in cases {
+        let name = case.file_name().unwrap().to_string_lossy().to_string();
+        let model = std::fs::read_to_string(case.join("model.txt")).unwrap();
+        let out = temp_dir(&name);
+        let output = pixart(
+            &[
+                "generate",
+                "--model",
+                fixtures().join(model.trim()).to_str().unwrap(),
+                "--request",
+                case.join("request.json").to_str().unwrap(),
+                "--out-dir",
+                out.to_str().unwrap(),
+            ],
+            &[],
+        );
+        let json = response(&output);
+        // stderr is not a terminal here: no progress bar output.
+        assert!(!String::from_utf8_lossy(&output.stderr).contains("step"), "progress bar shown on a pipe");
+        let images = json["images"].as_array().unwrap();
+        assert_eq!(json["has_nsfw_concepts"].as_array().unwrap().len(), images.len());
+        for (i, image) in images.iter().enumerate() {
+            let url = image["url"].as_str().unwrap();
+            let path = PathBuf::from(url.strip_prefix("file://").expect("a file:// URL"));
+            assert_eq!(image["file_size"].as_u64().unwrap(), std::fs::metadata(&path).unwrap().len());
+            let diff = max_diff(&path, &case.join(format!("image_{i}.png")));
+            assert!(diff <= 2, "{name} image {i}: max pixel diff {diff}/255");
+        }
+        std::fs::remove_dir_all(out).unwrap();
+    }
+}
+
+#[test]
+fn sync_mode_returns_data_uris_and_writes_nothing() {
+    let out = temp_dir("sync");
+    let json = response(&pixart(
+        &[
+            "generate",
+            "--model",
+            fixtures().join("tiny-sigma-256").to_str().unwrap(),
+            "--prompt",
+            "a cat",
+            "--image-size",
+            "64x64",
+            "--steps",
+            "2",
+            "--seed",
+            "9",
+            "--sync-mode",
+            "--out-dir",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    ));
+    assert!(json["images"][0]["url"].as_str().unwrap().starts_with("data:image/png;base64,"));
+    assert_eq!(json["seed"], 9);
+    assert!(png_files(&out).is_empty());
+}
+
+#[test]
+fn random_seed_is_returned_and_reproduces_the_image() {
+    let model = fixtures().join("tiny-sigma-256");
+    let first = response(&pixart(
+        &[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "x",
+            "--image-size",
+            "64x64",
+            "--steps",
+            "2",
+            "--sync-mode",
+        ],
+        &[],
+    ));
+    let seed = first["seed"].as_u64().unwrap().to_string();
+    let again = response(&pixart(
+        &[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "x",
+            "--image-size",
+            "64x64",
+            "--steps",
+            "2",
+            "--sync-mode",
+            "--seed",
+            &seed,
+        ],
+        &[],
+    ));
+    assert_eq!(first["images"][0]["url"], again["images"][0]["url"]);
+}
+
+/// Lays a fixture out as a Hugging Face hub cache (blobs + snapshot symlinks + refs/main).
+fn hub_cache(repo: &str, fixture: &Path) -> PathBuf {
+    let cache = temp_dir("hub");
+    let folder = cache.join(format!("models--{}", repo.replace('/', "--")));
+    let revision = "0123456789abcdef0123456789abcdef01234567";
+    std::fs::create_dir_all(folder.join("refs")).unwrap();
+    std::fs::write(folder.join("refs/main"), revision).unwrap();
+    let snapshot = folder.join("snapshots").join(revision);
+    let blobs = folder.join("blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let mut stack = vec![fixture.to_path_buf()];
+    let mut n = 0;
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let relative = path.strip_prefix(fixture).unwrap();
+            n += 1;
+            let blob = blobs.join(format!("blob{n:04}"));
+            std::fs::copy(&path, &blob).unwrap();
+            let link = snapshot.join(relative);
+            std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+            let depth = relative.components().count();
+            let target = PathBuf::from("../".repeat(depth + 1)).join("blobs").join(blob.file_name().unwrap());
+            std::os::unix::fs::symlink(target, &link).unwrap();
+        }
+    }
+    cache
+}
+
+#[test]
+fn hub_repo_ids_resolve_from_the_offline_cache() {
+    let cache = hub_cache("tiny-org/tiny-sigma-256", &fixtures().join("tiny-sigma-256"));
+    let cache_str = cache.to_str().unwrap();
+    let args = [
+        "generate",
+        "--model",
+        "tiny-org/tiny-sigma-256",
+        "--prompt",
+        "a cat",
+        "--image-size",
+        "64x64",
+        "--steps",
+        "2",
+        "--seed",
+        "1",
+        "--sync-mode",
+    ];
+    let json = response(&pixart(&args, &[("HF_HUB_OFFLINE", "1"), ("HF_HUB_CACHE", cache_str)]));
+    // The same image as from the folder itself.
+    let local = response(&pixart(
+        &[
+            "generate",
+            "--model",
+            fixtures().join("tiny-sigma-256").to_str().unwrap(),
+            "--prompt",
+            "a cat",
+            "--image-size",
+            "64x64",
+            "--steps",
+            "2",
+            "--seed",
+            "1",
+            "--sync-mode",
+        ],
+        &[],
+    ));
+    assert_eq!(json["images"][0]["url"], local["images"][0]["url"]);
+    // A shard missing from the cache is named, with the offline reason.
+    let snapshot = cache.join("models--tiny-org--tiny-sigma-256/snapshots/0123456789abcdef0123456789abcdef01234567");
+    std::fs::remove_file(snapshot.join("text_encoder/model-00002-of-00003.safetensors")).unwrap();
+    let output = pixart(&args, &[("HF_HUB_OFFLINE", "1"), ("HF_HUB_CACHE", cache_str)]);
+    assert!(!output.status.success());
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(err.contains("model-00002-of-00003.safetensors") && err.contains("HF_HUB_OFFLINE"), "{err}");
+    // Not cached at all, offline: a clear error, no network.
+    let output = pixart(
+        &["generate", "--model", "nobody/nothing", "--prompt", "x", "--offline"],
+        &[("HF_HUB_CACHE", cache_str)],
+    );
+    assert!(String::from_utf8_lossy(&output.stderr).contains("model_index.json"));
+    std::fs::remove_dir_all(cache).unwrap();
+}
+
+/// Runs a bad invocation: non-zero exit without a panic, the message names `expect`, no PNG.
+fn rejects(args: &[&str], expect: &[&str]) {
+    let out = temp_dir("bad");
+    let mut full = vec!["generate", "--out-dir", out.to_str().unwrap()];
+    full.extend_from_slice(args);
+    let output = pixart(&full, &[]);
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{args:?} succeeded");
+    assert_ne!(output.status.code(), Some(101), "{args:?} panicked: {err}");
+    for e in expect {
+        assert!(err.contains(e), "{args:?}: expected {e:?} in: {err}");
+    }
+    assert!(png_files(&out).is_empty(), "{args:?} wrote an image");
+    std::fs::remove_dir_all(out).unwrap();
+}
+
+#[test]
+fn bad_requests_name_the_field_and_the_allowed_values() {
+    let model = fixtures().join("tiny-sigma-256");
+    let m = model.to_str().unwrap();
+    rejects(&["--model", m], &["prompt", "field required"]);
+    rejects(&["--model", m, "--prompt", "x", "--steps", "0"], &["num_inference_steps", "1 to 200"]);
+    rejects(&["--model", m, "--prompt", "x", "--steps", "100000"], &["num_inference_steps", "1 to 200"]);
+    rejects(&["--model", m, "--prompt", "x", "--image-size", "huge"], &["image_size", "square_hd"]);
+    rejects(&["--model", m, "--prompt", "x", "--image-size", "0x64"], &["image_size.width", "16 to 4096"]);
+    rejects(&["--model", m, "--prompt", "x", "--image-size", "64x100000"], &["image_size.height", "16 to 4096"]);
+    rejects(&["--model", m, "--prompt", "x", "--style", "Impressionist"], &["style", "Anime"]);
+    rejects(&["--model", m, "--prompt", "x", "--scheduler", "EULER"], &["scheduler", "SA-SOLVER"]);
+    rejects(&["--model", m, "--prompt", "x", "--num-images", "0"], &["num_images", "1 to 8"]);
+    rejects(&["--model", m, "--prompt", "x", "--num-images", "1000"], &["num_images", "1 to 8"]);
+    rejects(&["--model", m, "--prompt", "x", "--guidance-scale", "99"], &["guidance_scale", "0 to 20"]);
+    let dir = temp_dir("requests");
+    let write = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    rejects(
+        &[
+            "--model",
+            m,
+            "--request",
+            &write("types.json", r#"{"prompt": 5, "num_inference_steps": "ten", "sync_mode": "yes"}"#),
+        ],
+        &["prompt", "num_inference_steps", "sync_mode"],
+    );
+    rejects(&["--model", m, "--request", &write("malformed.json", r#"{"prompt": "x",,}"#)], &["malformed JSON"]);
+    rejects(
+        &["--model", m, "--request", &write("extra.json", r#"{"prompt": "x", "loras": []}"#)],
+        &["loras", "unknown field"],
+    );
+    rejects(&["--model", m, "--request", &write("array.json", "[1, 2]")], &["JSON object"]);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let target = to.join(path.file_name().unwrap());
+        if path.is_dir() {
+            copy_dir(&path, &target);
+        } else {
+            std::fs::copy(&path, &target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn broken_model_folders_name_the_file() {
+    let model = temp_dir("broken-model");
+    copy_dir(&fixtures().join("tiny-sigma-256"), &model);
+    let m = model.to_str().unwrap();
+    let args = ["--model", m, "--prompt", "x", "--image-size", "64x64", "--steps", "1"];
+    std::fs::remove_file(model.join("transformer/config.json")).unwrap();
+    rejects(&args, &["transformer/config.json"]);
+    std::fs::copy(fixtures().join("tiny-sigma-256/transformer/config.json"), model.join("transformer/config.json"))
+        .unwrap();
+    let weights = model.join("vae/diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
+    rejects(&args, &["vae/diffusion_pytorch_model.safetensors"]);
+    std::fs::write(&weights, &bytes).unwrap();
+    std::fs::write(model.join("text_encoder/model.safetensors.index.json"), "{ not json").unwrap();
+    rejects(&args, &["model.safetensors.index.json", "malformed JSON"]);
+    std::fs::remove_dir_all(model).unwrap();
+    rejects(&["--model", "/nonexistent/folder", "--prompt", "x"], &["/nonexistent/folder"]);
+}
+
+#[test]
+fn help_says_no_safety_checker_runs_yet() {
+    let output = pixart(&["generate", "--help"], &[]);
+    let help = String::from_utf8_lossy(&output.stdout);
+    assert!(help.contains("no safety checker runs yet"), "{help}");
+}
