@@ -681,6 +681,43 @@ def run_fal_case(pipe: PixArtSigmaPipeline, name: str, model: str, request: dict
         Image.fromarray(image).save(folder / f"image_{i}.png", format="PNG", optimize=True)
 
 
+CAPTIONS = [
+    "A Small Cactus with a Happy Face in the Sahara Desert",
+    "  photo of a cat on https://example.com/cats/1.jpg by @catlover  ",
+    "Visit www.shop.com for FREE SHIPPING worldwide! Click on link",
+    "<b>Bold</b> &amp; <i>italic</i> text &quot;quoted&quot;",
+    "this_is_my_cute_cat_photo",
+    "this-is-my-cute-cat",
+    "東京タワー at night, 猫 and 犬",
+    "best-selling t-shirt — size 12x18 — jc6640 model 6640vc231",
+    "***AUSVERKAUFT*** #AUSVERKAUFT \"\"\"sold out\"\"\"",
+    "IP 192.168.0.1 page 12 of the catalogue",
+    "\u201cCurly quotes\u201d and \u2018single\u2019 and \u00abguillemets\u00bb",
+    "file name image_0001.png and report.pdf download free",
+    "a%20url%2Dencoded+caption",
+    "id #123 and #123456 and 1234567 numbers",
+    "ends with a time 3:45   ",
+    "'quoted whole caption'",
+    "_leading underscore",
+    "trailing plus+",
+    ".hidden",
+    "dots... and more.... dots",
+    "mixed . spaced . periods",
+    "3d render of a robot, 4k, 8k uhd",
+    "a\\nb literal backslash n",
+    "emoji 😀 and symbols ® © ™ § ~ | / *",
+    "An Astronaut Riding A Horse, Cinematic, Highly Detailed",
+]
+
+
+def write_caption_goldens(pipe: PixArtSigmaPipeline) -> None:
+    """diffusers' clean_caption=True preprocessing (bs4 and ftfy installed)."""
+    cleaned = pipe._text_preprocessing(CAPTIONS, clean_caption=True)
+    doc = {"about": "PixArtSigmaPipeline._text_preprocessing(text, clean_caption=True)", "versions": versions(),
+           "cases": [{"text": t, "cleaned": c} for t, c in zip(CAPTIONS, cleaned)]}
+    (GOLDENS / "captions.json").write_text(json.dumps(doc, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.parse_args()
@@ -707,6 +744,7 @@ def main() -> None:
         write_transformer_goldens(pipe, name, latent_shapes[name])
         write_vae_goldens(pipe, name, latent_shapes[name])
     write_scheduler_goldens(dict(pipes["tiny-sigma-256"].scheduler.config))
+    write_caption_goldens(pipes["tiny-sigma-256"])
     for case in PIPELINE_CASES:
         pipe = pipes[case["model"]]
         scheduler = pipe.scheduler

@@ -93,6 +93,10 @@ pub struct GenerateArgs {
     /// The Hugging Face hub cache folder (default: HF_HUB_CACHE, else $HF_HOME/hub).
     #[arg(long)]
     cache_dir: Option<PathBuf>,
+    /// Clean prompts as diffusers' `clean_caption=True` does (URLs, HTML, ids… removed); default
+    /// is diffusers' `clean_caption=False` (lowercase and strip only).
+    #[arg(long, env = "PIXART_CLEAN_CAPTION")]
+    clean_caption: bool,
     /// No progress bar.
     #[arg(long, short)]
     quiet: bool,
@@ -205,7 +209,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         std::fs::create_dir_all(&args.out_dir)
             .with_context(|| format!("cannot create the output folder {}", args.out_dir.display()))?;
     }
-    let pipeline = Pipeline::load(&args.model, &LoadOptions { device, dtype, hub })?;
+    let pipeline = Pipeline::load(&args.model, &LoadOptions { device, dtype, hub, clean_caption: args.clean_caption })?;
 
     let bar = if args.quiet || !std::io::stderr().is_terminal() {
         indicatif::ProgressBar::hidden()

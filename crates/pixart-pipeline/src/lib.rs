@@ -17,6 +17,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod caption;
 pub mod image;
 pub mod model_source;
 pub mod pipeline;

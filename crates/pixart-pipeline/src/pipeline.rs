@@ -10,6 +10,7 @@ use pixart_scheduler::{DpmSolverMultistep, SaSolver, Scheduler, SchedulerConfig}
 use pixart_t5::{T5Encoder, T5Tokenizer, MAX_SEQUENCE_LENGTH};
 use pixart_vae::VaeDecoder;
 
+use crate::caption::clean_caption;
 use crate::image::{resize_and_crop, to_rgb8, RgbImage};
 use crate::model_source::{resolve_model, HubOptions};
 use crate::request::{GenerateRequest, SchedulerKind};
@@ -29,11 +30,14 @@ pub struct LoadOptions {
     pub dtype: DType,
     /// Hub resolution for repo ids.
     pub hub: HubOptions,
+    /// Clean prompts as diffusers does with `clean_caption=True` ([`crate::caption`]) instead of
+    /// only lowercasing and stripping them (`clean_caption=False`, the default here).
+    pub clean_caption: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { device: Device::Cpu, dtype: DType::F32, hub: HubOptions::from_env() }
+        Self { device: Device::Cpu, dtype: DType::F32, hub: HubOptions::from_env(), clean_caption: false }
     }
 }
 
@@ -103,6 +107,7 @@ pub struct Pipeline {
     bins: Option<AspectRatioBins>,
     device: Device,
     model_dir: PathBuf,
+    clean_caption: bool,
 }
 
 fn read_scheduler_config(path: &Path) -> Result<SchedulerConfig, PipelineError> {
@@ -143,6 +148,7 @@ impl Pipeline {
             bins,
             device: options.device.clone(),
             model_dir: dir,
+            clean_caption: options.clean_caption,
         })
     }
 
@@ -192,10 +198,11 @@ impl Pipeline {
         let n = request.num_images as usize;
         let guidance = request.guidance_scale;
         let cfg = guidance > 1.0;
-        let positive = self.encode_prompt(&lower_strip(&prompt))?;
+        let preprocess = |text: &str| if self.clean_caption { clean_caption(text) } else { lower_strip(text) };
+        let positive = self.encode_prompt(&preprocess(&prompt))?;
         let mut rows = Vec::with_capacity(2 * n);
         if cfg {
-            let negative = self.encode_prompt(&lower_strip(&negative))?;
+            let negative = self.encode_prompt(&preprocess(&negative))?;
             rows.extend(std::iter::repeat_n(negative, n));
         }
         rows.extend(std::iter::repeat_n(positive, n));
