@@ -8,7 +8,8 @@ use pixart_pipeline::{GenerateRequest, LoadOptions, Pipeline, TorchGenerator};
 use pixart_suite::{assert_close, golden, goldens_dir, load_goldens, model_dir};
 
 fn load(model: &str) -> Pipeline {
-    let options = LoadOptions { device: Device::Cpu, dtype: DType::F32, hub: Default::default(), clean_caption: false };
+    let options =
+        LoadOptions { device: Device::Cpu, dtype: DType::F32, hub: Default::default(), ..LoadOptions::default() };
     Pipeline::load(model_dir(model).to_str().unwrap(), &options).unwrap()
 }
 

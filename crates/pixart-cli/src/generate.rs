@@ -161,7 +161,7 @@ fn build_request(args: &GenerateArgs) -> Result<GenerateRequest> {
 }
 
 /// `WxH` becomes `{"width", "height"}` (validated with the request); anything else is a preset.
-fn parse_image_size(text: &str) -> Value {
+pub fn parse_image_size(text: &str) -> Value {
     let parsed = text
         .split_once(['x', 'X'])
         .and_then(|(w, h)| Some((w.trim().parse::<i64>().ok()?, h.trim().parse::<i64>().ok()?)));
@@ -171,7 +171,29 @@ fn parse_image_size(text: &str) -> Value {
     }
 }
 
-fn device(arg: DeviceArg) -> Result<Device> {
+/// The dtype to use: the one asked for, else f32 on the CPU and bf16 on a GPU.
+pub fn dtype_for(arg: Option<DtypeArg>, device: &Device) -> DType {
+    match arg {
+        Some(DtypeArg::F32) => DType::F32,
+        Some(DtypeArg::Bf16) => DType::BF16,
+        Some(DtypeArg::F16) => DType::F16,
+        None if device.is_cpu() => DType::F32,
+        None => DType::BF16,
+    }
+}
+
+/// Hub options from the environment, with the command line's overrides.
+pub fn hub_options(offline: bool, cache_dir: Option<PathBuf>) -> HubOptions {
+    let mut hub = HubOptions::from_env();
+    hub.offline |= offline;
+    if cache_dir.is_some() {
+        hub.cache_dir = cache_dir;
+    }
+    hub
+}
+
+/// The candle device for a `--device` value.
+pub fn device(arg: DeviceArg) -> Result<Device> {
     match arg {
         DeviceArg::Cpu => Ok(Device::Cpu),
         DeviceArg::Cuda => {
@@ -193,23 +215,16 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     // Validate everything the user typed before loading gigabytes of weights.
     let request = build_request(&args)?;
     let device = device(args.device)?;
-    let dtype = match args.dtype {
-        Some(DtypeArg::F32) => DType::F32,
-        Some(DtypeArg::Bf16) => DType::BF16,
-        Some(DtypeArg::F16) => DType::F16,
-        None if device.is_cpu() => DType::F32,
-        None => DType::BF16,
-    };
-    let mut hub = HubOptions::from_env();
-    hub.offline |= args.offline;
-    if let Some(dir) = &args.cache_dir {
-        hub.cache_dir = Some(dir.clone());
-    }
+    let dtype = dtype_for(args.dtype, &device);
+    let hub = hub_options(args.offline, args.cache_dir.clone());
     if !request.sync_mode {
         std::fs::create_dir_all(&args.out_dir)
             .with_context(|| format!("cannot create the output folder {}", args.out_dir.display()))?;
     }
-    let pipeline = Pipeline::load(&args.model, &LoadOptions { device, dtype, hub, clean_caption: args.clean_caption })?;
+    let pipeline = Pipeline::load(
+        &args.model,
+        &LoadOptions { device, dtype, hub, clean_caption: args.clean_caption, ..LoadOptions::default() },
+    )?;
 
     let bar = if args.quiet || !std::io::stderr().is_terminal() {
         indicatif::ProgressBar::hidden()
@@ -241,6 +256,5 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         let url = file_url(&path).map_err(|e| PipelineError::Image(e.to_string()))?;
         Ok((url, file_name))
     })?;
-    println!("{}", serde_json::to_string_pretty(&response)?);
-    Ok(())
+    crate::emit(&serde_json::to_string_pretty(&response)?)
 }

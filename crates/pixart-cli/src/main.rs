@@ -1,5 +1,6 @@
 //! `pixart`: PixArt-Σ text-to-image from the terminal.
 
+mod bench;
 mod generate;
 
 use clap::{Parser, Subcommand};
@@ -24,12 +25,25 @@ enum Command {
     /// Safety checker: `enable_safety_checker` is accepted, but no safety checker runs yet, so
     /// `has_nsfw_concepts` is always false.
     Generate(generate::GenerateArgs),
+    /// Time each stage (tokenize, T5, every transformer step, VAE, total) and report peak memory.
+    Bench(bench::BenchArgs),
+}
+
+/// Prints `text` and a newline on stdout; a closed pipe (`pixart … | head`) is not an error.
+pub fn emit(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match writeln!(stdout, "{text}").and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -335,3 +335,27 @@ fn help_says_no_safety_checker_runs_yet() {
     let help = String::from_utf8_lossy(&output.stdout);
     assert!(help.contains("no safety checker runs yet"), "{help}");
 }
+
+#[test]
+fn bench_reports_every_stage_as_json_and_as_a_table() {
+    let model = fixtures().join("tiny-sigma-256");
+    let m = model.to_str().unwrap();
+    let output = pixart(
+        &["bench", "--model", m, "--size", "64x64", "--steps", "3", "--runs", "2", "--warmup", "0", "--json"],
+        &[],
+    );
+    let report = response(&output);
+    for stage in ["tokenize", "text_encoder", "transformer_step", "denoise_total", "vae", "postprocess", "total"] {
+        assert!(report["stages"][stage]["mean_ms"].as_f64().unwrap() >= 0.0, "{stage} missing: {report}");
+    }
+    assert!(report["stages"]["total"]["mean_ms"].as_f64().unwrap() > 0.0);
+    assert!(report["peak_memory_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(report["steps"], 3);
+    let table =
+        pixart(&["bench", "--model", m, "--size", "64x64", "--steps", "2", "--runs", "1", "--warmup", "0"], &[]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(table.status.success() && text.contains("transformer_step") && text.contains("peak memory"), "{text}");
+    let bad = pixart(&["bench", "--model", m, "--steps", "0"], &[]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("num_inference_steps"));
+}

@@ -1,22 +1,83 @@
-//! A 2-D convolution usable in every dtype on every device.
+//! A 2-D convolution usable in every dtype on every device, with bounded working memory.
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::Conv2d;
+use candle_nn::{Conv2d, Conv2dConfig};
 
-/// A convolution that also runs in bf16 on the CPU, where candle has no bf16 conv kernel: that
-/// layer is computed in f32 and its output rounded back to bf16 (a GPU bf16 conv accumulates in
-/// f32 too), so activations are stored in bf16 between layers as on a GPU.
+/// The largest unfolded input (im2col buffer) one convolution call may build, in bytes. Larger
+/// inputs are convolved in bands of output rows; each band reads its rows plus the kernel's halo
+/// from the once-padded input, so the result is the same convolution, not an approximation.
+/// This keeps the SDXL VAE's 3×3 convolutions at 1024² and 2048² within a bounded footprint
+/// (the whole unfolded input would take gigabytes).
+pub const IM2COL_BUDGET_BYTES: usize = 256 << 20;
+
+/// A convolution that also runs in bf16 on the CPU, where candle has no bf16 conv kernel (that
+/// layer is computed in f32 and its output rounded back to bf16; a GPU bf16 conv accumulates in
+/// f32 too), and splits large inputs into row bands (see [`IM2COL_BUDGET_BYTES`]).
 #[derive(Debug, Clone)]
 pub struct Conv(pub Conv2d);
 
-impl Module for Conv {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+impl Conv {
+    /// One convolution call, with the CPU-bf16 fallback.
+    fn convolve(conv: &Conv2d, x: &Tensor) -> candle_core::Result<Tensor> {
         if x.dtype() == DType::BF16 && x.device().is_cpu() {
-            let weight = self.0.weight().to_dtype(DType::F32)?;
-            let bias = self.0.bias().map(|b| b.to_dtype(DType::F32)).transpose()?;
-            let conv = Conv2d::new(weight, bias, *self.0.config());
+            let weight = conv.weight().to_dtype(DType::F32)?;
+            let bias = conv.bias().map(|b| b.to_dtype(DType::F32)).transpose()?;
+            let conv = Conv2d::new(weight, bias, *conv.config());
             return conv.forward(&x.to_dtype(DType::F32)?)?.to_dtype(DType::BF16);
         }
-        self.0.forward(x)
+        conv.forward(x)
+    }
+
+    /// The convolution computed `rows` output rows at a time (stride 1, no dilation/groups).
+    pub fn forward_banded(&self, x: &Tensor, rows: usize) -> candle_core::Result<Tensor> {
+        let config = *self.0.config();
+        let p = config.padding;
+        let kernel_h = self.0.weight().dim(2)?;
+        let padded = x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?;
+        let out_h = padded.dim(2)? + 1 - kernel_h;
+        let unpadded =
+            Conv2d::new(self.0.weight().clone(), self.0.bias().cloned(), Conv2dConfig { padding: 0, ..config });
+        let mut bands = Vec::with_capacity(out_h.div_ceil(rows.max(1)));
+        for start in (0..out_h).step_by(rows.max(1)) {
+            let len = rows.max(1).min(out_h - start);
+            bands.push(Self::convolve(&unpadded, &padded.narrow(2, start, len + kernel_h - 1)?)?);
+        }
+        Tensor::cat(&bands, 2)
+    }
+}
+
+impl Module for Conv {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let config = self.0.config();
+        let (b, c, h, w) = x.dims4()?;
+        let (kh, kw) = (self.0.weight().dim(2)?, self.0.weight().dim(3)?);
+        let row_bytes = b * w * c * kh * kw * x.dtype().size_in_bytes().max(4);
+        let bandable = config.stride == 1 && config.dilation == 1 && config.groups == 1 && kh > 1;
+        if !bandable || row_bytes * h <= IM2COL_BUDGET_BYTES {
+            return Self::convolve(&self.0, x);
+        }
+        self.forward_banded(x, (IM2COL_BUDGET_BYTES / row_bytes).max(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn banded_convolution_equals_the_whole_one() {
+        let dev = Device::Cpu;
+        let weight = Tensor::randn(0f32, 1.0, (5, 3, 3, 3), &dev).unwrap();
+        let bias = Tensor::randn(0f32, 1.0, 5, &dev).unwrap();
+        let conv = Conv(Conv2d::new(weight, Some(bias), Conv2dConfig { padding: 1, ..Default::default() }));
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 11, 7), &dev).unwrap();
+        let whole = conv.forward(&x).unwrap();
+        for rows in [1, 2, 4, 11, 50] {
+            let banded = conv.forward_banded(&x, rows).unwrap();
+            assert_eq!(banded.dims(), whole.dims());
+            let diff = (&banded - &whole).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-5, "rows {rows}: {diff}");
+        }
     }
 }

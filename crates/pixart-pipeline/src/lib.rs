@@ -30,7 +30,7 @@ pub mod text;
 
 pub use image::RgbImage;
 pub use model_source::{resolve_model, HubOptions, DEFAULT_MODEL};
-pub use pipeline::{Generation, LoadOptions, Pipeline, StepProgress};
+pub use pipeline::{Generation, LoadOptions, Pipeline, StageTimings, StepProgress};
 pub use request::{FieldError, GenerateRequest, ImageSize, SchedulerKind};
 pub use response::{data_uri, GenerateResponse, ImageOutput, Timings};
 pub use rng::TorchGenerator;

@@ -33,11 +33,23 @@ pub struct LoadOptions {
     /// Clean prompts as diffusers does with `clean_caption=True` ([`crate::caption`]) instead of
     /// only lowercasing and stripping them (`clean_caption=False`, the default here).
     pub clean_caption: bool,
+    /// Where T5 runs (`None`: on `device`). `Some(Device::Cpu)` keeps its ~9.5 GB (bf16) off the
+    /// GPU; only the prompt states travel to the device.
+    pub text_encoder_device: Option<Device>,
+    /// How many recent prompts' T5 states to keep (0 disables the cache).
+    pub prompt_cache_size: usize,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { device: Device::Cpu, dtype: DType::F32, hub: HubOptions::from_env(), clean_caption: false }
+        Self {
+            device: Device::Cpu,
+            dtype: DType::F32,
+            hub: HubOptions::from_env(),
+            clean_caption: false,
+            text_encoder_device: None,
+            prompt_cache_size: 16,
+        }
     }
 }
 
@@ -50,6 +62,24 @@ pub struct StepProgress {
     pub total: usize,
     /// The timestep just run.
     pub timestep: u32,
+}
+
+/// Wall-clock time of each stage of one generation (the device is synchronised at each
+/// boundary, so GPU work is attributed to its stage).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StageTimings {
+    /// Tokenizing the prompt and negative prompt.
+    pub tokenize: std::time::Duration,
+    /// T5 encoding (zero for prompts served from the cache).
+    pub text_encoder: std::time::Duration,
+    /// Each denoising step (transformer, guidance, scheduler).
+    pub steps: Vec<std::time::Duration>,
+    /// VAE decoding.
+    pub vae: std::time::Duration,
+    /// Resize/crop and conversion to 8-bit RGB.
+    pub postprocess: std::time::Duration,
+    /// Everything.
+    pub total: std::time::Duration,
 }
 
 /// The result of one request, before the images are stored anywhere.
@@ -65,6 +95,8 @@ pub struct Generation {
     pub has_nsfw_concepts: Vec<bool>,
     /// Seconds spent from text encoding to the last decoded image.
     pub inference_seconds: f64,
+    /// The same time, stage by stage.
+    pub stages: StageTimings,
 }
 
 impl Generation {
@@ -106,8 +138,11 @@ pub struct Pipeline {
     scheduler_config: SchedulerConfig,
     bins: Option<AspectRatioBins>,
     device: Device,
+    text_device: Device,
     model_dir: PathBuf,
     clean_caption: bool,
+    prompt_cache: std::sync::Mutex<std::collections::VecDeque<(String, Tensor)>>,
+    prompt_cache_size: usize,
 }
 
 fn read_scheduler_config(path: &Path) -> Result<SchedulerConfig, PipelineError> {
@@ -138,17 +173,21 @@ impl Pipeline {
         let dtype = options.dtype;
         let vae_dtype = if dtype == DType::F16 { DType::F32 } else { dtype };
         let transformer = PixArtTransformer::load(&dir.join("transformer"), dtype, &options.device)?;
+        let text_device = options.text_encoder_device.clone().unwrap_or_else(|| options.device.clone());
         let bins = AspectRatioBins::for_sample_size(transformer.config().sample_size);
         Ok(Self {
             tokenizer: T5Tokenizer::from_dir(&dir.join("tokenizer"))?,
-            text_encoder: T5Encoder::load(&dir.join("text_encoder"), dtype, &options.device)?,
+            text_encoder: T5Encoder::load(&dir.join("text_encoder"), dtype, &text_device)?,
             transformer,
             vae: VaeDecoder::load(&dir.join("vae"), vae_dtype, &options.device)?,
             scheduler_config: read_scheduler_config(&dir.join("scheduler/scheduler_config.json"))?,
             bins,
             device: options.device.clone(),
+            text_device,
             model_dir: dir,
             clean_caption: options.clean_caption,
+            prompt_cache: Default::default(),
+            prompt_cache_size: options.prompt_cache_size,
         })
     }
 
@@ -176,6 +215,7 @@ impl Pipeline {
     ) -> Result<Generation, PipelineError> {
         request.validate().map_err(PipelineError::Invalid)?;
         let started = Instant::now();
+        let mut stages = StageTimings::default();
         let seed = request.seed.unwrap_or_else(random_seed);
         let style = request.style_preset().expect("validated");
         let (prompt, negative) = style.apply(&request.prompt, &request.negative_prompt);
@@ -199,10 +239,10 @@ impl Pipeline {
         let guidance = request.guidance_scale;
         let cfg = guidance > 1.0;
         let preprocess = |text: &str| if self.clean_caption { clean_caption(text) } else { lower_strip(text) };
-        let positive = self.encode_prompt(&preprocess(&prompt))?;
+        let positive = self.encode_prompt_timed(&preprocess(&prompt), &mut stages)?;
         let mut rows = Vec::with_capacity(2 * n);
         if cfg {
-            let negative = self.encode_prompt(&preprocess(&negative))?;
+            let negative = self.encode_prompt_timed(&preprocess(&negative), &mut stages)?;
             rows.extend(std::iter::repeat_n(negative, n));
         }
         rows.extend(std::iter::repeat_n(positive, n));
@@ -221,6 +261,7 @@ impl Pipeline {
 
         let timesteps = scheduler.timesteps().to_vec();
         for (i, &t) in timesteps.iter().enumerate() {
+            let step_started = Instant::now();
             let model_input = if cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
             let batch = model_input.dim(0)?;
             let out = self.transformer.forward(&model_input, &vec![t as f32; batch], &caption, Some(&mask))?;
@@ -235,21 +276,30 @@ impl Pipeline {
                 noise = noise.narrow(1, 0, channels)?; // learned sigma: keep ε
             }
             latents = scheduler.step(&noise, &latents, &mut generator)?;
+            self.device.synchronize()?;
+            stages.steps.push(step_started.elapsed());
             if on_step(&StepProgress { step: i + 1, total: timesteps.len(), timestep: t }).is_break() {
                 return Err(PipelineError::Cancelled);
             }
         }
 
+        let vae_started = Instant::now();
         let decoded = self.vae.decode_latents(&latents)?;
+        self.device.synchronize()?;
+        stages.vae = vae_started.elapsed();
+        let post_started = Instant::now();
         let decoded =
             if self.bins.is_some() { resize_and_crop(&decoded, width as usize, height as usize)? } else { decoded };
         let images = to_rgb8(&decoded)?;
+        stages.postprocess = post_started.elapsed();
+        stages.total = started.elapsed();
         Ok(Generation {
             has_nsfw_concepts: vec![false; images.len()],
             images,
             seed,
             prompt: request.prompt.clone(),
-            inference_seconds: started.elapsed().as_secs_f64(),
+            inference_seconds: stages.total.as_secs_f64(),
+            stages,
         })
     }
 
@@ -257,9 +307,35 @@ impl Pipeline {
     /// real tokens equals diffusers' padded-and-masked encoding at those positions, and the
     /// transformer never attends to the padded ones.
     pub fn encode_prompt(&self, text: &str) -> Result<Tensor, PipelineError> {
+        self.encode_prompt_timed(text, &mut StageTimings::default())
+    }
+
+    fn encode_prompt_timed(&self, text: &str, stages: &mut StageTimings) -> Result<Tensor, PipelineError> {
+        let cache = |f: &mut dyn FnMut(&mut std::collections::VecDeque<(String, Tensor)>)| {
+            f(&mut self.prompt_cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        };
+        let mut hit = None;
+        cache(&mut |c| hit = c.iter().find(|(t, _)| t == text).map(|(_, s)| s.clone()));
+        if let Some(states) = hit {
+            return Ok(states);
+        }
+        let started = Instant::now();
         let ids = self.tokenizer.encode(text, MAX_SEQUENCE_LENGTH)?;
-        let ids = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
-        Ok(self.text_encoder.forward(&ids, None)?)
+        stages.tokenize += started.elapsed();
+        let started = Instant::now();
+        let ids = Tensor::new(ids.as_slice(), &self.text_device)?.unsqueeze(0)?;
+        let states = self.text_encoder.forward(&ids, None)?.to_device(&self.device)?;
+        self.device.synchronize()?;
+        stages.text_encoder += started.elapsed();
+        if self.prompt_cache_size > 0 {
+            cache(&mut |c| {
+                if c.len() >= self.prompt_cache_size {
+                    c.pop_front();
+                }
+                c.push_back((text.to_string(), states.clone()));
+            });
+        }
+        Ok(states)
     }
 }
 

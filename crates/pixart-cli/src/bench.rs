@@ -1,0 +1,195 @@
+//! `pixart bench`: time each stage of a generation and report peak memory, as a table or JSON.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use clap::Args;
+use pixart_pipeline::{GenerateRequest, LoadOptions, Pipeline, PipelineError, StageTimings, DEFAULT_MODEL};
+use serde_json::{json, Value};
+
+use crate::generate::{device, dtype_for, hub_options, DeviceArg, DtypeArg};
+
+/// Arguments of `pixart bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Model: a diffusers-layout folder or a Hugging Face repo id.
+    #[arg(long, env = "PIXART_MODEL", default_value = DEFAULT_MODEL)]
+    model: String,
+    /// Image size, WIDTHxHEIGHT or a fal preset.
+    #[arg(long, default_value = "1024x1024")]
+    size: String,
+    /// Denoising steps per run.
+    #[arg(long, default_value_t = 20)]
+    steps: u32,
+    /// DPM-SOLVER or SA-SOLVER.
+    #[arg(long, default_value = "DPM-SOLVER")]
+    scheduler: String,
+    /// Classifier-free guidance scale (> 1 runs the batch of 2 diffusers runs).
+    #[arg(long, default_value_t = 4.5)]
+    guidance_scale: f64,
+    /// The prompt.
+    #[arg(long, default_value = "a small cactus with a happy face in the sahara desert")]
+    prompt: String,
+    /// Seed of every run.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Measured runs (after the warm-up runs).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Warm-up runs, not reported.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Device to run on.
+    #[arg(long, env = "PIXART_DEVICE", value_enum, default_value = "cpu")]
+    device: DeviceArg,
+    /// Compute dtype (default: f32 on the CPU, bf16 on a GPU).
+    #[arg(long, env = "PIXART_DTYPE", value_enum)]
+    dtype: Option<DtypeArg>,
+    /// Run T5 on the CPU and keep only the transformer and VAE on the device.
+    #[arg(long)]
+    text_encoder_on_cpu: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Read the model from the hub cache only.
+    #[arg(long)]
+    offline: bool,
+    /// The Hugging Face hub cache folder.
+    #[arg(long)]
+    cache_dir: Option<std::path::PathBuf>,
+}
+
+/// Device memory in use now, in bytes: the CUDA device's used memory, or the process's peak
+/// resident set on the CPU (`VmHWM`).
+fn memory_in_use(device: &Device) -> Option<u64> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => {
+            let (free, total) = cuda.cuda_stream().context().mem_get_info().ok()?;
+            Some((total - free) as u64)
+        }
+        _ => {
+            let status = std::fs::read_to_string("/proc/self/status").ok()?;
+            let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn summary(values: &[f64]) -> Value {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mean = values.iter().sum::<f64>() / values.len().max(1) as f64;
+    json!({ "mean_ms": mean, "min_ms": sorted.first().copied().unwrap_or(0.0), "median_ms": sorted.get(sorted.len() / 2).copied().unwrap_or(0.0) })
+}
+
+/// Runs `pixart bench`.
+pub fn run(args: BenchArgs) -> Result<()> {
+    let device = device(args.device)?;
+    let dtype = dtype_for(args.dtype, &device);
+    let mut request_json = json!({
+        "prompt": args.prompt, "num_inference_steps": args.steps, "scheduler": args.scheduler,
+        "guidance_scale": args.guidance_scale, "seed": args.seed, "sync_mode": true,
+    });
+    request_json["image_size"] = crate::generate::parse_image_size(&args.size);
+    let request = GenerateRequest::from_value(&request_json).map_err(PipelineError::Invalid)?;
+    let baseline = memory_in_use(&device);
+
+    let options = LoadOptions {
+        device: device.clone(),
+        dtype,
+        hub: hub_options(args.offline, args.cache_dir.clone()),
+        text_encoder_device: args.text_encoder_on_cpu.then_some(Device::Cpu),
+        prompt_cache_size: 0, // every run encodes its prompt, so T5 is timed too
+        ..LoadOptions::default()
+    };
+    let load_started = Instant::now();
+    let pipeline = Pipeline::load(&args.model, &options).context("loading the model")?;
+    let load = load_started.elapsed();
+
+    let mut peak = memory_in_use(&device);
+    let mut runs: Vec<StageTimings> = Vec::new();
+    for i in 0..args.warmup + args.runs {
+        let generation = pipeline.generate_with_progress(&request, |_| {
+            peak = peak.max(memory_in_use(&device));
+            std::ops::ControlFlow::Continue(())
+        })?;
+        peak = peak.max(memory_in_use(&device));
+        if i >= args.warmup {
+            runs.push(generation.stages);
+        }
+    }
+
+    let per_run = |f: &dyn Fn(&StageTimings) -> Duration| runs.iter().map(|r| ms(f(r))).collect::<Vec<_>>();
+    let steps: Vec<f64> = runs.iter().flat_map(|r| r.steps.iter().map(|d| ms(*d))).collect();
+    let (width, height) = request.image_size.dimensions().expect("validated");
+    let report = json!({
+        "model": args.model,
+        "device": format!("{:?}", device.location()),
+        "dtype": format!("{dtype:?}").to_lowercase(),
+        "size": format!("{width}x{height}"),
+        "steps": args.steps,
+        "scheduler": args.scheduler,
+        "guidance_scale": args.guidance_scale,
+        "runs": args.runs,
+        "load_s": load.as_secs_f64(),
+        "stages": {
+            "tokenize": summary(&per_run(&|r| r.tokenize)),
+            "text_encoder": summary(&per_run(&|r| r.text_encoder)),
+            "transformer_step": summary(&steps),
+            "denoise_total": summary(&per_run(&|r| r.steps.iter().sum())),
+            "vae": summary(&per_run(&|r| r.vae)),
+            "postprocess": summary(&per_run(&|r| r.postprocess)),
+            "total": summary(&per_run(&|r| r.total)),
+        },
+        "peak_memory_bytes": peak,
+        "memory_before_load_bytes": baseline,
+        "memory_measure": if device.is_cpu() { "process peak resident set (VmHWM)" } else { "device memory in use, sampled after every step" },
+    });
+    if args.json {
+        return crate::emit(&serde_json::to_string_pretty(&report)?);
+    }
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    writeln!(
+        out,
+        "pixart bench · {} · {} {} · {}x{} · {} steps {} · {} runs",
+        args.model,
+        report["device"].as_str().unwrap_or(""),
+        report["dtype"].as_str().unwrap_or(""),
+        width,
+        height,
+        args.steps,
+        args.scheduler,
+        args.runs
+    )?;
+    writeln!(out, "{:<18} {:>12} {:>12} {:>12}", "stage", "mean ms", "median ms", "min ms")?;
+    for stage in ["tokenize", "text_encoder", "transformer_step", "denoise_total", "vae", "postprocess", "total"] {
+        let s = &report["stages"][stage];
+        writeln!(
+            out,
+            "{:<18} {:>12.2} {:>12.2} {:>12.2}",
+            stage,
+            s["mean_ms"].as_f64().unwrap_or(0.0),
+            s["median_ms"].as_f64().unwrap_or(0.0),
+            s["min_ms"].as_f64().unwrap_or(0.0)
+        )?;
+    }
+    writeln!(out, "{:<18} {:>12.2} s", "model load", load.as_secs_f64())?;
+    match peak {
+        Some(bytes) => writeln!(
+            out,
+            "{:<18} {:>12.1} MiB ({})",
+            "peak memory",
+            bytes as f64 / (1024.0 * 1024.0),
+            report["memory_measure"].as_str().unwrap_or("")
+        ),
+        None => writeln!(out, "{:<18} {:>12}", "peak memory", "unavailable"),
+    }?;
+    crate::emit(out.trim_end())
+}
