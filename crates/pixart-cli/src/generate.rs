@@ -97,6 +97,9 @@ pub struct GenerateArgs {
     /// is diffusers' `clean_caption=False` (lowercase and strip only).
     #[arg(long, env = "PIXART_CLEAN_CAPTION")]
     clean_caption: bool,
+    /// Also write the final latents (before VAE decoding) to this safetensors file, as `latents`.
+    #[arg(long)]
+    save_latents: Option<PathBuf>,
     /// No progress bar.
     #[arg(long, short)]
     quiet: bool,
@@ -241,6 +244,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         ControlFlow::Continue(())
     })?;
     bar.finish_and_clear();
+    if let Some(path) = &args.save_latents {
+        generation
+            .latents
+            .save_safetensors("latents", path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
 
     let sync = request.sync_mode;
     let seed = generation.seed;

@@ -97,6 +97,8 @@ pub struct Generation {
     pub inference_seconds: f64,
     /// The same time, stage by stage.
     pub stages: StageTimings,
+    /// The final latents `[num_images, 4, h/8, w/8]` (f32), before VAE decoding.
+    pub latents: Tensor,
 }
 
 impl Generation {
@@ -300,6 +302,7 @@ impl Pipeline {
             prompt: request.prompt.clone(),
             inference_seconds: stages.total.as_secs_f64(),
             stages,
+            latents,
         })
     }
 
