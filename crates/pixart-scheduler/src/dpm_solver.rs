@@ -12,8 +12,8 @@
 use candle_core::{DType, Tensor};
 
 use crate::config::SchedulerConfig;
-use crate::noise_schedule::{linspace_timesteps, train_sigmas, AlphaSigma};
-use crate::{divide, scale, NoiseSource, Scheduler, SchedulerError};
+use crate::noise_schedule::{data_prediction, inference_schedule, AlphaSigma};
+use crate::{scale, NoiseSource, Scheduler, SchedulerError};
 
 /// DPM-Solver++ multistep, second order.
 #[derive(Debug, Clone)]
@@ -58,10 +58,7 @@ impl DpmSolverMultistep {
                 supported: "zero",
             });
         }
-        let timesteps = linspace_timesteps(config.num_train_timesteps, steps)?;
-        let train = train_sigmas(config);
-        let mut sigmas: Vec<f32> = timesteps.iter().map(|&t| train[t as usize]).collect();
-        sigmas.push(0.0);
+        let (timesteps, sigmas) = inference_schedule(config, steps, true)?;
         Ok(Self { timesteps, sigmas, previous: None, step_index: 0 })
     }
 }
@@ -87,8 +84,7 @@ impl Scheduler for DpmSolverMultistep {
         let eps = model_output.to_dtype(DType::F32)?;
         let s0 = AlphaSigma::new(self.sigmas[k]);
         let t = AlphaSigma::new(self.sigmas[k + 1]);
-        // x0 = (x − σ ε) / α
-        let x0 = divide(&(&sample - scale(&eps, s0.sigma)?)?, s0.alpha)?;
+        let x0 = data_prediction(&eps, &sample, s0)?;
         // With a zero final sigma diffusers always takes the last step at first order;
         // `lower_order_final` and `euler_at_final` change nothing else at order 2.
         let last = k == n - 1;

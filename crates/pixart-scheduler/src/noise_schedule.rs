@@ -42,6 +42,29 @@ pub fn linspace_timesteps(num_train_timesteps: usize, steps: usize) -> Result<Ve
     Ok(points.iter().rev().take(steps).map(|v| v.round_ties_even() as u32).collect())
 }
 
+/// The inference timesteps and their schedule sigmas, followed by the final sigma the last step
+/// lands on (0 for DPM-Solver++ with `final_sigmas_type = "zero"`, σ_min for SA-Solver).
+pub fn inference_schedule(
+    config: &SchedulerConfig,
+    steps: usize,
+    final_sigma_is_zero: bool,
+) -> Result<(Vec<u32>, Vec<f32>), SchedulerError> {
+    let timesteps = linspace_timesteps(config.num_train_timesteps, steps)?;
+    let train = train_sigmas(config);
+    let mut sigmas: Vec<f32> = timesteps.iter().map(|&t| train[t as usize]).collect();
+    sigmas.push(if final_sigma_is_zero { 0.0 } else { train[0] });
+    Ok((timesteps, sigmas))
+}
+
+/// The data prediction `x0 = (x − σ_t ε) / α_t` in f32, as diffusers' `convert_model_output`.
+pub fn data_prediction(
+    eps: &candle_core::Tensor,
+    sample: &candle_core::Tensor,
+    at: AlphaSigma,
+) -> candle_core::Result<candle_core::Tensor> {
+    crate::divide(&(sample - crate::scale(eps, at.sigma)?)?, at.alpha)
+}
+
 /// `α_t = 1/√(σ²+1)` and `σ_t = σ·α_t` of diffusers' `_sigma_to_alpha_sigma_t`, and
 /// `λ = ln α − ln σ`, all in f32.
 #[derive(Debug, Clone, Copy)]

@@ -7,8 +7,8 @@
 use candle_core::{DType, Tensor};
 
 use crate::config::SchedulerConfig;
-use crate::noise_schedule::{linspace_timesteps, train_sigmas, AlphaSigma};
-use crate::{divide, scale, NoiseSource, Scheduler, SchedulerError};
+use crate::noise_schedule::{data_prediction, inference_schedule, AlphaSigma};
+use crate::{scale, NoiseSource, Scheduler, SchedulerError};
 
 /// Predictor and corrector order of the demo configuration.
 const ORDER: usize = 2;
@@ -66,10 +66,7 @@ impl SaSolver {
     /// `SASolverScheduler.from_config(config, algorithm_type="data_prediction")` does.
     pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Self, SchedulerError> {
         config.validate_common()?;
-        let timesteps = linspace_timesteps(config.num_train_timesteps, steps)?;
-        let train = train_sigmas(config);
-        let mut sigmas: Vec<f32> = timesteps.iter().map(|&t| train[t as usize]).collect();
-        sigmas.push(train[0]);
+        let (timesteps, sigmas) = inference_schedule(config, steps, false)?;
         Ok(Self {
             timesteps,
             sigmas,
@@ -180,8 +177,7 @@ impl Scheduler for SaSolver {
         let out_dtype = model_output.dtype();
         let mut sample = sample.to_dtype(DType::F32)?;
         let eps = model_output.to_dtype(DType::F32)?;
-        let s = AlphaSigma::new(self.sigmas[k]);
-        let x0 = divide(&(&sample - scale(&eps, s.sigma)?)?, s.alpha)?;
+        let x0 = data_prediction(&eps, &sample, AlphaSigma::new(self.sigmas[k]))?;
         if k > 0 && self.last_sample.is_some() {
             let tau = demo_tau(self.timestep_list[ORDER - 1].expect("set on the previous step"));
             sample = self.correct(&x0, self.this_corrector_order, tau)?;
