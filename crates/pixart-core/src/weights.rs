@@ -122,7 +122,7 @@ impl ModelWeights {
             // SAFETY: the files are opened read-only; like every mmap-based loader we rely on them
             // not being truncated while the model is alive.
             unsafe { MmapedSafetensors::new(path) }
-                .map_err(|source| WeightsError::Corrupt { path: path.clone(), source })?;
+                .map_err(|source| WeightsError::Corrupt { path: path.clone(), source: without_path(source) })?;
         }
         // SAFETY: as above.
         let tensors = unsafe { MmapedSafetensors::multi(&self.files) }
@@ -140,6 +140,14 @@ impl ModelWeights {
             }
         }
         Ok(VarBuilder::from_backend(Box::new(tensors), dtype, device.clone()))
+    }
+}
+
+/// candle attaches the file path to its errors; ours already names the file.
+fn without_path(error: candle_core::Error) -> candle_core::Error {
+    match error {
+        candle_core::Error::WithPath { inner, .. } => without_path(*inner),
+        other => other,
     }
 }
 
