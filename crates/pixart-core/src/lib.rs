@@ -5,6 +5,8 @@
 //! a `*.safetensors.index.json`. [`weights`] finds and validates those files; [`dtype`] parses the
 //! user-facing dtype names.
 
+#![warn(missing_docs)]
+
 pub mod attention;
 pub mod conv;
 pub mod dtype;

@@ -10,6 +10,8 @@
 //! out = proj_out(LN(x)(1+scale)+shift) → unpatchify                   [B, 8, H, W]
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod attention;
 pub mod block;
 pub mod config;

@@ -57,6 +57,7 @@ impl AspectRatioBins {
     }
 }
 
+/// diffusers' `ASPECT_RATIO_256_BIN`: (height/width key, height, width).
 pub const BIN_256: &[(f64, u32, u32)] = &[
     (0.25, 128, 512),
     (0.28, 128, 464),
@@ -92,6 +93,7 @@ pub const BIN_256: &[(f64, u32, u32)] = &[
     (3.0, 432, 144),
     (4.0, 512, 128),
 ];
+/// diffusers' `ASPECT_RATIO_512_BIN`: (height/width key, height, width).
 pub const BIN_512: &[(f64, u32, u32)] = &[
     (0.25, 256, 1024),
     (0.28, 256, 928),
@@ -127,6 +129,7 @@ pub const BIN_512: &[(f64, u32, u32)] = &[
     (3.0, 864, 288),
     (4.0, 1024, 256),
 ];
+/// diffusers' `ASPECT_RATIO_1024_BIN`: (height/width key, height, width).
 pub const BIN_1024: &[(f64, u32, u32)] = &[
     (0.25, 512, 2048),
     (0.28, 512, 1856),
@@ -162,6 +165,7 @@ pub const BIN_1024: &[(f64, u32, u32)] = &[
     (3.0, 1728, 576),
     (4.0, 2048, 512),
 ];
+/// diffusers' `ASPECT_RATIO_2048_BIN`: (height/width key, height, width).
 pub const BIN_2048: &[(f64, u32, u32)] = &[
     (0.25, 1024, 4096),
     (0.26, 1024, 3968),

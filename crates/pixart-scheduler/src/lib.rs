@@ -12,6 +12,8 @@
 //! something not implemented here (Karras sigmas, another solver type, thresholding, …) is an
 //! error, never a silent divergence.
 
+#![warn(missing_docs)]
+
 pub mod config;
 pub mod dpm_solver;
 pub mod noise_schedule;

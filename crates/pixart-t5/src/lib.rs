@@ -15,6 +15,8 @@
 //! # Ok(()) }
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod config;
 pub mod encoder;
 pub mod error;

@@ -10,6 +10,8 @@
 //! GroupNorm statistics run in f32 whatever the weights' dtype, so bf16 stays finite on
 //! large-magnitude latents.
 
+#![warn(missing_docs)]
+
 pub mod config;
 pub mod decoder;
 
