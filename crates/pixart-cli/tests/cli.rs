@@ -359,3 +359,23 @@ fn bench_reports_every_stage_as_json_and_as_a_table() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("num_inference_steps"));
 }
+
+#[test]
+fn request_from_stdin_with_flags_overriding_its_fields() {
+    use std::io::Write;
+    let model = fixtures().join("tiny-sigma-256");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pixart"))
+        .args(["generate", "--model", model.to_str().unwrap(), "--request", "-", "--seed", "5", "--sync-mode"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let request =
+        r#"{"prompt": "a boat", "seed": 1, "image_size": {"width": 64, "height": 48}, "num_inference_steps": 2}"#;
+    child.stdin.take().unwrap().write_all(request.as_bytes()).unwrap();
+    let json = response(&child.wait_with_output().unwrap());
+    assert_eq!(json["seed"], 5, "the --seed flag overrides the request's seed");
+    assert_eq!(json["prompt"], "a boat");
+    assert_eq!((json["images"][0]["width"].as_u64(), json["images"][0]["height"].as_u64()), (Some(64), Some(48)));
+}
