@@ -379,3 +379,15 @@ fn request_from_stdin_with_flags_overriding_its_fields() {
     assert_eq!(json["prompt"], "a boat");
     assert_eq!((json["images"][0]["width"].as_u64(), json["images"][0]["height"].as_u64()), (Some(64), Some(48)));
 }
+
+#[test]
+fn unsupported_scheduler_configs_are_refused_at_load() {
+    let model = temp_dir("karras-model");
+    copy_dir(&fixtures().join("tiny-sigma-256"), &model);
+    let path = model.join("scheduler/scheduler_config.json");
+    let text =
+        std::fs::read_to_string(&path).unwrap().replace("\"use_karras_sigmas\": false", "\"use_karras_sigmas\": true");
+    std::fs::write(&path, text).unwrap();
+    rejects(&["--model", model.to_str().unwrap(), "--prompt", "x"], &["use_karras_sigmas", "supported: false"]);
+    std::fs::remove_dir_all(model).unwrap();
+}

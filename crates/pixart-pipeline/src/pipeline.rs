@@ -177,12 +177,15 @@ impl Pipeline {
         let transformer = PixArtTransformer::load(&dir.join("transformer"), dtype, &options.device)?;
         let text_device = options.text_encoder_device.clone().unwrap_or_else(|| options.device.clone());
         let bins = AspectRatioBins::for_sample_size(transformer.config().sample_size);
+        let scheduler_config = read_scheduler_config(&dir.join("scheduler/scheduler_config.json"))?;
+        // Refuse an unsupported scheduler config now rather than at the first request.
+        DpmSolverMultistep::new(&scheduler_config, 1)?;
         Ok(Self {
             tokenizer: T5Tokenizer::from_dir(&dir.join("tokenizer"))?,
             text_encoder: T5Encoder::load(&dir.join("text_encoder"), dtype, &text_device)?,
             transformer,
             vae: VaeDecoder::load(&dir.join("vae"), vae_dtype, &options.device)?,
-            scheduler_config: read_scheduler_config(&dir.join("scheduler/scheduler_config.json"))?,
+            scheduler_config,
             bins,
             device: options.device.clone(),
             text_device,
