@@ -25,6 +25,16 @@ pub struct DitTrace {
     pub blocks: Vec<Tensor>,
 }
 
+/// A caption batch projected to the transformer's width, with its attention bias, ready to be
+/// attended to at every denoising step.
+#[derive(Debug, Clone)]
+pub struct PreparedCaption {
+    /// `[B, L, D]`: the projected caption (positions padded in every row dropped).
+    states: Tensor,
+    /// f32 `[B, 1, 1, L]`: 0 for tokens, −10000 for padding; `None` without a mask.
+    bias: Option<Tensor>,
+}
+
 /// PixArt-Σ's diffusion transformer (diffusers' `PixArtTransformer2DModel`).
 #[derive(Debug, Clone)]
 pub struct PixArtTransformer {
@@ -99,7 +109,7 @@ impl PixArtTransformer {
         caption: &Tensor,
         caption_mask: Option<&Tensor>,
     ) -> Result<Tensor, DitError> {
-        Ok(self.forward_traced(latents, timesteps, caption, caption_mask, false)?.0)
+        Ok(self.run(latents, timesteps, &self.prepare_caption(caption, caption_mask)?, false)?.0)
     }
 
     /// [`Self::forward`], also returning the intermediate values when `trace` is set.
@@ -111,6 +121,39 @@ impl PixArtTransformer {
         caption_mask: Option<&Tensor>,
         trace: bool,
     ) -> Result<(Tensor, Option<DitTrace>), DitError> {
+        self.run(latents, timesteps, &self.prepare_caption(caption, caption_mask)?, trace)
+    }
+
+    /// Projects a caption batch and builds its attention bias once, for reuse at every denoising
+    /// step (the caption does not change between steps; the result is identical to
+    /// [`Self::forward`]'s).
+    pub fn prepare_caption(
+        &self,
+        caption: &Tensor,
+        caption_mask: Option<&Tensor>,
+    ) -> Result<PreparedCaption, DitError> {
+        let (caption, bias) = self.caption_and_bias(caption, caption_mask)?;
+        let states = self.caption_projection.forward(&caption.to_dtype(self.dtype)?)?;
+        Ok(PreparedCaption { states, bias })
+    }
+
+    /// [`Self::forward`] with a caption prepared by [`Self::prepare_caption`].
+    pub fn forward_prepared(
+        &self,
+        latents: &Tensor,
+        timesteps: &[f32],
+        caption: &PreparedCaption,
+    ) -> Result<Tensor, DitError> {
+        Ok(self.run(latents, timesteps, caption, false)?.0)
+    }
+
+    fn run(
+        &self,
+        latents: &Tensor,
+        timesteps: &[f32],
+        prepared: &PreparedCaption,
+        trace: bool,
+    ) -> Result<(Tensor, Option<DitTrace>), DitError> {
         let (b, c, h, w) = latents.dims4()?;
         let p = self.config.patch_size;
         if c != self.config.in_channels || h % p != 0 || w % p != 0 || h == 0 || w == 0 {
@@ -120,21 +163,20 @@ impl PixArtTransformer {
                 latents.dims()
             )));
         }
-        if timesteps.len() != b || caption.dim(0)? != b {
+        if timesteps.len() != b || prepared.states.dim(0)? != b {
             return Err(DitError::Input(format!(
                 "batch sizes differ: latents {b}, timesteps {}, caption {}",
                 timesteps.len(),
-                caption.dim(0)?
+                prepared.states.dim(0)?
             )));
         }
-        let (caption, bias) = self.caption_and_bias(caption, caption_mask)?;
+        let (caption, bias) = (&prepared.states, prepared.bias.as_ref());
         let x = self.pos_embed.forward(&latents.to_dtype(self.dtype)?)?;
         let (t6, embedded) = self.adaln_single.forward(timesteps, self.dtype, latents.device())?;
-        let caption = self.caption_projection.forward(&caption.to_dtype(self.dtype)?)?;
         let mut tokens = x.clone();
         let mut block_outputs = Vec::new();
         for block in &self.blocks {
-            tokens = block.forward(&tokens, &t6, &caption, bias.as_ref())?;
+            tokens = block.forward(&tokens, &t6, caption, bias)?;
             if trace {
                 block_outputs.push(tokens.clone());
             }
@@ -148,8 +190,13 @@ impl PixArtTransformer {
         let c_out = self.config.out_channels();
         let (gh, gw) = (h / p, w / p);
         let image = out.reshape((b, gh, gw, p, p, c_out))?.permute((0, 5, 1, 3, 2, 4))?.reshape((b, c_out, h, w))?;
-        let traced =
-            trace.then(|| DitTrace { pos_embed: x, t6, embedded_timestep: embedded, caption, blocks: block_outputs });
+        let traced = trace.then(|| DitTrace {
+            pos_embed: x,
+            t6,
+            embedded_timestep: embedded,
+            caption: caption.clone(),
+            blocks: block_outputs,
+        });
         Ok((image, traced))
     }
 

@@ -252,6 +252,7 @@ impl Pipeline {
         }
         rows.extend(std::iter::repeat_n(positive, n));
         let (caption, mask) = pad_captions(&rows, &self.device)?;
+        let caption = self.transformer.prepare_caption(&caption, Some(&mask))?;
 
         let mut generator = TorchGenerator::new(seed);
         let channels = self.transformer.config().in_channels;
@@ -269,7 +270,7 @@ impl Pipeline {
             let step_started = Instant::now();
             let model_input = if cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
             let batch = model_input.dim(0)?;
-            let out = self.transformer.forward(&model_input, &vec![t as f32; batch], &caption, Some(&mask))?;
+            let out = self.transformer.forward_prepared(&model_input, &vec![t as f32; batch], &caption)?;
             let out = out.to_dtype(DType::F32)?;
             let mut noise = if cfg {
                 let (uncond, text) = (out.narrow(0, 0, n)?, out.narrow(0, n, n)?);
