@@ -9,11 +9,11 @@
 //!            x_{k+1} = (σ_{k+1}/σ_k) x_k − α_{k+1}(e^{−h} − 1) D_k − ½ α_{k+1}(e^{−h} − 1) D1
 //! ```
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
 use crate::config::SchedulerConfig;
 use crate::noise_schedule::{data_prediction, inference_schedule, AlphaSigma};
-use crate::{scale, NoiseSource, Scheduler, SchedulerError};
+use crate::{begin_step, scale, NoiseSource, Scheduler, SchedulerError};
 
 /// DPM-Solver++ multistep, second order.
 #[derive(Debug, Clone)]
@@ -74,14 +74,8 @@ impl Scheduler for DpmSolverMultistep {
         sample: &Tensor,
         _noise: &mut dyn NoiseSource,
     ) -> Result<Tensor, SchedulerError> {
-        let k = self.step_index;
-        let n = self.timesteps.len();
-        if k >= n {
-            return Err(SchedulerError::Finished(n));
-        }
-        let out_dtype = model_output.dtype();
-        let sample = sample.to_dtype(DType::F32)?;
-        let eps = model_output.to_dtype(DType::F32)?;
+        let (k, n) = (self.step_index, self.timesteps.len());
+        let (eps, sample, out_dtype) = begin_step(k, n, model_output, sample)?;
         let s0 = AlphaSigma::new(self.sigmas[k]);
         let t = AlphaSigma::new(self.sigmas[k + 1]);
         let x0 = data_prediction(&eps, &sample, s0)?;

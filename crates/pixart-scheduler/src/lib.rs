@@ -88,3 +88,17 @@ pub(crate) fn scale(x: &Tensor, a: f32) -> candle_core::Result<Tensor> {
 pub(crate) fn divide(x: &Tensor, a: f32) -> candle_core::Result<Tensor> {
     x.broadcast_div(&Tensor::new(a, x.device())?.to_dtype(x.dtype())?)
 }
+
+/// The common start of a step: refuses a step past the last timestep, and returns the model
+/// output and sample in f32 with the dtype to return the next sample in.
+pub(crate) fn begin_step(
+    step_index: usize,
+    steps: usize,
+    model_output: &Tensor,
+    sample: &Tensor,
+) -> Result<(Tensor, Tensor, DType), SchedulerError> {
+    if step_index >= steps {
+        return Err(SchedulerError::Finished(steps));
+    }
+    Ok((model_output.to_dtype(DType::F32)?, sample.to_dtype(DType::F32)?, model_output.dtype()))
+}

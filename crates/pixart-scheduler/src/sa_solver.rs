@@ -8,7 +8,7 @@ use candle_core::{DType, Tensor};
 
 use crate::config::SchedulerConfig;
 use crate::noise_schedule::{data_prediction, inference_schedule, AlphaSigma};
-use crate::{scale, NoiseSource, Scheduler, SchedulerError};
+use crate::{begin_step, scale, NoiseSource, Scheduler, SchedulerError};
 
 /// Predictor and corrector order of the demo configuration.
 const ORDER: usize = 2;
@@ -169,14 +169,8 @@ impl Scheduler for SaSolver {
         sample: &Tensor,
         noise: &mut dyn NoiseSource,
     ) -> Result<Tensor, SchedulerError> {
-        let k = self.step_index;
-        let n = self.timesteps.len();
-        if k >= n {
-            return Err(SchedulerError::Finished(n));
-        }
-        let out_dtype = model_output.dtype();
-        let mut sample = sample.to_dtype(DType::F32)?;
-        let eps = model_output.to_dtype(DType::F32)?;
+        let (k, n) = (self.step_index, self.timesteps.len());
+        let (eps, mut sample, out_dtype) = begin_step(k, n, model_output, sample)?;
         let x0 = data_prediction(&eps, &sample, AlphaSigma::new(self.sigmas[k]))?;
         if k > 0 && self.last_sample.is_some() {
             let tau = demo_tau(self.timestep_list[ORDER - 1].expect("set on the previous step"));
