@@ -32,6 +32,14 @@ fn pixart(args: &[&str], envs: &[(&str, &str)]) -> Output {
     cmd.output().unwrap()
 }
 
+/// `pixart generate` on `model` for a 64×64, 2-step, sync-mode image of `prompt`, plus `extra`.
+fn quick_generate(model: &str, prompt: &str, extra: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut args =
+        vec!["generate", "--model", model, "--prompt", prompt, "--image-size", "64x64", "--steps", "2", "--sync-mode"];
+    args.extend_from_slice(extra);
+    pixart(&args, envs)
+}
+
 fn response(output: &Output) -> Value {
     assert!(output.status.success(), "pixart failed: {}", String::from_utf8_lossy(&output.stderr));
     serde_json::from_slice(&output.stdout).unwrap()
@@ -90,23 +98,11 @@ fn cli_pngs_equal_diffusers_for_every_end_to_end_case() {
 #[test]
 fn sync_mode_returns_data_uris_and_writes_nothing() {
     let out = temp_dir("sync");
-    let json = response(&pixart(
-        &[
-            "generate",
-            "--model",
-            fixtures().join("tiny-sigma-256").to_str().unwrap(),
-            "--prompt",
-            "a cat",
-            "--image-size",
-            "64x64",
-            "--steps",
-            "2",
-            "--seed",
-            "9",
-            "--sync-mode",
-            "--out-dir",
-            out.to_str().unwrap(),
-        ],
+    let model = fixtures().join("tiny-sigma-256");
+    let json = response(&quick_generate(
+        model.to_str().unwrap(),
+        "a cat",
+        &["--seed", "9", "--out-dir", out.to_str().unwrap()],
         &[],
     ));
     assert!(json["images"][0]["url"].as_str().unwrap().starts_with("data:image/png;base64,"));
@@ -117,39 +113,10 @@ fn sync_mode_returns_data_uris_and_writes_nothing() {
 #[test]
 fn random_seed_is_returned_and_reproduces_the_image() {
     let model = fixtures().join("tiny-sigma-256");
-    let first = response(&pixart(
-        &[
-            "generate",
-            "--model",
-            model.to_str().unwrap(),
-            "--prompt",
-            "x",
-            "--image-size",
-            "64x64",
-            "--steps",
-            "2",
-            "--sync-mode",
-        ],
-        &[],
-    ));
+    let m = model.to_str().unwrap();
+    let first = response(&quick_generate(m, "x", &[], &[]));
     let seed = first["seed"].as_u64().unwrap().to_string();
-    let again = response(&pixart(
-        &[
-            "generate",
-            "--model",
-            model.to_str().unwrap(),
-            "--prompt",
-            "x",
-            "--image-size",
-            "64x64",
-            "--steps",
-            "2",
-            "--sync-mode",
-            "--seed",
-            &seed,
-        ],
-        &[],
-    ));
+    let again = response(&quick_generate(m, "x", &["--seed", &seed], &[]));
     assert_eq!(first["images"][0]["url"], again["images"][0]["url"]);
 }
 
@@ -190,44 +157,16 @@ fn hub_cache(repo: &str, fixture: &Path) -> PathBuf {
 fn hub_repo_ids_resolve_from_the_offline_cache() {
     let cache = hub_cache("tiny-org/tiny-sigma-256", &fixtures().join("tiny-sigma-256"));
     let cache_str = cache.to_str().unwrap();
-    let args = [
-        "generate",
-        "--model",
-        "tiny-org/tiny-sigma-256",
-        "--prompt",
-        "a cat",
-        "--image-size",
-        "64x64",
-        "--steps",
-        "2",
-        "--seed",
-        "1",
-        "--sync-mode",
-    ];
-    let json = response(&pixart(&args, &[("HF_HUB_OFFLINE", "1"), ("HF_HUB_CACHE", cache_str)]));
+    let offline = [("HF_HUB_OFFLINE", "1"), ("HF_HUB_CACHE", cache_str)];
+    let json = response(&quick_generate("tiny-org/tiny-sigma-256", "a cat", &["--seed", "1"], &offline));
     // The same image as from the folder itself.
-    let local = response(&pixart(
-        &[
-            "generate",
-            "--model",
-            fixtures().join("tiny-sigma-256").to_str().unwrap(),
-            "--prompt",
-            "a cat",
-            "--image-size",
-            "64x64",
-            "--steps",
-            "2",
-            "--seed",
-            "1",
-            "--sync-mode",
-        ],
-        &[],
-    ));
+    let local =
+        response(&quick_generate(fixtures().join("tiny-sigma-256").to_str().unwrap(), "a cat", &["--seed", "1"], &[]));
     assert_eq!(json["images"][0]["url"], local["images"][0]["url"]);
     // A shard missing from the cache is named, with the offline reason.
     let snapshot = cache.join("models--tiny-org--tiny-sigma-256/snapshots/0123456789abcdef0123456789abcdef01234567");
     std::fs::remove_file(snapshot.join("text_encoder/model-00002-of-00003.safetensors")).unwrap();
-    let output = pixart(&args, &[("HF_HUB_OFFLINE", "1"), ("HF_HUB_CACHE", cache_str)]);
+    let output = quick_generate("tiny-org/tiny-sigma-256", "a cat", &["--seed", "1"], &offline);
     assert!(!output.status.success());
     let err = String::from_utf8_lossy(&output.stderr);
     assert!(err.contains("model-00002-of-00003.safetensors") && err.contains("HF_HUB_OFFLINE"), "{err}");
