@@ -2,6 +2,7 @@
 
 mod bench;
 mod generate;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -27,6 +28,12 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Time each stage (tokenize, T5, every transformer step, VAE, total) and report peak memory.
     Bench(bench::BenchArgs),
+    /// Serve fal's queue API locally (`fal-ai/pixart-sigma`), so fal's official clients work
+    /// unmodified: submit/status/stream/result/cancel, `/run/`, storage uploads, webhooks.
+    ///
+    /// Prints `pixart serve: listening on http://ADDR` on stdout once the model is loaded; logs
+    /// go to stderr (RUST_LOG sets the level). Ctrl-C or SIGTERM shuts down gracefully.
+    Serve(serve::ServeArgs),
 }
 
 /// Prints `text` and a newline on stdout; a closed pipe (`pixart … | head`) is not an error.
@@ -44,6 +51,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Serve(args) => serve::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

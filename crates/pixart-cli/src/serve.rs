@@ -1,0 +1,192 @@
+//! `pixart serve`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use clap::Args;
+use pixart_pipeline::{LoadOptions, Pipeline, DEFAULT_MODEL};
+use pixart_server::ServerConfig;
+
+use crate::generate::{device, dtype_for, hub_options, DeviceArg, DtypeArg};
+
+/// Arguments of `pixart serve`. Every flag can also be set by the environment variable shown.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Model: a diffusers-layout folder or a Hugging Face repo id.
+    #[arg(long, env = "PIXART_MODEL", default_value = DEFAULT_MODEL)]
+    model: String,
+    /// Address to listen on (0.0.0.0 for every interface).
+    #[arg(long, env = "PIXART_HOST", default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on (0 picks a free one; the address is printed on stdout).
+    #[arg(long, env = "PIXART_PORT", default_value_t = 8000)]
+    port: u16,
+    /// The app id clients call (`owner/alias`).
+    #[arg(long, env = "PIXART_APP_ID", default_value = "fal-ai/pixart-sigma")]
+    app_id: String,
+    /// Require `Authorization: Key <API_KEY>` on every API call (the clients send their FAL_KEY).
+    #[arg(long, env = "PIXART_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Most requests waiting in the queue; more get 429 (which the fal clients retry).
+    #[arg(long, env = "PIXART_MAX_QUEUE", default_value_t = 256)]
+    max_queue: usize,
+    /// How long finished results and their images stay available: e.g. 30m, 24h, 7d, or
+    /// "forever" (until the server stops).
+    #[arg(long, env = "PIXART_RESULT_RETENTION", default_value = "24h", value_parser = parse_retention)]
+    result_retention: Retention,
+    /// Largest JSON request body, in bytes.
+    #[arg(long, env = "PIXART_MAX_REQUEST_BYTES", default_value_t = 1 << 20)]
+    max_request_bytes: usize,
+    /// Largest uploaded file, in bytes.
+    #[arg(long, env = "PIXART_MAX_UPLOAD_BYTES", default_value_t = 100 << 20)]
+    max_upload_bytes: usize,
+    /// On shutdown (Ctrl-C, SIGTERM): how long the running request may take to finish before it
+    /// is stopped (e.g. 30s, 2m).
+    #[arg(long, env = "PIXART_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
+    shutdown_grace: Duration,
+    /// Folder for generated images and uploads (default: a temporary folder removed on exit).
+    #[arg(long, env = "PIXART_STORAGE_DIR")]
+    storage_dir: Option<PathBuf>,
+    /// Device to run on.
+    #[arg(long, env = "PIXART_DEVICE", value_enum, default_value = "cpu")]
+    device: DeviceArg,
+    /// Compute dtype (default: f32 on the CPU, bf16 on a GPU).
+    #[arg(long, env = "PIXART_DTYPE", value_enum)]
+    dtype: Option<DtypeArg>,
+    /// Run T5 on the CPU and keep only the transformer and VAE on the device.
+    #[arg(long, env = "PIXART_TEXT_ENCODER_ON_CPU")]
+    text_encoder_on_cpu: bool,
+    /// Prompt encodings kept in memory (repeated prompts skip T5).
+    #[arg(long, env = "PIXART_PROMPT_CACHE", default_value_t = 16)]
+    prompt_cache: usize,
+    /// Clean prompts as diffusers' `clean_caption=True` does.
+    #[arg(long, env = "PIXART_CLEAN_CAPTION")]
+    clean_caption: bool,
+    /// Read the model from the hub cache only.
+    #[arg(long)]
+    offline: bool,
+    /// The Hugging Face hub cache folder.
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+}
+
+/// A retention period, or none (keep until exit).
+#[derive(Debug, Clone, Copy)]
+pub struct Retention(Option<Duration>);
+
+fn parse_retention(text: &str) -> Result<Retention, String> {
+    match text {
+        "forever" | "none" => Ok(Retention(None)),
+        _ => parse_duration(text).map(|d| Retention(Some(d))),
+    }
+}
+
+/// `90`, `90s`, `30m`, `24h`, `7d`, `500ms`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number.parse().map_err(|_| format!("{text:?} is not a duration (e.g. 30s, 10m, 24h, 7d)"))?;
+    let scale = match unit {
+        "ms" => 1e-3,
+        "" | "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        "d" => 86400.0,
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (use ms, s, m, h or d)")),
+    };
+    Duration::try_from_secs_f64(value * scale).map_err(|e| format!("{text:?}: {e}"))
+}
+
+/// Runs `pixart serve` until Ctrl-C or SIGTERM.
+pub fn run(args: ServeArgs) -> Result<()> {
+    let config = ServerConfig {
+        app_id: args.app_id.clone(),
+        max_queue: args.max_queue,
+        retention: args.result_retention.0,
+        max_request_bytes: args.max_request_bytes,
+        max_upload_bytes: args.max_upload_bytes,
+        api_key: args.api_key.clone(),
+        shutdown_grace: args.shutdown_grace,
+        storage_dir: args.storage_dir.clone(),
+        ..ServerConfig::default()
+    };
+    config.validate()?;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+
+    let device = device(args.device)?;
+    let options = LoadOptions {
+        dtype: dtype_for(args.dtype, &device),
+        device,
+        hub: hub_options(args.offline, args.cache_dir.clone()),
+        clean_caption: args.clean_caption,
+        text_encoder_device: args.text_encoder_on_cpu.then_some(Device::Cpu),
+        prompt_cache_size: args.prompt_cache,
+    };
+    tracing::info!(model = %args.model, "loading the model");
+    let pipeline = Pipeline::load(&args.model, &options)?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+            .await
+            .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
+        let address = listener.local_addr()?;
+        tracing::info!(app = %config.app_id, "listening on http://{address}");
+        crate::emit(&format!("pixart serve: listening on http://{address}"))?;
+        let report = pixart_server::serve(pipeline, args.model.clone(), config, listener, shutdown_signal()).await?;
+        tracing::info!(requests = ?report.counters, "server stopped");
+        Ok(())
+    })
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("1.5m").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(7 * 86400));
+        assert!(parse_duration("3 weeks").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_retention("forever").unwrap().0.is_none());
+    }
+}

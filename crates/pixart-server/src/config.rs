@@ -1,0 +1,81 @@
+//! What a server is allowed to do: limits, retention, credentials.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Settings of one server. [`ServerConfig::default`] is what `pixart serve` uses without flags.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The app id the server answers to (`owner/alias`), e.g. `fal-ai/pixart-sigma`.
+    pub app_id: String,
+    /// Most requests waiting in the queue (the one being generated not counted); a submit beyond
+    /// it gets 429 (both fal clients retry 429).
+    pub max_queue: usize,
+    /// How long a finished request (its result, logs and images) stays available; `None` keeps
+    /// everything until the server stops.
+    pub retention: Option<Duration>,
+    /// Largest JSON body accepted on the API routes, in bytes.
+    pub max_request_bytes: usize,
+    /// Largest uploaded file accepted by the storage routes, in bytes.
+    pub max_upload_bytes: usize,
+    /// When set, every API call must send `Authorization: Key <api_key>` (or `Bearer <api_key>`).
+    /// Generated and uploaded files stay readable by URL, like fal's CDN.
+    pub api_key: Option<String>,
+    /// On shutdown: how long the request being generated may take to finish before it is stopped.
+    pub shutdown_grace: Duration,
+    /// Where generated images and uploads are written; `None` makes a temporary folder that is
+    /// removed when the server stops.
+    pub storage_dir: Option<PathBuf>,
+    /// Attempts per webhook delivery (1 s, 2 s, 4 s… apart).
+    pub webhook_attempts: u32,
+    /// Timeout of one webhook POST.
+    pub webhook_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            app_id: "fal-ai/pixart-sigma".into(),
+            max_queue: 256,
+            retention: Some(Duration::from_secs(24 * 3600)),
+            max_request_bytes: 1 << 20,
+            max_upload_bytes: 100 << 20,
+            api_key: None,
+            shutdown_grace: Duration::from_secs(30),
+            storage_dir: None,
+            webhook_attempts: 3,
+            webhook_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Checks the settings; each problem names the setting and what it allows.
+    pub fn validate(&self) -> Result<(), crate::ServerError> {
+        let bad = |field: &str, message: &str| Err(crate::ServerError::Config(format!("{field}: {message}")));
+        let parts: Vec<&str> = self.app_id.split('/').collect();
+        if parts.len() != 2 || parts.iter().any(|p| p.is_empty() || !p.chars().all(is_id_char)) {
+            return bad("app_id", "must be `owner/alias` (letters, digits, `-`, `_`, `.`), e.g. fal-ai/pixart-sigma");
+        }
+        if self.max_queue == 0 {
+            return bad("max_queue", "must be at least 1");
+        }
+        if self.max_request_bytes < 1024 {
+            return bad("max_request_bytes", "must be at least 1024");
+        }
+        if self.max_upload_bytes == 0 {
+            return bad("max_upload_bytes", "must be at least 1");
+        }
+        if self.webhook_attempts == 0 {
+            return bad("webhook_attempts", "must be at least 1");
+        }
+        if self.api_key.as_deref().is_some_and(str::is_empty) {
+            return bad("api_key", "must not be empty (leave it unset to serve without a key)");
+        }
+        Ok(())
+    }
+}
+
+fn is_id_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
+}

@@ -1,0 +1,44 @@
+//! `pixart serve`: fal's queue API served locally over the PixArt-Σ pipeline, so the official
+//! clients (`@fal-ai/client`, `fal-client`) work unmodified against `http://HOST:PORT`.
+//!
+//! Routes (see `../shared/docs/fal-queue-protocol.md` for the protocol as the clients speak it):
+//!
+//! | route | what |
+//! |---|---|
+//! | `POST /{owner}/{alias}[?fal_webhook=URL]` | submit → `{request_id, status_url, response_url, cancel_url, queue_position}` |
+//! | `GET …/requests/{id}/status[?logs=1]` | 202 `IN_QUEUE` (`queue_position`) / `IN_PROGRESS` (`logs`), 200 `COMPLETED` |
+//! | `GET …/requests/{id}/status/stream` | server-sent events, one per change, closed after `COMPLETED` |
+//! | `GET …/requests/{id}` | the output (or the error, e.g. 422 `{"detail": […]}`), `x-fal-request-id` header |
+//! | `PUT …/requests/{id}/cancel` | 202 `CANCELLATION_REQUESTED`, 400 `ALREADY_COMPLETED`, 404 |
+//! | `POST /run/{owner}/{alias}` | synchronous run |
+//! | `/rest/storage/…`, `/cdn/files/upload…`, `/uploads/…` | the clients' upload flows |
+//! | `GET /files/{key}/{name}` | generated images and uploads |
+//! | `GET /health` | queue length, counters |
+//!
+//! Any call carrying `x-fal-target-url` is routed by that URL (the JS client's `proxyUrl` mode).
+//! One worker thread runs the pipeline; the queue is bounded and `queue_position` is exact.
+
+mod api;
+mod config;
+mod files;
+mod jobs;
+mod server;
+mod storage;
+mod uploads;
+mod webhook;
+mod worker;
+
+pub use config::ServerConfig;
+pub use jobs::Counters;
+pub use server::{serve, ServeReport};
+
+/// Errors that stop the server from starting or running.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A setting is out of range.
+    #[error("server setting {0}")]
+    Config(String),
+    /// Binding, the storage folder or the HTTP server failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
