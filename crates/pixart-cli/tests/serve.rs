@@ -1,0 +1,205 @@
+//! `pixart serve` on 127.0.0.1 with the tiny fixture model, driven by fal's official clients,
+//! unmodified: `@fal-ai/client` (npm) and `fal-client` (PyPI), installed by
+//! `tests/clients/install.sh` on first use (node ≥ 18 and python3 needed; the npm registry and
+//! PyPI the first time). The scenarios themselves are in `tests/clients/{js,python}/`.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repository root")
+}
+
+fn clients_dir() -> PathBuf {
+    repo_root().join("tests/clients")
+}
+
+/// Installs both clients once per test binary.
+fn install_clients() {
+    static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
+    let result = INSTALLED.get_or_init(|| {
+        let output = Command::new("bash")
+            .arg(clients_dir().join("install.sh"))
+            .output()
+            .map_err(|e| format!("cannot run tests/clients/install.sh: {e}"))?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "tests/clients/install.sh failed (needs node >= 18, npm, python3 and, the first time, the npm \
+                 registry and PyPI):\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            ))
+        }
+    });
+    if let Err(message) = result {
+        panic!("{message}");
+    }
+}
+
+/// A `pixart serve` child process on a free port; killed when dropped.
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Server {
+    fn start(extra: &[&str]) -> Self {
+        let model = repo_root().join("tests/fixtures/tiny-sigma-256");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_pixart"))
+            .args(["serve", "--port", "0", "--model"])
+            .arg(&model)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting pixart serve");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("reading stdout");
+        let url = line.trim().strip_prefix("pixart serve: listening on ").unwrap_or_else(|| {
+            let _ = child.kill();
+            panic!("pixart serve did not print its address: {line:?}")
+        });
+        Self { url: url.to_string(), child }
+    }
+
+    /// Waits for the process to exit on its own (after a SIGTERM) and returns whether it exited 0.
+    fn wait_exit(mut self, limit: Duration) -> bool {
+        let until = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for pixart serve") {
+                return status.success();
+            }
+            assert!(Instant::now() < until, "pixart serve did not exit within {limit:?} of SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn check(what: &str, output: Output, scenarios: &[&str]) {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{what} failed ({}):\n{stdout}\n{stderr}", output.status);
+    for name in scenarios {
+        assert!(stdout.lines().any(|l| l.starts_with(&format!("ok {name} "))), "{what}: no `ok {name}` in\n{stdout}");
+    }
+    println!("{what}:\n{stdout}");
+}
+
+fn node(server: &Server, scenarios: &[&str]) -> Output {
+    install_clients();
+    Command::new("node")
+        .arg(clients_dir().join("js/scenarios.mjs"))
+        .arg(&server.url)
+        .args(scenarios)
+        .output()
+        .expect("running node (is Node.js >= 18 installed?)")
+}
+
+fn python(server: &Server, script: &Path, args: &[&str], env: &[(&str, String)]) -> Output {
+    install_clients();
+    let mut command = Command::new(clients_dir().join("python/.venv/bin/python"));
+    command.arg(script).arg(&server.url).args(args).env("FAL_KEY", "local-test-key");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command.output().expect("running the fal-client venv's python")
+}
+
+const JS_SCENARIOS: &[&str] =
+    &["subscribe_logs", "queue_flow", "streaming", "invalid_input", "run", "upload", "webhook", "proxy", "cors"];
+const PY_SCENARIOS: &[&str] =
+    &["subscribe_logs", "queue_flow", "invalid_input", "run", "upload", "webhook", "async_client", "limits"];
+
+#[test]
+fn js_client_speaks_the_queue_protocol() {
+    let server = Server::start(&[]);
+    check("@fal-ai/client", node(&server, JS_SCENARIOS), JS_SCENARIOS);
+}
+
+#[test]
+fn python_client_speaks_the_queue_protocol() {
+    let server = Server::start(&[]);
+    let script = clients_dir().join("python/scenarios.py");
+    check("fal-client", python(&server, &script, PY_SCENARIOS, &[]), PY_SCENARIOS);
+}
+
+#[test]
+fn api_key_is_required_when_configured() {
+    let server = Server::start(&["--api-key", "local-test-key"]);
+    let script = clients_dir().join("python/scenarios.py");
+    check("fal-client with --api-key", python(&server, &script, &["auth"], &[]), &["auth"]);
+}
+
+#[test]
+fn results_are_forgotten_after_the_retention_period() {
+    let server = Server::start(&["--result-retention", "1s"]);
+    let script = clients_dir().join("python/scenarios.py");
+    check("fal-client with --result-retention 1s", python(&server, &script, &["retention"], &[]), &["retention"]);
+}
+
+fn shutdown(grace: &str, expect_running: &str) {
+    let server = Server::start(&["--shutdown-grace", grace]);
+    let script = clients_dir().join("python/scenarios.py");
+    let env = [("PIXART_PID", server.child.id().to_string()), ("EXPECT_RUNNING", expect_running.to_string())];
+    let output = python(&server, &script, &["shutdown"], &env);
+    check(&format!("shutdown with --shutdown-grace {grace}"), output, &["shutdown"]);
+    assert!(server.wait_exit(Duration::from_secs(60)), "pixart serve exited with an error after SIGTERM");
+}
+
+#[test]
+fn graceful_shutdown_finishes_the_running_request_and_fails_queued_ones() {
+    shutdown("60s", "finish");
+}
+
+#[test]
+fn graceful_shutdown_stops_a_running_request_after_the_grace_period() {
+    shutdown("300ms", "stop");
+}
+
+#[test]
+fn load_200_requests_from_8_clients_complete_exactly_once() {
+    let server = Server::start(&[]);
+    let script = repo_root().join("benches/serve_load.py");
+    install_clients();
+    let mut command = Command::new(clients_dir().join("python/.venv/bin/python"));
+    let output = command
+        .arg(&script)
+        .args(["--url", &server.url, "--requests", "200", "--concurrency", "8", "--check"])
+        .env("FAL_KEY", "local-test-key")
+        .output()
+        .expect("running benches/serve_load.py");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "load test failed:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("the load test prints its JSON report");
+    assert_eq!(report["check"], "passed");
+    assert_eq!(report["server_counters_delta"]["succeeded"], 200);
+    println!("{stdout}");
+}
+
+#[test]
+fn bad_server_settings_are_refused_by_name() {
+    let model = repo_root().join("tests/fixtures/tiny-sigma-256");
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_pixart")).arg("serve").arg("--model").arg(&model).args(args).output().unwrap()
+    };
+    let output = run(&["--max-queue", "0", "--port", "0"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("max_queue: must be at least 1"));
+    let output = run(&["--app-id", "pixart", "--port", "0"]);
+    assert!(String::from_utf8_lossy(&output.stderr).contains("app_id: must be `owner/alias`"));
+    let output = run(&["--result-retention", "3 weeks"]);
+    assert_eq!(output.status.code(), Some(2), "clap usage error");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("unknown unit"));
+}

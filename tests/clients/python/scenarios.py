@@ -1,0 +1,284 @@
+"""Drives the official `fal-client` (PyPI), unmodified, against a running `pixart serve`.
+
+    python scenarios.py http://127.0.0.1:PORT [scenario ...]
+
+The client is pointed at the server by rebinding its module constants (fal's hosts are fixed
+https URLs in the package). Each scenario prints `ok <name>` or raises; the process exits
+non-zero on the first failure. FAL_KEY must be set (the client refuses to start without one).
+"""
+
+import asyncio
+import hashlib
+import http.server
+import json
+import os
+import queue
+import sys
+import threading
+import time
+
+import fal_client
+import fal_client.client as fc
+import httpx
+
+BASE = sys.argv[1].rstrip("/")
+APP = "fal-ai/pixart-sigma"
+fc.QUEUE_URL_FORMAT = f"{BASE}/"
+fc.RUN_URL_FORMAT = f"{BASE}/run/"
+fc.REST_URL = f"{BASE}/rest"
+fc.CDN_URL = f"{BASE}/cdn"
+
+
+def small(**extra):
+    return {"prompt": "a red cat", "image_size": {"width": 32, "height": 24}, "num_inference_steps": 3, "seed": 7, **extra}
+
+
+def fetch(url):
+    assert url.startswith(f"{BASE}/files/"), f"file URL on the server's host: {url}"
+    response = httpx.get(url)
+    assert response.status_code == 200, (url, response.status_code)
+    return response
+
+
+def check_image(image, width, height):
+    assert (image["width"], image["height"]) == (width, height), image
+    response = fetch(image["url"])
+    assert response.headers["content-type"] == "image/png"
+    assert len(response.content) == image["file_size"]
+    assert response.content[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def wait_for(handle, wanted, timeout=60):
+    until = time.monotonic() + timeout
+    while True:
+        status = handle.status(with_logs=True)
+        if isinstance(status, wanted):
+            return status
+        assert time.monotonic() < until, f"{handle.request_id} never reached {wanted}: {status}"
+        time.sleep(0.02)
+
+
+def expect_http_error(call, status_code):
+    try:
+        call()
+    except fal_client.client.FalClientHTTPError as e:
+        assert e.status_code == status_code, (e.status_code, e.message)
+        return e
+    raise AssertionError(f"expected HTTP {status_code}")
+
+
+class WebhookReceiver:
+    """A loopback HTTP server collecting POSTed JSON bodies."""
+
+    def __init__(self):
+        self.received = queue.Queue()
+        received = self.received
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["content-length"]))
+                self.send_response(200)
+                self.end_headers()
+                received.put(json.loads(body))
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    def next(self, timeout=60):
+        return self.received.get(timeout=timeout)
+
+    def close(self):
+        self.server.shutdown()
+
+
+def subscribe_logs():
+    updates = []
+    result = fal_client.subscribe(
+        APP, small(), with_logs=True, on_queue_update=updates.append, on_enqueue=lambda _id: None
+    )
+    assert result["seed"] == 7 and result["prompt"] == "a red cat"
+    check_image(result["images"][0], 32, 24)
+    logs = [line["message"] for update in updates if hasattr(update, "logs") and update.logs for line in update.logs]
+    for step in ("Step 1/3", "Step 2/3", "Step 3/3"):
+        assert any(m.startswith(step) for m in logs), logs
+    assert isinstance(updates[-1], fal_client.Completed)
+
+
+def queue_flow():
+    running = fal_client.submit(APP, small(num_inference_steps=200, seed=1))
+    wait_for(running, fal_client.InProgress)
+    second = fal_client.submit(APP, small(seed=2))
+    third = fal_client.submit(APP, small(seed=3))
+    status = third.status()
+    assert isinstance(status, fal_client.Queued) and status.position == 1, status
+
+    second.cancel()
+    moved = third.status()
+    assert isinstance(moved, fal_client.Queued) and moved.position == 0, moved
+    error = expect_http_error(second.get, 400)
+    assert "cancelled" in str(error.message)
+
+    running.cancel()
+    stopped = wait_for(running, fal_client.Completed)
+    assert stopped.error and stopped.error_type == "RequestCancelled", stopped
+    steps = [line for line in stopped.logs if line["message"].startswith("Step ")]
+    assert 1 <= len(steps) < 200, len(steps)
+
+    result = third.get()
+    assert result["seed"] == 3
+    expect_http_error(third.cancel, 400)
+    # A handle rebuilt from the id alone (another process, say) reaches the same request.
+    again = fal_client.SyncClient().get_handle(APP, third.request_id)
+    assert again.get()["seed"] == 3
+    assert fal_client.result(APP, third.request_id)["seed"] == 3
+    expect_http_error(lambda: fal_client.status(APP, "00000000-0000-0000-0000-000000000000"), 404)
+
+
+def invalid_input():
+    error = expect_http_error(lambda: fal_client.subscribe(APP, {"prompt": "x", "num_images": 99}), 422)
+    detail = error.message
+    assert isinstance(detail, list) and detail[0]["loc"] == ["body", "num_images"], detail
+    assert "1 to 8" in detail[0]["msg"]
+    error = expect_http_error(lambda: fal_client.run(APP, {}), 422)
+    assert error.message[0]["loc"] == ["body", "prompt"], error.message
+
+
+def run():
+    result = fal_client.run(APP, small(seed=21))
+    assert result["seed"] == 21
+    check_image(result["images"][0], 32, 24)
+
+
+def upload():
+    url = fal_client.upload(b"hello from the python client", "text/plain", file_name="hello.txt")
+    response = fetch(url)
+    assert response.content == b"hello from the python client"
+    assert response.headers["content-type"] == "text/plain"
+    assert url.endswith("/hello.txt"), url
+
+    # The fallback repository: initiate (storage_type=gcs) + PUT, the JS flow.
+    url = fal_client.upload(b"via the fal repository", "text/plain", repository="fal")
+    assert fetch(url).content == b"via the fal repository"
+
+    # The multipart flow (used above 100 MB): lower the threshold instead of sending 100 MB.
+    data = bytes(range(256)) * 40000  # 10.24 MB: two parts
+    threshold = fc.MULTIPART_THRESHOLD
+    fc.MULTIPART_THRESHOLD = 1024
+    try:
+        url = fal_client.upload(data, "application/octet-stream", file_name="big.bin")
+    finally:
+        fc.MULTIPART_THRESHOLD = threshold
+    back = fetch(url).content
+    assert hashlib.sha256(back).hexdigest() == hashlib.sha256(data).hexdigest(), (len(back), len(data))
+
+
+def webhook():
+    hook = WebhookReceiver()
+    try:
+        handle = fal_client.submit(APP, small(seed=31), webhook_url=hook.url)
+        payload = hook.next()
+        assert payload["request_id"] == handle.request_id and payload["status"] == "OK", payload
+        assert payload["payload"]["seed"] == 31
+        check_image(payload["payload"]["images"][0], 32, 24)
+    finally:
+        hook.close()
+
+
+def async_client():
+    async def go():
+        client = fal_client.AsyncClient()
+        handle = await client.submit(APP, small(seed=51))
+        events = [event async for event in handle.iter_events(with_logs=True, interval=0.02)]
+        assert isinstance(events[-1], fal_client.Completed)
+        result = await handle.get()
+        assert result["seed"] == 51
+        url = await client.upload(b"async bytes", "application/octet-stream")
+        assert fetch(url).content == b"async bytes"
+
+    asyncio.run(go())
+
+
+def auth():
+    """Against a server started with --api-key: the right key works, others get 401."""
+    good = fal_client.SyncClient(key=os.environ["FAL_KEY"])
+    assert good.run(APP, small(seed=61, sync_mode=True))["seed"] == 61
+    url = good.upload(b"authorised upload", "text/plain")
+    assert fetch(url).content == b"authorised upload"
+    bad = fal_client.SyncClient(key="wrong-key")
+    error = expect_http_error(lambda: bad.submit(APP, small()), 401)
+    assert "invalid API key" in str(error.message)
+    assert httpx.post(f"{BASE}/{APP}", json=small()).status_code == 401, "no key, no request"
+    assert httpx.get(f"{BASE}/health").status_code == 200
+
+
+def limits():
+    """Bad HTTP use gets a clear error naming the limit or the route, never a hang or a 500."""
+    too_big = httpx.post(f"{BASE}/{APP}", content=b"{" + b" " * (2 << 20) + b"}", headers={"content-type": "application/json"})
+    assert too_big.status_code == 413 and "--max-request-bytes" in too_big.json()["detail"], too_big.text
+    other_app = httpx.post(f"{BASE}/fal-ai/flux/dev", json=small())
+    assert other_app.status_code == 404 and "fal-ai/flux" in other_app.json()["detail"], other_app.text
+    wrong_method = httpx.delete(f"{BASE}/{APP}")
+    assert wrong_method.status_code == 405, wrong_method.text
+    not_json = httpx.post(f"{BASE}/run/{APP}", content=b"prompt=cat")
+    assert not_json.status_code == 422 and "malformed JSON" in not_json.json()["detail"][0]["msg"], not_json.text
+    bad_hook = httpx.post(f"{BASE}/{APP}", params={"fal_webhook": "ftp://x"}, json=small())
+    assert bad_hook.status_code == 422 and bad_hook.json()["detail"][0]["loc"] == ["query", "fal_webhook"]
+    missing = httpx.get(f"{BASE}/files/nope/nothing.png")
+    assert missing.status_code == 404
+
+
+def retention():
+    """Against a server started with --result-retention 1s: results are kept, then forgotten."""
+    handle = fal_client.submit(APP, small(seed=71))
+    result = handle.get()
+    fetch(result["images"][0]["url"])
+    time.sleep(2.5)
+    expect_http_error(handle.status, 404)
+    assert httpx.get(result["images"][0]["url"]).status_code == 404
+
+
+def shutdown():
+    """SIGTERM with requests running and queued (PIXART_PID, EXPECT_RUNNING=finish|stop):
+    queued requests fail with ServerShutdown, the running one finishes within the grace period
+    or is stopped, and every webhook is delivered before the server exits."""
+    import signal
+
+    expect = os.environ["EXPECT_RUNNING"]
+    hook = WebhookReceiver()
+    steps = 30 if expect == "finish" else 200
+    running = fal_client.submit(APP, small(num_inference_steps=steps, seed=81), webhook_url=hook.url)
+    wait_for(running, fal_client.InProgress)
+    queued = [fal_client.submit(APP, small(seed=82 + i), webhook_url=hook.url) for i in range(2)]
+    os.kill(int(os.environ["PIXART_PID"]), signal.SIGTERM)
+    payloads = {}
+    for _ in range(3):
+        payload = hook.next()
+        payloads[payload["request_id"]] = payload
+    for handle in queued:
+        payload = payloads[handle.request_id]
+        assert payload["status"] == "ERROR" and "before this request started" in payload["error"], payload
+        assert payload["payload"]["error_type"] == "ServerShutdown", payload
+    payload = payloads[running.request_id]
+    if expect == "finish":
+        assert payload["status"] == "OK" and payload["payload"]["seed"] == 81, payload
+    else:
+        assert payload["status"] == "ERROR" and "while this request was running" in payload["error"], payload
+    hook.close()
+
+
+SCENARIOS = {
+    f.__name__: f
+    for f in (subscribe_logs, queue_flow, invalid_input, run, upload, webhook, async_client, limits, auth, retention, shutdown)
+}
+# The last three need a server started for them (see crates/pixart-cli/tests/serve.rs).
+DEFAULT = list(SCENARIOS)[:-3]
+
+if __name__ == "__main__":
+    for name in sys.argv[2:] or DEFAULT:
+        started = time.monotonic()
+        SCENARIOS[name]()
+        print(f"ok {name} ({(time.monotonic() - started) * 1e3:.0f} ms)", flush=True)
