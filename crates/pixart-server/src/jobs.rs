@@ -535,3 +535,81 @@ fn finish_locked(jobs: &mut Jobs, id: &str, outcome: Outcome) -> Option<Delivery
     job.finished_at = Some(Instant::now());
     job.webhook.clone().map(|url| Delivery { request_id: id.to_string(), url, base_url: job.base_url.clone(), outcome })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(table: &JobTable, low_priority: bool, webhook: bool) -> String {
+        let mut job = Job::new(JobKind::Queued, "fal-ai/pixart-sigma".into(), "http://h".into());
+        job.request = Some(GenerateRequest::new("a cat"));
+        job.low_priority = low_priority;
+        job.webhook = webhook.then(|| "http://hook".to_string());
+        table.submit(job, None).unwrap().id
+    }
+
+    fn positions(table: &JobTable, ids: &[&String]) -> Vec<Option<usize>> {
+        let jobs = table.lock();
+        ids.iter().map(|id| jobs.position(id)).collect()
+    }
+
+    #[test]
+    fn positions_are_exact_through_priority_start_and_cancel() {
+        let table = JobTable::new(10);
+        let low = job(&table, true, false);
+        let a = job(&table, false, false);
+        let b = job(&table, false, false);
+        // Normal requests go before the low-priority one.
+        assert_eq!(positions(&table, &[&a, &b, &low]), [Some(0), Some(1), Some(2)]);
+        let started = table.next_work().unwrap();
+        assert_eq!(started.id, a);
+        assert!(table.busy());
+        assert_eq!(positions(&table, &[&a, &b, &low]), [None, Some(0), Some(1)]);
+        assert!(matches!(table.cancel(&b, StopReason::Cancelled), CancelResult::Requested(None)));
+        assert_eq!(positions(&table, &[&low]), [Some(0)]);
+        assert_eq!(table.outcome(&b).unwrap().error_type, Some("RequestCancelled"));
+        // The running one gets its stop flag; it finishes when the worker says so.
+        assert!(matches!(table.cancel(&a, StopReason::Cancelled), CancelResult::Requested(None)));
+        assert_eq!(started.stop.reason(), StopReason::Cancelled);
+        assert!(table.outcome(&a).is_none());
+        table.finish(&a, stopped_outcome(StopReason::Cancelled, true));
+        assert!(!table.busy());
+        assert!(matches!(table.cancel(&a, StopReason::Cancelled), CancelResult::AlreadyCompleted));
+        assert!(matches!(table.cancel("nope", StopReason::Cancelled), CancelResult::NotFound));
+        let counters = table.lock().counters;
+        assert_eq!((counters.accepted, counters.started, counters.cancelled), (3, 1, 2));
+    }
+
+    #[test]
+    fn a_full_queue_refuses_and_closing_fails_the_waiting_requests() {
+        let table = JobTable::new(2);
+        let a = job(&table, false, true);
+        let _b = job(&table, false, false);
+        let mut extra = Job::new(JobKind::Queued, "x/y".into(), "http://h".into());
+        extra.request = Some(GenerateRequest::new("c"));
+        assert!(matches!(table.submit(extra, None), Err(SubmitError::QueueFull(2))));
+        assert_eq!(table.lock().counters.accepted, 2);
+        let hooks = table.close();
+        assert_eq!(hooks.len(), 1, "only requests with a webhook");
+        assert_eq!(hooks[0].request_id, a);
+        assert_eq!(hooks[0].payload()["status"], "ERROR");
+        assert_eq!(table.outcome(&a).unwrap().error_type, Some("ServerShutdown"));
+        assert!(table.next_work().is_none(), "closed and empty: the worker exits");
+        let mut late = Job::new(JobKind::Queued, "x/y".into(), "http://h".into());
+        late.request = Some(GenerateRequest::new("d"));
+        assert!(matches!(table.submit(late, None), Err(SubmitError::ShuttingDown)));
+    }
+
+    #[test]
+    fn a_request_past_its_start_deadline_fails_with_a_user_timeout() {
+        let table = JobTable::new(4);
+        let mut late = Job::new(JobKind::Queued, "x/y".into(), "http://h".into());
+        late.request = Some(GenerateRequest::new("a"));
+        late.start_deadline = Some(Instant::now());
+        let late = table.submit(late, None).unwrap().id;
+        let next = job(&table, false, false);
+        assert_eq!(table.next_work().unwrap().id, next);
+        let outcome = table.outcome(&late).unwrap();
+        assert_eq!((outcome.status, outcome.user_timeout), (504, true));
+    }
+}
