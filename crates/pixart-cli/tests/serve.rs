@@ -119,8 +119,17 @@ fn python(server: &Server, script: &Path, args: &[&str], env: &[(&str, String)])
 
 const JS_SCENARIOS: &[&str] =
     &["subscribe_logs", "queue_flow", "streaming", "invalid_input", "run", "upload", "webhook", "proxy", "cors"];
-const PY_SCENARIOS: &[&str] =
-    &["subscribe_logs", "queue_flow", "invalid_input", "run", "upload", "webhook", "async_client", "limits"];
+const PY_SCENARIOS: &[&str] = &[
+    "subscribe_logs",
+    "queue_flow",
+    "invalid_input",
+    "run",
+    "run_disconnect",
+    "upload",
+    "webhook",
+    "async_client",
+    "limits",
+];
 
 #[test]
 fn js_client_speaks_the_queue_protocol() {

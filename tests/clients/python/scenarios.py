@@ -153,6 +153,24 @@ def run():
     check_image(result["images"][0], 32, 24)
 
 
+def run_disconnect():
+    """A /run/ caller that goes away cancels its request (the worker does not keep generating)."""
+    before = httpx.get(f"{BASE}/health").json()["requests"]
+    try:
+        httpx.post(f"{BASE}/run/{APP}", json=small(num_inference_steps=200), timeout=0.5)
+        raise AssertionError("a 200-step run should outlast a 0.5 s client timeout")
+    except httpx.ReadTimeout:
+        pass
+    until = time.monotonic() + 30
+    while True:
+        health = httpx.get(f"{BASE}/health").json()
+        if health["requests"]["cancelled"] == before["cancelled"] + 1 and not health["in_progress"]:
+            break
+        assert time.monotonic() < until, health
+        time.sleep(0.05)
+    assert health["requests"]["succeeded"] == before["succeeded"], health
+
+
 def upload():
     url = fal_client.upload(b"hello from the python client", "text/plain", file_name="hello.txt")
     response = fetch(url)
@@ -272,7 +290,7 @@ def shutdown():
 
 SCENARIOS = {
     f.__name__: f
-    for f in (subscribe_logs, queue_flow, invalid_input, run, upload, webhook, async_client, limits, auth, retention, shutdown)
+    for f in (subscribe_logs, queue_flow, invalid_input, run, run_disconnect, upload, webhook, async_client, limits, auth, retention, shutdown)
 }
 # The last three need a server started for them (see crates/pixart-cli/tests/serve.rs).
 DEFAULT = list(SCENARIOS)[:-3]
