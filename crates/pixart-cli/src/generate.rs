@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Args, ValueEnum};
-use pixart_pipeline::{data_uri, GenerateRequest, HubOptions, LoadOptions, Pipeline, PipelineError, DEFAULT_MODEL};
+use pixart_pipeline::{GenerateRequest, HubOptions, LoadOptions, Pipeline, PipelineError, DEFAULT_MODEL};
 use serde_json::{json, Map, Value};
 
 /// Where to run.
@@ -251,19 +251,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
 
-    let sync = request.sync_mode;
-    let seed = generation.seed;
     let out_dir = args.out_dir.clone();
-    let response = generation.into_response(|i, _, png| {
-        let file_name = format!("pixart-{seed}-{i}.png");
-        if sync {
-            return Ok((data_uri(png), file_name));
-        }
-        let path = out_dir.join(&file_name);
+    let response = generation.into_response(|file_name, png| {
+        let path = out_dir.join(file_name);
         std::fs::write(&path, png)
             .map_err(|e| PipelineError::Image(format!("cannot write {}: {e}", path.display())))?;
-        let url = file_url(&path).map_err(|e| PipelineError::Image(e.to_string()))?;
-        Ok((url, file_name))
+        file_url(&path).map_err(|e| PipelineError::Image(e.to_string()))
     })?;
     crate::emit(&serde_json::to_string_pretty(&response)?)
 }

@@ -91,6 +91,8 @@ pub struct Generation {
     pub seed: u64,
     /// The request's prompt.
     pub prompt: String,
+    /// The request's `sync_mode`: the response inlines the images as data URIs.
+    pub sync_mode: bool,
     /// Per image: flagged by a safety checker. No checker runs yet: all false.
     pub has_nsfw_concepts: Vec<bool>,
     /// Seconds spent from text encoding to the last decoded image.
@@ -102,15 +104,18 @@ pub struct Generation {
 }
 
 impl Generation {
-    /// Builds fal's response, handing each PNG to `store`, which returns `(url, file_name)`.
+    /// Builds fal's response. Images are named `pixart-<seed>-<i>.png`; in sync mode they are
+    /// inlined as data URIs, otherwise each PNG goes to `store(file_name, png)`, which writes it
+    /// somewhere and returns its URL.
     pub fn into_response(
         self,
-        mut store: impl FnMut(usize, &RgbImage, &[u8]) -> Result<(String, String), PipelineError>,
+        mut store: impl FnMut(&str, &[u8]) -> Result<String, PipelineError>,
     ) -> Result<GenerateResponse, PipelineError> {
         let mut images = Vec::with_capacity(self.images.len());
         for (i, image) in self.images.iter().enumerate() {
             let png = image.to_png()?;
-            let (url, file_name) = store(i, image, &png)?;
+            let file_name = format!("pixart-{}-{i}.png", self.seed);
+            let url = if self.sync_mode { crate::data_uri(&png) } else { store(&file_name, &png)? };
             images.push(ImageOutput {
                 url,
                 content_type: "image/png".into(),
@@ -304,6 +309,7 @@ impl Pipeline {
             images,
             seed,
             prompt: request.prompt.clone(),
+            sync_mode: request.sync_mode,
             inference_seconds: stages.total.as_secs_f64(),
             stages,
             latents,

@@ -257,13 +257,7 @@ pub fn validation_outcome(errors: &[FieldError]) -> Outcome {
         })
         .collect();
     let summary = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
-    let mut outcome = Outcome::failure(422, "ValidationError", Value::Array(detail), summary);
-    if let crate::jobs::OutcomeBody::Error(body) = &mut outcome.body {
-        if let Some(object) = body.as_object_mut() {
-            object.remove("error_type");
-        }
-    }
-    outcome
+    Outcome::with_body(422, "ValidationError", json!({"detail": detail}), summary)
 }
 
 /// Builds a job from a submit or run call: input, webhook, priority, start timeout. Header and
@@ -380,6 +374,11 @@ fn logs_param(call: &Call) -> bool {
     call.param("logs").is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes"))
 }
 
+/// A request of the queue API (`/run/` requests are answered on their own connection only).
+fn queued_job<'a>(jobs: &'a Jobs, id: &str) -> Option<&'a Job> {
+    jobs.jobs.get(id).filter(|j| j.kind == JobKind::Queued)
+}
+
 fn not_found(id: &str) -> Response {
     json_response(StatusCode::NOT_FOUND, json!({"status": "NOT_FOUND", "detail": format!("request {id} not found")}))
 }
@@ -428,7 +427,7 @@ fn status_body(jobs: &Jobs, job: &Job, base: &str, logs: bool, since: usize) -> 
 
 fn status(call: &Call, id: &str) -> Response {
     let jobs = call.server.table.lock();
-    match jobs.jobs.get(id).filter(|j| j.kind == JobKind::Queued) {
+    match queued_job(&jobs, id) {
         Some(job) => {
             let (code, body) = status_body(&jobs, job, &call.base, logs_param(call), 0);
             json_response(code, body)
@@ -452,7 +451,7 @@ fn outcome_response(outcome: &Outcome, base: &str, id: &str) -> Response {
 
 fn result(call: &Call, id: &str) -> Response {
     let jobs = call.server.table.lock();
-    match jobs.jobs.get(id).filter(|j| j.kind == JobKind::Queued).map(|j| &j.state) {
+    match queued_job(&jobs, id).map(|j| &j.state) {
         None => not_found(id),
         Some(JobState::Completed(outcome)) => outcome_response(outcome, &call.base, id),
         Some(_) => detail(StatusCode::BAD_REQUEST, "Request is still in progress"),
@@ -460,8 +459,7 @@ fn result(call: &Call, id: &str) -> Response {
 }
 
 fn cancel(call: &Call, id: &str) -> Response {
-    let known = call.server.table.lock().jobs.get(id).is_some_and(|j| j.kind == JobKind::Queued);
-    if !known {
+    if queued_job(&call.server.table.lock(), id).is_none() {
         return not_found(id);
     }
     match call.server.table.cancel(id, StopReason::Cancelled) {
@@ -481,7 +479,7 @@ fn cancel(call: &Call, id: &str) -> Response {
 
 /// Server-sent events: one status per change (new logs only), closed after `COMPLETED`.
 fn stream(call: Call, id: &str) -> Response {
-    if !call.server.table.lock().jobs.get(id).is_some_and(|j| j.kind == JobKind::Queued) {
+    if queued_job(&call.server.table.lock(), id).is_none() {
         return not_found(id);
     }
     struct Cursor {

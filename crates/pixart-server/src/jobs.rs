@@ -115,11 +115,16 @@ impl Outcome {
             user_timeout: false,
         }
     }
-    /// A failure with fal's `{"detail": …}` body.
+    /// A failure with body `{"detail": detail, "error_type": error_type}`.
     pub fn failure(status: u16, error_type: &'static str, detail: Value, message: impl Into<String>) -> Self {
+        let body = json!({"detail": detail, "error_type": error_type});
+        Self::with_body(status, error_type, body, message)
+    }
+    /// A failure whose result body is exactly `body` (fal's 422 is `{"detail": […]}` alone).
+    pub fn with_body(status: u16, error_type: &'static str, body: Value, message: impl Into<String>) -> Self {
         Self {
             status,
-            body: OutcomeBody::Error(json!({"detail": detail, "error_type": error_type})),
+            body: OutcomeBody::Error(body),
             error: Some(message.into()),
             error_type: Some(error_type),
             inference_time: None,

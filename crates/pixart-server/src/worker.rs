@@ -6,7 +6,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
 
-use pixart_pipeline::{data_uri, GenerateRequest, Generation, Pipeline, PipelineError, SchedulerKind};
+use pixart_pipeline::{GenerateRequest, Generation, Pipeline, PipelineError, SchedulerKind};
 use serde_json::json;
 
 use crate::api::validation_outcome;
@@ -60,7 +60,7 @@ fn generate(pipeline: &Pipeline, server: &Server, item: &WorkItem) -> Outcome {
     match result {
         Ok(generation) => {
             server.table.log(id, LogLine::new("INFO", summarize(&generation)));
-            store(server, id, request.sync_mode, generation)
+            store(server, id, generation)
         }
         Err(PipelineError::Cancelled) => {
             let reason = item.stop.reason();
@@ -78,19 +78,13 @@ fn generate(pipeline: &Pipeline, server: &Server, item: &WorkItem) -> Outcome {
 }
 
 /// Turns the pictures into fal's response: data URIs in sync mode, stored files otherwise.
-fn store(server: &Server, id: &str, sync_mode: bool, generation: Generation) -> Outcome {
+fn store(server: &Server, id: &str, generation: Generation) -> Outcome {
     let inference = generation.inference_seconds;
-    let seed = generation.seed;
-    let response = generation.into_response(|i, _, png| {
-        let file_name = format!("pixart-{seed}-{i}.png");
-        if sync_mode {
-            return Ok((data_uri(png), file_name));
-        }
-        let url = server
+    let response = generation.into_response(|file_name, png| {
+        server
             .files
-            .put(id, &file_name, "image/png", png)
-            .map_err(|e| PipelineError::Image(format!("storing {file_name}: {e}")))?;
-        Ok((url, file_name))
+            .put(id, file_name, "image/png", png)
+            .map_err(|e| PipelineError::Image(format!("storing {file_name}: {e}")))
     });
     match response {
         Ok(response) => Outcome::output(response, inference),
