@@ -103,12 +103,13 @@ async fn route(call: Call, segments: &[&str]) -> Response {
         }
         (["uploads", upload], &Method::PUT) => storage::put_upload(call, upload).await,
         (["uploads", upload, part], _) => storage::upload_part_or_complete(call, upload, part).await,
-        (["rest", "storage", "upload", "initiate"], &Method::POST) => storage::initiate(call, false).await,
-        (["rest", "storage", "upload", "initiate-multipart"], &Method::POST) => storage::initiate(call, true).await,
+        (["rest", "storage", "upload", "initiate" | "initiate-multipart"], &Method::POST) => {
+            storage::initiate(call).await
+        }
         (["rest", "storage", "auth", "token"], &Method::POST) => storage::cdn_token(&call),
         (["cdn", "files", "upload"], &Method::POST) => storage::cdn_upload(call).await,
         (["cdn", "files", "upload", "multipart"], &Method::POST) => storage::cdn_multipart_begin(call).await,
-        (["health" | "files" | "uploads" | "rest" | "cdn", ..], _) => not_found_or_method(segments),
+        (["health" | "files" | "uploads" | "rest" | "cdn", ..], _) => no_route(segments),
         (["run", app @ ..], _) => match split_app(&server, app) {
             Ok((app, [])) if method == Method::POST => run(call, app).await,
             Ok((_, [])) => method_not_allowed("POST"),
@@ -143,7 +144,7 @@ fn split_app<'a>(server: &'a Server, segments: &'a [&'a str]) -> Result<(&'a str
     Err(detail(StatusCode::NOT_FOUND, format!("application '{asked}' not found (this server runs '{app}')")))
 }
 
-fn not_found_or_method(segments: &[&str]) -> Response {
+fn no_route(segments: &[&str]) -> Response {
     detail(StatusCode::NOT_FOUND, format!("no route for /{}", segments.join("/")))
 }
 

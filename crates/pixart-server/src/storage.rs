@@ -14,7 +14,7 @@ use crate::uploads::UploadError;
 
 const CDN_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 
-/// `GET /files/{key}/{name}`.
+/// `GET` (or `HEAD`) `/files/{key}/{name}`.
 pub async fn serve_file(call: Call, key: &str, name: &str) -> Response {
     let Some(file) = call.server.files.get(key, name) else {
         return detail(StatusCode::NOT_FOUND, format!("no file {}", url_path(key, name)));
@@ -29,11 +29,7 @@ pub async fn serve_file(call: Call, key: &str, name: &str) -> Response {
         (header::CONTENT_TYPE, content_type),
         (header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=3600")),
     ];
-    if call.method == Method::HEAD {
-        let mut response = (StatusCode::OK, headers).into_response();
-        response.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-        return response;
-    }
+    // HEAD gets the same headers; hyper leaves the body out.
     (StatusCode::OK, headers, bytes).into_response()
 }
 
@@ -51,8 +47,9 @@ async fn json_body(call: &mut Call) -> Result<Value, Response> {
     })
 }
 
-/// `POST /rest/storage/upload/initiate[-multipart]` with `{content_type, file_name}`.
-pub async fn initiate(mut call: Call, _multipart: bool) -> Response {
+/// `POST /rest/storage/upload/initiate[-multipart]` with `{content_type, file_name}`: both flows
+/// start the same way (a multipart upload then sends numbered parts to `upload_url`).
+pub async fn initiate(mut call: Call) -> Response {
     let body = match json_body(&mut call).await {
         Ok(body) => body,
         Err(response) => return response,
