@@ -261,9 +261,14 @@ pub fn validation_outcome(errors: &[FieldError]) -> Outcome {
     Outcome::with_body(422, "ValidationError", json!({"detail": detail}), summary)
 }
 
-/// Builds a job from a submit or run call: input, webhook, priority, start timeout. Header and
-/// query problems answer 422 at once; invalid input gives the job its 422 outcome.
-async fn new_job(call: &mut Call, app: &str, kind: JobKind) -> Result<(Job, Option<Outcome>), Response> {
+/// Builds a job from a submit or run call (webhook, priority, start timeout) and parses its
+/// input: the request, or the 422 outcome of invalid input. Header and query problems answer 422
+/// at once.
+async fn new_job(
+    call: &mut Call,
+    app: &str,
+    kind: JobKind,
+) -> Result<(Job, Result<GenerateRequest, Outcome>), Response> {
     let limit = call.server.config.max_request_bytes;
     let body = call.read_body(limit, "--max-request-bytes").await?;
     let mut job = Job::new(kind, app.to_string(), call.base.clone());
@@ -311,13 +316,7 @@ async fn new_job(call: &mut Call, app: &str, kind: JobKind) -> Result<(Job, Opti
             })
             .and_then(GenerateRequest::from_json)
     };
-    match parsed {
-        Ok(request) => {
-            job.request = Some(request);
-            Ok((job, None))
-        }
-        Err(errors) => Ok((job, Some(validation_outcome(&errors)))),
-    }
+    Ok((job, parsed.map_err(|errors| validation_outcome(&errors))))
 }
 
 fn submit_error(error: SubmitError) -> Response {
@@ -335,11 +334,11 @@ fn request_urls(base: &str, app: &str, id: &str) -> (String, String, String) {
 }
 
 async fn submit(mut call: Call, app: &str) -> Response {
-    let (job, outcome) = match new_job(&mut call, app, JobKind::Queued).await {
+    let (job, input) = match new_job(&mut call, app, JobKind::Queued).await {
         Ok(built) => built,
         Err(response) => return response,
     };
-    let submitted = match call.server.table.submit(job, outcome) {
+    let submitted = match call.server.table.submit(job, input) {
         Ok(submitted) => submitted,
         Err(e) => return submit_error(e),
     };
@@ -533,15 +532,16 @@ fn stream(call: Call, id: &str) -> Response {
 /// `POST /run/{app}`: queues the request like any other and answers on this connection. If the
 /// caller goes away first, the request is cancelled.
 async fn run(mut call: Call, app: &str) -> Response {
-    let (job, outcome) = match new_job(&mut call, app, JobKind::Run).await {
+    let (job, input) = match new_job(&mut call, app, JobKind::Run).await {
         Ok(built) => built,
         Err(response) => return response,
     };
-    if let Some(outcome) = outcome {
-        return outcome_response(&outcome, &call.base, &job.id);
-    }
+    let request = match input {
+        Ok(request) => request,
+        Err(outcome) => return outcome_response(&outcome, &call.base, &job.id),
+    };
     let mut changes = call.server.table.subscribe();
-    let id = match call.server.table.submit(job, None) {
+    let id = match call.server.table.submit(job, Ok(request)) {
         Ok(submitted) => submitted.id,
         Err(e) => return submit_error(e),
     };

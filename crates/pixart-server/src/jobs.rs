@@ -173,7 +173,8 @@ pub struct Job {
     pub kind: JobKind,
     /// `owner/alias` it was submitted to.
     pub app: String,
-    /// The validated input (invalid input finishes at submit with 422 and never queues).
+    /// The validated input, set by [`JobTable::submit`] (invalid input finishes there with 422
+    /// and never queues).
     pub request: Option<GenerateRequest>,
     /// `scheme://host` the submit came in on: webhook payload URLs are built from it.
     pub base_url: String,
@@ -311,21 +312,28 @@ impl JobTable {
         self.changes.send_modify(|v| *v = v.wrapping_add(1));
     }
 
-    /// Adds a job: queued when `outcome` is None, else recorded as finished with it (invalid
-    /// input). Returns the id, the queue position (None when finished) and the webhook delivery
-    /// of a job finished at once.
-    pub fn submit(&self, job: Job, outcome: Option<Outcome>) -> Result<Submitted, SubmitError> {
+    /// Adds a job: queued with its validated request, or recorded as finished with the outcome
+    /// of invalid input. Returns the id, the queue position (None when finished) and the webhook
+    /// delivery of a job finished at once.
+    pub fn submit(&self, mut job: Job, input: Result<GenerateRequest, Outcome>) -> Result<Submitted, SubmitError> {
         let id = job.id.clone();
         let submitted = {
             let mut jobs = self.lock();
             if jobs.closed {
                 return Err(SubmitError::ShuttingDown);
             }
-            if outcome.is_none() && jobs.queue.len() >= self.max_queue {
+            if input.is_ok() && jobs.queue.len() >= self.max_queue {
                 return Err(SubmitError::QueueFull(self.max_queue));
             }
             jobs.counters.accepted += 1;
             let low_priority = job.low_priority;
+            let outcome = match input {
+                Ok(request) => {
+                    job.request = Some(request);
+                    None
+                }
+                Err(outcome) => Some(outcome),
+            };
             jobs.jobs.insert(id.clone(), job);
             match outcome {
                 Some(outcome) => {
@@ -547,10 +555,9 @@ mod tests {
 
     fn job(table: &JobTable, low_priority: bool, webhook: bool) -> String {
         let mut job = Job::new(JobKind::Queued, "fal-ai/pixart-sigma".into(), "http://h".into());
-        job.request = Some(GenerateRequest::new("a cat"));
         job.low_priority = low_priority;
         job.webhook = webhook.then(|| "http://hook".to_string());
-        table.submit(job, None).unwrap().id
+        table.submit(job, Ok(GenerateRequest::new("a cat"))).unwrap().id
     }
 
     fn positions(table: &JobTable, ids: &[&String]) -> Vec<Option<usize>> {
@@ -590,9 +597,8 @@ mod tests {
         let table = JobTable::new(2);
         let a = job(&table, false, true);
         let _b = job(&table, false, false);
-        let mut extra = Job::new(JobKind::Queued, "x/y".into(), "http://h".into());
-        extra.request = Some(GenerateRequest::new("c"));
-        assert!(matches!(table.submit(extra, None), Err(SubmitError::QueueFull(2))));
+        let extra = Job::new(JobKind::Queued, "x/y".into(), "http://h".into());
+        assert!(matches!(table.submit(extra, Ok(GenerateRequest::new("c"))), Err(SubmitError::QueueFull(2))));
         assert_eq!(table.lock().counters.accepted, 2);
         let hooks = table.close();
         assert_eq!(hooks.len(), 1, "only requests with a webhook");
@@ -600,18 +606,16 @@ mod tests {
         assert_eq!(hooks[0].payload()["status"], "ERROR");
         assert_eq!(table.outcome(&a).unwrap().error_type, Some("ServerShutdown"));
         assert!(table.next_work().is_none(), "closed and empty: the worker exits");
-        let mut late = Job::new(JobKind::Queued, "x/y".into(), "http://h".into());
-        late.request = Some(GenerateRequest::new("d"));
-        assert!(matches!(table.submit(late, None), Err(SubmitError::ShuttingDown)));
+        let late = Job::new(JobKind::Queued, "x/y".into(), "http://h".into());
+        assert!(matches!(table.submit(late, Ok(GenerateRequest::new("d"))), Err(SubmitError::ShuttingDown)));
     }
 
     #[test]
     fn a_request_past_its_start_deadline_fails_with_a_user_timeout() {
         let table = JobTable::new(4);
         let mut late = Job::new(JobKind::Queued, "x/y".into(), "http://h".into());
-        late.request = Some(GenerateRequest::new("a"));
         late.start_deadline = Some(Instant::now());
-        let late = table.submit(late, None).unwrap().id;
+        let late = table.submit(late, Ok(GenerateRequest::new("a"))).unwrap().id;
         let next = job(&table, false, false);
         assert_eq!(table.next_work().unwrap().id, next);
         let outcome = table.outcome(&late).unwrap();
