@@ -171,6 +171,20 @@ def run_disconnect():
     assert health["requests"]["succeeded"] == before["succeeded"], health
 
 
+def host_urls():
+    """Image URLs are built from the Host the reading request came in on (or a proxy's
+    X-Forwarded-Host/-Proto), so they work from wherever the client reached the server."""
+    handle = fal_client.submit(APP, small(seed=91))
+    handle.get()
+    other = handle.response_url.replace("127.0.0.1", "localhost")
+    assert other != handle.response_url
+    url = httpx.get(other).json()["images"][0]["url"]
+    assert url.startswith(BASE.replace("127.0.0.1", "localhost") + "/files/"), url
+    assert httpx.get(url).status_code == 200
+    proxied = httpx.get(handle.response_url, headers={"x-forwarded-host": "images.example.com", "x-forwarded-proto": "https"})
+    assert proxied.json()["images"][0]["url"].startswith("https://images.example.com/files/"), proxied.text
+
+
 def upload():
     url = fal_client.upload(b"hello from the python client", "text/plain", file_name="hello.txt")
     response = fetch(url)
@@ -290,7 +304,7 @@ def shutdown():
 
 SCENARIOS = {
     f.__name__: f
-    for f in (subscribe_logs, queue_flow, invalid_input, run, run_disconnect, upload, webhook, async_client, limits, auth, retention, shutdown)
+    for f in (subscribe_logs, queue_flow, invalid_input, run, run_disconnect, host_urls, upload, webhook, async_client, limits, auth, retention, shutdown)
 }
 # The last three need a server started for them (see crates/pixart-cli/tests/serve.rs).
 DEFAULT = list(SCENARIOS)[:-3]
