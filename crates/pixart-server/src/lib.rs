@@ -17,6 +17,24 @@
 //!
 //! Any call carrying `x-fal-target-url` is routed by that URL (the JS client's `proxyUrl` mode).
 //! One worker thread runs the pipeline; the queue is bounded and `queue_position` is exact.
+//!
+//! Embedding it (what `pixart serve` does):
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use pixart_pipeline::{LoadOptions, Pipeline};
+//! use pixart_server::{serve, ServerConfig};
+//!
+//! let pipeline = Pipeline::load("PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", &LoadOptions::default())?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8000").await?;
+//! let config = ServerConfig { api_key: Some("secret".into()), ..ServerConfig::default() };
+//! // Serves until the future resolves, then shuts down gracefully.
+//! let stop = tokio::time::sleep(std::time::Duration::from_secs(3600));
+//! let report = serve(pipeline, "PixArt-Sigma-XL-2-1024-MS".into(), config, listener, stop).await?;
+//! println!("{:?}", report.counters);
+//! # Ok(())
+//! # }
+//! ```
 
 // Handlers return `Result<_, Response>`: the error is the HTTP answer itself, built once on an
 // error path, so its size does not matter.
