@@ -132,18 +132,15 @@ pub fn run(args: ServeArgs) -> Result<()> {
         text_encoder_device: args.text_encoder_on_cpu.then_some(Device::Cpu),
         prompt_cache_size: args.prompt_cache,
     };
-    tracing::info!(model = %args.model, "loading the model");
-    let pipeline = Pipeline::load(&args.model, &options)?;
-
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     runtime.block_on(async move {
+        // Bind first: a taken port fails at once, not after loading gigabytes of weights.
         let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
             .await
             .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
+        tracing::info!(model = %args.model, "loading the model");
+        let pipeline = Pipeline::load(&args.model, &options)?;
         let address = listener.local_addr()?;
         tracing::info!(app = %config.app_id, "listening on http://{address}");
         crate::emit(&format!("pixart serve: listening on http://{address}"))?;

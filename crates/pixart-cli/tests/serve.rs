@@ -208,6 +208,15 @@ fn bad_server_settings_are_refused_by_name() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("max_queue: must be at least 1"));
     let output = run(&["--app-id", "pixart", "--port", "0"]);
     assert!(String::from_utf8_lossy(&output.stderr).contains("app_id: must be `owner/alias`"));
+    // A taken port fails before the model loads, naming the address.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let output = Command::new(env!("CARGO_BIN_EXE_pixart"))
+        .args(["serve", "--model", "/nonexistent/model", "--port", &port])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains(&format!("cannot listen on 127.0.0.1:{port}")));
     let output = run(&["--result-retention", "3 weeks"]);
     assert_eq!(output.status.code(), Some(2), "clap usage error");
     assert!(String::from_utf8_lossy(&output.stderr).contains("unknown unit"));
