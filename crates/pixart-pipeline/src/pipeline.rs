@@ -62,6 +62,8 @@ pub struct StepProgress {
     pub total: usize,
     /// The timestep just run.
     pub timestep: u32,
+    /// How long the step took (transformer, guidance, scheduler; the device synchronised).
+    pub duration: std::time::Duration,
 }
 
 /// Wall-clock time of each stage of one generation (the device is synchronised at each
@@ -288,8 +290,9 @@ impl Pipeline {
             }
             latents = scheduler.step(&noise, &latents, &mut generator)?;
             self.device.synchronize()?;
-            stages.steps.push(step_started.elapsed());
-            if on_step(&StepProgress { step: i + 1, total: timesteps.len(), timestep: t }).is_break() {
+            let duration = step_started.elapsed();
+            stages.steps.push(duration);
+            if on_step(&StepProgress { step: i + 1, total: timesteps.len(), timestep: t, duration }).is_break() {
                 return Err(PipelineError::Cancelled);
             }
         }

@@ -4,7 +4,6 @@
 use std::ops::ControlFlow;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Instant;
 
 use pixart_pipeline::{GenerateRequest, Generation, Pipeline, PipelineError, SchedulerKind};
 use serde_json::json;
@@ -40,17 +39,14 @@ fn generate(pipeline: &Pipeline, server: &Server, item: &WorkItem) -> Outcome {
     let id = item.id.as_str();
     let request = &item.request;
     server.table.log(id, LogLine::new("INFO", describe(request)));
-    let mut last = Instant::now();
     let result = pipeline.generate_with_progress(request, |progress| {
-        let now = Instant::now();
         let line = format!(
             "Step {}/{} (timestep {}) {:.0} ms",
             progress.step,
             progress.total,
             progress.timestep,
-            now.duration_since(last).as_secs_f64() * 1e3
+            progress.duration.as_secs_f64() * 1e3
         );
-        last = now;
         server.table.log(id, LogLine::new("INFO", line));
         match item.stop.reason() {
             StopReason::None => ControlFlow::Continue(()),
