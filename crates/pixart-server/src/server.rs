@@ -107,11 +107,16 @@ pub async fn serve(
     for delivery in server.table.close() {
         server.send_webhook(delivery);
     }
-    let deadline = Instant::now() + server.config.shutdown_grace;
-    while server.table.busy() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    if server.table.busy() {
+    // Wait for the running request on the table's change notifications, up to the grace period.
+    let mut changes = server.table.subscribe();
+    let finished = async {
+        while server.table.busy() {
+            if changes.changed().await.is_err() {
+                break;
+            }
+        }
+    };
+    if tokio::time::timeout(server.config.shutdown_grace, finished).await.is_err() {
         tracing::warn!("the running request did not finish within the grace period: stopping it");
         server.table.stop_running(StopReason::Shutdown);
     }
