@@ -8,9 +8,11 @@
 #![warn(missing_docs)]
 
 pub mod attention;
+pub mod config_error;
 pub mod conv;
 pub mod dtype;
 pub mod weights;
 
+pub use config_error::{ConfigCheck, UnsupportedConfig};
 pub use dtype::parse_dtype;
 pub use weights::{load_config, python_json, var_builder, ModelWeights, WeightsError};

@@ -67,6 +67,14 @@ pub enum WeightsError {
         /// The shard file named for it.
         shard: String,
     },
+    /// A tensor the model needs is missing from the weights, or has the wrong shape or dtype.
+    #[error("weights in {dir}: {source}")]
+    Tensor {
+        /// The component folder whose weights were read.
+        dir: PathBuf,
+        /// What candle reported (it names the tensor and the shapes).
+        source: candle_core::Error,
+    },
     /// A dtype name that is not one of [`crate::dtype::SUPPORTED_DTYPES`].
     #[error("unknown dtype {name:?}: allowed values are {}", crate::dtype::SUPPORTED_DTYPES)]
     UnknownDtype {

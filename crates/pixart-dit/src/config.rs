@@ -2,7 +2,7 @@
 
 use serde::Deserialize;
 
-use crate::DitError;
+use pixart_core::{ConfigCheck, UnsupportedConfig};
 
 /// Hyper-parameters of a PixArt transformer, deserialised from `transformer/config.json`.
 #[derive(Debug, Clone, Deserialize)]
@@ -85,30 +85,42 @@ impl DitConfig {
     /// `sample_size == 128` (right for PixArt-α 1024, whose weights have resolution and
     /// aspect-ratio embedders). PixArt-Σ checkpoints have no such embedders, so absent means false
     /// here; an explicit `true` is refused (the model would need weights Σ does not have).
-    pub fn validate(&self) -> Result<(), DitError> {
-        let bad = |field: &'static str, value: String, supported: &'static str| {
-            Err(DitError::Unsupported { field, value, supported })
+    pub fn validate(&self) -> Result<(), UnsupportedConfig> {
+        let bad = |field: &str, value: &dyn std::fmt::Display, supported: &str| {
+            Err(UnsupportedConfig::new(field, value, supported))
         };
         if self.norm_type != "ada_norm_single" {
-            return bad("norm_type", self.norm_type.clone(), "ada_norm_single");
+            return bad("norm_type", &self.norm_type, "ada_norm_single");
         }
         if self.norm_elementwise_affine {
-            return bad("norm_elementwise_affine", "true".into(), "false");
+            return bad("norm_elementwise_affine", &true, "false");
         }
         if self.activation_fn != "gelu-approximate" {
-            return bad("activation_fn", self.activation_fn.clone(), "gelu-approximate");
+            return bad("activation_fn", &self.activation_fn, "gelu-approximate");
         }
         if self.attention_type != "default" {
-            return bad("attention_type", self.attention_type.clone(), "default");
+            return bad("attention_type", &self.attention_type, "default");
         }
         if self.use_additional_conditions == Some(true) {
-            return bad("use_additional_conditions", "true".into(), "false (PixArt-Σ)");
+            return bad("use_additional_conditions", &true, "false (PixArt-Σ)");
         }
+        ConfigCheck::positive("num_attention_heads", self.num_attention_heads)?;
+        ConfigCheck::positive("attention_head_dim", self.attention_head_dim)?;
+        ConfigCheck::positive("in_channels", self.in_channels)?;
+        if let Some(out) = self.out_channels {
+            if out != self.in_channels && out != 2 * self.in_channels {
+                return bad("out_channels", &out, "in_channels, or twice in_channels (learned variance)");
+            }
+        }
+        ConfigCheck::positive("caption_channels", self.caption_channels)?;
+        ConfigCheck::positive("sample_size", self.sample_size)?;
+        ConfigCheck::finite_positive("interpolation_scale", self.interpolation_scale, false)?;
+        ConfigCheck::finite_positive("norm_eps", self.norm_eps, true)?;
         if self.hidden_size() % 4 != 0 {
-            return bad("num_attention_heads × attention_head_dim", self.hidden_size().to_string(), "a multiple of 4");
+            return bad("num_attention_heads × attention_head_dim", &self.hidden_size(), "a multiple of 4");
         }
         if self.patch_size == 0 || self.sample_size % self.patch_size != 0 {
-            return bad("patch_size", self.patch_size.to_string(), "a divisor of sample_size");
+            return bad("patch_size", &self.patch_size, "a positive divisor of sample_size");
         }
         Ok(())
     }

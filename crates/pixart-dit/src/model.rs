@@ -4,6 +4,7 @@ use std::path::Path;
 
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
+use pixart_core::{UnsupportedConfig, WeightsError};
 
 use crate::block::TransformerBlock;
 use crate::config::DitConfig;
@@ -51,20 +52,27 @@ pub struct PixArtTransformer {
 impl PixArtTransformer {
     /// Loads `transformer/` (`config.json` + `diffusion_pytorch_model.safetensors`, or shards).
     pub fn load(dir: &Path, dtype: DType, device: &candle_core::Device) -> Result<Self, DitError> {
-        let config: DitConfig = pixart_core::load_config(&dir.join("config.json"))?;
+        let config_path = dir.join("config.json");
+        let config: DitConfig = pixart_core::load_config(&config_path)?;
+        config.validate().map_err(|e| e.in_file(&config_path))?;
         let vb = pixart_core::var_builder(dir, "diffusion_pytorch_model", dtype, device)?;
-        Self::new(&config, vb)
+        Self::new(&config, vb).map_err(|e| match e {
+            DitError::Unsupported(e) => DitError::Unsupported(e.in_file(dir)),
+            DitError::Candle(source) => WeightsError::Tensor { dir: dir.to_path_buf(), source }.into(),
+            other => other,
+        })
     }
 
     /// Builds the model from its config and weights.
     pub fn new(config: &DitConfig, vb: VarBuilder) -> Result<Self, DitError> {
         config.validate()?;
         if vb.contains_tensor("adaln_single.emb.resolution_embedder.linear_1.weight") {
-            return Err(DitError::Unsupported {
-                field: "weights",
-                value: "resolution/aspect-ratio embedders (PixArt-α)".into(),
-                supported: "PixArt-Σ weights without additional conditions",
-            });
+            return Err(UnsupportedConfig::new(
+                "weights",
+                "resolution/aspect-ratio embedders (PixArt-α)",
+                "PixArt-Σ weights without additional conditions",
+            )
+            .into());
         }
         let d = config.hidden_size();
         let p = config.patch_size;
@@ -203,8 +211,17 @@ impl PixArtTransformer {
     /// Trims caption positions that are padding in every row (their keys get weight exactly 0
     /// under the −10000 bias), and builds the bias `(1 − mask)·(−10000)` for the rest.
     fn caption_and_bias(&self, caption: &Tensor, mask: Option<&Tensor>) -> Result<(Tensor, Option<Tensor>), DitError> {
+        let caption_channels = self.config.caption_channels;
+        let well_formed = matches!(caption.dims(), &[_, _, c] if c == caption_channels);
+        if !well_formed {
+            return Err(DitError::Input(format!(
+                "caption must be [B, L, {caption_channels}] (the T5 width in caption_channels), got {:?}",
+                caption.dims()
+            )));
+        }
         let Some(mask) = mask else { return Ok((caption.clone(), None)) };
-        let (b, l) = mask.dims2()?;
+        let (b, l) =
+            mask.dims2().map_err(|_| DitError::Input(format!("caption mask must be [B, L], got {:?}", mask.dims())))?;
         if caption.dims()[..2] != [b, l] {
             return Err(DitError::Input(format!(
                 "caption mask {:?} does not match caption {:?}",

@@ -2,6 +2,8 @@
 
 use serde::Deserialize;
 
+use pixart_core::UnsupportedConfig;
+
 use crate::SchedulerError;
 
 /// The fields of a diffusers scheduler config that affect sampling. Unknown keys are ignored, as
@@ -88,8 +90,11 @@ impl Default for SchedulerConfig {
     }
 }
 
+/// The most training timesteps a config may declare (the published models use 1000).
+pub const MAX_TRAIN_TIMESTEPS: usize = 100_000;
+
 fn unsupported(field: &'static str, value: impl std::fmt::Display, supported: &'static str) -> SchedulerError {
-    SchedulerError::Unsupported { field, value: value.to_string(), supported }
+    UnsupportedConfig::new(field, value, supported).into()
 }
 
 fn must_be_false(field: &'static str, value: bool) -> Result<(), SchedulerError> {
@@ -108,8 +113,13 @@ impl SchedulerConfig {
     /// Checks every setting shared by both samplers; the sampler-specific ones (algorithm type,
     /// final sigma) are checked by each sampler.
     pub fn validate_common(&self) -> Result<(), SchedulerError> {
-        if self.num_train_timesteps < 2 {
-            return Err(unsupported("num_train_timesteps", self.num_train_timesteps, "at least 2"));
+        if !(2..=MAX_TRAIN_TIMESTEPS).contains(&self.num_train_timesteps) {
+            return Err(unsupported("num_train_timesteps", self.num_train_timesteps, "an integer from 2 to 100000"));
+        }
+        for (field, beta) in [("beta_start", self.beta_start), ("beta_end", self.beta_end)] {
+            if !(beta > 0.0 && beta < 1.0) {
+                return Err(unsupported(field, beta, "a number between 0 and 1 (exclusive)"));
+            }
         }
         if self.beta_schedule != "linear" {
             return Err(unsupported("beta_schedule", &self.beta_schedule, "linear"));

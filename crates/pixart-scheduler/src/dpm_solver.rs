@@ -10,6 +10,7 @@
 //! ```
 
 use candle_core::Tensor;
+use pixart_core::UnsupportedConfig;
 
 use crate::config::SchedulerConfig;
 use crate::noise_schedule::{data_prediction, inference_schedule, AlphaSigma};
@@ -31,32 +32,16 @@ impl DpmSolverMultistep {
     pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Self, SchedulerError> {
         config.validate_common()?;
         if config.algorithm_type != "dpmsolver++" {
-            return Err(SchedulerError::Unsupported {
-                field: "algorithm_type",
-                value: config.algorithm_type.clone(),
-                supported: "dpmsolver++",
-            });
+            return Err(UnsupportedConfig::new("algorithm_type", &config.algorithm_type, "dpmsolver++").into());
         }
         if config.solver_order != 2 {
-            return Err(SchedulerError::Unsupported {
-                field: "solver_order",
-                value: config.solver_order.to_string(),
-                supported: "2",
-            });
+            return Err(UnsupportedConfig::new("solver_order", config.solver_order, "2").into());
         }
         if config.solver_type != "midpoint" {
-            return Err(SchedulerError::Unsupported {
-                field: "solver_type",
-                value: config.solver_type.clone(),
-                supported: "midpoint",
-            });
+            return Err(UnsupportedConfig::new("solver_type", &config.solver_type, "midpoint").into());
         }
         if config.final_sigmas_type != "zero" {
-            return Err(SchedulerError::Unsupported {
-                field: "final_sigmas_type",
-                value: config.final_sigmas_type.clone(),
-                supported: "zero",
-            });
+            return Err(UnsupportedConfig::new("final_sigmas_type", &config.final_sigmas_type, "zero").into());
         }
         let (timesteps, sigmas) = inference_schedule(config, steps, true)?;
         Ok(Self { timesteps, sigmas, previous: None, step_index: 0 })

@@ -29,15 +29,8 @@ use candle_core::{DType, Device, Shape, Tensor};
 #[derive(Debug, thiserror::Error)]
 pub enum SchedulerError {
     /// The config asks for behaviour this implementation does not have.
-    #[error("scheduler config: {field} = {value} is not supported (supported: {supported})")]
-    Unsupported {
-        /// The config key.
-        field: &'static str,
-        /// Its value.
-        value: String,
-        /// What is accepted.
-        supported: &'static str,
-    },
+    #[error(transparent)]
+    Unsupported(#[from] pixart_core::UnsupportedConfig),
     /// The number of inference steps is out of range.
     #[error("num_inference_steps must be between 1 and {max}, got {got}")]
     Steps {

@@ -2,6 +2,8 @@
 
 use serde::Deserialize;
 
+use pixart_core::{ConfigCheck, UnsupportedConfig};
+
 use crate::error::T5Error;
 
 /// Hyper-parameters of a T5 encoder, deserialised from the checkpoint's `config.json`.
@@ -69,6 +71,30 @@ pub struct FeedForwardKind {
 }
 
 impl T5Config {
+    /// Refuses configs the encoder cannot run, naming the first field at fault.
+    pub fn validate(&self) -> Result<(), T5Error> {
+        ConfigCheck::positive("vocab_size", self.vocab_size)?;
+        ConfigCheck::positive("d_model", self.d_model)?;
+        ConfigCheck::positive("d_kv", self.d_kv)?;
+        ConfigCheck::positive("d_ff", self.d_ff)?;
+        ConfigCheck::positive("num_heads", self.num_heads)?;
+        let buckets = self.relative_attention_num_buckets;
+        if buckets < 4 || buckets % 2 != 0 {
+            return Err(UnsupportedConfig::new("relative_attention_num_buckets", buckets, "an even number ≥ 4").into());
+        }
+        // The logarithmic buckets span max_exact = buckets/4 up to max_distance.
+        if self.relative_attention_max_distance <= buckets / 4 {
+            return Err(UnsupportedConfig::new(
+                "relative_attention_max_distance",
+                self.relative_attention_max_distance,
+                format!("more than relative_attention_num_buckets / 4 ({})", buckets / 4),
+            )
+            .into());
+        }
+        ConfigCheck::finite_positive("layer_norm_epsilon", self.layer_norm_epsilon, true)?;
+        self.feed_forward().map(|_| ())
+    }
+
     /// Parses `feed_forward_proj`; `gated-gelu` means the tanh GELU, as in transformers.
     pub fn feed_forward(&self) -> Result<FeedForwardKind, T5Error> {
         let proj = self.feed_forward_proj.as_str();
@@ -90,9 +116,12 @@ impl T5Config {
 }
 
 fn unsupported_ff(proj: &str) -> T5Error {
-    T5Error::Unsupported(format!(
-        "feed_forward_proj {proj:?} is not supported: allowed are relu, gelu, gelu_new, silu, optionally prefixed with gated-"
-    ))
+    UnsupportedConfig::new(
+        "feed_forward_proj",
+        format!("{proj:?}"),
+        "relu, gelu, gelu_new, silu, each optionally prefixed with gated-",
+    )
+    .into()
 }
 
 #[cfg(test)]

@@ -235,13 +235,22 @@ impl T5Encoder {
     /// Loads a transformers `T5EncoderModel` folder (`config.json` + `model.safetensors` or
     /// sharded `model-*.safetensors` with `model.safetensors.index.json`) in `dtype` on `device`.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self, T5Error> {
-        let config: T5Config = pixart_core::load_config(&dir.join("config.json"))?;
+        let config_path = dir.join("config.json");
+        let config: T5Config = pixart_core::load_config(&config_path)?;
+        config.validate().map_err(|e| match e {
+            T5Error::Unsupported(e) => T5Error::Unsupported(e.in_file(&config_path)),
+            other => other,
+        })?;
         let vb = pixart_core::var_builder(dir, "model", dtype, device)?;
-        Self::new(&config, vb)
+        Self::new(&config, vb).map_err(|e| match e {
+            T5Error::Candle(source) => pixart_core::WeightsError::Tensor { dir: dir.to_path_buf(), source }.into(),
+            other => other,
+        })
     }
 
     /// Builds the encoder from a config and weights (`shared.*`, `encoder.*` names).
     pub fn new(config: &T5Config, vb: VarBuilder) -> Result<Self, T5Error> {
+        config.validate()?;
         let kind = config.feed_forward()?;
         let dtype = vb.dtype();
         // T5EncoderModel ties `encoder.embed_tokens` to `shared`; checkpoints store either name.

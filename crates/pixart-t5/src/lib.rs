@@ -26,7 +26,7 @@ pub mod tokenizer;
 
 pub use config::T5Config;
 pub use encoder::T5Encoder;
-pub use error::T5Error;
+pub use error::{SpieceError, T5Error};
 pub use tokenizer::{PaddedTokens, T5Tokenizer};
 
 /// The caption length PixArt-Σ tokenizes to (prompts are truncated to 299 tokens plus `</s>`).

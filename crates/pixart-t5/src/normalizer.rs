@@ -7,7 +7,7 @@
 //! first match of a cluster, which drops characters (e.g. `e\u{301}\u{302}` loses the circumflex);
 //! sentencepiece does not, so we walk the trie ourselves.
 
-use crate::error::T5Error;
+use crate::error::SpieceError;
 
 /// The `▁` sentencepiece writes for a space.
 pub const SPACE_SYMBOL: char = '▁';
@@ -24,15 +24,16 @@ pub struct PrecompiledCharsmap {
 impl PrecompiledCharsmap {
     /// Parses `NormalizerSpec.precompiled_charsmap`: a little-endian u32 trie size in bytes, the
     /// trie units, then the replacement strings.
-    pub fn parse(blob: &[u8]) -> Result<Self, T5Error> {
-        let invalid = || T5Error::Tokenizer("spiece.model has an invalid precompiled charsmap".into());
+    pub fn parse(blob: &[u8]) -> Result<Self, SpieceError> {
+        let invalid = || SpieceError::InvalidCharsmap;
         let size = u32::from_le_bytes(blob.get(..4).ok_or_else(invalid)?.try_into().map_err(|_| invalid())?) as usize;
-        let trie_bytes = blob.get(4..4 + size).ok_or_else(invalid)?;
+        let trie_end = size.checked_add(4).ok_or_else(invalid)?;
+        let trie_bytes = blob.get(4..trie_end).ok_or_else(invalid)?;
         if size % 4 != 0 || size == 0 {
             return Err(invalid());
         }
         let trie = trie_bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-        Ok(Self { trie, normalized: blob[4 + size..].to_vec() })
+        Ok(Self { trie, normalized: blob.get(trie_end..).unwrap_or_default().to_vec() })
     }
 
     /// The longest rule matching a prefix of `input`: `(bytes consumed, replacement)`.

@@ -1,7 +1,7 @@
 //! A reader for sentencepiece's `spiece.model` (the `ModelProto` protobuf), reading only the fields
 //! a Unigram tokenizer needs. Field numbers follow `sentencepiece_model.proto`.
 
-use crate::error::T5Error;
+use crate::error::SpieceError;
 
 /// The kind of a sentencepiece vocabulary entry (`SentencePiece.Type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,7 +63,7 @@ pub const MODEL_TYPE_UNIGRAM: i32 = 1;
 
 impl SentencePieceModel {
     /// Parses the bytes of a `spiece.model` file.
-    pub fn parse(bytes: &[u8]) -> Result<Self, T5Error> {
+    pub fn parse(bytes: &[u8]) -> Result<Self, SpieceError> {
         let mut model = SentencePieceModel {
             pieces: Vec::new(),
             model_type: MODEL_TYPE_UNIGRAM,
@@ -111,21 +111,19 @@ impl SentencePieceModel {
             }
         }
         if model.pieces.is_empty() {
-            return Err(T5Error::Tokenizer("spiece.model has no vocabulary pieces".into()));
+            return Err(SpieceError::NoPieces);
         }
         Ok(model)
     }
 }
 
-fn parse_piece(bytes: &[u8]) -> Result<Piece, T5Error> {
+fn parse_piece(bytes: &[u8]) -> Result<Piece, SpieceError> {
     let mut piece = Piece { piece: String::new(), score: 0.0, kind: PieceType::Normal };
     let mut r = Reader::new(bytes);
     while let Some((f, v)) = r.next_field()? {
         match (f, v) {
             (1, Value::Bytes(s)) => {
-                piece.piece = std::str::from_utf8(s)
-                    .map_err(|_| T5Error::Tokenizer("spiece.model has a piece that is not UTF-8".into()))?
-                    .to_string()
+                piece.piece = std::str::from_utf8(s).map_err(|_| SpieceError::PieceNotUtf8)?.to_string()
             }
             (2, Value::Fixed32(x)) => piece.score = f32::from_bits(x),
             (3, Value::Varint(x)) => {
@@ -136,7 +134,7 @@ fn parse_piece(bytes: &[u8]) -> Result<Piece, T5Error> {
                     4 => PieceType::UserDefined,
                     5 => PieceType::Unused,
                     6 => PieceType::Byte,
-                    other => return Err(T5Error::Tokenizer(format!("spiece.model has unknown piece type {other}"))),
+                    other => return Err(SpieceError::UnknownPieceType(other)),
                 }
             }
             _ => {}
@@ -163,11 +161,11 @@ impl<'a> Reader<'a> {
         Self { buf, pos: 0 }
     }
 
-    fn truncated() -> T5Error {
-        T5Error::Tokenizer("spiece.model is truncated or not a sentencepiece model".into())
+    fn truncated() -> SpieceError {
+        SpieceError::Truncated
     }
 
-    fn varint(&mut self) -> Result<u64, T5Error> {
+    fn varint(&mut self) -> Result<u64, SpieceError> {
         let mut value = 0u64;
         for shift in (0..64).step_by(7) {
             let byte = *self.buf.get(self.pos).ok_or_else(Self::truncated)?;
@@ -180,14 +178,14 @@ impl<'a> Reader<'a> {
         Err(Self::truncated())
     }
 
-    fn take(&mut self, n: usize) -> Result<&'a [u8], T5Error> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], SpieceError> {
         let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or_else(Self::truncated)?;
         let out = &self.buf[self.pos..end];
         self.pos = end;
         Ok(out)
     }
 
-    fn next_field(&mut self) -> Result<Option<(u64, Value<'a>)>, T5Error> {
+    fn next_field(&mut self) -> Result<Option<(u64, Value<'a>)>, SpieceError> {
         if self.pos >= self.buf.len() {
             return Ok(None);
         }
@@ -202,7 +200,10 @@ impl<'a> Reader<'a> {
                 let len = usize::try_from(self.varint()?).map_err(|_| Self::truncated())?;
                 Value::Bytes(self.take(len)?)
             }
-            5 => Value::Fixed32(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes"))),
+            5 => {
+                let bytes = self.take(4)?;
+                Value::Fixed32(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+            }
             _ => return Err(Self::truncated()),
         };
         Ok(Some((key >> 3, value)))

@@ -16,13 +16,18 @@ use serde::Deserialize;
 use tokenizers::models::unigram::Unigram;
 use tokenizers::{Model, Tokenizer};
 
-use crate::error::T5Error;
+use pixart_core::{UnsupportedConfig, WeightsError};
+
+use crate::error::{SpieceError, T5Error};
 use crate::normalizer::{PrecompiledCharsmap, SentencePieceNormalizer};
 use crate::spiece::{PieceType, SentencePieceModel, MODEL_TYPE_UNIGRAM};
 
 /// The number of `<extra_id_N>` sentinel tokens T5 appends to the sentencepiece vocabulary
 /// unless `tokenizer_config.json` says otherwise.
 pub const DEFAULT_EXTRA_IDS: usize = 100;
+
+/// The most sentinel tokens a `tokenizer_config.json` may ask for.
+pub const MAX_EXTRA_IDS: usize = 10_000;
 
 /// A prompt encoded and padded to a fixed length, as the text encoder consumes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,7 +101,7 @@ impl SentencePieceEncoder {
         let tokens = self
             .unigram
             .tokenize(&normalized)
-            .map_err(|e| T5Error::Tokenizer(format!("cannot segment the prompt: {e}")))?;
+            .map_err(|source| T5Error::Tokenizers { context: "cannot segment the prompt".into(), source })?;
         ids.extend(tokens.iter().map(|t| t.id));
         Ok(())
     }
@@ -135,38 +140,43 @@ impl T5Tokenizer {
             } else {
                 TokenizerConfig::default()
             };
-            return Self::from_spiece_model(&spiece, config.extra_ids.unwrap_or(DEFAULT_EXTRA_IDS));
+            let extra_ids = config.extra_ids.unwrap_or(DEFAULT_EXTRA_IDS);
+            if extra_ids > MAX_EXTRA_IDS {
+                return Err(UnsupportedConfig::new("extra_ids", extra_ids, format!("at most {MAX_EXTRA_IDS}"))
+                    .in_file(&config_path)
+                    .into());
+            }
+            return Self::from_spiece_model(&spiece, extra_ids);
         }
         let json = dir.join("tokenizer.json");
         if json.is_file() {
             return Self::from_tokenizer_json(&json);
         }
-        Err(T5Error::Tokenizer(format!("no tokenizer in {}: expected spiece.model or tokenizer.json", dir.display())))
+        Err(T5Error::NoTokenizer { dir: dir.to_path_buf() })
     }
 
     /// Builds the tokenizer from a sentencepiece `spiece.model`, appending `extra_ids` sentinel
     /// tokens `<extra_id_{extra_ids-1}>` … `<extra_id_0>` after the sentencepiece vocabulary.
     pub fn from_spiece_model(path: &Path, extra_ids: usize) -> Result<Self, T5Error> {
-        let bytes =
-            std::fs::read(path).map_err(|e| T5Error::Tokenizer(format!("cannot read {}: {e}", path.display())))?;
-        let sp =
-            SentencePieceModel::parse(&bytes).map_err(|e| T5Error::Tokenizer(format!("{}: {e}", path.display())))?;
-        Self::from_sentencepiece(&sp, extra_ids)
+        let bytes = std::fs::read(path).map_err(|source| WeightsError::Io { path: path.to_path_buf(), source })?;
+        let in_file = |source| T5Error::Spiece { path: Some(path.to_path_buf()), source };
+        let sp = SentencePieceModel::parse(&bytes).map_err(in_file)?;
+        Self::from_sentencepiece(&sp, extra_ids).map_err(|e| match e {
+            T5Error::Spiece { path: None, source } => in_file(source),
+            other => other,
+        })
     }
 
     /// Builds the tokenizer from an already parsed sentencepiece model.
     pub fn from_sentencepiece(sp: &SentencePieceModel, extra_ids: usize) -> Result<Self, T5Error> {
         if sp.model_type != MODEL_TYPE_UNIGRAM {
-            return Err(T5Error::Tokenizer(format!(
-                "spiece.model has model_type {} but T5 uses a Unigram model (1)",
-                sp.model_type
-            )));
+            return Err(SpieceError::NotUnigram(sp.model_type).into());
         }
-        let id_of = |id: i32, what: &str| -> Result<u32, T5Error> {
+        let id_of = |id: i32, what: &'static str| -> Result<u32, T5Error> {
             u32::try_from(id)
                 .ok()
                 .filter(|&i| (i as usize) < sp.pieces.len())
-                .ok_or_else(|| T5Error::Tokenizer(format!("spiece.model has no {what} piece (id {id})")))
+                .ok_or(T5Error::Spiece { path: None, source: SpieceError::MissingPiece { what, id } })
         };
         let unk_id = id_of(sp.unk_id, "unknown")?;
         let eos_id = id_of(sp.eos_id, "end-of-sequence")?;
@@ -177,7 +187,7 @@ impl T5Tokenizer {
         vocab.extend(sentinels.iter().map(|s| (s.clone(), 0.0)));
         let vocab_size = vocab.len();
         let unigram = Unigram::from(vocab, Some(unk_id as usize), sp.byte_fallback)
-            .map_err(|e| T5Error::Tokenizer(format!("cannot build the Unigram model: {e}")))?;
+            .map_err(|source| T5Error::Tokenizers { context: "cannot build the Unigram model".into(), source })?;
         let charsmap = if sp.precompiled_charsmap.is_empty() {
             None
         } else {
@@ -189,7 +199,8 @@ impl T5Tokenizer {
             .pieces
             .iter()
             .enumerate()
-            .filter(|(_, p)| matches!(p.kind, PieceType::Control | PieceType::Unknown))
+            // An empty piece would match everywhere: it is never a special token.
+            .filter(|(_, p)| matches!(p.kind, PieceType::Control | PieceType::Unknown) && !p.piece.is_empty())
             .map(|(id, p)| (p.piece.clone(), id as u32))
             .chain(sentinels.into_iter().enumerate().map(|(i, s)| (s, (sp.pieces.len() + i) as u32)))
             .collect();
@@ -210,15 +221,19 @@ impl T5Tokenizer {
     /// Loads a `tokenizer.json` (a fast-tokenizer file of a T5 tokenizer).
     pub fn from_tokenizer_json(path: &Path) -> Result<Self, T5Error> {
         let mut inner = Tokenizer::from_file(path)
-            .map_err(|e| T5Error::Tokenizer(format!("cannot load {}: {e}", path.display())))?;
+            .map_err(|source| T5Error::Tokenizers { context: format!("cannot load {}", path.display()), source })?;
         // Truncation and `</s>` are applied by `encode`; any post-processor would add it twice.
         inner.with_post_processor(None::<tokenizers::PostProcessorWrapper>);
-        inner.with_truncation(None).map_err(|e| T5Error::Tokenizer(e.to_string()))?;
+        inner.with_truncation(None).map_err(|source| T5Error::Tokenizers {
+            context: format!("cannot turn truncation off in {}", path.display()),
+            source,
+        })?;
         inner.with_padding(None);
         let id = |token: &str| {
-            inner
-                .token_to_id(token)
-                .ok_or_else(|| T5Error::Tokenizer(format!("{} has no {token} token", path.display())))
+            inner.token_to_id(token).ok_or_else(|| {
+                UnsupportedConfig::new("special tokens", format!("no {token}"), "a vocabulary with </s> and <pad>")
+                    .in_file(path)
+            })
         };
         let eos_id = id("</s>")?;
         let pad_id = id("<pad>")?;
@@ -251,7 +266,7 @@ impl T5Tokenizer {
             Backend::SentencePiece(encoder) => encoder.encode(text)?,
             Backend::TokenizerJson(tokenizer) => tokenizer
                 .encode(text, false)
-                .map_err(|e| T5Error::Tokenizer(format!("cannot encode the prompt: {e}")))?
+                .map_err(|source| T5Error::Tokenizers { context: "cannot encode the prompt".into(), source })?
                 .get_ids()
                 .to_vec(),
         };

@@ -2,7 +2,10 @@
 
 use serde::Deserialize;
 
-use crate::VaeError;
+use pixart_core::{ConfigCheck, UnsupportedConfig};
+
+/// The most resolution levels a VAE may have (SDXL's has 4; each level doubles the size).
+pub const MAX_LEVELS: usize = 8;
 
 /// Hyper-parameters of the VAE decoder, deserialised from `vae/config.json`.
 #[derive(Debug, Clone, Deserialize)]
@@ -68,24 +71,30 @@ impl VaeConfig {
         1 << (self.block_out_channels.len().saturating_sub(1))
     }
 
-    /// Refuses configs this decoder does not compute.
-    pub fn validate(&self) -> Result<(), VaeError> {
+    /// Refuses configs this decoder does not compute, naming the first field at fault.
+    pub fn validate(&self) -> Result<(), UnsupportedConfig> {
         if self.act_fn != "silu" {
-            return Err(VaeError::Unsupported { field: "act_fn", value: self.act_fn.clone(), supported: "silu" });
+            return Err(UnsupportedConfig::new("act_fn", &self.act_fn, "silu"));
         }
         if let Some(other) = self.up_block_types.iter().find(|t| *t != "UpDecoderBlock2D") {
-            return Err(VaeError::Unsupported {
-                field: "up_block_types",
-                value: other.clone(),
-                supported: "UpDecoderBlock2D",
-            });
+            return Err(UnsupportedConfig::new("up_block_types", other, "UpDecoderBlock2D"));
         }
-        if self.block_out_channels.is_empty() || self.block_out_channels.iter().any(|c| c % self.norm_num_groups != 0) {
-            return Err(VaeError::Unsupported {
-                field: "block_out_channels",
-                value: format!("{:?}", self.block_out_channels),
-                supported: "a non-empty list of multiples of norm_num_groups",
-            });
+        ConfigCheck::positive("norm_num_groups", self.norm_num_groups)?;
+        ConfigCheck::positive("latent_channels", self.latent_channels)?;
+        ConfigCheck::positive("out_channels", self.out_channels)?;
+        ConfigCheck::within("block_out_channels (levels)", self.block_out_channels.len(), 1, MAX_LEVELS)?;
+        if self.block_out_channels.iter().any(|&c| c == 0 || c % self.norm_num_groups != 0) {
+            return Err(UnsupportedConfig::new(
+                "block_out_channels",
+                format!("{:?}", self.block_out_channels),
+                format!("positive multiples of norm_num_groups ({})", self.norm_num_groups),
+            ));
+        }
+        if !self.scaling_factor.is_finite() || self.scaling_factor == 0.0 {
+            return Err(UnsupportedConfig::new("scaling_factor", self.scaling_factor, "a finite non-zero number"));
+        }
+        if let Some(shift) = self.shift_factor.filter(|s| !s.is_finite()) {
+            return Err(UnsupportedConfig::new("shift_factor", shift, "a finite number or null"));
         }
         Ok(())
     }

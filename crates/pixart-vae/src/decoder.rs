@@ -6,6 +6,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Conv2dConfig, GroupNorm, Linear, VarBuilder};
 use pixart_core::attention::scaled_dot_product_attention;
 use pixart_core::conv::Conv;
+use pixart_core::WeightsError;
 
 use crate::config::VaeConfig;
 use crate::VaeError;
@@ -129,9 +130,14 @@ impl VaeDecoder {
     /// Loads `vae/` (`config.json` + `diffusion_pytorch_model.safetensors`); only the decoder's
     /// weights are read.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self, VaeError> {
-        let config: VaeConfig = pixart_core::load_config(&dir.join("config.json"))?;
+        let config_path = dir.join("config.json");
+        let config: VaeConfig = pixart_core::load_config(&config_path)?;
+        config.validate().map_err(|e| e.in_file(&config_path))?;
         let vb = pixart_core::var_builder(dir, "diffusion_pytorch_model", dtype, device)?;
-        Self::new(&config, vb)
+        Self::new(&config, vb).map_err(|e| match e {
+            VaeError::Candle(source) => WeightsError::Tensor { dir: dir.to_path_buf(), source }.into(),
+            other => other,
+        })
     }
 
     /// Builds the decoder from its config and weights (`post_quant_conv.*`, `decoder.*`).

@@ -24,16 +24,9 @@ pub enum VaeError {
     /// A weights or config file is missing, unreadable or corrupt.
     #[error(transparent)]
     Weights(#[from] pixart_core::WeightsError),
-    /// The checkpoint asks for something this implementation does not compute.
-    #[error("vae config: {field} = {value} is not supported (supported: {supported})")]
-    Unsupported {
-        /// The config key.
-        field: &'static str,
-        /// Its value.
-        value: String,
-        /// What is accepted.
-        supported: &'static str,
-    },
+    /// The checkpoint's config asks for something this implementation does not compute.
+    #[error(transparent)]
+    Unsupported(#[from] pixart_core::UnsupportedConfig),
     /// Latents of the wrong shape.
     #[error("invalid VAE input: {0}")]
     Input(String),
