@@ -14,7 +14,7 @@ fn clean_caption_matches_diffusers() {
         .iter()
         .filter_map(|c| {
             let (text, want) = (c["text"].as_str().unwrap(), c["cleaned"].as_str().unwrap());
-            let got = clean_caption(text);
+            let got = clean_caption(text).unwrap();
             (got != want).then(|| format!("{text:?}: got {got:?}, want {want:?}"))
         })
         .collect();

@@ -32,11 +32,11 @@ fn fal_requests_reproduce_diffusers_images() {
         let pipeline = pipelines.entry(model.clone()).or_insert_with(|| load(&model));
         let request = GenerateRequest::from_json(&std::fs::read_to_string(case.join("request.json")).unwrap()).unwrap();
         let generation = pipeline.generate(&request).unwrap();
-        assert_eq!(generation.images.len(), request.num_images as usize);
+        assert_eq!(generation.images.len(), request.num_images.get() as usize);
         assert_eq!(generation.seed, request.seed.unwrap());
         for (i, image) in generation.images.iter().enumerate() {
-            let (w, h) = request.image_size.dimensions().unwrap();
-            assert_eq!((image.width, image.height), (w, h));
+            let size = request.image_size.dimensions();
+            assert_eq!((image.width, image.height), (size.width(), size.height()));
             let diff = max_pixel_diff(&image.pixels, &case.join(format!("image_{i}.png")));
             eprintln!("{} image {i}: max pixel diff {diff}/255", case.file_name().unwrap().to_string_lossy());
             assert!(diff <= 2, "{}: image {i} differs by {diff}/255", case.display());
@@ -63,8 +63,8 @@ fn intermediate_values_equal_the_hooked_diffusers_run() {
 fn cancelling_from_the_step_callback_stops_the_run() {
     let pipeline = load("tiny-sigma-256");
     let mut request = GenerateRequest::new("a cat");
-    request.image_size = pixart_pipeline::ImageSize::Custom { width: 64, height: 64 };
-    request.num_inference_steps = 10;
+    request.image_size = pixart_pipeline::ImageSize::Custom(pixart_pipeline::Dimensions::new(64, 64).unwrap());
+    request.num_inference_steps = pixart_pipeline::Steps::new(10).unwrap();
     let mut seen = 0;
     let result = pipeline.generate_with_progress(&request, |p| {
         seen = p.step;

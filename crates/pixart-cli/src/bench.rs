@@ -4,60 +4,47 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use candle_core::Device;
+use clap::builder::FalseyValueParser;
 use clap::Args;
-use pixart_pipeline::{GenerateRequest, LoadOptions, Pipeline, PipelineError, StageTimings, DEFAULT_MODEL};
+use pixart_pipeline::{
+    Dimensions, GenerateRequest, GuidanceScale, ImageSize, Pipeline, SchedulerKind, StageTimings, Steps,
+};
 use serde_json::{json, Value};
 
-use crate::generate::{device, dtype_for, hub_options, DeviceArg, DtypeArg};
+use crate::model_args::ModelArgs;
 
 /// Arguments of `pixart bench`.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Model: a diffusers-layout folder or a Hugging Face repo id.
-    #[arg(long, env = "PIXART_MODEL", default_value = DEFAULT_MODEL)]
-    model: String,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Image size, WIDTHxHEIGHT or a fal preset.
-    #[arg(long, default_value = "1024x1024")]
-    size: String,
+    #[arg(long, env = "PIXART_IMAGE_SIZE", default_value = "1024x1024")]
+    size: ImageSize,
     /// Denoising steps per run.
-    #[arg(long, default_value_t = 20)]
-    steps: u32,
+    #[arg(long, env = "PIXART_STEPS", default_value = "20")]
+    steps: Steps,
     /// DPM-SOLVER or SA-SOLVER.
-    #[arg(long, default_value = "DPM-SOLVER")]
-    scheduler: String,
+    #[arg(long, env = "PIXART_SCHEDULER", default_value = "DPM-SOLVER")]
+    scheduler: SchedulerKind,
     /// Classifier-free guidance scale (> 1 runs the batch of 2 diffusers runs).
-    #[arg(long, default_value_t = 4.5)]
-    guidance_scale: f64,
+    #[arg(long, env = "PIXART_GUIDANCE_SCALE", default_value = "4.5")]
+    guidance_scale: GuidanceScale,
     /// The prompt.
-    #[arg(long, default_value = "a small cactus with a happy face in the sahara desert")]
+    #[arg(long, env = "PIXART_PROMPT", default_value = "a small cactus with a happy face in the sahara desert")]
     prompt: String,
     /// Seed of every run.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, env = "PIXART_SEED", default_value_t = 0)]
     seed: u64,
     /// Measured runs (after the warm-up runs).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, env = "PIXART_BENCH_RUNS", default_value_t = 3)]
     runs: usize,
     /// Warm-up runs, not reported.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, env = "PIXART_BENCH_WARMUP", default_value_t = 1)]
     warmup: usize,
-    /// Device to run on.
-    #[arg(long, env = "PIXART_DEVICE", value_enum, default_value = "cpu")]
-    device: DeviceArg,
-    /// Compute dtype (default: f32 on the CPU, bf16 on a GPU).
-    #[arg(long, env = "PIXART_DTYPE", value_enum)]
-    dtype: Option<DtypeArg>,
-    /// Run T5 on the CPU and keep only the transformer and VAE on the device.
-    #[arg(long)]
-    text_encoder_on_cpu: bool,
     /// Print JSON instead of a table.
-    #[arg(long)]
+    #[arg(long, env = "PIXART_BENCH_JSON", value_parser = FalseyValueParser::new())]
     json: bool,
-    /// Read the model from the hub cache only.
-    #[arg(long)]
-    offline: bool,
-    /// The Hugging Face hub cache folder.
-    #[arg(long)]
-    cache_dir: Option<std::path::PathBuf>,
 }
 
 /// Device memory in use now, in bytes: the CUDA device's used memory, or the process's peak
@@ -90,26 +77,21 @@ fn summary(values: &[f64]) -> Value {
 
 /// Runs `pixart bench`.
 pub fn run(args: BenchArgs) -> Result<()> {
-    let device = device(args.device)?;
-    let dtype = dtype_for(args.dtype, &device);
-    let mut request_json = json!({
-        "prompt": args.prompt, "num_inference_steps": args.steps, "scheduler": args.scheduler,
-        "guidance_scale": args.guidance_scale, "seed": args.seed, "sync_mode": true,
-    });
-    request_json["image_size"] = crate::generate::parse_image_size(&args.size);
-    let request = GenerateRequest::from_value(&request_json).map_err(PipelineError::Invalid)?;
+    let mut request = GenerateRequest::new(args.prompt.clone());
+    request.image_size = args.size;
+    request.num_inference_steps = args.steps;
+    request.scheduler = args.scheduler;
+    request.guidance_scale = args.guidance_scale;
+    request.seed = Some(args.seed);
+    request.sync_mode = true;
+    let mut options = args.model.load_options()?;
+    options.prompt_cache_size = 0; // every run encodes its prompt, so T5 is timed too
+    let device = options.device.clone();
+    let dtype = options.dtype;
     let baseline = memory_in_use(&device);
 
-    let options = LoadOptions {
-        device: device.clone(),
-        dtype,
-        hub: hub_options(args.offline, args.cache_dir.clone()),
-        text_encoder_device: args.text_encoder_on_cpu.then_some(Device::Cpu),
-        prompt_cache_size: 0, // every run encodes its prompt, so T5 is timed too
-        ..LoadOptions::default()
-    };
     let load_started = Instant::now();
-    let pipeline = Pipeline::load(&args.model, &options).context("loading the model")?;
+    let pipeline = Pipeline::load(&args.model.model, &options).context("loading the model")?;
     let load = load_started.elapsed();
 
     let mut peak = memory_in_use(&device);
@@ -127,15 +109,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     let per_run = |f: &dyn Fn(&StageTimings) -> Duration| runs.iter().map(|r| ms(f(r))).collect::<Vec<_>>();
     let steps: Vec<f64> = runs.iter().flat_map(|r| r.steps.iter().map(|d| ms(*d))).collect();
-    let (width, height) = request.image_size.dimensions().expect("validated");
+    let size: Dimensions = request.image_size.dimensions();
+    let (width, height) = (size.width(), size.height());
     let report = json!({
-        "model": args.model,
+        "model": args.model.model,
         "device": format!("{:?}", device.location()),
         "dtype": format!("{dtype:?}").to_lowercase(),
         "size": format!("{width}x{height}"),
-        "steps": args.steps,
-        "scheduler": args.scheduler,
-        "guidance_scale": args.guidance_scale,
+        "steps": args.steps.get(),
+        "scheduler": args.scheduler.name(),
+        "guidance_scale": args.guidance_scale.get(),
         "runs": args.runs,
         "load_s": load.as_secs_f64(),
         "stages": {
@@ -159,7 +142,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     writeln!(
         out,
         "pixart bench · {} · {} {} · {}x{} · {} steps {} · {} runs",
-        args.model,
+        args.model.model,
         report["device"].as_str().unwrap_or(""),
         report["dtype"].as_str().unwrap_or(""),
         width,

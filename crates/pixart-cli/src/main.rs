@@ -2,6 +2,7 @@
 
 mod bench;
 mod generate;
+mod model_args;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -34,6 +35,9 @@ enum Command {
     /// Prints `pixart serve: listening on http://ADDR` on stdout once the model is loaded; logs
     /// go to stderr (RUST_LOG sets the level). Ctrl-C or SIGTERM shuts down gracefully.
     Serve(serve::ServeArgs),
+    /// Print the JSON Schema of a generation request (fal's input schema, with the ranges,
+    /// choices and defaults this build applies).
+    Schema,
 }
 
 /// Prints `text` and a newline on stdout; a closed pipe (`pixart … | head`) is not an error.
@@ -52,6 +56,9 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Schema => serde_json::to_string_pretty(&pixart_pipeline::input_schema())
+            .map_err(anyhow::Error::from)
+            .and_then(|text| emit(&text)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -63,5 +70,52 @@ fn main() -> std::process::ExitCode {
                 .is_some_and(|e| matches!(e, pixart_pipeline::PipelineError::Invalid(_)));
             std::process::ExitCode::from(if invalid { 2 } else { 1 })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every flag of every command can be set from a `PIXART_*` environment variable.
+    #[test]
+    fn every_flag_has_an_environment_variable() {
+        let command = Cli::command();
+        let mut checked = 0;
+        for sub in command.get_subcommands() {
+            for arg in sub.get_arguments() {
+                let id = arg.get_id().as_str();
+                if matches!(id, "help" | "version") {
+                    continue;
+                }
+                let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
+                assert!(
+                    env.as_deref().is_some_and(|e| e.starts_with("PIXART_")),
+                    "pixart {} --{id} has no PIXART_* variable",
+                    sub.get_name()
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked > 40, "only {checked} flags seen");
+    }
+
+    /// The model flags are one struct: the same names, variables and defaults everywhere.
+    #[test]
+    fn model_flags_are_shared() {
+        let command = Cli::command();
+        let describe = |name: &str| -> Vec<String> {
+            let sub = command.find_subcommand(name).unwrap();
+            ["model", "device", "dtype", "offline", "cache_dir", "text_encoder_on_cpu", "clean_caption"]
+                .iter()
+                .map(|id| {
+                    let arg = sub.get_arguments().find(|a| a.get_id() == id).unwrap();
+                    format!("{:?} {:?} {:?}", arg.get_long(), arg.get_env(), arg.get_default_values())
+                })
+                .collect()
+        };
+        assert_eq!(describe("generate"), describe("bench"));
+        assert_eq!(describe("generate"), describe("serve"));
     }
 }

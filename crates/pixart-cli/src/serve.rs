@@ -4,19 +4,17 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use candle_core::Device;
 use clap::Args;
-use pixart_pipeline::{LoadOptions, Pipeline, DEFAULT_MODEL};
+use pixart_pipeline::Pipeline;
 use pixart_server::ServerConfig;
 
-use crate::generate::{device, dtype_for, hub_options, DeviceArg, DtypeArg};
+use crate::model_args::ModelArgs;
 
 /// Arguments of `pixart serve`. Every flag can also be set by the environment variable shown.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Model: a diffusers-layout folder or a Hugging Face repo id.
-    #[arg(long, env = "PIXART_MODEL", default_value = DEFAULT_MODEL)]
-    model: String,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Address to listen on (0.0.0.0 for every interface).
     #[arg(long, env = "PIXART_HOST", default_value = "127.0.0.1")]
     host: String,
@@ -49,27 +47,9 @@ pub struct ServeArgs {
     /// Folder for generated images and uploads (default: a temporary folder removed on exit).
     #[arg(long, env = "PIXART_STORAGE_DIR")]
     storage_dir: Option<PathBuf>,
-    /// Device to run on.
-    #[arg(long, env = "PIXART_DEVICE", value_enum, default_value = "cpu")]
-    device: DeviceArg,
-    /// Compute dtype (default: f32 on the CPU, bf16 on a GPU).
-    #[arg(long, env = "PIXART_DTYPE", value_enum)]
-    dtype: Option<DtypeArg>,
-    /// Run T5 on the CPU and keep only the transformer and VAE on the device.
-    #[arg(long, env = "PIXART_TEXT_ENCODER_ON_CPU")]
-    text_encoder_on_cpu: bool,
     /// Prompt encodings kept in memory (repeated prompts skip T5).
     #[arg(long, env = "PIXART_PROMPT_CACHE", default_value_t = 16)]
     prompt_cache: usize,
-    /// Clean prompts as diffusers' `clean_caption=True` does.
-    #[arg(long, env = "PIXART_CLEAN_CAPTION")]
-    clean_caption: bool,
-    /// Read the model from the hub cache only.
-    #[arg(long)]
-    offline: bool,
-    /// The Hugging Face hub cache folder.
-    #[arg(long)]
-    cache_dir: Option<PathBuf>,
 }
 
 /// A retention period, or none (keep until exit).
@@ -123,15 +103,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
-    let device = device(args.device)?;
-    let options = LoadOptions {
-        dtype: dtype_for(args.dtype, &device),
-        device,
-        hub: hub_options(args.offline, args.cache_dir.clone()),
-        clean_caption: args.clean_caption,
-        text_encoder_device: args.text_encoder_on_cpu.then_some(Device::Cpu),
-        prompt_cache_size: args.prompt_cache,
-    };
+    let mut options = args.model.load_options()?;
+    options.prompt_cache_size = args.prompt_cache;
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     runtime.block_on(async move {
@@ -139,12 +112,13 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
             .await
             .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
-        tracing::info!(model = %args.model, "loading the model");
-        let pipeline = Pipeline::load(&args.model, &options)?;
+        tracing::info!(model = %args.model.model, "loading the model");
+        let pipeline = Pipeline::load(&args.model.model, &options)?;
         let address = listener.local_addr()?;
         tracing::info!(app = %config.app_id, "listening on http://{address}");
         crate::emit(&format!("pixart serve: listening on http://{address}"))?;
-        let report = pixart_server::serve(pipeline, args.model.clone(), config, listener, shutdown_signal()).await?;
+        let report =
+            pixart_server::serve(pipeline, args.model.model.clone(), config, listener, shutdown_signal()).await?;
         tracing::info!(requests = ?report.counters, "server stopped");
         Ok(())
     })

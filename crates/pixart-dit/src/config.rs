@@ -85,6 +85,7 @@ impl DitConfig {
     /// `sample_size == 128` (right for PixArt-α 1024, whose weights have resolution and
     /// aspect-ratio embedders). PixArt-Σ checkpoints have no such embedders, so absent means false
     /// here; an explicit `true` is refused (the model would need weights Σ does not have).
+    #[allow(clippy::manual_is_multiple_of)] // `is_multiple_of` needs Rust 1.87; the MSRV is 1.85
     pub fn validate(&self) -> Result<(), UnsupportedConfig> {
         let bad = |field: &str, value: &dyn std::fmt::Display, supported: &str| {
             Err(UnsupportedConfig::new(field, value, supported))

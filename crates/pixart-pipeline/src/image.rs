@@ -3,6 +3,7 @@
 
 use candle_core::{DType, Tensor};
 
+use crate::sizes::SizePlan;
 use crate::PipelineError;
 
 /// One generated picture: 8-bit RGB, row-major.
@@ -21,9 +22,12 @@ impl RgbImage {
     pub fn to_png(&self) -> Result<Vec<u8>, PipelineError> {
         use image::ImageEncoder;
         let mut out = Vec::new();
-        image::codecs::png::PngEncoder::new(&mut out)
-            .write_image(&self.pixels, self.width, self.height, image::ExtendedColorType::Rgb8)
-            .map_err(|e| PipelineError::Image(e.to_string()))?;
+        image::codecs::png::PngEncoder::new(&mut out).write_image(
+            &self.pixels,
+            self.width,
+            self.height,
+            image::ExtendedColorType::Rgb8,
+        )?;
         Ok(out)
     }
 }
@@ -55,24 +59,33 @@ fn bilinear_plane(src: &[f32], h: usize, w: usize, oh: usize, ow: usize) -> Vec<
     out
 }
 
-/// `resize_and_crop_tensor`: scales `[B, C, H, W]` by `max(new_h/H, new_w/W)` (sizes truncated
-/// to integers) and crops the centre `new_h × new_w`. Returns f32 on the CPU.
-pub fn resize_and_crop(images: &Tensor, new_width: usize, new_height: usize) -> Result<Tensor, PipelineError> {
+/// diffusers' `resize_and_crop_tensor` following a [`SizePlan`]: resamples `[B, C, H, W]`
+/// (H × W = the plan's generated size) to the plan's resized size and crops the centre to the
+/// requested size. Returns f32 on the CPU, always exactly `[B, C, height, width]` of the request.
+pub fn resize_and_crop(images: &Tensor, plan: &SizePlan) -> Result<Tensor, PipelineError> {
     let images = images.to_dtype(DType::F32)?.to_device(&candle_core::Device::Cpu)?;
     let (b, c, h, w) = images.dims4()?;
-    if h == new_height && w == new_width {
-        return Ok(images);
+    let (new_w, new_h) = (plan.output.width() as usize, plan.output.height() as usize);
+    let (rw, rh) = (plan.resized.width as usize, plan.resized.height as usize);
+    let (x0, y0) = (plan.crop_offset.width as usize, plan.crop_offset.height as usize);
+    let fits = h > 0 && w > 0 && rw >= x0 + new_w && rh >= y0 + new_h;
+    if !fits {
+        return Err(PipelineError::Internal(format!("size plan {plan:?} does not fit decoded images of {w}x{h}")));
     }
-    let ratio = (new_height as f64 / h as f64).max(new_width as f64 / w as f64);
-    let (rh, rw) = ((h as f64 * ratio) as usize, (w as f64 * ratio) as usize);
-    let data = images.flatten_all()?.to_vec1::<f32>()?;
-    let mut resized = Vec::with_capacity(b * c * rh * rw);
-    for plane in data.chunks_exact(h * w) {
-        resized.extend(bilinear_plane(plane, h, w, rh, rw));
+    let resized = if (rh, rw) == (h, w) {
+        images
+    } else {
+        let data = images.flatten_all()?.to_vec1::<f32>()?;
+        let mut resized = Vec::with_capacity(b * c * rh * rw);
+        for plane in data.chunks_exact(h * w) {
+            resized.extend(bilinear_plane(plane, h, w, rh, rw));
+        }
+        Tensor::from_vec(resized, (b, c, rh, rw), &candle_core::Device::Cpu)?
+    };
+    if (rh, rw) == (new_h, new_w) {
+        return Ok(resized);
     }
-    let resized = Tensor::from_vec(resized, (b, c, rh, rw), &candle_core::Device::Cpu)?;
-    let (x0, y0) = ((rw - new_width) / 2, (rh - new_height) / 2);
-    Ok(resized.narrow(2, y0, new_height)?.narrow(3, x0, new_width)?)
+    Ok(resized.narrow(2, y0, new_h)?.narrow(3, x0, new_w)?)
 }
 
 /// `postprocess` + `numpy_to_pil`: `(x/2 + ½)` clamped to [0, 1], ×255, rounded half to even.
@@ -80,7 +93,7 @@ pub fn to_rgb8(images: &Tensor) -> Result<Vec<RgbImage>, PipelineError> {
     let images = images.to_dtype(DType::F32)?.to_device(&candle_core::Device::Cpu)?;
     let (b, c, h, w) = images.dims4()?;
     if c != 3 {
-        return Err(PipelineError::Image(format!("expected 3 channels from the VAE, got {c}")));
+        return Err(PipelineError::Internal(format!("expected 3 channels from the VAE, got {c}")));
     }
     let hwc = ((images * 0.5)? + 0.5)?.clamp(0f32, 1f32)?.permute((0, 2, 3, 1))?.flatten_all()?.to_vec1::<f32>()?;
     Ok(hwc

@@ -5,18 +5,19 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
+use pixart_core::UnsupportedConfig;
 use pixart_dit::PixArtTransformer;
-use pixart_scheduler::{DpmSolverMultistep, SaSolver, Scheduler, SchedulerConfig};
+use pixart_scheduler::{DpmSolverMultistep, SaSolver, Scheduler, SchedulerConfig, SchedulerError};
 use pixart_t5::{T5Encoder, T5Tokenizer, MAX_SEQUENCE_LENGTH};
 use pixart_vae::VaeDecoder;
 
 use crate::caption::clean_caption;
 use crate::image::{resize_and_crop, to_rgb8, RgbImage};
 use crate::model_source::{resolve_model, HubOptions};
-use crate::request::{GenerateRequest, SchedulerKind};
+use crate::request::{Dimensions, FieldError, GenerateRequest, SchedulerKind, Steps};
 use crate::response::{GenerateResponse, ImageOutput, Timings};
 use crate::rng::TorchGenerator;
-use crate::sizes::AspectRatioBins;
+use crate::sizes::{AspectRatioBins, SizePlan};
 use crate::text::lower_strip;
 use crate::PipelineError;
 
@@ -108,16 +109,21 @@ pub struct Generation {
 impl Generation {
     /// Builds fal's response. Images are named `pixart-<seed>-<i>.png`; in sync mode they are
     /// inlined as data URIs, otherwise each PNG goes to `store(file_name, png)`, which writes it
-    /// somewhere and returns its URL.
+    /// somewhere and returns its URL (its error becomes [`PipelineError::Store`]).
     pub fn into_response(
         self,
-        mut store: impl FnMut(&str, &[u8]) -> Result<String, PipelineError>,
+        mut store: impl FnMut(&str, &[u8]) -> Result<String, Box<dyn std::error::Error + Send + Sync>>,
     ) -> Result<GenerateResponse, PipelineError> {
         let mut images = Vec::with_capacity(self.images.len());
         for (i, image) in self.images.iter().enumerate() {
             let png = image.to_png()?;
             let file_name = format!("pixart-{}-{i}.png", self.seed);
-            let url = if self.sync_mode { crate::data_uri(&png) } else { store(&file_name, &png)? };
+            let url = if self.sync_mode {
+                crate::data_uri(&png)
+            } else {
+                store(&file_name, &png)
+                    .map_err(|source| PipelineError::Store { file_name: file_name.clone(), source })?
+            };
             images.push(ImageOutput {
                 url,
                 content_type: "image/png".into(),
@@ -154,11 +160,55 @@ pub struct Pipeline {
     prompt_cache_size: usize,
 }
 
+/// Reads `scheduler_config.json` and refuses, naming the file, a config neither sampler runs.
 fn read_scheduler_config(path: &Path) -> Result<SchedulerConfig, PipelineError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| PipelineError::Model(format!("cannot read {}: {e}", path.display())))?;
-    SchedulerConfig::from_json(&text)
-        .map_err(|e| PipelineError::Model(format!("malformed JSON in {}: {e}", path.display())))
+    let config: SchedulerConfig = pixart_core::load_config(path)?;
+    let in_file = |e: SchedulerError| match e {
+        SchedulerError::Unsupported(e) => PipelineError::Unsupported(e.in_file(path)),
+        other => other.into(),
+    };
+    DpmSolverMultistep::new(&config, 1).map_err(in_file)?;
+    SaSolver::new(&config, 1).map_err(in_file)?;
+    Ok(config)
+}
+
+/// Refuses parts that do not fit together, before any request runs.
+fn check_parts_fit(
+    dir: &Path,
+    tokenizer: &T5Tokenizer,
+    text_encoder: &T5Encoder,
+    transformer: &PixArtTransformer,
+    vae: &VaeDecoder,
+) -> Result<(), UnsupportedConfig> {
+    let (t5, dit, vae) = (text_encoder.config(), transformer.config(), vae.config());
+    let mismatch = |field: &str, value: usize, supported: String| {
+        Err(UnsupportedConfig::new(field, value, supported).in_file(dir))
+    };
+    if t5.d_model != dit.caption_channels {
+        return mismatch(
+            "text_encoder d_model",
+            t5.d_model,
+            format!("the transformer's caption_channels ({})", dit.caption_channels),
+        );
+    }
+    if vae.latent_channels != dit.in_channels {
+        return mismatch(
+            "vae latent_channels",
+            vae.latent_channels,
+            format!("the transformer's in_channels ({})", dit.in_channels),
+        );
+    }
+    if vae.out_channels != 3 {
+        return mismatch("vae out_channels", vae.out_channels, "3 (RGB)".into());
+    }
+    if tokenizer.vocab_size() > t5.vocab_size {
+        return mismatch(
+            "tokenizer vocabulary size",
+            tokenizer.vocab_size(),
+            format!("at most the text encoder's vocab_size ({})", t5.vocab_size),
+        );
+    }
+    Ok(())
 }
 
 /// A seed for requests without one (32 bits, like fal's).
@@ -173,25 +223,22 @@ impl Pipeline {
     /// Loads a model from a diffusers-layout folder or a Hugging Face repo id.
     pub fn load(model: &str, options: &LoadOptions) -> Result<Self, PipelineError> {
         let dir = resolve_model(model, &options.hub)?;
-        if !dir.join("model_index.json").is_file() {
-            return Err(PipelineError::Model(format!(
-                "{} has no model_index.json: not a diffusers pipeline folder",
-                dir.display()
-            )));
-        }
         let dtype = options.dtype;
         let vae_dtype = if dtype == DType::F16 { DType::F32 } else { dtype };
         let transformer = PixArtTransformer::load(&dir.join("transformer"), dtype, &options.device)?;
         let text_device = options.text_encoder_device.clone().unwrap_or_else(|| options.device.clone());
         let bins = AspectRatioBins::for_sample_size(transformer.config().sample_size);
-        let scheduler_config = read_scheduler_config(&dir.join("scheduler/scheduler_config.json"))?;
         // Refuse an unsupported scheduler config now rather than at the first request.
-        DpmSolverMultistep::new(&scheduler_config, 1)?;
+        let scheduler_config = read_scheduler_config(&dir.join("scheduler/scheduler_config.json"))?;
+        let tokenizer = T5Tokenizer::from_dir(&dir.join("tokenizer"))?;
+        let text_encoder = T5Encoder::load(&dir.join("text_encoder"), dtype, &text_device)?;
+        let vae = VaeDecoder::load(&dir.join("vae"), vae_dtype, &options.device)?;
+        check_parts_fit(&dir, &tokenizer, &text_encoder, &transformer, &vae)?;
         Ok(Self {
-            tokenizer: T5Tokenizer::from_dir(&dir.join("tokenizer"))?,
-            text_encoder: T5Encoder::load(&dir.join("text_encoder"), dtype, &text_device)?,
+            tokenizer,
+            text_encoder,
             transformer,
-            vae: VaeDecoder::load(&dir.join("vae"), vae_dtype, &options.device)?,
+            vae,
             scheduler_config,
             bins,
             device: options.device.clone(),
@@ -218,43 +265,54 @@ impl Pipeline {
         self.generate_with_progress(request, |_| ControlFlow::Continue(()))
     }
 
+    /// How this model produces `requested`: the generated size, the resize and the crop (the
+    /// output is always exactly the requested size; see [`crate::sizes`]).
+    pub fn size_plan(&self, requested: Dimensions) -> SizePlan {
+        let multiple = self.vae.config().scale_factor() * self.transformer.config().patch_size;
+        SizePlan::new(requested, self.bins, u32::try_from(multiple).unwrap_or(u32::MAX))
+    }
+
     /// Generates the request's images, calling `on_step` after every denoising step; returning
     /// `ControlFlow::Break` cancels the run ([`PipelineError::Cancelled`]).
+    ///
+    /// Everything that depends on the request alone was checked when it was built; what depends
+    /// on this model (steps against the scheduler's training timesteps, caption cleaning) is
+    /// checked here before any tensor work starts.
     pub fn generate_with_progress(
         &self,
         request: &GenerateRequest,
         mut on_step: impl FnMut(&StepProgress) -> ControlFlow<()>,
     ) -> Result<Generation, PipelineError> {
-        request.validate().map_err(PipelineError::Invalid)?;
         let started = Instant::now();
         let mut stages = StageTimings::default();
         let seed = request.seed.unwrap_or_else(random_seed);
-        let style = request.style_preset().expect("validated");
-        let (prompt, negative) = style.apply(&request.prompt, &request.negative_prompt);
-        let (width, height) = request.image_size.dimensions().expect("validated");
-        let scale = self.vae.config().scale_factor() as u32 * self.transformer.config().patch_size as u32;
-        let (gen_h, gen_w) = match self.bins {
-            Some(bins) => bins.classify(height, width),
-            None if height % scale == 0 && width % scale == 0 => (height, width),
-            None => {
-                return Err(PipelineError::Invalid(vec![crate::request::FieldError {
-                    field: "image_size".into(),
-                    message: format!(
-                        "this model has no aspect-ratio table: width and height must be multiples of {scale}"
-                    ),
-                    kind: "value_error",
-                }]))
+        let plan = self.size_plan(request.image_size.dimensions());
+        let steps = request.num_inference_steps.get() as usize;
+        let scheduler: Result<Box<dyn Scheduler>, SchedulerError> = match request.scheduler {
+            SchedulerKind::DpmSolver => {
+                DpmSolverMultistep::new(&self.scheduler_config, steps).map(|s| Box::new(s) as _)
             }
+            SchedulerKind::SaSolver => SaSolver::new(&self.scheduler_config, steps).map(|s| Box::new(s) as _),
         };
+        let mut scheduler = scheduler.map_err(|e| match e {
+            SchedulerError::Steps { max, .. } => PipelineError::Invalid(vec![FieldError::new(
+                Steps::FIELD,
+                "value_error",
+                format!("must be an integer from 1 to {max} for this model"),
+            )]),
+            other => other.into(),
+        })?;
+        let (prompt, negative) = request.style.apply(&request.prompt, &request.negative_prompt);
+        let guidance = request.guidance_scale.get();
+        let cfg = request.guidance_scale.guides();
+        let prompt = self.preprocess(&prompt, "prompt")?;
+        let negative = if cfg { Some(self.preprocess(&negative, "negative_prompt")?) } else { None };
 
-        let n = request.num_images as usize;
-        let guidance = request.guidance_scale;
-        let cfg = guidance > 1.0;
-        let preprocess = |text: &str| if self.clean_caption { clean_caption(text) } else { lower_strip(text) };
-        let positive = self.encode_prompt_timed(&preprocess(&prompt), &mut stages)?;
+        let n = request.num_images.get() as usize;
+        let positive = self.encode_prompt_timed(&prompt, &mut stages)?;
         let mut rows = Vec::with_capacity(2 * n);
-        if cfg {
-            let negative = self.encode_prompt_timed(&preprocess(&negative), &mut stages)?;
+        if let Some(negative) = negative {
+            let negative = self.encode_prompt_timed(&negative, &mut stages)?;
             rows.extend(std::iter::repeat_n(negative, n));
         }
         rows.extend(std::iter::repeat_n(positive, n));
@@ -264,12 +322,8 @@ impl Pipeline {
         let mut generator = TorchGenerator::new(seed);
         let channels = self.transformer.config().in_channels;
         let vae_scale = self.vae.config().scale_factor() as u32;
-        let latent_shape = (n, channels, (gen_h / vae_scale) as usize, (gen_w / vae_scale) as usize);
-        let steps = request.num_inference_steps as usize;
-        let mut scheduler: Box<dyn Scheduler> = match request.scheduler {
-            SchedulerKind::DpmSolver => Box::new(DpmSolverMultistep::new(&self.scheduler_config, steps)?),
-            SchedulerKind::SaSolver => Box::new(SaSolver::new(&self.scheduler_config, steps)?),
-        };
+        let latent_shape =
+            (n, channels, (plan.generated.height / vae_scale) as usize, (plan.generated.width / vae_scale) as usize);
         let mut latents = (generator.randn(latent_shape, DType::F32, &self.device)? * scheduler.init_noise_sigma())?;
 
         let timesteps = scheduler.timesteps().to_vec();
@@ -302,9 +356,7 @@ impl Pipeline {
         self.device.synchronize()?;
         stages.vae = vae_started.elapsed();
         let post_started = Instant::now();
-        let decoded =
-            if self.bins.is_some() { resize_and_crop(&decoded, width as usize, height as usize)? } else { decoded };
-        let images = to_rgb8(&decoded)?;
+        let images = to_rgb8(&resize_and_crop(&decoded, &plan)?)?;
         stages.postprocess = post_started.elapsed();
         stages.total = started.elapsed();
         Ok(Generation {
@@ -319,6 +371,21 @@ impl Pipeline {
         })
     }
 
+    /// diffusers' prompt preprocessing: caption cleaning, or lowercasing and stripping. A text
+    /// the cleaner gives up on is refused, naming `field`.
+    fn preprocess(&self, text: &str, field: &str) -> Result<String, PipelineError> {
+        if !self.clean_caption {
+            return Ok(lower_strip(text));
+        }
+        clean_caption(text).map_err(|e| {
+            PipelineError::Invalid(vec![FieldError::new(
+                field,
+                "value_error",
+                format!("cannot be cleaned for the model (caption cleaning is on): {e}; shorten or simplify it"),
+            )])
+        })
+    }
+
     /// T5 states of one preprocessed prompt, `[1, L, C]`, L ≤ 300 real tokens. Encoding only the
     /// real tokens equals diffusers' padded-and-masked encoding at those positions, and the
     /// transformer never attends to the padded ones.
@@ -327,11 +394,8 @@ impl Pipeline {
     }
 
     fn encode_prompt_timed(&self, text: &str, stages: &mut StageTimings) -> Result<Tensor, PipelineError> {
-        let cache = |f: &mut dyn FnMut(&mut std::collections::VecDeque<(String, Tensor)>)| {
-            f(&mut self.prompt_cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
-        };
-        let mut hit = None;
-        cache(&mut |c| hit = c.iter().find(|(t, _)| t == text).map(|(_, s)| s.clone()));
+        let cache = || self.prompt_cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let hit = cache().iter().find(|(t, _)| t == text).map(|(_, s)| s.clone());
         if let Some(states) = hit {
             return Ok(states);
         }
@@ -344,12 +408,11 @@ impl Pipeline {
         self.device.synchronize()?;
         stages.text_encoder += started.elapsed();
         if self.prompt_cache_size > 0 {
-            cache(&mut |c| {
-                if c.len() >= self.prompt_cache_size {
-                    c.pop_front();
-                }
-                c.push_back((text.to_string(), states.clone()));
-            });
+            let mut cached = cache();
+            if cached.len() >= self.prompt_cache_size {
+                cached.pop_front();
+            }
+            cached.push_back((text.to_string(), states.clone()));
         }
         Ok(states)
     }

@@ -1,23 +1,215 @@
-//! Image sizes: fal's presets and diffusers' aspect-ratio bins (`ASPECT_RATIO_*_BIN`).
+//! Image sizes: validated dimensions, fal's presets, diffusers' aspect-ratio bins
+//! (`ASPECT_RATIO_*_BIN`), and the plan that turns a requested size into a generated one and back.
+//!
+//! The size rule: the output is always exactly the requested width × height.
+//! * With a bin table (checkpoints with `sample_size` 32/64/128/256), as diffusers: generate at the
+//!   nearest aspect-ratio bin, scale by `max(h/H, w/W)` with bilinear resampling to
+//!   `(⌊H·ratio⌋, ⌊W·ratio⌋)`, and crop the centre. Where that truncation lands one pixel short of
+//!   the request (about 2% of sizes, e.g. 64×118 on the 256 table), diffusers returns an image one
+//!   row or column short; here that side is resized to the requested length instead, so the crop
+//!   always has the requested size. Everywhere else the result is diffusers' to the pixel.
+//! * Without a bin table: generate at the requested size rounded up to a multiple of the latent
+//!   patch (16 pixels for the SDXL VAE and patch size 2) and crop the centre; sizes that are
+//!   already multiples are generated as they are, as diffusers does with binning off.
 
-/// fal's size presets as (name, width, height).
-pub const PRESETS: &[(&str, u32, u32)] = &[
-    ("square_hd", 1024, 1024),
-    ("square", 512, 512),
-    ("portrait_4_3", 768, 1024),
-    ("portrait_16_9", 576, 1024),
-    ("landscape_4_3", 1024, 768),
-    ("landscape_16_9", 1024, 576),
-];
+use serde::{Deserialize, Serialize};
 
-/// Looks a preset up: `(width, height)`.
-pub fn preset(name: &str) -> Option<(u32, u32)> {
-    PRESETS.iter().find(|p| p.0 == name).map(|p| (p.1, p.2))
+use crate::field_error::FieldError;
+
+/// Pixel dimensions a request may ask for: each side from [`Dimensions::MIN`] to
+/// [`Dimensions::MAX`]. Built only through [`Dimensions::new`], so a value is always valid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "RawDimensions")]
+pub struct Dimensions {
+    width: u32,
+    height: u32,
 }
 
-/// The preset names, for error messages.
-pub fn preset_names() -> String {
-    PRESETS.iter().map(|p| p.0).collect::<Vec<_>>().join(", ")
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDimensions {
+    width: u32,
+    height: u32,
+}
+
+impl TryFrom<RawDimensions> for Dimensions {
+    type Error = FieldError;
+    fn try_from(raw: RawDimensions) -> Result<Self, FieldError> {
+        Self::new(raw.width, raw.height)
+    }
+}
+
+impl Dimensions {
+    /// The smallest side, in pixels.
+    pub const MIN: u32 = 16;
+    /// The largest side, in pixels.
+    pub const MAX: u32 = 4096;
+
+    /// Checks both sides; the error names `image_size.width` or `image_size.height`.
+    pub fn new(width: u32, height: u32) -> Result<Self, FieldError> {
+        for (name, side) in [("width", width), ("height", height)] {
+            if !(Self::MIN..=Self::MAX).contains(&side) {
+                return Err(Self::side_error(name));
+            }
+        }
+        Ok(Self { width, height })
+    }
+
+    pub(crate) fn side_error(side: &str) -> FieldError {
+        FieldError::new(
+            format!("image_size.{side}"),
+            "value_error",
+            format!("must be an integer from {} to {}", Self::MIN, Self::MAX),
+        )
+    }
+
+    /// Width in pixels.
+    pub fn width(self) -> u32 {
+        self.width
+    }
+
+    /// Height in pixels.
+    pub fn height(self) -> u32 {
+        self.height
+    }
+}
+
+impl std::fmt::Display for Dimensions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{}", self.width, self.height)
+    }
+}
+
+/// fal's size presets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum SizePreset {
+    /// 1024×1024 (the default).
+    #[default]
+    SquareHd,
+    /// 512×512.
+    Square,
+    /// 768×1024.
+    Portrait4x3,
+    /// 576×1024.
+    Portrait16x9,
+    /// 1024×768.
+    Landscape4x3,
+    /// 1024×576.
+    Landscape16x9,
+}
+
+impl SizePreset {
+    /// Every preset, in fal's order.
+    pub const ALL: [Self; 6] =
+        [Self::SquareHd, Self::Square, Self::Portrait4x3, Self::Portrait16x9, Self::Landscape4x3, Self::Landscape16x9];
+
+    /// The name as fal spells it (`square_hd`, …).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::SquareHd => "square_hd",
+            Self::Square => "square",
+            Self::Portrait4x3 => "portrait_4_3",
+            Self::Portrait16x9 => "portrait_16_9",
+            Self::Landscape4x3 => "landscape_4_3",
+            Self::Landscape16x9 => "landscape_16_9",
+        }
+    }
+
+    /// The preset's pixel size.
+    pub fn dimensions(self) -> Dimensions {
+        let (width, height) = match self {
+            Self::SquareHd => (1024, 1024),
+            Self::Square => (512, 512),
+            Self::Portrait4x3 => (768, 1024),
+            Self::Portrait16x9 => (576, 1024),
+            Self::Landscape4x3 => (1024, 768),
+            Self::Landscape16x9 => (1024, 576),
+        };
+        Dimensions { width, height }
+    }
+
+    /// Looks a preset up by its exact name.
+    pub fn by_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    /// The preset names, for error messages and help.
+    pub fn names() -> String {
+        Self::ALL.map(Self::name).join(", ")
+    }
+}
+
+/// A width × height in pixels, without the request's bounds (generated and resized sizes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PixelSize {
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+}
+
+/// How a requested size is produced: generated at [`SizePlan::generated`], resampled to
+/// [`SizePlan::resized`], and cropped at [`SizePlan::crop_offset`] to [`SizePlan::output`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SizePlan {
+    /// The size the model generates at: a multiple of the latent patch.
+    pub generated: PixelSize,
+    /// The size the decoded image is resampled to (bilinear, `align_corners=False`); equal to
+    /// `generated` when no resampling happens. Never smaller than `output` on either side.
+    pub resized: PixelSize,
+    /// The top-left corner of the centre crop inside the resized image.
+    pub crop_offset: PixelSize,
+    /// The output size: always the requested one.
+    pub output: Dimensions,
+}
+
+impl SizePlan {
+    /// Plans `requested` for a checkpoint with the bin table `bins` (if any) whose generated sizes
+    /// must be multiples of `multiple` pixels (VAE scale × patch size; 0 is treated as 1). See the
+    /// module documentation for the rule.
+    pub fn new(requested: Dimensions, bins: Option<AspectRatioBins>, multiple: u32) -> Self {
+        let multiple = multiple.max(1);
+        let round_up = |side: u32| side.div_ceil(multiple) * multiple;
+        let (width, height) = (requested.width, requested.height);
+        let (generated, resized) = match bins {
+            None => {
+                let generated = PixelSize { width: round_up(width), height: round_up(height) };
+                (generated, generated)
+            }
+            Some(bins) => {
+                let (bin_h, bin_w) = bins.classify(height, width);
+                let generated = PixelSize { width: round_up(bin_w), height: round_up(bin_h) };
+                if generated.width == width && generated.height == height {
+                    (generated, generated)
+                } else {
+                    // diffusers' `resize_and_crop_tensor`, in Python floats, then never short.
+                    let ratio = (f64::from(height) / f64::from(generated.height))
+                        .max(f64::from(width) / f64::from(generated.width));
+                    let scaled = |side: u32, wanted: u32| ((f64::from(side) * ratio) as u32).max(wanted);
+                    let resized =
+                        PixelSize { width: scaled(generated.width, width), height: scaled(generated.height, height) };
+                    (generated, resized)
+                }
+            }
+        };
+        let crop_offset = PixelSize { width: (resized.width - width) / 2, height: (resized.height - height) / 2 };
+        Self { generated, resized, crop_offset, output: requested }
+    }
+
+    /// What diffusers' `resize_and_crop_tensor` would return for this plan: `None` when it
+    /// returns the requested size (then [`Self::resized`] is diffusers' resize exactly), else the
+    /// one-pixel-short size it gives.
+    pub fn diffusers_output(&self) -> Option<PixelSize> {
+        if self.generated == self.resized {
+            return None;
+        }
+        let (w, h) = (self.output.width, self.output.height);
+        let ratio =
+            (f64::from(h) / f64::from(self.generated.height)).max(f64::from(w) / f64::from(self.generated.width));
+        let rw = (f64::from(self.generated.width) * ratio) as u32;
+        let rh = (f64::from(self.generated.height) * ratio) as u32;
+        (rw < w || rh < h).then_some(PixelSize { width: rw.min(w), height: rh.min(h) })
+    }
 }
 
 /// The aspect-ratio bins of one checkpoint resolution: (height/width ratio key, height, width),
@@ -45,15 +237,16 @@ impl AspectRatioBins {
 
     /// `classify_height_width_bin`: the bin whose ratio key is nearest to `height / width`
     /// (the first on ties), as `(height, width)`.
+    /// An empty table keeps the size as it is.
     pub fn classify(&self, height: u32, width: u32) -> (u32, u32) {
         let ratio = f64::from(height) / f64::from(width);
-        let mut best = self.bins[0];
-        for &bin in &self.bins[1..] {
-            if (bin.0 - ratio).abs() < (best.0 - ratio).abs() {
-                best = bin;
+        let mut best: Option<(f64, u32, u32)> = None;
+        for &bin in self.bins {
+            if best.is_none_or(|b| (bin.0 - ratio).abs() < (b.0 - ratio).abs()) {
+                best = Some(bin);
             }
         }
-        (best.1, best.2)
+        best.map_or((height, width), |b| (b.1, b.2))
     }
 }
 

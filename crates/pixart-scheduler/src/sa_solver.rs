@@ -125,10 +125,10 @@ impl SaSolver {
             gradient[0] += correction;
             gradient[1] -= correction;
         }
-        let newest = self.model_outputs[ORDER - 1].as_ref().expect("predictor runs after a model output");
-        let outputs: Vec<&Tensor> = match order {
-            1 => vec![newest],
-            _ => vec![newest, self.model_outputs[ORDER - 2].as_ref().expect("order 2 needs two outputs")],
+        let outputs: Vec<&Tensor> = match (order, &self.model_outputs) {
+            (1, [_, Some(newest)]) => vec![newest],
+            (_, [Some(older), Some(newest)]) => vec![newest, older],
+            _ => return Err(out_of_sequence("the predictor ran without the model outputs it needs")),
         };
         self.update(x, &outputs, &gradient, t, s0, h, tau, noise)
     }
@@ -152,10 +152,16 @@ impl SaSolver {
             (2, Some(previous)) => vec![this_output, previous],
             _ => vec![this_output],
         };
-        let last_sample = self.last_sample.as_ref().expect("corrector runs after a step");
-        let last_noise = self.last_noise.as_ref().expect("corrector runs after a step");
+        let (Some(last_sample), Some(last_noise)) = (self.last_sample.as_ref(), self.last_noise.as_ref()) else {
+            return Err(out_of_sequence("the corrector ran before any step"));
+        };
         self.update(last_sample, &outputs, &gradient, t, s0, h, tau, last_noise)
     }
+}
+
+/// An internal sequencing invariant does not hold (a bug), reported instead of panicking.
+fn out_of_sequence(what: &str) -> candle_core::Error {
+    candle_core::Error::Msg(format!("SA-Solver: {what}"))
 }
 
 impl Scheduler for SaSolver {
@@ -172,9 +178,8 @@ impl Scheduler for SaSolver {
         let (k, n) = (self.step_index, self.timesteps.len());
         let (eps, mut sample, out_dtype) = begin_step(k, n, model_output, sample)?;
         let x0 = data_prediction(&eps, &sample, AlphaSigma::new(self.sigmas[k]))?;
-        if k > 0 && self.last_sample.is_some() {
-            let tau = demo_tau(self.timestep_list[ORDER - 1].expect("set on the previous step"));
-            sample = self.correct(&x0, self.this_corrector_order, tau)?;
+        if let (true, Some(_), Some(previous_t)) = (k > 0, &self.last_sample, self.timestep_list[ORDER - 1]) {
+            sample = self.correct(&x0, self.this_corrector_order, demo_tau(previous_t))?;
         }
         self.model_outputs.rotate_left(1);
         self.timestep_list.rotate_left(1);

@@ -311,9 +311,7 @@ async fn new_job(
         GenerateRequest::from_value(&json!({}))
     } else {
         std::str::from_utf8(&body)
-            .map_err(|_| {
-                vec![FieldError { field: String::new(), message: "body is not UTF-8".into(), kind: "json_invalid" }]
-            })
+            .map_err(|_| vec![FieldError::new("", "json_invalid", "body is not UTF-8")])
             .and_then(GenerateRequest::from_json)
     };
     Ok((job, parsed.map_err(|errors| validation_outcome(&errors))))
@@ -386,12 +384,11 @@ fn not_found(id: &str) -> Response {
 /// The status body of a job; `since` is the first log line to include.
 fn status_body(jobs: &Jobs, job: &Job, base: &str, logs: bool, since: usize) -> (StatusCode, Value) {
     let (status_url, cancel_url, response_url) = request_urls(base, &job.app, &job.id);
-    let mut body = json!({
-        "request_id": job.id,
-        "response_url": response_url,
-        "status_url": status_url,
-        "cancel_url": cancel_url,
-    });
+    let mut map = serde_json::Map::new();
+    map.insert("request_id".into(), job.id.clone().into());
+    map.insert("response_url".into(), response_url.into());
+    map.insert("status_url".into(), status_url.into());
+    map.insert("cancel_url".into(), cancel_url.into());
     let log_lines = || -> Value {
         if logs {
             Value::Array(job.logs.iter().skip(since).map(|l| l.to_json()).collect())
@@ -399,7 +396,6 @@ fn status_body(jobs: &Jobs, job: &Job, base: &str, logs: bool, since: usize) -> 
             Value::Array(Vec::new())
         }
     };
-    let map = body.as_object_mut().expect("object");
     let code = match &job.state {
         JobState::Queued => {
             map.insert("status".into(), "IN_QUEUE".into());
@@ -422,7 +418,7 @@ fn status_body(jobs: &Jobs, job: &Job, base: &str, logs: bool, since: usize) -> 
             StatusCode::OK
         }
     };
-    (code, body)
+    (code, Value::Object(map))
 }
 
 fn status(call: &Call, id: &str) -> Response {
@@ -515,7 +511,9 @@ fn stream(call: Call, id: &str) -> Response {
             };
             let (body, log_count, completed) = snapshot;
             let mut key = body.clone();
-            key.as_object_mut().expect("object").remove("logs");
+            if let Some(map) = key.as_object_mut() {
+                map.remove("logs");
+            }
             let new_logs = cursor.logs && log_count > cursor.sent_logs;
             if completed || new_logs || cursor.last.as_ref() != Some(&key) {
                 cursor.sent_logs = log_count;

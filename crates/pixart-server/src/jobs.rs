@@ -377,12 +377,15 @@ impl JobTable {
                     self.notify();
                     continue;
                 }
-                job.state = JobState::InProgress;
-                let item = WorkItem {
-                    id: id.clone(),
-                    request: job.request.clone().expect("queued jobs carry a valid request"),
-                    stop: job.stop.clone(),
+                let Some(request) = job.request.clone() else {
+                    // Submit queues only parsed requests; should that ever not hold, fail the job.
+                    let message = "internal error: a queued request has no parsed input";
+                    finish_locked(&mut jobs, &id, Outcome::failure(500, "InternalError", json!(message), message));
+                    self.notify();
+                    continue;
                 };
+                job.state = JobState::InProgress;
+                let item = WorkItem { id: id.clone(), request, stop: job.stop.clone() };
                 jobs.running = Some(id);
                 jobs.counters.started += 1;
                 drop(jobs);

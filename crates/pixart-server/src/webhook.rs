@@ -48,18 +48,15 @@ pub struct WebhookSender {
 
 impl WebhookSender {
     /// Starts the delivery thread.
-    pub fn start(attempts: u32, timeout: Duration) -> (Self, JoinHandle<()>) {
+    pub fn start(attempts: u32, timeout: Duration) -> std::io::Result<(Self, JoinHandle<()>)> {
         let (queue, deliveries) = mpsc::channel::<Delivery>();
-        let thread = std::thread::Builder::new()
-            .name("pixart-webhooks".into())
-            .spawn(move || {
-                let agent = ureq::AgentBuilder::new().timeout(timeout).build();
-                for delivery in deliveries {
-                    deliver(&agent, &delivery, attempts);
-                }
-            })
-            .expect("spawning the webhook thread");
-        (Self { queue }, thread)
+        let thread = std::thread::Builder::new().name("pixart-webhooks".into()).spawn(move || {
+            let agent = ureq::AgentBuilder::new().timeout(timeout).build();
+            for delivery in deliveries {
+                deliver(&agent, &delivery, attempts);
+            }
+        })?;
+        Ok((Self { queue }, thread))
     }
 
     /// Queues a delivery.

@@ -5,7 +5,7 @@ use std::ops::ControlFlow;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
-use pixart_pipeline::{GenerateRequest, Generation, Pipeline, PipelineError, SchedulerKind};
+use pixart_pipeline::{GenerateRequest, Generation, Pipeline, PipelineError};
 use serde_json::json;
 
 use crate::api::validation_outcome;
@@ -66,7 +66,7 @@ fn generate(pipeline: &Pipeline, server: &Server, item: &WorkItem) -> Outcome {
         }
         Err(PipelineError::Invalid(errors)) => validation_outcome(&errors),
         Err(e) => {
-            let message = format!("generation failed: {e}");
+            let message = format!("generation failed: {}", pixart_pipeline::error_report(&e));
             server.table.log(id, LogLine::new("ERROR", message.clone()));
             Outcome::failure(500, "GenerationError", json!(message), message)
         }
@@ -76,16 +76,11 @@ fn generate(pipeline: &Pipeline, server: &Server, item: &WorkItem) -> Outcome {
 /// Turns the pictures into fal's response: data URIs in sync mode, stored files otherwise.
 fn store(server: &Server, id: &str, generation: Generation) -> Outcome {
     let inference = generation.inference_seconds;
-    let response = generation.into_response(|file_name, png| {
-        server
-            .files
-            .put(id, file_name, "image/png", png)
-            .map_err(|e| PipelineError::Image(format!("storing {file_name}: {e}")))
-    });
+    let response = generation.into_response(|file_name, png| Ok(server.files.put(id, file_name, "image/png", png)?));
     match response {
         Ok(response) => Outcome::output(response, inference),
         Err(e) => {
-            let message = e.to_string();
+            let message = pixart_pipeline::error_report(&e);
             server.table.log(id, LogLine::new("ERROR", message.clone()));
             Outcome::failure(500, "StorageError", json!(message), message)
         }
@@ -93,14 +88,8 @@ fn store(server: &Server, id: &str, generation: Generation) -> Outcome {
 }
 
 fn describe(request: &GenerateRequest) -> String {
-    let size = match request.image_size.dimensions() {
-        Some((w, h)) => format!("{w}x{h}"),
-        None => "?".into(),
-    };
-    let scheduler = match request.scheduler {
-        SchedulerKind::DpmSolver => "DPM-SOLVER",
-        SchedulerKind::SaSolver => "SA-SOLVER",
-    };
+    let size = request.image_size.dimensions();
+    let scheduler = request.scheduler;
     let seed = request.seed.map_or_else(|| "random".into(), |s| s.to_string());
     format!(
         "Generating {} image(s) at {size}, {} steps of {scheduler}, guidance {}, seed {seed}",

@@ -1,0 +1,108 @@
+//! The flags every command that loads a model shares: which model, where it runs, in which
+//! precision, and how the hub is reached. Each can also be set by its `PIXART_*` variable.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
+use clap::builder::FalseyValueParser;
+use clap::{Args, ValueEnum};
+use pixart_pipeline::{HubOptions, LoadOptions, DEFAULT_MODEL};
+
+/// Where to run.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum DeviceArg {
+    /// The CPU (always available).
+    Cpu,
+    /// The first CUDA GPU (build with `--features cuda`).
+    Cuda,
+    /// The Metal GPU (build with `--features metal`).
+    Metal,
+}
+
+/// Compute precision.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum DtypeArg {
+    /// 32-bit floats: the reference precision.
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// float16 (the VAE runs in f32, T5's `wo` in f32).
+    F16,
+}
+
+/// Which model to load and how: shared by `generate`, `bench` and `serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// Model: a diffusers-layout folder or a Hugging Face repo id.
+    #[arg(long, env = "PIXART_MODEL", default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// Device to run on.
+    #[arg(long, env = "PIXART_DEVICE", value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
+    /// Compute dtype (default: f32 on the CPU, bf16 on a GPU).
+    #[arg(long, env = "PIXART_DTYPE", value_enum)]
+    pub dtype: Option<DtypeArg>,
+    /// Never use the network: read the model from the hub cache only (like HF_HUB_OFFLINE=1).
+    #[arg(long, env = "PIXART_OFFLINE", value_parser = FalseyValueParser::new())]
+    pub offline: bool,
+    /// The Hugging Face hub cache folder (default: HF_HUB_CACHE, else $HF_HOME/hub).
+    #[arg(long, env = "PIXART_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Run T5 on the CPU and keep only the transformer and VAE on the device.
+    #[arg(long, env = "PIXART_TEXT_ENCODER_ON_CPU", value_parser = FalseyValueParser::new())]
+    pub text_encoder_on_cpu: bool,
+    /// Clean prompts as diffusers' `clean_caption=True` does (URLs, HTML, ids… removed); default
+    /// is diffusers' `clean_caption=False` (lowercase and strip only).
+    #[arg(long, env = "PIXART_CLEAN_CAPTION", value_parser = FalseyValueParser::new())]
+    pub clean_caption: bool,
+}
+
+impl ModelArgs {
+    /// The candle device for `--device`.
+    pub fn device(&self) -> Result<Device> {
+        match self.device {
+            DeviceArg::Cpu => Ok(Device::Cpu),
+            DeviceArg::Cuda => {
+                Device::new_cuda(0).context("cannot use CUDA (this build needs `--features cuda` and an NVIDIA driver)")
+            }
+            DeviceArg::Metal => {
+                Device::new_metal(0).context("cannot use Metal (this build needs `--features metal` on macOS)")
+            }
+        }
+    }
+
+    /// The dtype asked for, else f32 on the CPU and bf16 on a GPU.
+    pub fn dtype_for(&self, device: &Device) -> DType {
+        match self.dtype {
+            Some(DtypeArg::F32) => DType::F32,
+            Some(DtypeArg::Bf16) => DType::BF16,
+            Some(DtypeArg::F16) => DType::F16,
+            None if device.is_cpu() => DType::F32,
+            None => DType::BF16,
+        }
+    }
+
+    /// Hub options from the environment, with the command line's overrides.
+    pub fn hub(&self) -> HubOptions {
+        let mut hub = HubOptions::from_env();
+        hub.offline |= self.offline;
+        if self.cache_dir.is_some() {
+            hub.cache_dir.clone_from(&self.cache_dir);
+        }
+        hub
+    }
+
+    /// The library's load options for these flags (the prompt cache at its default).
+    pub fn load_options(&self) -> Result<LoadOptions> {
+        let device = self.device()?;
+        Ok(LoadOptions {
+            dtype: self.dtype_for(&device),
+            text_encoder_device: self.text_encoder_on_cpu.then_some(Device::Cpu),
+            hub: self.hub(),
+            clean_caption: self.clean_caption,
+            device,
+            ..LoadOptions::default()
+        })
+    }
+}
