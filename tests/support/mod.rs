@@ -4,6 +4,8 @@
 //! The fixtures (tiny random-weight PixArt-Σ models in the diffusers layout) and the goldens
 //! (tensors recorded from diffusers/transformers) are written by `tests/reference/make_fixtures.py`.
 
+pub mod fuzzing;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
