@@ -1,5 +1,5 @@
 //! No panic is reachable from a model's config files: every numeric (and list) field of every
-//! config of the tiny model is set to zero, one, odd, negative, huge, fractional and wrong-typed
+//! config of the tiny model is set to zero, one, odd, negative, huge (up to u64::MAX), fractional and wrong-typed
 //! values in turn, and the model is loaded and run. Each either works or fails with an error that
 //! names the file (and, for values out of range, the field).
 
@@ -44,6 +44,8 @@ fn mutations(original: &Value) -> Vec<Value> {
             json!(3),
             json!(-1),
             json!(1_000_000_000_000u64),
+            json!(u64::MAX),
+            json!(1e19),
             json!(0.5),
             json!(1e300),
             json!("x"),

@@ -31,6 +31,10 @@ pub fn request_json(data: &[u8]) {
             assert!(!errors.is_empty());
             for error in &errors {
                 assert!(!error.message.is_empty() && !error.kind.is_empty(), "{error:?}");
+                // Only a body that is not JSON, or not an object, has no field to name (and an
+                // unknown field whose name is the empty string).
+                let whole_body = error.kind == "json_invalid" || error.message.contains("JSON object");
+                assert!(!error.field.is_empty() || whole_body || error.kind == "extra_forbidden", "{error:?}");
             }
         }
     }

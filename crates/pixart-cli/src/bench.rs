@@ -19,7 +19,7 @@ pub struct BenchArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// Image size, WIDTHxHEIGHT or a fal preset.
-    #[arg(long, env = "PIXART_IMAGE_SIZE", default_value = "1024x1024")]
+    #[arg(long, env = "PIXART_SIZE", default_value = "1024x1024")]
     size: ImageSize,
     /// Denoising steps per run.
     #[arg(long, env = "PIXART_STEPS", default_value = "20")]
@@ -37,13 +37,13 @@ pub struct BenchArgs {
     #[arg(long, env = "PIXART_SEED", default_value_t = 0)]
     seed: u64,
     /// Measured runs (after the warm-up runs).
-    #[arg(long, env = "PIXART_BENCH_RUNS", default_value_t = 3)]
+    #[arg(long, env = "PIXART_RUNS", default_value_t = 3)]
     runs: usize,
     /// Warm-up runs, not reported.
-    #[arg(long, env = "PIXART_BENCH_WARMUP", default_value_t = 1)]
+    #[arg(long, env = "PIXART_WARMUP", default_value_t = 1)]
     warmup: usize,
     /// Print JSON instead of a table.
-    #[arg(long, env = "PIXART_BENCH_JSON", value_parser = FalseyValueParser::new())]
+    #[arg(long, env = "PIXART_JSON", value_parser = FalseyValueParser::new())]
     json: bool,
 }
 

@@ -5,11 +5,11 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use clap::builder::FalseyValueParser;
+use clap::builder::{BoolishValueParser, FalseyValueParser};
 use clap::Args;
 use pixart_pipeline::{
-    GenerateRequest, GuidanceScale, ImageSize, NumImages, PartialRequest, Pipeline, PipelineError, SchedulerKind,
-    SizePreset, Steps, Style,
+    FieldError, GenerateRequest, GuidanceScale, ImageSize, NumImages, PartialRequest, Pipeline, PipelineError,
+    SchedulerKind, SizePreset, Steps, Style,
 };
 
 use crate::model_args::ModelArgs;
@@ -71,11 +71,14 @@ pub struct RequestFlags {
         "Images per request ({} to {}; default {}), drawn as one noise batch",
         NumImages::MIN, NumImages::MAX, NumImages::DEFAULT))]
     num_images: Option<NumImages>,
-    /// Return images as data URIs in the JSON instead of writing files.
-    #[arg(long, env = "PIXART_SYNC_MODE", value_parser = FalseyValueParser::new())]
-    sync_mode: bool,
+    /// Return images as data URIs in the JSON instead of writing files (`--sync-mode false`
+    /// turns off a request file's `sync_mode`).
+    #[arg(long, env = "PIXART_SYNC_MODE", num_args = 0..=1, default_missing_value = "true",
+          value_parser = BoolishValueParser::new())]
+    sync_mode: Option<bool>,
     /// Accepted for fal compatibility; no safety checker runs yet (has_nsfw_concepts is false).
-    #[arg(long, env = "PIXART_ENABLE_SAFETY_CHECKER")]
+    #[arg(long, env = "PIXART_ENABLE_SAFETY_CHECKER", num_args = 0..=1, default_missing_value = "true",
+          value_parser = BoolishValueParser::new())]
     enable_safety_checker: Option<bool>,
 }
 
@@ -91,7 +94,7 @@ impl RequestFlags {
             scheduler: self.scheduler,
             guidance_scale: self.guidance_scale,
             seed: self.seed,
-            sync_mode: self.sync_mode.then_some(true),
+            sync_mode: self.sync_mode,
             num_images: self.num_images,
             enable_safety_checker: self.enable_safety_checker,
         }
@@ -100,6 +103,7 @@ impl RequestFlags {
 
 /// Builds the request: the `--request` JSON, then each plain flag set on top.
 fn build_request(args: &GenerateArgs) -> Result<GenerateRequest> {
+    let flags = args.fields.partial();
     let file = match &args.request {
         None => PartialRequest::default(),
         Some(source) => {
@@ -110,12 +114,27 @@ fn build_request(args: &GenerateArgs) -> Result<GenerateRequest> {
             } else {
                 std::fs::read_to_string(source).with_context(|| format!("cannot read the request file {source}"))?
             };
-            PartialRequest::from_json(&text)
-                .map_err(PipelineError::Invalid)
-                .with_context(|| format!("in the request {source}"))?
+            // A field the flags replace may be wrong in the file: only the others must be valid.
+            let value: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| {
+                    PipelineError::Invalid(vec![FieldError::new("", "json_invalid", format!("malformed JSON: {e}"))])
+                })
+                .with_context(|| format!("in the request {source}"))?;
+            let (file, errors) = PartialRequest::parse(&value);
+            let overridden = flags.fields();
+            let errors: Vec<FieldError> = errors
+                .into_iter()
+                .filter(|e| !overridden.contains(&e.field.split('.').next().unwrap_or_default()))
+                .collect();
+            if !errors.is_empty() {
+                return Err(
+                    anyhow::Error::new(PipelineError::Invalid(errors)).context(format!("in the request {source}"))
+                );
+            }
+            file
         }
     };
-    Ok(file.overridden_by(args.fields.partial()).into_request().map_err(PipelineError::Invalid)?)
+    Ok(file.overridden_by(flags).into_request().map_err(PipelineError::Invalid)?)
 }
 
 fn file_url(path: &Path) -> std::io::Result<String> {
@@ -158,7 +177,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let out_dir = args.out_dir.clone();
     let response = generation.into_response(|file_name, png| {
         let path = out_dir.join(file_name);
-        std::fs::write(&path, png).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        std::fs::write(&path, png).with_context(|| format!("cannot write {}", path.display()))?;
         Ok(file_url(&path)?)
     })?;
     crate::emit(&serde_json::to_string_pretty(&response)?)

@@ -50,6 +50,22 @@ pub fn emit(text: &str) -> anyhow::Result<()> {
     }
 }
 
+/// The error and its causes on one line, each cause once (messages that already end with their
+/// cause's text do not repeat it).
+fn report(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let line = cause.to_string();
+        if !text.ends_with(&line) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&line);
+        }
+    }
+    text
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -63,7 +79,7 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", report(&err));
             // 2 for requests that fail validation (like clap's usage errors), 1 otherwise.
             let invalid = err
                 .downcast_ref::<pixart_pipeline::PipelineError>()
@@ -90,11 +106,9 @@ mod tests {
                     continue;
                 }
                 let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
-                assert!(
-                    env.as_deref().is_some_and(|e| e.starts_with("PIXART_")),
-                    "pixart {} --{id} has no PIXART_* variable",
-                    sub.get_name()
-                );
+                let long = arg.get_long().unwrap_or_default();
+                let expected = format!("PIXART_{}", long.to_ascii_uppercase().replace('-', "_"));
+                assert_eq!(env.as_deref(), Some(expected.as_str()), "pixart {} --{long}", sub.get_name());
                 checked += 1;
             }
         }

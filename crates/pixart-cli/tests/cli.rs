@@ -264,6 +264,17 @@ fn broken_model_folders_name_the_file() {
     std::fs::write(&weights, &bytes).unwrap();
     std::fs::write(model.join("text_encoder/model.safetensors.index.json"), "{ not json").unwrap();
     rejects(&args, &["model.safetensors.index.json", "malformed JSON"]);
+    std::fs::copy(
+        fixtures().join("tiny-sigma-256/text_encoder/model.safetensors.index.json"),
+        model.join("text_encoder/model.safetensors.index.json"),
+    )
+    .unwrap();
+    // A corrupt spiece.model: the file and the reason, each cause printed once.
+    std::fs::write(model.join("tokenizer/spiece.model"), [0x0a, 0xff, 0x01]).unwrap();
+    let output = pixart(&[&["generate", "--out-dir", "/nonexistent-out"][..], &args].concat(), &[]);
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(err.contains("spiece.model: truncated, or not a sentencepiece model"), "{err}");
+    assert_eq!(err.matches("truncated").count(), 1, "{err}");
     std::fs::remove_dir_all(model).unwrap();
     rejects(&["--model", "/nonexistent/folder", "--prompt", "x"], &["/nonexistent/folder"]);
 }
@@ -317,6 +328,26 @@ fn request_from_stdin_with_flags_overriding_its_fields() {
     assert_eq!(json["seed"], 5, "the --seed flag overrides the request's seed");
     assert_eq!(json["prompt"], "a boat");
     assert_eq!((json["images"][0]["width"].as_u64(), json["images"][0]["height"].as_u64()), (Some(64), Some(48)));
+
+    // A bad field the flags replace is not an error; the others still are. `--sync-mode false`
+    // turns off the file's sync_mode.
+    let dir = temp_dir("override");
+    let file = dir.join("request.json");
+    std::fs::write(&file, r#"{"prompt": "x", "num_inference_steps": 0, "sync_mode": true, "image_size": "square"}"#)
+        .unwrap();
+    let f = file.to_str().unwrap();
+    let m = model.to_str().unwrap();
+    let out = dir.join("out");
+    let o = out.to_str().unwrap();
+    let base = ["generate", "--model", m, "--request", f, "--image-size", "32x32", "--out-dir", o];
+    let json = response(&pixart(&[&base[..], &["--steps", "1", "--sync-mode", "false"]].concat(), &[]));
+    assert!(json["images"][0]["url"].as_str().unwrap().starts_with("file://"), "{json}");
+    assert_eq!(png_files(&out).len(), 1);
+    let bad = pixart(&base, &[]);
+    assert_eq!(bad.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("num_inference_steps") && err.contains(f), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]

@@ -31,16 +31,18 @@ impl UnsupportedConfig {
     }
 }
 
+/// The largest width, channel count or vocabulary a config may declare (2²⁰; XXL T5 is 10 240
+/// wide at most). Anything larger is a corrupt file, and products of two such values must not
+/// overflow.
+pub const MAX_DIMENSION: usize = 1 << 20;
+
 /// Checks a config's numeric fields: `Err` names the first field out of its range.
 pub struct ConfigCheck;
 
 impl ConfigCheck {
-    /// `value ≥ 1`.
-    pub fn positive(field: &str, value: usize) -> Result<(), UnsupportedConfig> {
-        if value == 0 {
-            return Err(UnsupportedConfig::new(field, value, "a positive integer"));
-        }
-        Ok(())
+    /// A size or count: `1 ≤ value ≤` [`MAX_DIMENSION`], so products of two never overflow.
+    pub fn dimension(field: &str, value: usize) -> Result<(), UnsupportedConfig> {
+        Self::within(field, value, 1, MAX_DIMENSION)
     }
 
     /// `lo ≤ value ≤ hi`.
@@ -74,8 +76,9 @@ mod tests {
             e.to_string(),
             "vae/config.json: norm_num_groups = 0 is not supported (supported: a positive integer)"
         );
-        assert!(ConfigCheck::positive("x", 0).is_err());
-        assert!(ConfigCheck::positive("x", 1).is_ok());
+        assert!(ConfigCheck::dimension("x", 0).is_err());
+        assert!(ConfigCheck::dimension("x", 1).is_ok());
+        assert!(ConfigCheck::dimension("x", usize::MAX).unwrap_err().to_string().contains("from 1 to 1048576"));
         assert!(ConfigCheck::within("x", 9, 1, 8).unwrap_err().to_string().contains("from 1 to 8"));
         assert!(ConfigCheck::finite_positive("eps", f64::NAN, true).is_err());
         assert!(ConfigCheck::finite_positive("eps", 0.0, true).is_ok());

@@ -105,16 +105,18 @@ impl DitConfig {
         if self.use_additional_conditions == Some(true) {
             return bad("use_additional_conditions", &true, "false (PixArt-Σ)");
         }
-        ConfigCheck::positive("num_attention_heads", self.num_attention_heads)?;
-        ConfigCheck::positive("attention_head_dim", self.attention_head_dim)?;
-        ConfigCheck::positive("in_channels", self.in_channels)?;
+        ConfigCheck::dimension("num_attention_heads", self.num_attention_heads)?;
+        ConfigCheck::dimension("attention_head_dim", self.attention_head_dim)?;
+        ConfigCheck::dimension("in_channels", self.in_channels)?;
         if let Some(out) = self.out_channels {
             if out != self.in_channels && out != 2 * self.in_channels {
                 return bad("out_channels", &out, "in_channels, or twice in_channels (learned variance)");
             }
         }
-        ConfigCheck::positive("caption_channels", self.caption_channels)?;
-        ConfigCheck::positive("sample_size", self.sample_size)?;
+        ConfigCheck::dimension("caption_channels", self.caption_channels)?;
+        ConfigCheck::dimension("sample_size", self.sample_size)?;
+        ConfigCheck::within("num_layers", self.num_layers, 0, 1024)?;
+        ConfigCheck::within("patch_size", self.patch_size, 1, 64)?;
         ConfigCheck::finite_positive("interpolation_scale", self.interpolation_scale, false)?;
         ConfigCheck::finite_positive("norm_eps", self.norm_eps, true)?;
         if self.hidden_size() % 4 != 0 {

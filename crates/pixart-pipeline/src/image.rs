@@ -68,7 +68,8 @@ pub fn resize_and_crop(images: &Tensor, plan: &SizePlan) -> Result<Tensor, Pipel
     let (new_w, new_h) = (plan.output.width() as usize, plan.output.height() as usize);
     let (rw, rh) = (plan.resized.width as usize, plan.resized.height as usize);
     let (x0, y0) = (plan.crop_offset.width as usize, plan.crop_offset.height as usize);
-    let fits = h > 0 && w > 0 && rw >= x0 + new_w && rh >= y0 + new_h;
+    let generated = (plan.generated.width as usize, plan.generated.height as usize);
+    let fits = (w, h) == generated && rw >= x0 + new_w && rh >= y0 + new_h;
     if !fits {
         return Err(PipelineError::Internal(format!("size plan {plan:?} does not fit decoded images of {w}x{h}")));
     }

@@ -287,6 +287,17 @@ impl Pipeline {
         let mut stages = StageTimings::default();
         let seed = request.seed.unwrap_or_else(random_seed);
         let plan = self.size_plan(request.image_size.dimensions());
+        let largest = 2 * Dimensions::MAX;
+        if plan.generated.width > largest || plan.generated.height > largest {
+            return Err(PipelineError::Invalid(vec![FieldError::new(
+                "image_size",
+                "value_error",
+                format!(
+                    "this model would generate it at {}x{} (more than {largest} pixels a side); ask for a smaller size",
+                    plan.generated.width, plan.generated.height
+                ),
+            )]));
+        }
         let steps = request.num_inference_steps.get() as usize;
         let scheduler: Result<Box<dyn Scheduler>, SchedulerError> = match request.scheduler {
             SchedulerKind::DpmSolver => {

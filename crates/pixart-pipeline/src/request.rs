@@ -378,7 +378,7 @@ impl GenerateRequest {
     /// reported with the field it concerns.
     pub fn from_value(value: &Value) -> Result<Self, Vec<FieldError>> {
         let (partial, mut errors) = PartialRequest::parse(value);
-        if partial.prompt.is_none() && !errors.iter().any(|e| e.field == "prompt") {
+        if value.is_object() && partial.prompt.is_none() && !errors.iter().any(|e| e.field == "prompt") {
             errors.insert(0, missing_prompt());
         }
         if !errors.is_empty() {
@@ -450,8 +450,9 @@ impl PartialRequest {
         }
     }
 
-    /// Every valid field, and an error for every invalid one.
-    fn parse(value: &Value) -> (Self, Vec<FieldError>) {
+    /// Every valid field of a JSON object, and an error for every invalid one (a caller that
+    /// replaces some fields anyway may ignore their errors).
+    pub fn parse(value: &Value) -> (Self, Vec<FieldError>) {
         let mut partial = Self::default();
         let Some(object) = value.as_object() else {
             return (partial, vec![FieldError::new("", "type_error", "the request must be a JSON object")]);
@@ -481,12 +482,7 @@ impl PartialRequest {
                 _ => self.prompt = Some(string(value)?),
             },
             "negative_prompt" => self.negative_prompt = Some(string(value)?),
-            "style" => {
-                self.style =
-                    Some(value.as_str().and_then(Style::by_name).ok_or_else(|| {
-                        FieldError::new(key, "value_error", format!("must be one of {}", Style::names()))
-                    })?)
-            }
+            "style" => self.style = Some(value.as_str().ok_or_else(Style::error)?.parse()?),
             "image_size" => self.image_size = Some(ImageSize::from_json(value)?),
             "num_inference_steps" => self.num_inference_steps = Some(Steps::from_json(value)?),
             "scheduler" => {
@@ -511,6 +507,24 @@ impl PartialRequest {
             _ => return Err(FieldError::new(key, "extra_forbidden", "unknown field")),
         }
         Ok(())
+    }
+
+    /// The names of the fields set here.
+    pub fn fields(&self) -> Vec<&'static str> {
+        let set = [
+            ("prompt", self.prompt.is_some()),
+            ("negative_prompt", self.negative_prompt.is_some()),
+            ("style", self.style.is_some()),
+            ("image_size", self.image_size.is_some()),
+            ("num_inference_steps", self.num_inference_steps.is_some()),
+            ("scheduler", self.scheduler.is_some()),
+            ("guidance_scale", self.guidance_scale.is_some()),
+            ("seed", self.seed.is_some()),
+            ("sync_mode", self.sync_mode.is_some()),
+            ("num_images", self.num_images.is_some()),
+            ("enable_safety_checker", self.enable_safety_checker.is_some()),
+        ];
+        set.into_iter().filter(|(_, is_set)| *is_set).map(|(name, _)| name).collect()
     }
 
     /// These fields, with every field `overrides` sets replacing this one's.
@@ -666,6 +680,11 @@ mod tests {
         let steps = errors.iter().find(|e| e.field == "num_inference_steps").unwrap();
         assert!(steps.message.contains("1 to 200"), "{steps}");
         assert!(GenerateRequest::from_json("{not json").unwrap_err()[0].message.contains("malformed JSON"));
+        for not_object in ["[]", "\"x\"", "5", "null"] {
+            let errors = GenerateRequest::from_json(not_object).unwrap_err();
+            assert_eq!(errors.len(), 1, "{not_object}: {errors:?}");
+            assert!(errors[0].message.contains("JSON object"), "{errors:?}");
+        }
         let both = GenerateRequest::from_json(r#"{"image_size": "huge"}"#).unwrap_err();
         assert_eq!(both.iter().map(|e| e.field.as_str()).collect::<Vec<_>>(), ["prompt", "image_size"]);
         assert!(GenerateRequest::from_json(r#"{"prompt": "x", "image_size": "huge"}"#).unwrap_err()[0]

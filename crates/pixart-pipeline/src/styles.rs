@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::field_error::FieldError;
+
 /// One of the style presets fal's `pixart-sigma` endpoint accepts (the request's `style`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "&'static str")]
@@ -138,16 +140,23 @@ impl std::fmt::Display for Style {
     }
 }
 
+impl Style {
+    /// The error for a name that is not a style.
+    pub(crate) fn error() -> FieldError {
+        FieldError::new("style", "value_error", format!("must be one of {}", Self::names()))
+    }
+}
+
 impl std::str::FromStr for Style {
-    type Err = String;
-    fn from_str(name: &str) -> Result<Self, String> {
-        Self::by_name(name).ok_or_else(|| format!("must be one of {}", Self::names()))
+    type Err = FieldError;
+    fn from_str(name: &str) -> Result<Self, FieldError> {
+        Self::by_name(name).ok_or_else(Self::error)
     }
 }
 
 impl TryFrom<String> for Style {
-    type Error = String;
-    fn try_from(name: String) -> Result<Self, String> {
+    type Error = FieldError;
+    fn try_from(name: String) -> Result<Self, FieldError> {
         name.parse()
     }
 }
@@ -172,6 +181,8 @@ mod tests {
         let (p, n) = Style::Anime.apply("a cat", "blurry");
         assert!(p.starts_with("anime artwork a cat ."), "{p}");
         assert!(n.ends_with("low contrastblurry"), "{n}");
-        assert!("Nope".parse::<Style>().unwrap_err().contains("\"3D Model\""));
+        let error = "Nope".parse::<Style>().unwrap_err();
+        assert_eq!(error.field, "style");
+        assert!(error.message.contains("\"3D Model\""), "{error}");
     }
 }

@@ -2,6 +2,7 @@
 
 use serde::Deserialize;
 
+use pixart_core::config_error::MAX_DIMENSION;
 use pixart_core::{ConfigCheck, UnsupportedConfig};
 
 use crate::error::T5Error;
@@ -73,21 +74,28 @@ pub struct FeedForwardKind {
 impl T5Config {
     /// Refuses configs the encoder cannot run, naming the first field at fault.
     pub fn validate(&self) -> Result<(), T5Error> {
-        ConfigCheck::positive("vocab_size", self.vocab_size)?;
-        ConfigCheck::positive("d_model", self.d_model)?;
-        ConfigCheck::positive("d_kv", self.d_kv)?;
-        ConfigCheck::positive("d_ff", self.d_ff)?;
-        ConfigCheck::positive("num_heads", self.num_heads)?;
+        ConfigCheck::dimension("vocab_size", self.vocab_size)?;
+        ConfigCheck::dimension("d_model", self.d_model)?;
+        ConfigCheck::dimension("d_kv", self.d_kv)?;
+        ConfigCheck::dimension("d_ff", self.d_ff)?;
+        ConfigCheck::dimension("num_heads", self.num_heads)?;
+        ConfigCheck::within("num_layers", self.num_layers, 0, 1024)?;
         let buckets = self.relative_attention_num_buckets;
-        if buckets < 4 || buckets % 2 != 0 {
-            return Err(UnsupportedConfig::new("relative_attention_num_buckets", buckets, "an even number ≥ 4").into());
+        if !(4..=MAX_DIMENSION).contains(&buckets) || buckets % 2 != 0 {
+            return Err(UnsupportedConfig::new(
+                "relative_attention_num_buckets",
+                buckets,
+                "an even number from 4 to 2^20",
+            )
+            .into());
         }
         // The logarithmic buckets span max_exact = buckets/4 up to max_distance.
-        if self.relative_attention_max_distance <= buckets / 4 {
+        let max_distance = self.relative_attention_max_distance;
+        if max_distance <= buckets / 4 || max_distance > MAX_DIMENSION {
             return Err(UnsupportedConfig::new(
                 "relative_attention_max_distance",
                 self.relative_attention_max_distance,
-                format!("more than relative_attention_num_buckets / 4 ({})", buckets / 4),
+                format!("more than relative_attention_num_buckets / 4 ({}), at most 2^20", buckets / 4),
             )
             .into());
         }

@@ -79,15 +79,18 @@ impl VaeConfig {
         if let Some(other) = self.up_block_types.iter().find(|t| *t != "UpDecoderBlock2D") {
             return Err(UnsupportedConfig::new("up_block_types", other, "UpDecoderBlock2D"));
         }
-        ConfigCheck::positive("norm_num_groups", self.norm_num_groups)?;
-        ConfigCheck::positive("latent_channels", self.latent_channels)?;
-        ConfigCheck::positive("out_channels", self.out_channels)?;
+        ConfigCheck::dimension("norm_num_groups", self.norm_num_groups)?;
+        ConfigCheck::dimension("latent_channels", self.latent_channels)?;
+        ConfigCheck::dimension("out_channels", self.out_channels)?;
+        ConfigCheck::within("layers_per_block", self.layers_per_block, 0, 64)?;
         ConfigCheck::within("block_out_channels (levels)", self.block_out_channels.len(), 1, MAX_LEVELS)?;
-        if self.block_out_channels.iter().any(|&c| c == 0 || c % self.norm_num_groups != 0) {
+        let fits =
+            |c: usize| (1..=pixart_core::config_error::MAX_DIMENSION).contains(&c) && c % self.norm_num_groups == 0;
+        if !self.block_out_channels.iter().all(|&c| fits(c)) {
             return Err(UnsupportedConfig::new(
                 "block_out_channels",
                 format!("{:?}", self.block_out_channels),
-                format!("positive multiples of norm_num_groups ({})", self.norm_num_groups),
+                format!("multiples of norm_num_groups ({}) up to 2^20", self.norm_num_groups),
             ));
         }
         if !self.scaling_factor.is_finite() || self.scaling_factor == 0.0 {
