@@ -3,24 +3,12 @@
 //! values in turn, and the model is loaded and run. Each either works or fails with an error that
 //! names the file (and, for values out of range, the field).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device};
 use pixart_pipeline::{Dimensions, GenerateRequest, GuidanceScale, ImageSize, LoadOptions, Pipeline, Steps};
+use pixart_suite::fixture_copy;
 use serde_json::{json, Value};
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let path = entry.unwrap().path();
-        let target = to.join(path.file_name().unwrap());
-        if path.is_dir() {
-            copy_dir(&path, &target);
-        } else {
-            std::fs::copy(&path, &target).unwrap();
-        }
-    }
-}
 
 fn load_and_run(model: &Path) -> Result<(), String> {
     let options = LoadOptions { device: Device::Cpu, dtype: DType::F32, ..LoadOptions::default() };
@@ -67,10 +55,7 @@ fn mutations(original: &Value) -> Vec<Value> {
 
 #[test]
 fn every_config_field_gives_a_result_or_an_error_never_a_panic() {
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sigma-256");
-    let model: PathBuf = std::env::temp_dir().join(format!("pixart-config-robustness-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&model);
-    copy_dir(&source, &model);
+    let model = fixture_copy("tiny-sigma-256", "config-robustness");
     load_and_run(&model).expect("the unmodified fixture runs");
 
     let files = [
@@ -121,10 +106,7 @@ fn every_config_field_gives_a_result_or_an_error_never_a_panic() {
 /// A named out-of-range value is reported with the file and the field.
 #[test]
 fn out_of_range_values_name_the_file_and_the_field() {
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sigma-256");
-    let model: PathBuf = std::env::temp_dir().join(format!("pixart-config-fields-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&model);
-    copy_dir(&source, &model);
+    let model = fixture_copy("tiny-sigma-256", "config-fields");
     for (file, key, value) in [
         ("vae/config.json", "norm_num_groups", json!(0)),
         ("vae/config.json", "block_out_channels", json!([4, 8, 8, 8, 8, 8, 8, 8, 8, 8])),

@@ -24,6 +24,27 @@ pub fn model_dir(name: &str) -> PathBuf {
     fixtures_dir().join(name)
 }
 
+/// A private copy of a fixture model in a fresh temporary folder (for tests that break files).
+pub fn fixture_copy(name: &str, tag: &str) -> PathBuf {
+    fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+        std::fs::create_dir_all(to)?;
+        for entry in std::fs::read_dir(from)? {
+            let path = entry?.path();
+            let target = to.join(path.file_name().unwrap_or_default());
+            if path.is_dir() {
+                copy_dir(&path, &target)?;
+            } else {
+                std::fs::copy(&path, &target)?;
+            }
+        }
+        Ok(())
+    }
+    let dir = std::env::temp_dir().join(format!("pixart-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    copy_dir(&model_dir(name), &dir).unwrap_or_else(|e| panic!("cannot copy {name} to {}: {e}", dir.display()));
+    dir
+}
+
 /// `tests/fixtures/goldens/`.
 pub fn goldens_dir() -> PathBuf {
     fixtures_dir().join("goldens")
