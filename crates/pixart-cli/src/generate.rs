@@ -8,8 +8,8 @@ use anyhow::{Context, Result};
 use clap::builder::{BoolishValueParser, FalseyValueParser};
 use clap::Args;
 use pixart_pipeline::{
-    FieldError, GenerateRequest, GuidanceScale, ImageSize, NumImages, PartialRequest, Pipeline, PipelineError,
-    SchedulerKind, SizePreset, Steps, Style,
+    GenerateRequest, GuidanceScale, ImageSize, NumImages, PartialRequest, Pipeline, PipelineError, SchedulerKind,
+    SizePreset, Steps, Style,
 };
 
 use crate::model_args::ModelArgs;
@@ -104,8 +104,8 @@ impl RequestFlags {
 /// Builds the request: the `--request` JSON, then each plain flag set on top.
 fn build_request(args: &GenerateArgs) -> Result<GenerateRequest> {
     let flags = args.fields.partial();
-    let file = match &args.request {
-        None => PartialRequest::default(),
+    let request = match &args.request {
+        None => flags,
         Some(source) => {
             let text = if source == "-" {
                 let mut text = String::new();
@@ -115,26 +115,12 @@ fn build_request(args: &GenerateArgs) -> Result<GenerateRequest> {
                 std::fs::read_to_string(source).with_context(|| format!("cannot read the request file {source}"))?
             };
             // A field the flags replace may be wrong in the file: only the others must be valid.
-            let value: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| {
-                    PipelineError::Invalid(vec![FieldError::new("", "json_invalid", format!("malformed JSON: {e}"))])
-                })
-                .with_context(|| format!("in the request {source}"))?;
-            let (file, errors) = PartialRequest::parse(&value);
-            let overridden = flags.fields();
-            let errors: Vec<FieldError> = errors
-                .into_iter()
-                .filter(|e| !overridden.contains(&e.field.split('.').next().unwrap_or_default()))
-                .collect();
-            if !errors.is_empty() {
-                return Err(
-                    anyhow::Error::new(PipelineError::Invalid(errors)).context(format!("in the request {source}"))
-                );
-            }
-            file
+            PartialRequest::from_json_with_overrides(&text, flags)
+                .map_err(PipelineError::Invalid)
+                .with_context(|| format!("in the request {source}"))?
         }
     };
-    Ok(file.overridden_by(flags).into_request().map_err(PipelineError::Invalid)?)
+    Ok(request.into_request().map_err(PipelineError::Invalid)?)
 }
 
 fn file_url(path: &Path) -> std::io::Result<String> {

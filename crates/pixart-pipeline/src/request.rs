@@ -258,7 +258,6 @@ impl ImageSize {
                         .get(name)
                         .and_then(json_integer)
                         .and_then(|v| u32::try_from(v).ok())
-                        .filter(|v| (Dimensions::MIN..=Dimensions::MAX).contains(v))
                         .ok_or_else(|| Dimensions::side_error(name))
                 };
                 Ok(Self::Custom(Dimensions::new(side("width")?, side("height")?)?))
@@ -295,13 +294,7 @@ impl std::str::FromStr for ImageSize {
         let text = text.trim();
         match text.split_once(['x', 'X']) {
             Some((w, h)) if SizePreset::by_name(text).is_none() => {
-                let side = |s: &str, name: &str| {
-                    s.trim()
-                        .parse::<u32>()
-                        .ok()
-                        .filter(|v| (Dimensions::MIN..=Dimensions::MAX).contains(v))
-                        .ok_or_else(|| Dimensions::side_error(name))
-                };
+                let side = |s: &str, name: &str| s.trim().parse::<u32>().map_err(|_| Dimensions::side_error(name));
                 Ok(Self::Custom(Dimensions::new(side(w, "width")?, side(h, "height")?)?))
             }
             _ => Self::from_json(&json!(text)),
@@ -440,6 +433,19 @@ impl PartialRequest {
         Self::from_value(&parse_json(text)?)
     }
 
+    /// Parses JSON text holding any subset of the fields, then applies `overrides` (e.g. command
+    /// line flags): a field `overrides` sets may be invalid in the text; every other must be valid.
+    pub fn from_json_with_overrides(text: &str, overrides: Self) -> Result<Self, Vec<FieldError>> {
+        let (parsed, errors) = Self::parse(&parse_json(text)?);
+        let replaced = overrides.fields();
+        let errors: Vec<FieldError> =
+            errors.into_iter().filter(|e| !replaced.contains(&e.field.split('.').next().unwrap_or_default())).collect();
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(parsed.overridden_by(overrides))
+    }
+
     /// Parses a JSON object holding any subset of the fields.
     pub fn from_value(value: &Value) -> Result<Self, Vec<FieldError>> {
         let (partial, errors) = Self::parse(value);
@@ -450,9 +456,8 @@ impl PartialRequest {
         }
     }
 
-    /// Every valid field of a JSON object, and an error for every invalid one (a caller that
-    /// replaces some fields anyway may ignore their errors).
-    pub fn parse(value: &Value) -> (Self, Vec<FieldError>) {
+    /// Every valid field of a JSON object, and an error for every invalid one.
+    fn parse(value: &Value) -> (Self, Vec<FieldError>) {
         let mut partial = Self::default();
         let Some(object) = value.as_object() else {
             return (partial, vec![FieldError::new("", "type_error", "the request must be a JSON object")]);
@@ -741,6 +746,19 @@ mod tests {
         assert_eq!((request.prompt.as_str(), request.negative_prompt.as_str()), ("a fox", "blurry"));
         assert_eq!(request.num_inference_steps.get(), 3);
         assert_eq!(request.num_images, NumImages::DEFAULT);
+        // A bad field the overrides replace is not an error; another one is.
+        let text = r#"{"num_inference_steps": 0, "image_size": {"width": 1, "height": 64}}"#;
+        let overrides = PartialRequest {
+            prompt: Some("x".into()),
+            num_inference_steps: Some(Steps::new(2).unwrap()),
+            image_size: Some(ImageSize::Preset(SizePreset::Square)),
+            ..PartialRequest::default()
+        };
+        let merged = PartialRequest::from_json_with_overrides(text, overrides.clone()).unwrap();
+        assert_eq!(merged.into_request().unwrap().num_inference_steps.get(), 2);
+        let only_steps = PartialRequest { image_size: None, ..overrides };
+        let errors = PartialRequest::from_json_with_overrides(text, only_steps).unwrap_err();
+        assert_eq!(errors.iter().map(|e| e.field.as_str()).collect::<Vec<_>>(), ["image_size.width"]);
     }
 
     #[test]
