@@ -50,3 +50,12 @@ fn vae_decode_256px(bencher: divan::Bencher) {
     let latents = Tensor::randn(0f32, 1.0, (1, 4, 32, 32), &Device::Cpu).unwrap();
     bencher.bench_local(|| vae.decode_latents(&latents).unwrap());
 }
+
+/// The machine's practical f32 matmul peak through candle (gemm crate): 2048³ takes 17.2 GFLOP,
+/// so GFLOP/s = 17.2 / seconds. The reference for how close a stage is to what the CPU can do.
+#[divan::bench(sample_count = 5)]
+fn matmul_2048_f32(bencher: divan::Bencher) {
+    let a = Tensor::randn(0f32, 1.0, (2048, 2048), &Device::Cpu).unwrap();
+    let b = Tensor::randn(0f32, 1.0, (2048, 2048), &Device::Cpu).unwrap();
+    bencher.bench_local(|| a.matmul(&b).unwrap());
+}

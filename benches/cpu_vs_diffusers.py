@@ -1,0 +1,202 @@
+#!/usr/bin/env python3
+"""pixart vs diffusers on the CPU, side by side in one run, on the same random weights.
+
+From the repo root, with the pinned reference stack (tests/reference/requirements.txt) in a
+virtualenv and a release build of pixart:
+
+    cargo build --release -p pixart-cli
+    /tmp/refvenv/bin/python benches/cpu_vs_diffusers.py --pixart target/release/pixart \
+        --out benches/results/cpu-<machine>
+
+Builds a compute-dominated random PixArt-Σ model in the diffusers layout (not the test fixtures:
+a 6-layer, 384-wide transformer with sample_size 64, an SDXL-shaped 4-level VAE, a small T5; the
+tokenizer is the fixtures' sentencepiece model), then times on the same request and seed
+(512², 10 steps, DPM-Solver++, guidance 4.5, seed 0):
+
+  * diffusers (torch using every core), in a child process of its own: the pipeline call (load
+    excluded; the second of two calls), T5, each transformer step (median), VAE decode, and the
+    child's peak resident set;
+  * `pixart bench` (stage medians over --runs runs after a warm-up) and a whole `pixart generate`
+    process (load included: what a user waits for), with its peak resident set;
+  * the max per-pixel difference of the two PNGs.
+
+Prints the ratios (pixart / diffusers: below 1 is faster or smaller) and writes results.json
+and results.md to --out with the machine and the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_vs_diffusers import FIXTURE, PROMPT, diff, run_diffusers  # noqa: E402
+
+SIZE, STEPS, SEED = 512, 10, 0
+
+
+def make_cpu_model(out: Path) -> dict:
+    """Random weights for a compute-dominated Σ model; returns the configs used."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    t5_config = dict(vocab_size=1024, d_model=512, d_kv=64, d_ff=1024, num_layers=6, num_heads=8,
+                     feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+    T5EncoderModel(T5Config(**t5_config)).save_pretrained(out / "text_encoder")
+    dit_config = dict(num_attention_heads=6, attention_head_dim=64, in_channels=4, out_channels=8, num_layers=6,
+                      cross_attention_dim=384, attention_bias=True, sample_size=64, patch_size=2,
+                      activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+                      norm_elementwise_affine=False, norm_eps=1e-6, interpolation_scale=1,
+                      use_additional_conditions=False, caption_channels=512)
+    PixArtTransformer2DModel(**dit_config).save_pretrained(out / "transformer")
+    vae_config = dict(block_out_channels=[64, 128, 256, 256], layers_per_block=2, latent_channels=4,
+                      down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                      norm_num_groups=32, scaling_factor=0.13025, sample_size=512, force_upcast=True)
+    AutoencoderKL(**vae_config).save_pretrained(out / "vae")
+    DPMSolverMultistepScheduler().save_pretrained(out / "scheduler")
+    shutil.copytree(FIXTURE / "tokenizer", out / "tokenizer")
+    shutil.copy(FIXTURE / "model_index.json", out / "model_index.json")
+    return {"text_encoder": t5_config, "transformer": dit_config, "vae": vae_config}
+
+
+def diffusers_child(model: Path, out: Path) -> None:
+    """Runs in a child process: diffusers' timings, image and peak RSS."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    result = run_diffusers(model, "cpu", torch.float32, SIZE, STEPS, SEED)
+    from PIL import Image
+
+    Image.fromarray(result.pop("image")).save(out / "diffusers.png")
+    result.pop("latents", None)
+    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result["torch_threads"] = torch.get_num_threads()
+    (out / "diffusers.json").write_text(json.dumps(result))
+
+
+def timed_process(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float, int]:
+    """Runs `cmd`; returns the result, its wall time in ms and its peak resident set in bytes."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = proc.communicate()
+    wall = (time.perf_counter() - start) * 1e3
+    # The child has been reaped by communicate(); RUSAGE_CHILDREN's ru_maxrss is the largest
+    # child so far, so run the measured process before any larger one.
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd[0]} failed ({proc.returncode}):\n{stderr}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr), wall, rss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pixart", required=True, help="path to a release build of pixart")
+    parser.add_argument("--out", required=True, type=Path, help="folder for results.json and results.md")
+    parser.add_argument("--runs", type=int, default=3, help="measured pixart bench runs")
+    parser.add_argument("--model-dir", type=Path, help="reuse the random model of an earlier run")
+    parser.add_argument("--diffusers-child", nargs=2, type=Path, metavar=("MODEL", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.diffusers_child:
+        diffusers_child(*args.diffusers_child)
+        return
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model = args.model_dir or work / "pixart-sigma-cpu-random"
+        configs = None
+        if not args.model_dir:
+            configs = make_cpu_model(model)
+        # Ours first: RUSAGE_CHILDREN keeps the largest child's peak, and diffusers' is larger.
+        common = ["--model", str(model), "--device", "cpu", "--dtype", "f32"]
+        gen, generate_ms, generate_rss = timed_process(
+            [args.pixart, "generate", *common, "--prompt", PROMPT, "--image-size", f"{SIZE}x{SIZE}",
+             "--steps", str(STEPS), "--seed", str(SEED), "--out-dir", str(work), "--quiet"])
+        png = json.loads(gen.stdout)["images"][0]["url"].removeprefix("file://")
+        bench, _, _ = timed_process(
+            [args.pixart, "bench", *common, "--size", f"{SIZE}x{SIZE}", "--steps", str(STEPS), "--seed", str(SEED),
+             "--prompt", PROMPT, "--runs", str(args.runs), "--warmup", "1", "--json"])
+        report = json.loads(bench.stdout)
+        subprocess.run([sys.executable, __file__, "--pixart", args.pixart, "--out", str(args.out),
+                        "--diffusers-child", str(model), str(work)], check=True)
+        theirs = json.loads((work / "diffusers.json").read_text())
+        from PIL import Image
+
+        ours_img = np.asarray(Image.open(png).convert("RGB"))
+        their_img = np.asarray(Image.open(work / "diffusers.png").convert("RGB"))
+
+    stages = report["stages"]
+    ours = {
+        "generate_process_ms": generate_ms,
+        "pipeline_total_ms": stages["total"]["median_ms"],
+        "text_encoder_ms": stages["text_encoder"]["median_ms"],
+        "transformer_step_ms_median": stages["transformer_step"]["median_ms"],
+        "vae_ms": stages["vae"]["median_ms"],
+        "peak_rss_bytes": generate_rss,
+        "load_s": report["load_s"],
+    }
+    ratios = {
+        "transformer_step": ours["transformer_step_ms_median"] / theirs["transformer_step_ms_median"],
+        "vae": ours["vae_ms"] / theirs["vae_ms"],
+        "text_encoder": ours["text_encoder_ms"] / theirs["text_encoder_ms"],
+        "pipeline_call": ours["pipeline_total_ms"] / theirs["total_ms"],
+        "generate_process_vs_pipeline_call": ours["generate_process_ms"] / theirs["total_ms"],
+        "peak_rss": ours["peak_rss_bytes"] / theirs["peak_rss_bytes"],
+    }
+    targets = {"transformer_step": 0.6, "vae": 0.9, "generate_process_vs_pipeline_call": 0.67, "peak_rss": 1.0}
+    env = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+           "cores": os.cpu_count(), "torch_threads": theirs["torch_threads"]}
+    for name in ["diffusers", "transformers"]:
+        env[name] = __import__(name).__version__
+    try:
+        env["cpu_model"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    results = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "request": {"size": SIZE, "steps": STEPS, "seed": SEED, "scheduler": "DPM-SOLVER", "guidance_scale": 4.5, "dtype": "f32"},
+        "model": configs or str(args.model_dir),
+        "environment": env,
+        "diffusers": theirs,
+        "pixart": ours,
+        "ratios_pixart_over_diffusers": ratios,
+        "targets": targets,
+        "png_max_pixel_diff": int(diff(ours_img, their_img)["max_abs"]),
+    }
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    mib = 1 << 20
+    rows = [
+        ("transformer step (median, CFG batch 2)", theirs["transformer_step_ms_median"], ours["transformer_step_ms_median"], "ms", "transformer_step"),
+        ("VAE decode", theirs["vae_ms"], ours["vae_ms"], "ms", "vae"),
+        ("T5", theirs["text_encoder_ms"], ours["text_encoder_ms"], "ms", "text_encoder"),
+        ("pipeline call (load excluded)", theirs["total_ms"], ours["pipeline_total_ms"], "ms", "pipeline_call"),
+        ("diffusers call vs whole `pixart generate` (load included)", theirs["total_ms"], ours["generate_process_ms"], "ms",
+         "generate_process_vs_pipeline_call"),
+        ("peak RSS", theirs["peak_rss_bytes"] / mib, ours["peak_rss_bytes"] / mib, "MiB", "peak_rss"),
+    ]
+    lines = [f"# pixart vs diffusers on the CPU — {env.get('cpu_model', env['cpu'])}, {env['cores']} cores", "",
+             f"`{results['command']}`", "", f"Environment: `{json.dumps(env)}`", "",
+             f"{SIZE}², {STEPS} steps, DPM-Solver++, guidance 4.5, seed {SEED}, f32. Model: "
+             + ("random, configs in results.json." if configs else f"{args.model_dir}."), "",
+             "| what | diffusers | pixart | pixart / diffusers | target |", "|---|---|---|---|---|"]
+    for label, theirs_v, ours_v, unit, key in rows:
+        target = f"≤ {targets[key]}" if key in targets else ""
+        lines.append(f"| {label} | {theirs_v:.1f} {unit} | {ours_v:.1f} {unit} | {ratios[key]:.2f} | {target} |")
+    lines.append(f"| PNG max per-pixel difference | | | {results['png_max_pixel_diff']}/255 | |")
+    (args.out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
