@@ -72,3 +72,43 @@ fn bad_latent_shapes_are_errors() {
         .to_string();
     assert!(err.contains("batch"), "{err}");
 }
+
+/// One denoising step with everything constant prepared once (timestep MLP for all steps,
+/// caption keys/values, cached position embedding) equals diffusers' output for that step.
+#[test]
+fn prepared_steps_equal_diffusers() {
+    for model in FIXTURE_MODELS {
+        let g = load_goldens(&format!("{model}/transformer.safetensors"));
+        let dit = PixArtTransformer::load(&model_dir(model).join("transformer"), DType::F32, &Device::Cpu).unwrap();
+        let latents = golden(&g, "hidden_states");
+        let t = timesteps(golden(&g, "timestep"));
+        let caption = dit
+            .prepare_caption(golden(&g, "encoder_hidden_states"), Some(golden(&g, "encoder_attention_mask")))
+            .unwrap();
+        // The golden batch has one timestep per row; prepare each row's timestep among others.
+        let all = dit.prepare_timesteps(&[999.0, t[0], 3.0, t[1]], &Device::Cpu).unwrap();
+        assert_eq!(all.len(), 4);
+        assert!(all.get(4).is_err());
+        let out = golden(&g, "output");
+        for (row, index) in [(0usize, 1usize), (1, 3)] {
+            let x = latents.narrow(0, row, 1).unwrap();
+            let one = |c: &candle_core::Tensor| c.narrow(0, row, 1).unwrap();
+            let caption = dit
+                .prepare_caption(
+                    &one(golden(&g, "encoder_hidden_states")),
+                    Some(&one(golden(&g, "encoder_attention_mask"))),
+                )
+                .unwrap();
+            for _ in 0..2 {
+                // twice: the second call takes the position embedding from the cache
+                let got = dit.forward_prepared(&x, &all.get(index).unwrap(), &caption).unwrap();
+                assert_close(&format!("{model} row {row}"), &got, &out.narrow(0, row, 1).unwrap(), 1e-5);
+            }
+        }
+        // A whole batch with one prepared timestep for every row.
+        let same = dit.forward(latents, &[t[0], t[0]], golden(&g, "encoder_hidden_states"), None).unwrap();
+        let prepared = dit.prepare_caption(golden(&g, "encoder_hidden_states"), None).unwrap();
+        let got = dit.forward_prepared(latents, &all.get(1).unwrap(), &prepared).unwrap();
+        assert_close(&format!("{model} shared timestep"), &got, &same, 1e-6);
+    }
+}

@@ -39,16 +39,33 @@ impl Attention {
 
     /// `x`: `[B, N, D]`; `context`: `[B, L, C]` (None: self-attention); `bias`: f32 scores bias.
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        let context = context.unwrap_or(x);
-        let split = |t: Tensor| -> candle_core::Result<Tensor> {
-            let (b, n, _) = t.dims3()?;
-            t.reshape((b, n, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous()
-        };
-        let q = split(self.to_q.forward(x)?)?;
-        let k = split(self.to_k.forward(context)?)?;
-        let v = split(self.to_v.forward(context)?)?;
-        let out = scaled_dot_product_attention(&q, &k, &v, bias, 1.0 / (self.head_dim as f64).sqrt())?;
+        let (k, v) = self.keys_values(context.unwrap_or(x))?;
+        self.forward_with_keys_values(x, &k, &v, bias)
+    }
+
+    /// Keys and values of `context` `[B, L, C]`, each `[B, heads, L, head_dim]`: computed once for
+    /// a context that does not change between calls (the caption across denoising steps).
+    pub fn keys_values(&self, context: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        Ok((self.split_heads(self.to_k.forward(context)?)?, self.split_heads(self.to_v.forward(context)?)?))
+    }
+
+    /// Attention of `x` `[B, N, D]` to keys and values from [`Self::keys_values`].
+    pub fn forward_with_keys_values(
+        &self,
+        x: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let q = self.split_heads(self.to_q.forward(x)?)?;
+        let out = scaled_dot_product_attention(&q, k, v, bias, 1.0 / (self.head_dim as f64).sqrt())?;
         let (b, _, n, _) = out.dims4()?;
         self.to_out.forward(&out.transpose(1, 2)?.reshape((b, n, self.heads * self.head_dim))?)
+    }
+
+    /// `[B, N, heads·head_dim]` → `[B, heads, N, head_dim]`, contiguous.
+    fn split_heads(&self, t: Tensor) -> candle_core::Result<Tensor> {
+        let (b, n, _) = t.dims3()?;
+        t.reshape((b, n, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous()
     }
 }

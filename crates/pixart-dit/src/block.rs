@@ -34,25 +34,33 @@ impl TransformerBlock {
         })
     }
 
-    /// `x`: `[B, N, D]`; `t6`: `[B, 6D]`; `caption`: `[B, L, D]`; `caption_bias`: f32
-    /// `[B, 1, 1, L]` (0 for tokens, −10000 for padding).
+    /// The cross-attention keys and values of a projected caption `[B, L, D]` (constant across
+    /// denoising steps, so computed once per generation).
+    pub fn caption_keys_values(&self, caption: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        self.attn2.keys_values(caption)
+    }
+
+    /// `x`: `[B, N, D]`; `t6`: `[B or 1, 6D]`; `caption_kv`: from [`Self::caption_keys_values`];
+    /// `caption_bias`: f32 `[B, 1, 1, L]` (0 for tokens, −10000 for padding).
     pub fn forward(
         &self,
         x: &Tensor,
         t6: &Tensor,
-        caption: &Tensor,
+        caption_kv: &(Tensor, Tensor),
         caption_bias: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
-        let (b, _, d) = x.dims3()?;
-        // shift/scale/gate for attention, then for the MLP: each [B, 1, D].
-        let modulation = self.scale_shift_table.unsqueeze(0)?.broadcast_add(&t6.reshape((b, 6, d))?)?;
+        let d = x.dim(2)?;
+        let rows = t6.dim(0)?; // one timestep per batch row, or one for the whole batch
+                               // shift/scale/gate for attention, then for the MLP: each [rows, 1, D].
+        let modulation = self.scale_shift_table.unsqueeze(0)?.broadcast_add(&t6.reshape((rows, 6, d))?)?;
         let part = |i: usize| modulation.narrow(1, i, 1);
         let (shift_msa, scale_msa, gate_msa) = (part(0)?, part(1)?, part(2)?);
         let (shift_mlp, scale_mlp, gate_mlp) = (part(3)?, part(4)?, part(5)?);
 
         let h = layer_norm(x, self.eps)?.broadcast_mul(&(scale_msa + 1.0)?)?.broadcast_add(&shift_msa)?;
         let x = (x + self.attn1.forward(&h, None, None)?.broadcast_mul(&gate_msa)?)?;
-        let x = (&x + self.attn2.forward(&x, Some(caption), caption_bias)?)?;
+        let (caption_k, caption_v) = caption_kv;
+        let x = (&x + self.attn2.forward_with_keys_values(&x, caption_k, caption_v, caption_bias)?)?;
         let h = layer_norm(&x, self.eps)?.broadcast_mul(&(scale_mlp + 1.0)?)?.broadcast_add(&shift_mlp)?;
         let ff = self.ff_out.forward(&self.ff_in.forward(&h)?.gelu()?)?;
         x + ff.broadcast_mul(&gate_mlp)?

@@ -1,7 +1,7 @@
 //! Input embeddings: patches with the 2-D sin-cos position embedding, the adaLN-single timestep
 //! embedding, and the caption projection.
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, DeviceLocation, Module, Tensor, D};
 use candle_nn::{Conv2dConfig, Linear, VarBuilder};
 use pixart_core::conv::Conv;
 
@@ -39,13 +39,22 @@ pub fn sincos_position_embedding(
     Tensor::from_vec(out, (h * w, dim), device)
 }
 
+/// Position embeddings already computed, keyed by grid and where they live.
+type PositionCache = std::sync::Arc<std::sync::Mutex<Vec<((usize, usize, DType, DeviceLocation), Tensor)>>>;
+
+/// How many grids' position embeddings are kept (a server alternating a few sizes reuses them).
+const POSITION_CACHE_ENTRIES: usize = 4;
+
 /// Patchify (`conv p×p / stride p`) and add the position embedding: `[B,C,H,W] → [B, N, D]`.
+/// The embedding is computed once per (grid, dtype, device) and kept: it is the same at every
+/// denoising step.
 #[derive(Debug, Clone)]
 pub struct PatchEmbed {
     proj: Conv,
     patch: usize,
     base: usize,
     interpolation_scale: f64,
+    cache: PositionCache,
 }
 
 impl PatchEmbed {
@@ -64,23 +73,33 @@ impl PatchEmbed {
             patch,
             base: sample_size / patch,
             interpolation_scale,
+            cache: PositionCache::default(),
         })
+    }
+
+    /// The position embedding `[1, N, D]` of an `h × w` grid, from the cache when present.
+    fn position_embedding(&self, dim: usize, h: usize, w: usize, x: &Tensor) -> candle_core::Result<Tensor> {
+        let key = (h, w, x.dtype(), x.device().location());
+        let mut cache = self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, pos)) = cache.iter().find(|(k, _)| *k == key) {
+            return Ok(pos.clone());
+        }
+        let pos = sincos_position_embedding(dim, h, w, self.base, self.interpolation_scale, x.device())?
+            .to_dtype(x.dtype())?
+            .unsqueeze(0)?;
+        if cache.len() >= POSITION_CACHE_ENTRIES {
+            cache.remove(0);
+        }
+        cache.push((key, pos.clone()));
+        Ok(pos)
     }
 
     /// Returns the tokens `[B, N, D]`, N = (H/p)(W/p).
     pub fn forward(&self, latents: &Tensor) -> candle_core::Result<Tensor> {
         let (_, _, h, w) = latents.dims4()?;
         let x = self.proj.forward(latents)?.flatten_from(2)?.transpose(1, 2)?; // [B, N, D]
-        let dim = x.dim(2)?;
-        let pos = sincos_position_embedding(
-            dim,
-            h / self.patch,
-            w / self.patch,
-            self.base,
-            self.interpolation_scale,
-            x.device(),
-        )?;
-        x.broadcast_add(&pos.to_dtype(x.dtype())?.unsqueeze(0)?)
+        let pos = self.position_embedding(x.dim(2)?, h / self.patch, w / self.patch, &x)?;
+        x.broadcast_add(&pos)
     }
 }
 

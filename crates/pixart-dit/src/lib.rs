@@ -19,7 +19,7 @@ pub mod embeddings;
 pub mod model;
 
 pub use config::DitConfig;
-pub use model::{DitTrace, PixArtTransformer, PreparedCaption};
+pub use model::{DitTrace, PixArtTransformer, PreparedCaption, PreparedTimestep, PreparedTimesteps};
 
 /// Errors from loading or running the transformer.
 #[derive(Debug, thiserror::Error)]

@@ -26,14 +26,53 @@ pub struct DitTrace {
     pub blocks: Vec<Tensor>,
 }
 
-/// A caption batch projected to the transformer's width, with its attention bias, ready to be
-/// attended to at every denoising step.
+/// A caption batch projected to the transformer's width, with every block's cross-attention keys
+/// and values and the attention bias: what the caption contributes, computed once and attended to
+/// at every denoising step.
 #[derive(Debug, Clone)]
 pub struct PreparedCaption {
     /// `[B, L, D]`: the projected caption (positions padded in every row dropped).
     states: Tensor,
+    /// Per block: keys and values `[B, heads, L, head_dim]`.
+    keys_values: Vec<(Tensor, Tensor)>,
     /// f32 `[B, 1, 1, L]`: 0 for tokens, −10000 for padding; `None` without a mask.
     bias: Option<Tensor>,
+}
+
+/// The adaLN-single outputs of one timestep, shared by every row of a batch (or one per row).
+#[derive(Debug, Clone)]
+pub struct PreparedTimestep {
+    /// `[1 or B, 6D]`: the six modulation vectors.
+    t6: Tensor,
+    /// `[1 or B, D]`: the embedded timestep (final layer's shift and scale).
+    embedded: Tensor,
+}
+
+/// The adaLN-single outputs of every timestep of a run, computed in one batch before the loop.
+#[derive(Debug, Clone)]
+pub struct PreparedTimesteps {
+    t6: Tensor,
+    embedded: Tensor,
+}
+
+impl PreparedTimesteps {
+    /// The number of timesteps.
+    pub fn len(&self) -> usize {
+        self.t6.dims().first().copied().unwrap_or(0)
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The `i`-th timestep's outputs, for every row of a batch (no host work, no upload).
+    pub fn get(&self, i: usize) -> Result<PreparedTimestep, DitError> {
+        if i >= self.len() {
+            return Err(DitError::Input(format!("timestep {i} of {} prepared", self.len())));
+        }
+        Ok(PreparedTimestep { t6: self.t6.narrow(0, i, 1)?, embedded: self.embedded.narrow(0, i, 1)? })
+    }
 }
 
 /// PixArt-Σ's diffusion transformer (diffusers' `PixArtTransformer2DModel`).
@@ -117,7 +156,8 @@ impl PixArtTransformer {
         caption: &Tensor,
         caption_mask: Option<&Tensor>,
     ) -> Result<Tensor, DitError> {
-        Ok(self.run(latents, timesteps, &self.prepare_caption(caption, caption_mask)?, false)?.0)
+        let timestep = self.timestep_per_row(latents, timesteps)?;
+        Ok(self.run(latents, &timestep, &self.prepare_caption(caption, caption_mask)?, false)?.0)
     }
 
     /// [`Self::forward`], also returning the intermediate values when `trace` is set.
@@ -129,7 +169,29 @@ impl PixArtTransformer {
         caption_mask: Option<&Tensor>,
         trace: bool,
     ) -> Result<(Tensor, Option<DitTrace>), DitError> {
-        self.run(latents, timesteps, &self.prepare_caption(caption, caption_mask)?, trace)
+        let timestep = self.timestep_per_row(latents, timesteps)?;
+        self.run(latents, &timestep, &self.prepare_caption(caption, caption_mask)?, trace)
+    }
+
+    /// One timestep per batch row.
+    fn timestep_per_row(&self, latents: &Tensor, timesteps: &[f32]) -> Result<PreparedTimestep, DitError> {
+        let b = latents.dims().first().copied().unwrap_or(0);
+        if timesteps.len() != b {
+            return Err(DitError::Input(format!("batch sizes differ: latents {b}, timesteps {}", timesteps.len())));
+        }
+        let (t6, embedded) = self.adaln_single.forward(timesteps, self.dtype, latents.device())?;
+        Ok(PreparedTimestep { t6, embedded })
+    }
+
+    /// The adaLN-single outputs of every timestep of a run at once (the timestep MLP as one small
+    /// batch before the denoising loop, instead of host work and an upload at every step).
+    pub fn prepare_timesteps(
+        &self,
+        timesteps: &[f32],
+        device: &candle_core::Device,
+    ) -> Result<PreparedTimesteps, DitError> {
+        let (t6, embedded) = self.adaln_single.forward(timesteps, self.dtype, device)?;
+        Ok(PreparedTimesteps { t6, embedded })
     }
 
     /// Projects a caption batch and builds its attention bias once, for reuse at every denoising
@@ -142,23 +204,26 @@ impl PixArtTransformer {
     ) -> Result<PreparedCaption, DitError> {
         let (caption, bias) = self.caption_and_bias(caption, caption_mask)?;
         let states = self.caption_projection.forward(&caption.to_dtype(self.dtype)?)?;
-        Ok(PreparedCaption { states, bias })
+        let keys_values =
+            self.blocks.iter().map(|block| block.caption_keys_values(&states)).collect::<candle_core::Result<_>>()?;
+        Ok(PreparedCaption { states, keys_values, bias })
     }
 
-    /// [`Self::forward`] with a caption prepared by [`Self::prepare_caption`].
+    /// [`Self::forward`] with the timestep's and the caption's parts prepared by
+    /// [`Self::prepare_timesteps`] and [`Self::prepare_caption`]: one denoising step.
     pub fn forward_prepared(
         &self,
         latents: &Tensor,
-        timesteps: &[f32],
+        timestep: &PreparedTimestep,
         caption: &PreparedCaption,
     ) -> Result<Tensor, DitError> {
-        Ok(self.run(latents, timesteps, caption, false)?.0)
+        Ok(self.run(latents, timestep, caption, false)?.0)
     }
 
     fn run(
         &self,
         latents: &Tensor,
-        timesteps: &[f32],
+        timestep: &PreparedTimestep,
         prepared: &PreparedCaption,
         trace: bool,
     ) -> Result<(Tensor, Option<DitTrace>), DitError> {
@@ -171,20 +236,20 @@ impl PixArtTransformer {
                 latents.dims()
             )));
         }
-        if timesteps.len() != b || prepared.states.dim(0)? != b {
+        let rows = timestep.t6.dim(0)?;
+        if (rows != 1 && rows != b) || prepared.states.dim(0)? != b {
             return Err(DitError::Input(format!(
-                "batch sizes differ: latents {b}, timesteps {}, caption {}",
-                timesteps.len(),
+                "batch sizes differ: latents {b}, timesteps {rows}, caption {}",
                 prepared.states.dim(0)?
             )));
         }
-        let (caption, bias) = (&prepared.states, prepared.bias.as_ref());
+        let (t6, embedded) = (&timestep.t6, &timestep.embedded);
+        let bias = prepared.bias.as_ref();
         let x = self.pos_embed.forward(&latents.to_dtype(self.dtype)?)?;
-        let (t6, embedded) = self.adaln_single.forward(timesteps, self.dtype, latents.device())?;
         let mut tokens = x.clone();
         let mut block_outputs = Vec::new();
-        for block in &self.blocks {
-            tokens = block.forward(&tokens, &t6, caption, bias)?;
+        for (block, caption_kv) in self.blocks.iter().zip(&prepared.keys_values) {
+            tokens = block.forward(&tokens, t6, caption_kv, bias)?;
             if trace {
                 block_outputs.push(tokens.clone());
             }
@@ -200,9 +265,9 @@ impl PixArtTransformer {
         let image = out.reshape((b, gh, gw, p, p, c_out))?.permute((0, 5, 1, 3, 2, 4))?.reshape((b, c_out, h, w))?;
         let traced = trace.then(|| DitTrace {
             pos_embed: x,
-            t6,
-            embedded_timestep: embedded,
-            caption: caption.clone(),
+            t6: t6.clone(),
+            embedded_timestep: embedded.clone(),
+            caption: prepared.states.clone(),
             blocks: block_outputs,
         });
         Ok((image, traced))

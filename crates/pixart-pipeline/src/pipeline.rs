@@ -337,12 +337,18 @@ impl Pipeline {
             (n, channels, (plan.generated.height / vae_scale) as usize, (plan.generated.width / vae_scale) as usize);
         let mut latents = (generator.randn(latent_shape, DType::F32, &self.device)? * scheduler.init_noise_sigma())?;
 
+        // Everything constant across steps is computed here, once: the caption's projection and
+        // cross-attention keys/values (above), the timestep MLP for every step, and (cached in
+        // the transformer) the position embedding. In the loop, only SA-Solver uploads data (its
+        // per-step noise, drawn from the CPU generator as diffusers does).
         let timesteps = scheduler.timesteps().to_vec();
+        let embedded_timesteps = self
+            .transformer
+            .prepare_timesteps(&timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(), &self.device)?;
         for (i, &t) in timesteps.iter().enumerate() {
             let step_started = Instant::now();
             let model_input = if cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
-            let batch = model_input.dim(0)?;
-            let out = self.transformer.forward_prepared(&model_input, &vec![t as f32; batch], &caption)?;
+            let out = self.transformer.forward_prepared(&model_input, &embedded_timesteps.get(i)?, &caption)?;
             let out = out.to_dtype(DType::F32)?;
             let mut noise = if cfg {
                 let (uncond, text) = (out.narrow(0, 0, n)?, out.narrow(0, n, n)?);
