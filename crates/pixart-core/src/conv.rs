@@ -3,6 +3,8 @@
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig};
 
+use crate::conv_cpu::Conv2dRowsCpu;
+
 /// The largest unfolded input (im2col buffer) one convolution call may build, in bytes. Larger
 /// inputs are convolved in bands of output rows; each band reads its rows plus the kernel's halo
 /// from the once-padded input, so the result is the same convolution, not an approximation.
@@ -10,14 +12,33 @@ use candle_nn::{Conv2d, Conv2dConfig};
 /// (the whole unfolded input would take gigabytes).
 pub const IM2COL_BUDGET_BYTES: usize = 256 << 20;
 
-/// A convolution that also runs in bf16 on the CPU, where candle has no bf16 conv kernel (that
-/// layer is computed in f32 and its output rounded back to bf16; a GPU bf16 conv accumulates in
-/// f32 too), and splits large inputs into row bands (see [`IM2COL_BUDGET_BYTES`]).
+/// A convolution that runs stride-1 layers on the CPU with [`Conv2dRowsCpu`] (in f32: a bf16 or
+/// f16 layer is computed in f32 and rounded back, as a GPU conv accumulates in f32 too), and
+/// elsewhere with candle's conv2d, splitting large inputs into row bands there (see
+/// [`IM2COL_BUDGET_BYTES`]).
 #[derive(Debug, Clone)]
 pub struct Conv(pub Conv2d);
 
 impl Conv {
-    /// One convolution call, with the CPU-bf16 fallback.
+    /// Whether [`Conv2dRowsCpu`] computes this layer for `x`.
+    fn runs_rows_cpu(&self, x: &Tensor) -> bool {
+        let config = self.0.config();
+        x.device().is_cpu() && config.stride == 1 && config.dilation == 1 && config.groups == 1
+    }
+
+    /// The layer on the CPU in f32, the result in `x`'s dtype.
+    fn forward_rows_cpu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let weight = self.0.weight().to_dtype(DType::F32)?;
+        let bias = match self.0.bias() {
+            Some(bias) => bias.to_dtype(DType::F32)?,
+            None => Tensor::zeros(weight.dim(0)?, DType::F32, x.device())?,
+        };
+        let op = Conv2dRowsCpu { padding: self.0.config().padding };
+        x.to_dtype(DType::F32)?.contiguous()?.apply_op3_no_bwd(&weight.contiguous()?, &bias, &op)?.to_dtype(x.dtype())
+    }
+
+    /// One convolution call through candle, with the CPU-bf16 fallback (candle has no bf16
+    /// conv kernel on the CPU).
     fn convolve(conv: &Conv2d, x: &Tensor) -> candle_core::Result<Tensor> {
         if x.dtype() == DType::BF16 && x.device().is_cpu() {
             let weight = conv.weight().to_dtype(DType::F32)?;
@@ -48,6 +69,9 @@ impl Conv {
 
 impl Module for Conv {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if self.runs_rows_cpu(x) {
+            return self.forward_rows_cpu(x);
+        }
         let config = self.0.config();
         let (b, c, h, w) = x.dims4()?;
         let (kh, kw) = (self.0.weight().dim(2)?, self.0.weight().dim(3)?);

@@ -10,6 +10,7 @@
 pub mod attention;
 pub mod config_error;
 pub mod conv;
+pub mod conv_cpu;
 pub mod dtype;
 pub mod weights;
 

@@ -1,0 +1,267 @@
+//! A stride-1 2-D convolution for the CPU in f32, as a candle `CustomOp3` (input, weight, bias):
+//! NCHW in and out, computed in bands of output rows, each band one GEMM
+//! `out[co, rows·W] = W[co, ci·kh·kw] · cols[ci·kh·kw, rows·W]`.
+//!
+//! The im2col rows of a band are built by copying contiguous input row segments (in NCHW the
+//! pixels of one channel row are adjacent), the GEMM writes straight into the NCHW output (each
+//! output channel's band is one contiguous run), the bias initialises the output, bands run in
+//! parallel with one reused column buffer per thread, and a 1×1 convolution without padding reads
+//! the input as its own column matrix. candle's CPU conv2d instead transposes the whole input to
+//! NHWC on one thread, gathers each im2col element separately and scatters every output element
+//! (`cargo bench --bench model_parts` and `benches/cpu_vs_diffusers.py` measure the difference).
+//! The GEMM accumulates in f32 over `ci·kh·kw` in the same way for every output pixel; results
+//! equal candle's conv2d to f32 rounding (tested against it below).
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape};
+use rayon::prelude::*;
+
+/// The im2col buffer one band may use, in f32 elements (1 MiB): about an L2 cache.
+const BAND_ELEMENTS: usize = 1 << 18;
+
+/// The CPU convolution op: stride 1, no dilation, one group, `padding` on every side.
+#[derive(Debug, Clone, Copy)]
+pub struct Conv2dRowsCpu {
+    /// Zero padding on each side.
+    pub padding: usize,
+}
+
+/// `*mut f32` that bands may share: each band writes a disjoint set of output elements.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: only used to write disjoint regions from different threads (see `run`).
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// The pointer (a method, so closures capture the `Send` wrapper, not the raw field).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!(
+            "conv2d-rows-cpu: {what} must be f32, got {:?}",
+            candle_core::backend::BackendStorage::dtype(storage)
+        )
+    };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("conv2d-rows-cpu: {what} must be contiguous"),
+    }
+}
+
+/// The shapes of one call.
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    batch: usize,
+    c_in: usize,
+    h: usize,
+    w: usize,
+    c_out: usize,
+    kh: usize,
+    kw: usize,
+    pad: usize,
+    out_h: usize,
+    out_w: usize,
+}
+
+impl Geometry {
+    fn k(&self) -> usize {
+        self.c_in * self.kh * self.kw
+    }
+}
+
+/// Fills `cols` (`[k, rows·out_w]`) with the im2col matrix of output rows `y0..y0+rows`.
+fn im2col_band(g: &Geometry, input: &[f32], y0: usize, rows: usize, cols: &mut [f32]) {
+    let n = rows * g.out_w;
+    for ci in 0..g.c_in {
+        let plane = &input[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                let k = (ci * g.kh + ky) * g.kw + kx;
+                let dst_rows = &mut cols[k * n..(k + 1) * n];
+                // Output column x reads input column x + kx − pad; the valid x range:
+                let x_start = g.pad.saturating_sub(kx).min(g.out_w);
+                let x_end = (g.w + g.pad).saturating_sub(kx).min(g.out_w).max(x_start);
+                for (r, dst) in dst_rows.chunks_exact_mut(g.out_w).enumerate() {
+                    let sy = (y0 + r + ky) as isize - g.pad as isize;
+                    if sy < 0 || sy as usize >= g.h {
+                        dst.fill(0.0);
+                        continue;
+                    }
+                    let src_row = &plane[sy as usize * g.w..(sy as usize + 1) * g.w];
+                    dst[..x_start].fill(0.0);
+                    let sx = x_start + kx - g.pad;
+                    dst[x_start..x_end].copy_from_slice(&src_row[sx..sx + (x_end - x_start)]);
+                    dst[x_end..].fill(0.0);
+                }
+            }
+        }
+    }
+}
+
+fn run(g: Geometry, input: &[f32], weight: &[f32], bias: &[f32]) -> Vec<f32> {
+    let k = g.k();
+    let plane = g.out_h * g.out_w;
+    let mut out = vec![0f32; g.batch * g.c_out * plane];
+    if out.is_empty() {
+        return out;
+    }
+    let direct = g.kh == 1 && g.kw == 1 && g.pad == 0; // the input is its own column matrix
+    let rows_per_band = if direct { g.out_h } else { (BAND_ELEMENTS / (k * g.out_w).max(1)).clamp(1, g.out_h) };
+    // Enough bands for every thread (and a little balance), but never below one row.
+    let threads = rayon::current_num_threads().max(1);
+    let rows_per_band = rows_per_band.min(g.out_h.div_ceil(2 * threads)).max(1);
+    let bands: Vec<(usize, usize)> =
+        (0..g.batch).flat_map(|b| (0..g.out_h).step_by(rows_per_band).map(move |y0| (b, y0))).collect();
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    bands.par_iter().for_each_init(Vec::new, |cols: &mut Vec<f32>, &(b, y0)| {
+        let rows = rows_per_band.min(g.out_h - y0);
+        let n = rows * g.out_w;
+        let image = &input[b * g.c_in * g.h * g.w..(b + 1) * g.c_in * g.h * g.w];
+        let rhs: &[f32] = if direct {
+            &image[y0 * g.w..]
+        } else {
+            cols.resize(k * n, 0.0);
+            im2col_band(&g, image, y0, rows, cols);
+            cols
+        };
+        // The band of output channel co starts at out[b, co, y0, 0]; rows of the GEMM result
+        // (output channels) are `plane` apart, columns (pixels) adjacent.
+        let dst_offset = b * g.c_out * plane + y0 * g.out_w;
+        // SAFETY: this band writes out[b, co, y0..y0+rows, ..] for every co: element ranges
+        // [dst_offset + co·plane, dst_offset + co·plane + n), disjoint from every other band's
+        // (other rows or another image) and inside `out` (y0 + rows ≤ out_h).
+        unsafe {
+            let dst = out_ptr.get().add(dst_offset);
+            for (co, &b) in bias.iter().enumerate().take(g.c_out) {
+                std::slice::from_raw_parts_mut(dst.add(co * plane), n).fill(b);
+            }
+            gemm::gemm(
+                g.c_out,
+                n,
+                k,
+                dst,
+                1,
+                plane as isize,
+                true,
+                weight.as_ptr(),
+                1,
+                k as isize,
+                rhs.as_ptr(),
+                1,
+                if direct { (g.h * g.w) as isize } else { n as isize },
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    });
+    out
+}
+
+impl CustomOp3 for Conv2dRowsCpu {
+    fn name(&self) -> &'static str {
+        "conv2d-rows-cpu"
+    }
+
+    /// `s1`: input `[B, C_in, H, W]`; `s2`: weight `[C_out, C_in, kh, kw]`; `s3`: bias `[C_out]`.
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (batch, c_in, h, w) = l1.shape().dims4()?;
+        let (c_out, c_in_w, kh, kw) = l2.shape().dims4()?;
+        if c_in_w != c_in || l3.shape().dims1()? != c_out {
+            candle_core::bail!(
+                "conv2d-rows-cpu: input {:?}, weight {:?}, bias {:?} do not fit",
+                l1.shape(),
+                l2.shape(),
+                l3.shape()
+            )
+        }
+        let pad = self.padding;
+        if h + 2 * pad < kh || w + 2 * pad < kw {
+            candle_core::bail!("conv2d-rows-cpu: a {kh}x{kw} kernel does not fit a padded {h}x{w} input")
+        }
+        let g = Geometry {
+            batch,
+            c_in,
+            h,
+            w,
+            c_out,
+            kh,
+            kw,
+            pad,
+            out_h: h + 2 * pad + 1 - kh,
+            out_w: w + 2 * pad + 1 - kw,
+        };
+        let (input, weight, bias) =
+            (f32_slice(s1, l1, "input")?, f32_slice(s2, l2, "weight")?, f32_slice(s3, l3, "bias")?);
+        let out = run(g, input, weight, bias);
+        Ok((CpuStorage::F32(out), Shape::from((batch, c_out, g.out_h, g.out_w))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    fn reference(x: &Tensor, w: &Tensor, b: &Tensor, padding: usize) -> Tensor {
+        let out = x.conv2d(w, padding, 1, 1, 1).unwrap();
+        out.broadcast_add(&b.reshape((1, b.dim(0).unwrap(), 1, 1)).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn equals_candles_convolution() {
+        let dev = Device::Cpu;
+        // (batch, c_in, h, w, c_out, kernel, padding): 3×3 same, 1×1 direct, odd sizes, a
+        // kernel larger than the padding, a single row, more channels than pixels.
+        for &(b, ci, h, w, co, k, p) in &[
+            (2, 5, 11, 7, 6, 3, 1),
+            (1, 3, 9, 13, 4, 1, 0),
+            (1, 4, 6, 5, 3, 3, 0),
+            (2, 2, 1, 9, 3, 3, 1),
+            (1, 7, 8, 8, 2, 5, 2),
+            (1, 64, 3, 4, 16, 3, 1),
+            (1, 2, 4, 4, 3, 1, 1),
+        ] {
+            let x = Tensor::randn(0f32, 1.0, (b, ci, h, w), &dev).unwrap();
+            let wt = Tensor::randn(0f32, 1.0, (co, ci, k, k), &dev).unwrap();
+            let bias = Tensor::randn(0f32, 1.0, co, &dev).unwrap();
+            let ours = x.apply_op3_no_bwd(&wt, &bias, &Conv2dRowsCpu { padding: p }).unwrap();
+            let want = reference(&x, &wt, &bias, p);
+            assert_eq!(ours.dims(), want.dims(), "{b} {ci} {h} {w} {co} {k} {p}");
+            let diff = (&ours - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-4, "{b} {ci} {h} {w} {co} {k} {p}: {diff}");
+        }
+    }
+
+    #[test]
+    fn refuses_what_it_does_not_compute() {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((1, 2, 2, 2), candle_core::DType::F32, &dev).unwrap();
+        let w = Tensor::zeros((1, 3, 3, 3), candle_core::DType::F32, &dev).unwrap();
+        let b = Tensor::zeros(1, candle_core::DType::F32, &dev).unwrap();
+        assert!(x.apply_op3_no_bwd(&w, &b, &Conv2dRowsCpu { padding: 1 }).is_err()); // channels
+        let w = Tensor::zeros((1, 2, 5, 5), candle_core::DType::F32, &dev).unwrap();
+        assert!(x.apply_op3_no_bwd(&w, &b, &Conv2dRowsCpu { padding: 1 }).is_err()); // too small
+        let x16 = x.to_dtype(candle_core::DType::BF16).unwrap();
+        let w = Tensor::zeros((1, 2, 3, 3), candle_core::DType::BF16, &dev).unwrap();
+        assert!(x16
+            .apply_op3_no_bwd(&w, &b.to_dtype(candle_core::DType::BF16).unwrap(), &Conv2dRowsCpu { padding: 1 })
+            .is_err());
+    }
+}
