@@ -1,6 +1,7 @@
 //! Scaled dot-product attention without materialising more than a bounded score block.
 
-use candle_core::{DType, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
 
 /// The most score memory one attention chunk may take (bytes, f32): long sequences are processed
 /// in query blocks so a 4096-token self-attention never holds the whole `H × N × N` matrix.
@@ -23,15 +24,123 @@ pub fn scaled_dot_product_attention(
     for start in (0..n).step_by(rows_per_chunk) {
         let len = rows_per_chunk.min(n - start);
         let q_chunk = q.narrow(2, start, len)?;
-        let mut scores = (q_chunk.matmul(&kt)?.to_dtype(DType::F32)? * scale)?;
-        if let Some(bias) = bias {
-            scores = scores.broadcast_add(bias)?;
-        }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        let scores = q_chunk.matmul(&kt)?.to_dtype(DType::F32)?;
+        let probs = scaled_softmax(&scores, scale, bias)?.to_dtype(v.dtype())?;
         outputs.push(probs.matmul(v)?);
     }
     if outputs.len() == 1 {
         return Ok(outputs.remove(0));
     }
     Tensor::cat(&outputs, 2)
+}
+
+/// `softmax(scores · scale + bias)` over the last dimension, `scores` f32 `[B, H, n, L]`, `bias`
+/// f32 broadcastable from `[B, 1, 1, L]`. On the CPU one pass per row with a vectorised `exp`
+/// ([`crate::fast_math::softmax_rows`]); elsewhere candle's ops.
+pub fn scaled_softmax(scores: &Tensor, scale: f64, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    let op = ScaledSoftmaxCpu { scale: scale as f32 };
+    if scores.device().is_cpu() && scores.dtype() == DType::F32 {
+        let scores = scores.contiguous()?;
+        return match bias {
+            None => scores.apply_op1_no_bwd(&op),
+            Some(bias) => {
+                let (b, _, _, l) = scores.dims4()?;
+                let bias = bias.broadcast_as((b, 1, 1, l))?.contiguous()?;
+                scores.apply_op2_no_bwd(&bias, &op)
+            }
+        };
+    }
+    let mut scores = (scores * scale)?;
+    if let Some(bias) = bias {
+        scores = scores.broadcast_add(bias)?;
+    }
+    candle_nn::ops::softmax_last_dim(&scores)
+}
+
+/// The CPU op behind [`scaled_softmax`].
+#[derive(Debug, Clone, Copy)]
+struct ScaledSoftmaxCpu {
+    scale: f32,
+}
+
+impl ScaledSoftmaxCpu {
+    /// `bias`: `[B, L]` rows (empty for none); rows of `scores` belong to batch `row / rows_per_batch`.
+    fn run(&self, scores: &[f32], shape: &Shape, bias: &[f32]) -> candle_core::Result<(CpuStorage, Shape)> {
+        let len = shape.dims().last().copied().unwrap_or(1).max(1);
+        let batch = shape.dims().first().copied().unwrap_or(1).max(1);
+        let rows_per_batch = scores.len() / len / batch;
+        let mut out = scores.to_vec();
+        // Parallel over batch entries (one bias row each), then over groups of their rows.
+        let group = rows_per_batch.clamp(1, 64);
+        out.par_chunks_mut(rows_per_batch.max(1) * len).enumerate().for_each(|(b, entry)| {
+            let bias = if bias.is_empty() { &[][..] } else { &bias[b * len..(b + 1) * len] };
+            entry
+                .par_chunks_mut(group * len)
+                .for_each(|rows| crate::fast_math::softmax_rows(rows, len, self.scale, bias));
+        });
+        Ok((CpuStorage::F32(out), shape.clone()))
+    }
+}
+
+fn f32_data<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else { candle_core::bail!("scaled-softmax-cpu: f32 only") };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("scaled-softmax-cpu: contiguous only")
+    };
+    Ok(&data[start..end])
+}
+
+impl CustomOp1 for ScaledSoftmaxCpu {
+    fn name(&self) -> &'static str {
+        "scaled-softmax-cpu"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.run(f32_data(storage, layout)?, layout.shape(), &[])
+    }
+}
+
+impl CustomOp2 for ScaledSoftmaxCpu {
+    fn name(&self) -> &'static str {
+        "scaled-softmax-bias-cpu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, _, _, l) = l1.shape().dims4()?;
+        if l2.shape().elem_count() != b * l {
+            candle_core::bail!("scaled-softmax-cpu: bias {:?} for scores {:?}", l2.shape(), l1.shape())
+        }
+        self.run(f32_data(s1, l1)?, l1.shape(), f32_data(s2, l2)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn scaled_softmax_equals_the_plain_ops() {
+        let dev = Device::Cpu;
+        let scores = Tensor::randn(0f32, 4.0, (2, 3, 70, 33), &dev).unwrap();
+        let mut mask = vec![0f32; 2 * 33];
+        mask[33 + 20..].fill(-10000.0);
+        let bias = Tensor::from_vec(mask, (2, 1, 1, 33), &dev).unwrap();
+        for bias in [None, Some(&bias)] {
+            let ours = scaled_softmax(&scores, 0.125, bias).unwrap();
+            let mut plain = (&scores * 0.125).unwrap();
+            if let Some(bias) = bias {
+                plain = plain.broadcast_add(bias).unwrap();
+            }
+            let plain = candle_nn::ops::softmax_last_dim(&plain).unwrap();
+            let diff = (&ours - &plain).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-6, "{diff}");
+        }
+    }
 }

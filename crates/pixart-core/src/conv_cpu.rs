@@ -5,7 +5,7 @@
 //! The im2col rows of a band are built by copying contiguous input row segments (in NCHW the
 //! pixels of one channel row are adjacent), the GEMM writes straight into the NCHW output (each
 //! output channel's band is one contiguous run), the bias initialises the output, bands run in
-//! parallel with one reused column buffer per thread, and a 1×1 convolution without padding reads
+//! parallel with one column buffer per thread kept between calls, and a 1×1 convolution without padding reads
 //! the input as its own column matrix. candle's CPU conv2d instead transposes the whole input to
 //! NHWC on one thread, gathers each im2col element separately and scatters every output element
 //! (`cargo bench --bench model_parts` and `benches/cpu_vs_diffusers.py` measure the difference).
@@ -118,52 +118,60 @@ fn run(g: Geometry, input: &[f32], weight: &[f32], bias: &[f32]) -> Vec<f32> {
     let bands: Vec<(usize, usize)> =
         (0..g.batch).flat_map(|b| (0..g.out_h).step_by(rows_per_band).map(move |y0| (b, y0))).collect();
     let out_ptr = OutPtr(out.as_mut_ptr());
-    bands.par_iter().for_each_init(Vec::new, |cols: &mut Vec<f32>, &(b, y0)| {
-        let rows = rows_per_band.min(g.out_h - y0);
-        let n = rows * g.out_w;
-        let image = &input[b * g.c_in * g.h * g.w..(b + 1) * g.c_in * g.h * g.w];
-        let rhs: &[f32] = if direct {
-            &image[y0 * g.w..]
-        } else {
-            cols.resize(k * n, 0.0);
-            im2col_band(&g, image, y0, rows, cols);
-            cols
-        };
-        // The band of output channel co starts at out[b, co, y0, 0]; rows of the GEMM result
-        // (output channels) are `plane` apart, columns (pixels) adjacent.
-        let dst_offset = b * g.c_out * plane + y0 * g.out_w;
-        // SAFETY: this band writes out[b, co, y0..y0+rows, ..] for every co: element ranges
-        // [dst_offset + co·plane, dst_offset + co·plane + n), disjoint from every other band's
-        // (other rows or another image) and inside `out` (y0 + rows ≤ out_h).
-        unsafe {
-            let dst = out_ptr.get().add(dst_offset);
-            for (co, &b) in bias.iter().enumerate().take(g.c_out) {
-                std::slice::from_raw_parts_mut(dst.add(co * plane), n).fill(b);
+    bands.par_iter().for_each(|&(b, y0)| {
+        COLUMNS.with_borrow_mut(|cols| {
+            let rows = rows_per_band.min(g.out_h - y0);
+            let n = rows * g.out_w;
+            let image = &input[b * g.c_in * g.h * g.w..(b + 1) * g.c_in * g.h * g.w];
+            let rhs: &[f32] = if direct {
+                &image[y0 * g.w..]
+            } else {
+                cols.resize(k * n, 0.0);
+                im2col_band(&g, image, y0, rows, cols);
+                cols
+            };
+            // The band of output channel co starts at out[b, co, y0, 0]; rows of the GEMM result
+            // (output channels) are `plane` apart, columns (pixels) adjacent.
+            let dst_offset = b * g.c_out * plane + y0 * g.out_w;
+            // SAFETY: this band writes out[b, co, y0..y0+rows, ..] for every co: element ranges
+            // [dst_offset + co·plane, dst_offset + co·plane + n), disjoint from every other band's
+            // (other rows or another image) and inside `out` (y0 + rows ≤ out_h).
+            unsafe {
+                let dst = out_ptr.get().add(dst_offset);
+                for (co, &b) in bias.iter().enumerate().take(g.c_out) {
+                    std::slice::from_raw_parts_mut(dst.add(co * plane), n).fill(b);
+                }
+                gemm::gemm(
+                    g.c_out,
+                    n,
+                    k,
+                    dst,
+                    1,
+                    plane as isize,
+                    true,
+                    weight.as_ptr(),
+                    1,
+                    k as isize,
+                    rhs.as_ptr(),
+                    1,
+                    if direct { (g.h * g.w) as isize } else { n as isize },
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
             }
-            gemm::gemm(
-                g.c_out,
-                n,
-                k,
-                dst,
-                1,
-                plane as isize,
-                true,
-                weight.as_ptr(),
-                1,
-                k as isize,
-                rhs.as_ptr(),
-                1,
-                if direct { (g.h * g.w) as isize } else { n as isize },
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
+        })
     });
     out
+}
+
+thread_local! {
+    /// Each thread's im2col buffer, kept between calls: a fresh one per band would be
+    /// page-faulted in again every time.
+    static COLUMNS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl CustomOp3 for Conv2dRowsCpu {

@@ -7,11 +7,13 @@
 
 #![warn(missing_docs)]
 
+pub mod activation;
 pub mod attention;
 pub mod config_error;
 pub mod conv;
 pub mod conv_cpu;
 pub mod dtype;
+pub mod fast_math;
 pub mod weights;
 
 pub use config_error::{ConfigCheck, UnsupportedConfig};

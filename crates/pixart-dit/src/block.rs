@@ -3,6 +3,8 @@
 use candle_core::{Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
+use pixart_core::activation::gelu_tanh;
+
 use crate::attention::Attention;
 use crate::config::DitConfig;
 use crate::embeddings::layer_norm;
@@ -62,7 +64,7 @@ impl TransformerBlock {
         let (caption_k, caption_v) = caption_kv;
         let x = (&x + self.attn2.forward_with_keys_values(&x, caption_k, caption_v, caption_bias)?)?;
         let h = layer_norm(&x, self.eps)?.broadcast_mul(&(scale_mlp + 1.0)?)?.broadcast_add(&shift_mlp)?;
-        let ff = self.ff_out.forward(&self.ff_in.forward(&h)?.gelu()?)?;
+        let ff = self.ff_out.forward(&gelu_tanh(&self.ff_in.forward(&h)?)?)?;
         x + ff.broadcast_mul(&gate_mlp)?
     }
 }

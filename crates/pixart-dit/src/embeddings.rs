@@ -3,6 +3,7 @@
 
 use candle_core::{DType, Device, DeviceLocation, Module, Tensor, D};
 use candle_nn::{Conv2dConfig, Linear, VarBuilder};
+use pixart_core::activation::gelu_tanh;
 use pixart_core::conv::Conv;
 
 /// The fixed 2-D sin-cos position embedding for an `h × w` token grid, `[h·w, dim]` in f32.
@@ -163,7 +164,7 @@ impl CaptionProjection {
 
 impl Module for CaptionProjection {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.linear_2.forward(&self.linear_1.forward(x)?.gelu()?)
+        self.linear_2.forward(&gelu_tanh(&self.linear_1.forward(x)?)?)
     }
 }
 

@@ -4,6 +4,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use pixart_core::activation::silu;
 use pixart_core::attention::scaled_dot_product_attention;
 use pixart_core::conv::Conv;
 use pixart_core::WeightsError;
@@ -45,8 +46,8 @@ impl ResnetBlock {
 
 impl Module for ResnetBlock {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv1.forward(&silu(&self.norm1.forward(x)?)?)?;
+        let h = self.conv2.forward(&silu(&self.norm2.forward(&h)?)?)?;
         match &self.shortcut {
             Some(conv) => conv.forward(x)? + h,
             None => x + h,
@@ -224,6 +225,6 @@ impl VaeDecoder {
         for block in &self.up_blocks {
             x = block.forward(&x)?;
         }
-        Ok(self.conv_out.forward(&self.norm_out.forward(&x)?.silu()?)?)
+        Ok(self.conv_out.forward(&silu(&self.norm_out.forward(&x)?)?)?)
     }
 }
