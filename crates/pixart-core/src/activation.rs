@@ -4,6 +4,8 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::fast_math::contiguous_f32;
+
 /// Elements per parallel chunk.
 const CHUNK: usize = 1 << 14;
 
@@ -20,11 +22,7 @@ impl CustomOp1 for Elementwise {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else { candle_core::bail!("{}: f32 only", self.name) };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("{}: contiguous only", self.name)
-        };
-        let src = &data[start..end];
+        let src = contiguous_f32(storage, layout, self.name)?;
         let mut dst = vec![0f32; src.len()];
         dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(d, s)| (self.kernel)(s, d));
         Ok((CpuStorage::F32(dst), layout.shape().clone()))

@@ -3,6 +3,8 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::fast_math::contiguous_f32;
+
 /// The most score memory one attention chunk may take (bytes, f32): long sequences are processed
 /// in query blocks so a 4096-token self-attention never holds the whole `H × N × N` matrix.
 const SCORE_BUDGET_BYTES: usize = 256 << 20;
@@ -82,21 +84,13 @@ impl ScaledSoftmaxCpu {
     }
 }
 
-fn f32_data<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(data) = storage else { candle_core::bail!("scaled-softmax-cpu: f32 only") };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("scaled-softmax-cpu: contiguous only")
-    };
-    Ok(&data[start..end])
-}
-
 impl CustomOp1 for ScaledSoftmaxCpu {
     fn name(&self) -> &'static str {
         "scaled-softmax-cpu"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.run(f32_data(storage, layout)?, layout.shape(), &[])
+        self.run(contiguous_f32(storage, layout, CustomOp1::name(self))?, layout.shape(), &[])
     }
 }
 
@@ -116,7 +110,8 @@ impl CustomOp2 for ScaledSoftmaxCpu {
         if l2.shape().elem_count() != b * l {
             candle_core::bail!("scaled-softmax-cpu: bias {:?} for scores {:?}", l2.shape(), l1.shape())
         }
-        self.run(f32_data(s1, l1)?, l1.shape(), f32_data(s2, l2)?)
+        let name = CustomOp2::name(self);
+        self.run(contiguous_f32(s1, l1, name)?, l1.shape(), contiguous_f32(s2, l2, name)?)
     }
 }
 

@@ -15,6 +15,8 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape};
 use rayon::prelude::*;
 
+use crate::fast_math::contiguous_f32;
+
 /// The im2col buffer one band may use, in f32 elements (1 MiB): about an L2 cache.
 const BAND_ELEMENTS: usize = 1 << 18;
 
@@ -37,19 +39,6 @@ impl OutPtr {
     /// The pointer (a method, so closures capture the `Send` wrapper, not the raw field).
     fn get(self) -> *mut f32 {
         self.0
-    }
-}
-
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(data) = storage else {
-        candle_core::bail!(
-            "conv2d-rows-cpu: {what} must be f32, got {:?}",
-            candle_core::backend::BackendStorage::dtype(storage)
-        )
-    };
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("conv2d-rows-cpu: {what} must be contiguous"),
     }
 }
 
@@ -215,8 +204,9 @@ impl CustomOp3 for Conv2dRowsCpu {
             out_h: h + 2 * pad + 1 - kh,
             out_w: w + 2 * pad + 1 - kw,
         };
+        let name = self.name();
         let (input, weight, bias) =
-            (f32_slice(s1, l1, "input")?, f32_slice(s2, l2, "weight")?, f32_slice(s3, l3, "bias")?);
+            (contiguous_f32(s1, l1, name)?, contiguous_f32(s2, l2, name)?, contiguous_f32(s3, l3, name)?);
         let out = run(g, input, weight, bias);
         Ok((CpuStorage::F32(out), Shape::from((batch, c_out, g.out_h, g.out_w))))
     }

@@ -6,6 +6,21 @@
 //! The candle ops using these kernels are in [`crate::activation`] and [`crate::attention`]; each
 //! is tested against the plain candle composition it replaces.
 
+/// The f32 data of a contiguous CPU tensor, for custom ops; `op` names the op in errors.
+pub fn contiguous_f32<'a>(
+    storage: &'a candle_core::CpuStorage,
+    layout: &candle_core::Layout,
+    op: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let candle_core::CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{op}: f32 only, got {:?}", candle_core::backend::BackendStorage::dtype(storage))
+    };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{op}: contiguous input only"),
+    }
+}
+
 /// `exp(x)` in f32, within 2 ulp for `x` in [−87.3, 88.3]; clamped outside (so `exp(−∞)` is
 /// ~1e−38, not 0, and nothing overflows).
 #[inline(always)]
