@@ -184,13 +184,9 @@ impl SizePlan {
                 if generated.width == width && generated.height == height {
                     (generated, generated)
                 } else {
-                    // diffusers' `resize_and_crop_tensor`, in Python floats, then never short.
-                    let ratio = (f64::from(height) / f64::from(generated.height))
-                        .max(f64::from(width) / f64::from(generated.width));
-                    let scaled = |side: u32, wanted: u32| ((f64::from(side) * ratio) as u32).max(wanted);
-                    let resized =
-                        PixelSize { width: scaled(generated.width, width), height: scaled(generated.height, height) };
-                    (generated, resized)
+                    // diffusers' resize, then never short of the request.
+                    let d = diffusers_resize(generated, requested);
+                    (generated, PixelSize { width: d.width.max(width), height: d.height.max(height) })
                 }
             }
         };
@@ -206,12 +202,18 @@ impl SizePlan {
             return None;
         }
         let (w, h) = (self.output.width, self.output.height);
-        let ratio =
-            (f64::from(h) / f64::from(self.generated.height)).max(f64::from(w) / f64::from(self.generated.width));
-        let rw = (f64::from(self.generated.width) * ratio) as u32;
-        let rh = (f64::from(self.generated.height) * ratio) as u32;
-        (rw < w || rh < h).then_some(PixelSize { width: rw.min(w), height: rh.min(h) })
+        let d = diffusers_resize(self.generated, self.output);
+        (d.width < w || d.height < h).then_some(PixelSize { width: d.width.min(w), height: d.height.min(h) })
     }
+}
+
+/// diffusers' `resize_and_crop_tensor` size in Python floats: `ratio = max(h/H, w/W)`, then
+/// `(⌊W·ratio⌋, ⌊H·ratio⌋)` for a generated `W × H` and a requested `w × h`.
+fn diffusers_resize(generated: PixelSize, requested: Dimensions) -> PixelSize {
+    let ratio = (f64::from(requested.height) / f64::from(generated.height))
+        .max(f64::from(requested.width) / f64::from(generated.width));
+    let scaled = |side: u32| (f64::from(side) * ratio) as u32;
+    PixelSize { width: scaled(generated.width), height: scaled(generated.height) }
 }
 
 /// The aspect-ratio bins of one checkpoint resolution: (height/width ratio key, height, width),
