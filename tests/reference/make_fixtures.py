@@ -17,6 +17,7 @@ What is written:
   fixtures/goldens/<model>/transformer.safetensors     every sub-block of one transformer call
   fixtures/goldens/<model>/vae.safetensors             one VAE decode
   fixtures/goldens/<model>/pipeline_<case>.{json,safetensors}  hooked PixArtSigmaPipeline runs
+  fixtures/gguf/, fixtures/t5-256/, fixtures/goldens/gguf/  GGUF and quantized T5 (gguf_fixtures.py)
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ from diffusers import (
 from diffusers.schedulers import scheduling_sasolver
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 from transformers.models.t5.modeling_t5 import T5Attention
+
+from gguf_fixtures import write_gguf_fixtures
 
 TESTS = Path(__file__).resolve().parents[1]
 FIXTURES = TESTS / "fixtures"
@@ -648,7 +651,7 @@ PRESETS = {"square_hd": (1024, 1024), "square": (512, 512), "portrait_4_3": (768
 
 
 @torch.no_grad()
-def run_fal_case(pipe: PixArtSigmaPipeline, name: str, model: str, request: dict) -> None:
+def run_fal_case(pipe: PixArtSigmaPipeline, name: str, model: str, request: dict, folder: Path | None = None) -> None:
     from PIL import Image
 
     template, style_negative = STYLE_TEMPLATES[request.get("style", "(No style)")]
@@ -672,7 +675,7 @@ def run_fal_case(pipe: PixArtSigmaPipeline, name: str, model: str, request: dict
         ).images
     finally:
         pipe.scheduler = scheduler
-    folder = GOLDENS / "e2e" / name
+    folder = folder or GOLDENS / "e2e" / name
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "request.json").write_text(json.dumps(request, indent=2) + "\n", encoding="utf-8")
     (folder / "model.txt").write_text(model + "\n")
@@ -752,6 +755,7 @@ def main() -> None:
         pipe.scheduler = scheduler
     for name, model, request in FAL_CASES:
         run_fal_case(pipes[model], name, model, request)
+    write_gguf_fixtures(FIXTURES, GOLDENS, pipes["tiny-sigma-256"], run_fal_case)
     total = sum(p.stat().st_size for p in FIXTURES.rglob("*") if p.is_file())
     print(f"fixtures written under {FIXTURES}: {total / 1e6:.2f} MB")
 

@@ -72,6 +72,16 @@ pub struct FeedForwardKind {
 }
 
 impl T5Config {
+    /// Reads and validates a `config.json`; errors name the file.
+    pub fn load(path: &std::path::Path) -> Result<Self, T5Error> {
+        let config: T5Config = pixart_core::load_config(path)?;
+        config.validate().map_err(|e| match e {
+            T5Error::Unsupported(e) => T5Error::Unsupported(e.in_file(path)),
+            other => other,
+        })?;
+        Ok(config)
+    }
+
     /// Refuses configs the encoder cannot run, naming the first field at fault.
     pub fn validate(&self) -> Result<(), T5Error> {
         ConfigCheck::dimension("vocab_size", self.vocab_size)?;

@@ -14,13 +14,15 @@
 //! output projection `wo` stay in f32 (transformers keeps `wo` in f32 for the same reason: T5
 //! v1.1 activations exceed f16's range), and f16 matmul outputs are clamped to a finite range.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::VarBuilder;
 
 use crate::config::{Activation, FeedForwardKind, T5Config};
 use crate::error::T5Error;
+use crate::quantized::{QuantType, T5Embedding, T5Linear, WeightSummary};
+use crate::source::TensorSource;
 
 /// transformers clamps f16 hidden states to `finfo(f16).max - 1000`; we use the same bound.
 const F16_CLAMP: f64 = 65504.0 - 1000.0;
@@ -42,8 +44,8 @@ struct RmsNorm {
 }
 
 impl RmsNorm {
-    fn new(d: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<Self> {
-        Ok(Self { weight: vb.get(d, "weight")?, eps })
+    fn new(d: usize, eps: f64, src: &TensorSource, name: &str) -> Result<Self, T5Error> {
+        Ok(Self { weight: src.dense(&format!("{name}.weight"), &[d], src.dtype())?, eps })
     }
 
     /// Normalises in f32 and returns the weight's dtype.
@@ -104,22 +106,24 @@ impl RelativePositionBias {
 /// Multi-head self-attention without the 1/√d scaling (T5 folds it into the weights).
 #[derive(Debug, Clone)]
 struct SelfAttention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
+    q: T5Linear,
+    k: T5Linear,
+    v: T5Linear,
+    o: T5Linear,
     heads: usize,
     d_kv: usize,
 }
 
 impl SelfAttention {
-    fn new(cfg: &T5Config, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn new(cfg: &T5Config, src: &TensorSource, name: &str) -> Result<Self, T5Error> {
         let inner = cfg.num_heads * cfg.d_kv;
+        let dtype = src.dtype();
+        let linear = |part: &str, out, inp| src.linear(&format!("{name}.{part}.weight"), out, inp, dtype);
         Ok(Self {
-            q: candle_nn::linear_no_bias(cfg.d_model, inner, vb.pp("q"))?,
-            k: candle_nn::linear_no_bias(cfg.d_model, inner, vb.pp("k"))?,
-            v: candle_nn::linear_no_bias(cfg.d_model, inner, vb.pp("v"))?,
-            o: candle_nn::linear_no_bias(inner, cfg.d_model, vb.pp("o"))?,
+            q: linear("q", inner, cfg.d_model)?,
+            k: linear("k", inner, cfg.d_model)?,
+            v: linear("v", inner, cfg.d_model)?,
+            o: linear("o", cfg.d_model, inner)?,
             heads: cfg.num_heads,
             d_kv: cfg.d_kv,
         })
@@ -144,37 +148,31 @@ impl SelfAttention {
 /// The (gated) feed-forward block `wo(act(wi_0 h) ⊙ wi_1 h)`.
 #[derive(Debug, Clone)]
 struct FeedForward {
-    wi_0: Linear,
-    wi_1: Option<Linear>,
-    wo: Linear,
+    wi_0: T5Linear,
+    wi_1: Option<T5Linear>,
+    wo: T5Linear,
     activation: Activation,
 }
 
 impl FeedForward {
-    fn new(cfg: &T5Config, kind: FeedForwardKind, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn new(cfg: &T5Config, kind: FeedForwardKind, src: &TensorSource, name: &str) -> Result<Self, T5Error> {
+        let dtype = src.dtype();
+        let linear = |part: &str, out, inp, dtype| src.linear(&format!("{name}.{part}.weight"), out, inp, dtype);
         let (wi_0, wi_1) = if kind.gated {
-            (
-                candle_nn::linear_no_bias(cfg.d_model, cfg.d_ff, vb.pp("wi_0"))?,
-                Some(candle_nn::linear_no_bias(cfg.d_model, cfg.d_ff, vb.pp("wi_1"))?),
-            )
+            (linear("wi_0", cfg.d_ff, cfg.d_model, dtype)?, Some(linear("wi_1", cfg.d_ff, cfg.d_model, dtype)?))
         } else {
-            (candle_nn::linear_no_bias(cfg.d_model, cfg.d_ff, vb.pp("wi"))?, None)
+            (linear("wi", cfg.d_ff, cfg.d_model, dtype)?, None)
         };
         // f16 cannot hold T5 v1.1's feed-forward outputs: keep `wo` (and its input) in f32.
-        let wo_vb = if vb.dtype() == DType::F16 { vb.pp("wo").to_dtype(DType::F32) } else { vb.pp("wo") };
-        Ok(Self {
-            wi_0,
-            wi_1,
-            wo: candle_nn::linear_no_bias(cfg.d_ff, cfg.d_model, wo_vb)?,
-            activation: kind.activation,
-        })
+        let wo_dtype = if dtype == DType::F16 { DType::F32 } else { dtype };
+        Ok(Self { wi_0, wi_1, wo: linear("wo", cfg.d_model, cfg.d_ff, wo_dtype)?, activation: kind.activation })
     }
 
     /// `h`: `[B, L, d_model]` in the compute dtype; returns `wo`'s dtype.
     fn forward(&self, h: &Tensor) -> candle_core::Result<Tensor> {
-        let wo_dtype = self.wo.weight().dtype();
+        let wo_dtype = self.wo.dtype();
         let project =
-            |layer: &Linear| -> candle_core::Result<Tensor> { clamp_f16(layer.forward(h)?)?.to_dtype(wo_dtype) };
+            |layer: &T5Linear| -> candle_core::Result<Tensor> { clamp_f16(layer.forward(h)?)?.to_dtype(wo_dtype) };
         let pre = project(&self.wi_0)?;
         let mut hidden = match self.activation {
             Activation::Relu => pre.relu()?,
@@ -199,14 +197,14 @@ struct T5Block {
 }
 
 impl T5Block {
-    fn new(cfg: &T5Config, kind: FeedForwardKind, vb: VarBuilder) -> candle_core::Result<Self> {
-        let attn_vb = vb.pp("layer.0");
-        let ff_vb = vb.pp("layer.1");
+    /// `name`: the block's prefix, `encoder.block.{i}`.
+    fn new(cfg: &T5Config, kind: FeedForwardKind, src: &TensorSource, name: &str) -> Result<Self, T5Error> {
+        let eps = cfg.layer_norm_epsilon;
         Ok(Self {
-            attn_norm: RmsNorm::new(cfg.d_model, cfg.layer_norm_epsilon, attn_vb.pp("layer_norm"))?,
-            attn: SelfAttention::new(cfg, attn_vb.pp("SelfAttention"))?,
-            ff_norm: RmsNorm::new(cfg.d_model, cfg.layer_norm_epsilon, ff_vb.pp("layer_norm"))?,
-            ff: FeedForward::new(cfg, kind, ff_vb.pp("DenseReluDense"))?,
+            attn_norm: RmsNorm::new(cfg.d_model, eps, src, &format!("{name}.layer.0.layer_norm"))?,
+            attn: SelfAttention::new(cfg, src, &format!("{name}.layer.0.SelfAttention"))?,
+            ff_norm: RmsNorm::new(cfg.d_model, eps, src, &format!("{name}.layer.1.layer_norm"))?,
+            ff: FeedForward::new(cfg, kind, src, &format!("{name}.layer.1.DenseReluDense"))?,
         })
     }
 
@@ -220,61 +218,120 @@ impl T5Block {
     }
 }
 
+/// Where the encoder's weights are read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum T5WeightsFile {
+    /// A transformers folder: `model.safetensors`, or shards with `model.safetensors.index.json`.
+    Safetensors(PathBuf),
+    /// A GGUF file with transformers or llama.cpp tensor names (e.g. city96's
+    /// `t5-v1_1-xxl-encoder-gguf`), any of f32, f16, bf16, q8_0, q6k, q5k, q4k.
+    Gguf(PathBuf),
+}
+
+impl T5WeightsFile {
+    /// A `.gguf` file is GGUF; anything else is a safetensors folder.
+    pub fn from_path(path: &Path) -> Self {
+        let gguf = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+        if gguf {
+            Self::Gguf(path.into())
+        } else {
+            Self::Safetensors(path.into())
+        }
+    }
+}
+
+/// How to load the encoder.
+#[derive(Debug, Clone)]
+pub struct T5LoadOptions {
+    /// Compute dtype (f32, bf16, f16).
+    pub dtype: DType,
+    /// Where the weights and the computation live.
+    pub device: Device,
+    /// Quantize unquantized matrices (safetensors, or f32/f16/bf16 GGUF tensors) to this type
+    /// while loading; matrices whose rows do not fill its blocks fall back to q8_0, then to the
+    /// compute dtype ([`WeightSummary::fallbacks`]). Already-quantized GGUF tensors are used as
+    /// stored.
+    pub quant: Option<QuantType>,
+    /// On the CPU, run quantized matrices through candle's repacking kernels: for q8_0, q4k and
+    /// q6k (x86 with AVX2 or better) 3–8× faster, but candle keeps a repacked copy of each such
+    /// matrix beside it, about doubling their memory. Off: ggml's block dot products on the
+    /// blocks as loaded (the memory the type promises). No effect on CUDA or Metal.
+    pub cpu_repack: bool,
+}
+
 /// The T5 encoder: token ids (and a padding mask) to hidden states `[B, L, d_model]`.
 #[derive(Debug, Clone)]
 pub struct T5Encoder {
-    embed: Embedding,
+    embed: T5Embedding,
     blocks: Vec<T5Block>,
     final_norm: RmsNorm,
     position_bias: RelativePositionBias,
     config: T5Config,
     dtype: DType,
+    summary: WeightSummary,
 }
 
 impl T5Encoder {
     /// Loads a transformers `T5EncoderModel` folder (`config.json` + `model.safetensors` or
     /// sharded `model-*.safetensors` with `model.safetensors.index.json`) in `dtype` on `device`.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self, T5Error> {
-        let config_path = dir.join("config.json");
-        let config: T5Config = pixart_core::load_config(&config_path)?;
-        config.validate().map_err(|e| match e {
-            T5Error::Unsupported(e) => T5Error::Unsupported(e.in_file(&config_path)),
-            other => other,
-        })?;
-        let vb = pixart_core::var_builder(dir, "model", dtype, device)?;
-        Self::new(&config, vb).map_err(|e| match e {
-            T5Error::Candle(source) => pixart_core::WeightsError::Tensor { dir: dir.to_path_buf(), source }.into(),
-            other => other,
-        })
+        let config = T5Config::load(&dir.join("config.json"))?;
+        let options = T5LoadOptions { dtype, device: device.clone(), quant: None, cpu_repack: false };
+        Self::load_weights(&config, &T5WeightsFile::Safetensors(dir.into()), &options)
     }
 
-    /// Builds the encoder from a config and weights (`shared.*`, `encoder.*` names).
-    pub fn new(config: &T5Config, vb: VarBuilder) -> Result<Self, T5Error> {
+    /// Loads the encoder described by `config` from `weights`, stored as `options` ask. Every
+    /// tensor is checked against the shape the config implies.
+    pub fn load_weights(config: &T5Config, weights: &T5WeightsFile, options: &T5LoadOptions) -> Result<Self, T5Error> {
         config.validate()?;
+        let (dtype, device, quant) = (options.dtype, &options.device, options.quant);
+        let src = match weights {
+            T5WeightsFile::Safetensors(dir) => TensorSource::safetensors(dir, dtype, device, quant)?,
+            T5WeightsFile::Gguf(path) => TensorSource::gguf(path, dtype, device, quant)?,
+        }
+        .with_cpu_repack(options.cpu_repack);
+        Self::from_source(config, &src)
+    }
+
+    /// Builds the encoder from a config and weights (`shared.*`, `encoder.*` names), stored in
+    /// the VarBuilder's dtype.
+    pub fn new(config: &T5Config, vb: VarBuilder<'static>) -> Result<Self, T5Error> {
+        config.validate()?;
+        Self::from_source(config, &TensorSource::var_builder(vb))
+    }
+
+    fn from_source(config: &T5Config, src: &TensorSource) -> Result<Self, T5Error> {
         let kind = config.feed_forward()?;
-        let dtype = vb.dtype();
         // T5EncoderModel ties `encoder.embed_tokens` to `shared`; checkpoints store either name.
-        let embed_name = if vb.contains_tensor("shared.weight") { "shared" } else { "encoder.embed_tokens" };
-        let embed = candle_nn::embedding(config.vocab_size, config.d_model, vb.pp(embed_name))?;
-        let enc = vb.pp("encoder");
+        let embed_name = if src.contains("shared.weight") { "shared.weight" } else { "encoder.embed_tokens.weight" };
+        let embed = src.embedding(embed_name, config.vocab_size, config.d_model)?;
         let blocks = (0..config.num_layers)
-            .map(|i| T5Block::new(config, kind, enc.pp(format!("block.{i}"))))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let table = enc
-            .pp("block.0.layer.0.SelfAttention.relative_attention_bias")
-            .get((config.relative_attention_num_buckets, config.num_heads), "weight")?;
+            .map(|i| T5Block::new(config, kind, src, &format!("encoder.block.{i}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let table = src.dense(
+            "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+            &[config.relative_attention_num_buckets, config.num_heads],
+            src.dtype(),
+        )?;
+        let final_norm = RmsNorm::new(config.d_model, config.layer_norm_epsilon, src, "encoder.final_layer_norm")?;
         Ok(Self {
             embed,
             blocks,
-            final_norm: RmsNorm::new(config.d_model, config.layer_norm_epsilon, enc.pp("final_layer_norm"))?,
+            final_norm,
             position_bias: RelativePositionBias {
                 table,
                 num_buckets: config.relative_attention_num_buckets,
                 max_distance: config.relative_attention_max_distance,
             },
             config: config.clone(),
-            dtype,
+            dtype: src.dtype(),
+            summary: src.summary(),
         })
+    }
+
+    /// How the weights are stored: tensors and bytes per storage type.
+    pub fn weight_summary(&self) -> &WeightSummary {
+        &self.summary
     }
 
     /// The model's config.
@@ -325,7 +382,7 @@ impl T5Encoder {
             bias = bias.broadcast_add(&key_bias)?;
         }
         let residual_dtype = if self.dtype == DType::F16 { DType::F32 } else { self.dtype };
-        let mut x = self.embed.forward(ids)?.to_dtype(residual_dtype)?;
+        let mut x = self.embed.forward(ids, residual_dtype)?;
         let mut hidden = Vec::with_capacity(self.blocks.len() + 1);
         for block in &self.blocks {
             hidden.push(x.clone());

@@ -33,6 +33,60 @@ pub enum SpieceError {
     },
 }
 
+/// What is wrong with a GGUF text encoder file.
+#[derive(Debug, thiserror::Error)]
+pub enum GgufError {
+    /// The header or a tensor could not be read (truncated, not GGUF, unknown type…).
+    #[error("{}{source}", .tensor.as_ref().map(|t| format!("tensor {t}: ")).unwrap_or_default())]
+    Read {
+        /// The tensor being read, if the header was read already.
+        tensor: Option<String>,
+        /// What candle reported.
+        source: candle_core::Error,
+    },
+    /// The header's `general.alignment` is 0.
+    #[error("general.alignment is 0 (must be a positive power of two)")]
+    Alignment,
+    /// A tensor the encoder needs is not in the file under either naming scheme.
+    #[error("no tensor {name}{}", .llama_cpp_name.as_ref().map(|n| format!(" (or {n})")).unwrap_or_default())]
+    MissingTensor {
+        /// The transformers name.
+        name: String,
+        /// llama.cpp's name for it, also looked for.
+        llama_cpp_name: Option<String>,
+    },
+    /// A tensor's shape is not what the text encoder's config.json implies.
+    #[error("tensor {name} has shape {found:?}, expected {expected:?} (from the text encoder's config.json)")]
+    Shape {
+        /// The stored name.
+        name: String,
+        /// The shape the config implies.
+        expected: Vec<usize>,
+        /// The shape in the file.
+        found: Vec<usize>,
+    },
+    /// A quantized tensor whose rows do not fill whole blocks of its type.
+    #[error("tensor {name} has rows of {width} weights, not a multiple of its {ggml_type} blocks of {block}")]
+    Blocks {
+        /// The stored name.
+        name: String,
+        /// Weights per row.
+        width: usize,
+        /// The storage type.
+        ggml_type: &'static str,
+        /// Weights per block.
+        block: usize,
+    },
+    /// A storage type that is not meant for weights.
+    #[error("tensor {name} is stored as {ggml_type}; allowed: f32, f16, bf16, q8_0, q6k, q5k, q4k (and q4_0, q4_1, q5_0, q5_1, q2k, q3k)")]
+    UnsupportedType {
+        /// The stored name.
+        name: String,
+        /// The type.
+        ggml_type: &'static str,
+    },
+}
+
 /// Errors from loading or running the T5 tokenizer and encoder.
 #[derive(Debug, thiserror::Error)]
 pub enum T5Error {
@@ -60,6 +114,14 @@ pub enum T5Error {
         context: String,
         /// The library's error.
         source: tokenizers::Error,
+    },
+    /// A GGUF text encoder file could not be used.
+    #[error("GGUF text encoder {path}: {source}")]
+    Gguf {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it (boxed: candle's error is large).
+        source: Box<GgufError>,
     },
     /// The checkpoint's config asks for something this implementation does not do.
     #[error(transparent)]

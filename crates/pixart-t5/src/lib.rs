@@ -21,12 +21,16 @@ pub mod config;
 pub mod encoder;
 pub mod error;
 pub mod normalizer;
+pub mod quantized;
+mod source;
 pub mod spiece;
 pub mod tokenizer;
 
 pub use config::T5Config;
-pub use encoder::T5Encoder;
-pub use error::{SpieceError, T5Error};
+pub use encoder::{T5Encoder, T5LoadOptions, T5WeightsFile};
+pub use error::{GgufError, SpieceError, T5Error};
+pub use quantized::{QuantType, UnknownQuantType, WeightSummary};
+pub use source::llama_cpp_name;
 pub use tokenizer::{PaddedTokens, T5Tokenizer};
 
 /// The caption length PixArt-Σ tokenizes to (prompts are truncated to 299 tokens plus `</s>`).
