@@ -7,7 +7,7 @@ use candle_core::Device;
 use clap::builder::FalseyValueParser;
 use clap::Args;
 use pixart_pipeline::{
-    Dimensions, GenerateRequest, GuidanceScale, ImageSize, Pipeline, SchedulerKind, StageTimings, Steps,
+    Dimensions, GenerateRequest, GuidanceScale, ImageSize, Pipeline, SchedulerKind, Stage, StageTimings, Steps,
 };
 use serde_json::{json, Value};
 
@@ -64,6 +64,58 @@ fn memory_in_use(device: &Device) -> Option<u64> {
     }
 }
 
+/// Starts a new peak on the CPU: `VmHWM` is reset to the current resident set (Linux
+/// `clear_refs` 5). Returns false where that is not possible (peaks are then cumulative).
+fn reset_peak(device: &Device) -> bool {
+    device.is_cpu() && std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// Peak memory per stage: on the CPU the process's peak resident set within the stage (reset at
+/// each stage start), on a GPU the device memory in use sampled at the stage's start, after
+/// every step and at its end.
+struct StageMemory {
+    device: Device,
+    current: Option<&'static str>,
+    peaks: std::collections::BTreeMap<&'static str, u64>,
+    resets: bool,
+}
+
+impl StageMemory {
+    fn new(device: &Device) -> Self {
+        Self { device: device.clone(), current: None, peaks: Default::default(), resets: true }
+    }
+
+    fn sample(&mut self) {
+        if let (Some(stage), Some(bytes)) = (self.current, memory_in_use(&self.device)) {
+            let peak = self.peaks.entry(stage).or_default();
+            *peak = (*peak).max(bytes);
+        }
+    }
+
+    fn enter(&mut self, stage: &'static str) {
+        self.sample();
+        if self.device.is_cpu() {
+            self.resets &= reset_peak(&self.device);
+        }
+        self.current = Some(stage);
+        self.sample();
+    }
+
+    fn finish(&mut self) {
+        self.sample();
+        self.current = None;
+    }
+}
+
+fn stage_name(stage: Stage) -> &'static str {
+    match stage {
+        Stage::TextEncoder => "text_encoder",
+        Stage::Denoise => "denoise",
+        Stage::Vae => "vae",
+        Stage::Postprocess => "postprocess",
+    }
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -89,23 +141,34 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let device = options.device.clone();
     let dtype = options.dtype;
     let baseline = memory_in_use(&device);
+    let mut memory = StageMemory::new(&device);
 
     let load_started = Instant::now();
+    memory.enter("load");
     let pipeline = Pipeline::load(&args.model.model, &options).context("loading the model")?;
     let load = load_started.elapsed();
+    memory.finish();
+    let text_encoder_weights = pipeline.text_encoder_weights().clone();
 
-    let mut peak = memory_in_use(&device);
     let mut runs: Vec<StageTimings> = Vec::new();
     for i in 0..args.warmup + args.runs {
-        let generation = pipeline.generate_with_progress(&request, |_| {
-            peak = peak.max(memory_in_use(&device));
-            std::ops::ControlFlow::Continue(())
-        })?;
-        peak = peak.max(memory_in_use(&device));
+        let memory = std::cell::RefCell::new(&mut memory);
+        let generation = pipeline.generate_with_stages(
+            &request,
+            |stage| memory.borrow_mut().enter(stage_name(stage)),
+            |_| {
+                memory.borrow_mut().sample();
+                std::ops::ControlFlow::Continue(())
+            },
+        )?;
+        memory.borrow_mut().finish();
         if i >= args.warmup {
             runs.push(generation.stages);
         }
     }
+    let peak = memory.peaks.values().copied().max().max(memory_in_use(&device).filter(|_| !device.is_cpu()));
+    let by_stage: serde_json::Map<String, Value> =
+        memory.peaks.iter().map(|(stage, bytes)| ((*stage).to_string(), json!(bytes))).collect();
 
     let per_run = |f: &dyn Fn(&StageTimings) -> Duration| runs.iter().map(|r| ms(f(r))).collect::<Vec<_>>();
     let steps: Vec<f64> = runs.iter().flat_map(|r| r.steps.iter().map(|d| ms(*d))).collect();
@@ -123,6 +186,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "load_s": load.as_secs_f64(),
         "stages": {
             "tokenize": summary(&per_run(&|r| r.tokenize)),
+            "text_encoder_load": summary(&per_run(&|r| r.text_encoder_load)),
             "text_encoder": summary(&per_run(&|r| r.text_encoder)),
             "transformer_step": summary(&steps),
             "denoise_total": summary(&per_run(&|r| r.steps.iter().sum())),
@@ -131,6 +195,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "total": summary(&per_run(&|r| r.total)),
         },
         "peak_memory_bytes": peak,
+        "peak_memory_by_stage_bytes": by_stage,
+        "peak_memory_by_stage_measure": if device.is_cpu() && !memory.resets { "cumulative process peak (VmHWM could not be reset)" } else if device.is_cpu() { "process peak resident set within the stage (VmHWM reset at its start)" } else { "device memory in use, sampled at the stage's start, after every step and at its end" },
+        "text_encoder_weights": {
+            "bytes": text_encoder_weights.total_bytes(),
+            "summary": text_encoder_weights.to_string(),
+            "offload": args.model.offload.name(),
+        },
         "memory_before_load_bytes": baseline,
         "memory_measure": if device.is_cpu() { "process peak resident set (VmHWM)" } else { "device memory in use, sampled after every step" },
     });
@@ -152,7 +223,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
         args.runs
     )?;
     writeln!(out, "{:<18} {:>12} {:>12} {:>12}", "stage", "mean ms", "median ms", "min ms")?;
-    for stage in ["tokenize", "text_encoder", "transformer_step", "denoise_total", "vae", "postprocess", "total"] {
+    for stage in [
+        "tokenize",
+        "text_encoder_load",
+        "text_encoder",
+        "transformer_step",
+        "denoise_total",
+        "vae",
+        "postprocess",
+        "total",
+    ] {
         let s = &report["stages"][stage];
         writeln!(
             out,
@@ -164,6 +244,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         )?;
     }
     writeln!(out, "{:<18} {:>12.2} s", "model load", load.as_secs_f64())?;
+    writeln!(out, "{:<18} {}", "text encoder", text_encoder_weights)?;
+    for (stage, bytes) in &memory.peaks {
+        writeln!(out, "{:<18} {:>12.1} MiB", format!("peak · {stage}"), *bytes as f64 / (1024.0 * 1024.0))?;
+    }
     match peak {
         Some(bytes) => writeln!(
             out,

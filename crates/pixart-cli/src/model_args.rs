@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use clap::builder::FalseyValueParser;
 use clap::{Args, ValueEnum};
-use pixart_pipeline::{HubOptions, LoadOptions, DEFAULT_MODEL};
+use pixart_pipeline::{HubOptions, LoadOptions, Offload, QuantType, TextEncoderOptions, DEFAULT_MODEL};
 
 /// Where to run.
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -52,6 +52,22 @@ pub struct ModelArgs {
     /// Run T5 on the CPU and keep only the transformer and VAE on the device.
     #[arg(long, env = "PIXART_TEXT_ENCODER_ON_CPU", value_parser = FalseyValueParser::new())]
     pub text_encoder_on_cpu: bool,
+    /// Text encoder weights instead of the model's text_encoder/ folder: a .gguf file (f32, f16,
+    /// bf16, q8_0, q6k, q5k, q4k; Hugging Face or llama.cpp tensor names, e.g. city96's
+    /// t5-v1_1-xxl-encoder-gguf) or a safetensors folder. Config and tokenizer stay the model's.
+    #[arg(long, env = "PIXART_TEXT_ENCODER")]
+    pub text_encoder: Option<PathBuf>,
+    /// Quantize the text encoder's unquantized matrices on load: q8_0, q6k, q5k or q4k.
+    #[arg(long, env = "PIXART_TEXT_ENCODER_QUANT")]
+    pub text_encoder_quant: Option<QuantType>,
+    /// none: keep T5 loaded; sequential: load it only while encoding prompts and release it
+    /// before the transformer runs (less peak memory, T5 re-read for each uncached prompt).
+    #[arg(long, env = "PIXART_OFFLOAD", default_value = "none")]
+    pub offload: Offload,
+    /// On the CPU, run a quantized T5 through candle's repacked kernels: several times faster
+    /// encoding, but a second copy of the q8_0/q4k/q6k matrices stays in memory.
+    #[arg(long, env = "PIXART_TEXT_ENCODER_REPACK", value_parser = FalseyValueParser::new())]
+    pub text_encoder_repack: bool,
     /// Clean prompts as diffusers' `clean_caption=True` does (URLs, HTML, ids… removed); default
     /// is diffusers' `clean_caption=False` (lowercase and strip only).
     #[arg(long, env = "PIXART_CLEAN_CAPTION", value_parser = FalseyValueParser::new())]
@@ -99,6 +115,12 @@ impl ModelArgs {
         Ok(LoadOptions {
             dtype: self.dtype_for(&device),
             text_encoder_device: self.text_encoder_on_cpu.then_some(Device::Cpu),
+            text_encoder: TextEncoderOptions {
+                weights: self.text_encoder.clone(),
+                quant: self.text_encoder_quant,
+                offload: self.offload,
+                cpu_repack: self.text_encoder_repack,
+            },
             hub: self.hub(),
             clean_caption: self.clean_caption,
             device,

@@ -311,6 +311,77 @@ fn bench_reports_every_stage_as_json_and_as_a_table() {
 }
 
 #[test]
+fn gguf_text_encoder_quantization_and_sequential_offload_from_the_command_line() {
+    let model = fixtures().join("tiny-sigma-256");
+    let m = model.to_str().unwrap();
+    let gguf = fixtures().join("gguf/tiny-sigma-256-t5-q8_0.gguf");
+    let case = fixtures().join("goldens/gguf/e2e_q8_0");
+    let out = temp_dir("gguf");
+    let request = std::fs::read_to_string(case.join("request.json")).unwrap();
+    let request: Value = serde_json::from_str(&request).unwrap();
+    let size = format!("{}x{}", request["image_size"]["width"], request["image_size"]["height"]);
+    let output = pixart(
+        &[
+            "generate",
+            "--model",
+            m,
+            "--prompt",
+            request["prompt"].as_str().unwrap(),
+            "--seed",
+            "0",
+            "--image-size",
+            &size,
+            "--text-encoder",
+            gguf.to_str().unwrap(),
+            "--offload",
+            "sequential",
+            "--out-dir",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    response(&output);
+    let pngs = png_files(&out);
+    assert_eq!(pngs.len(), 1);
+    let diff = max_diff(&pngs[0], &case.join("image_0.png"));
+    assert!(diff <= 2, "q8_0 GGUF image differs from diffusers' by {diff}/255");
+    std::fs::remove_dir_all(&out).unwrap();
+
+    rejects(&["--model", m, "--text-encoder-quant", "q9"], &["--text-encoder-quant", "q8_0, q6k, q5k, q4k"]);
+    rejects(&["--model", m, "--offload", "later"], &["--offload", "none, sequential"]);
+    rejects(&["--model", m, "--prompt", "a", "--text-encoder", "/nonexistent/t5.gguf"], &["/nonexistent/t5.gguf"]);
+
+    let bench = pixart(
+        &[
+            "bench",
+            "--model",
+            m,
+            "--size",
+            "64x64",
+            "--steps",
+            "2",
+            "--runs",
+            "1",
+            "--warmup",
+            "0",
+            "--json",
+            "--text-encoder-quant",
+            "q8_0",
+            "--offload",
+            "sequential",
+        ],
+        &[],
+    );
+    let report = response(&bench);
+    for stage in ["load", "text_encoder", "denoise", "vae"] {
+        assert!(report["peak_memory_by_stage_bytes"][stage].as_u64().unwrap() > 0, "{stage}: {report}");
+    }
+    assert!(report["stages"]["text_encoder_load"]["mean_ms"].as_f64().unwrap() > 0.0, "{report}");
+    assert!(report["text_encoder_weights"]["summary"].as_str().unwrap().contains("q8_0"), "{report}");
+    assert_eq!(report["text_encoder_weights"]["offload"], "sequential");
+}
+
+#[test]
 fn request_from_stdin_with_flags_overriding_its_fields() {
     use std::io::Write;
     let model = fixtures().join("tiny-sigma-256");

@@ -34,11 +34,13 @@ pub mod rng;
 pub mod sizes;
 pub mod styles;
 pub mod text;
+pub mod text_encoder;
 
 pub use caption::CaptionError;
 pub use image::RgbImage;
 pub use model_source::{resolve_model, HubOptions, ModelError, DEFAULT_MODEL};
-pub use pipeline::{Generation, LoadOptions, Pipeline, StageTimings, StepProgress};
+pub use pipeline::{Generation, LoadOptions, Pipeline, Stage, StageTimings, StepProgress};
+pub use pixart_t5::{QuantType, WeightSummary};
 pub use request::{
     input_schema, Dimensions, FieldError, GenerateRequest, GuidanceScale, ImageSize, NumImages, PartialRequest,
     SchedulerKind, SizePreset, Steps, Style,
@@ -46,6 +48,7 @@ pub use request::{
 pub use response::{data_uri, GenerateResponse, ImageOutput, Timings};
 pub use rng::TorchGenerator;
 pub use sizes::{PixelSize, SizePlan};
+pub use text_encoder::{Offload, TextEncoderOptions};
 
 /// Errors from loading a model or generating.
 #[derive(Debug, thiserror::Error)]

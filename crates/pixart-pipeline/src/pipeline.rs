@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use pixart_core::UnsupportedConfig;
 use pixart_dit::PixArtTransformer;
 use pixart_scheduler::{DpmSolverMultistep, SaSolver, Scheduler, SchedulerConfig, SchedulerError};
-use pixart_t5::{T5Encoder, T5Tokenizer, MAX_SEQUENCE_LENGTH};
+use pixart_t5::{T5Config, T5Tokenizer, WeightSummary, MAX_SEQUENCE_LENGTH};
 use pixart_vae::VaeDecoder;
 
 use crate::caption::clean_caption;
@@ -19,6 +19,7 @@ use crate::response::{GenerateResponse, ImageOutput, Timings};
 use crate::rng::TorchGenerator;
 use crate::sizes::{AspectRatioBins, SizePlan};
 use crate::text::lower_strip;
+use crate::text_encoder::{TextEncoderOptions, TextEncoderSlot};
 use crate::PipelineError;
 
 /// How to load a model.
@@ -37,6 +38,8 @@ pub struct LoadOptions {
     /// Where T5 runs (`None`: on `device`). `Some(Device::Cpu)` keeps its ~9.5 GB (bf16) off the
     /// GPU; only the prompt states travel to the device.
     pub text_encoder_device: Option<Device>,
+    /// The text encoder's weights (GGUF or another folder), quantization and residency.
+    pub text_encoder: TextEncoderOptions,
     /// How many recent prompts' T5 states to keep (0 disables the cache).
     pub prompt_cache_size: usize,
 }
@@ -49,6 +52,7 @@ impl Default for LoadOptions {
             hub: HubOptions::from_env(),
             clean_caption: false,
             text_encoder_device: None,
+            text_encoder: TextEncoderOptions::default(),
             prompt_cache_size: 16,
         }
     }
@@ -67,12 +71,27 @@ pub struct StepProgress {
     pub duration: std::time::Duration,
 }
 
+/// A stage of one generation, announced as it starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Tokenizing and T5 encoding (loading T5 first under sequential offload).
+    TextEncoder,
+    /// The denoising loop.
+    Denoise,
+    /// VAE decoding.
+    Vae,
+    /// Resize/crop and conversion to 8-bit RGB.
+    Postprocess,
+}
+
 /// Wall-clock time of each stage of one generation (the device is synchronised at each
 /// boundary, so GPU work is attributed to its stage).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StageTimings {
     /// Tokenizing the prompt and negative prompt.
     pub tokenize: std::time::Duration,
+    /// Loading the text encoder for this request (sequential offload only).
+    pub text_encoder_load: std::time::Duration,
     /// T5 encoding (zero for prompts served from the cache).
     pub text_encoder: std::time::Duration,
     /// Each denoising step (transformer, guidance, scheduler).
@@ -147,13 +166,12 @@ impl Generation {
 #[derive(Debug)]
 pub struct Pipeline {
     tokenizer: T5Tokenizer,
-    text_encoder: T5Encoder,
+    text_encoder: TextEncoderSlot,
     transformer: PixArtTransformer,
     vae: VaeDecoder,
     scheduler_config: SchedulerConfig,
     bins: Option<AspectRatioBins>,
     device: Device,
-    text_device: Device,
     model_dir: PathBuf,
     clean_caption: bool,
     prompt_cache: std::sync::Mutex<std::collections::VecDeque<(String, Tensor)>>,
@@ -176,11 +194,11 @@ fn read_scheduler_config(path: &Path) -> Result<SchedulerConfig, PipelineError> 
 fn check_parts_fit(
     dir: &Path,
     tokenizer: &T5Tokenizer,
-    text_encoder: &T5Encoder,
+    t5: &T5Config,
     transformer: &PixArtTransformer,
     vae: &VaeDecoder,
 ) -> Result<(), UnsupportedConfig> {
-    let (t5, dit, vae) = (text_encoder.config(), transformer.config(), vae.config());
+    let (dit, vae) = (transformer.config(), vae.config());
     let mismatch = |field: &str, value: usize, supported: String| {
         Err(UnsupportedConfig::new(field, value, supported).in_file(dir))
     };
@@ -231,9 +249,9 @@ impl Pipeline {
         // Refuse an unsupported scheduler config now rather than at the first request.
         let scheduler_config = read_scheduler_config(&dir.join("scheduler/scheduler_config.json"))?;
         let tokenizer = T5Tokenizer::from_dir(&dir.join("tokenizer"))?;
-        let text_encoder = T5Encoder::load(&dir.join("text_encoder"), dtype, &text_device)?;
+        let text_encoder = TextEncoderSlot::load(&dir, &options.text_encoder, dtype, &text_device)?;
         let vae = VaeDecoder::load(&dir.join("vae"), vae_dtype, &options.device)?;
-        check_parts_fit(&dir, &tokenizer, &text_encoder, &transformer, &vae)?;
+        check_parts_fit(&dir, &tokenizer, text_encoder.config(), &transformer, &vae)?;
         Ok(Self {
             tokenizer,
             text_encoder,
@@ -242,7 +260,6 @@ impl Pipeline {
             scheduler_config,
             bins,
             device: options.device.clone(),
-            text_device,
             model_dir: dir,
             clean_caption: options.clean_caption,
             prompt_cache: Default::default(),
@@ -281,6 +298,17 @@ impl Pipeline {
     pub fn generate_with_progress(
         &self,
         request: &GenerateRequest,
+        on_step: impl FnMut(&StepProgress) -> ControlFlow<()>,
+    ) -> Result<Generation, PipelineError> {
+        self.generate_with_stages(request, |_| {}, on_step)
+    }
+
+    /// Like [`Self::generate_with_progress`], also calling `on_stage` as each stage starts (the
+    /// device synchronised), e.g. to measure memory stage by stage.
+    pub fn generate_with_stages(
+        &self,
+        request: &GenerateRequest,
+        mut on_stage: impl FnMut(Stage),
         mut on_step: impl FnMut(&StepProgress) -> ControlFlow<()>,
     ) -> Result<Generation, PipelineError> {
         let started = Instant::now();
@@ -320,13 +348,16 @@ impl Pipeline {
         let negative = if cfg { Some(self.preprocess(&negative, "negative_prompt")?) } else { None };
 
         let n = request.num_images.get() as usize;
-        let positive = self.encode_prompt_timed(&prompt, &mut stages)?;
+        on_stage(Stage::TextEncoder);
+        let texts: Vec<&str> = std::iter::once(prompt.as_str()).chain(negative.as_deref()).collect();
+        let mut states = self.encode_prompts_timed(&texts, &mut stages)?.into_iter();
+        let positive = states.next().ok_or_else(|| candle_core::Error::Msg("no prompt states".into()))?;
         let mut rows = Vec::with_capacity(2 * n);
-        if let Some(negative) = negative {
-            let negative = self.encode_prompt_timed(&negative, &mut stages)?;
+        if let Some(negative) = states.next() {
             rows.extend(std::iter::repeat_n(negative, n));
         }
         rows.extend(std::iter::repeat_n(positive, n));
+        on_stage(Stage::Denoise);
         let (caption, mask) = pad_captions(&rows, &self.device)?;
         let caption = self.transformer.prepare_caption(&caption, Some(&mask))?;
 
@@ -368,10 +399,12 @@ impl Pipeline {
             }
         }
 
+        on_stage(Stage::Vae);
         let vae_started = Instant::now();
         let decoded = self.vae.decode_latents(&latents)?;
         self.device.synchronize()?;
         stages.vae = vae_started.elapsed();
+        on_stage(Stage::Postprocess);
         let post_started = Instant::now();
         let images = to_rgb8(&resize_and_crop(&decoded, &plan)?)?;
         stages.postprocess = post_started.elapsed();
@@ -407,31 +440,56 @@ impl Pipeline {
     /// real tokens equals diffusers' padded-and-masked encoding at those positions, and the
     /// transformer never attends to the padded ones.
     pub fn encode_prompt(&self, text: &str) -> Result<Tensor, PipelineError> {
-        self.encode_prompt_timed(text, &mut StageTimings::default())
+        let mut states = self.encode_prompts_timed(&[text], &mut StageTimings::default())?;
+        states.pop().ok_or_else(|| candle_core::Error::Msg("no prompt states".into()).into())
     }
 
-    fn encode_prompt_timed(&self, text: &str, stages: &mut StageTimings) -> Result<Tensor, PipelineError> {
+    /// How the text encoder's weights are stored (tensors and bytes per type).
+    pub fn text_encoder_weights(&self) -> &WeightSummary {
+        self.text_encoder.summary()
+    }
+
+    /// The states of each text, from the prompt cache or encoded now; under sequential offload
+    /// T5 is loaded once for the texts not cached and released before this returns.
+    fn encode_prompts_timed(&self, texts: &[&str], stages: &mut StageTimings) -> Result<Vec<Tensor>, PipelineError> {
         let cache = || self.prompt_cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let hit = cache().iter().find(|(t, _)| t == text).map(|(_, s)| s.clone());
-        if let Some(states) = hit {
-            return Ok(states);
-        }
-        let started = Instant::now();
-        let ids = self.tokenizer.encode(text, MAX_SEQUENCE_LENGTH)?;
-        stages.tokenize += started.elapsed();
-        let started = Instant::now();
-        let ids = Tensor::new(ids.as_slice(), &self.text_device)?.unsqueeze(0)?;
-        let states = self.text_encoder.forward(&ids, None)?.to_device(&self.device)?;
-        self.device.synchronize()?;
-        stages.text_encoder += started.elapsed();
-        if self.prompt_cache_size > 0 {
-            let mut cached = cache();
-            if cached.len() >= self.prompt_cache_size {
-                cached.pop_front();
+        let mut states: Vec<Option<Tensor>> =
+            texts.iter().map(|text| cache().iter().find(|(t, _)| t == text).map(|(_, s)| s.clone())).collect();
+        if states.iter().any(Option::is_none) {
+            let started = Instant::now();
+            let encoder = self.text_encoder.encoder()?;
+            if matches!(encoder, std::borrow::Cow::Owned(_)) {
+                stages.text_encoder_load += started.elapsed();
             }
-            cached.push_back((text.to_string(), states.clone()));
+            for i in 0..texts.len() {
+                if states[i].is_some() {
+                    continue;
+                }
+                if let Some(same) = (0..i).find(|&j| texts[j] == texts[i]) {
+                    states[i] = states[same].clone();
+                    continue;
+                }
+                let started = Instant::now();
+                let ids = self.tokenizer.encode(texts[i], MAX_SEQUENCE_LENGTH)?;
+                stages.tokenize += started.elapsed();
+                let started = Instant::now();
+                let ids = Tensor::new(ids.as_slice(), self.text_encoder.device())?.unsqueeze(0)?;
+                let encoded = encoder.forward(&ids, None)?.to_device(&self.device)?;
+                self.device.synchronize()?;
+                stages.text_encoder += started.elapsed();
+                if self.prompt_cache_size > 0 {
+                    let mut cached = cache();
+                    if cached.len() >= self.prompt_cache_size {
+                        cached.pop_front();
+                    }
+                    cached.push_back((texts[i].to_string(), encoded.clone()));
+                }
+                states[i] = Some(encoded);
+            }
+            drop(encoder);
+            self.text_encoder.device().synchronize()?;
         }
-        Ok(states)
+        Ok(states.into_iter().flatten().collect())
     }
 }
 
