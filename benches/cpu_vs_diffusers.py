@@ -119,7 +119,8 @@ def main() -> None:
         if not args.model_dir:
             configs = make_cpu_model(model)
         # Ours first: RUSAGE_CHILDREN keeps the largest child's peak, and diffusers' is larger.
-        common = ["--model", str(model), "--device", "cpu", "--dtype", "f32"]
+        # diffusers' PixArtSigmaPipeline has no safety checker: compare like with like.
+        common = ["--model", str(model), "--device", "cpu", "--dtype", "f32", "--no-safety-checker"]
         gen, generate_ms, generate_rss = timed_process(
             [args.pixart, "generate", *common, "--prompt", PROMPT, "--image-size", f"{SIZE}x{SIZE}",
              "--steps", str(STEPS), "--seed", str(SEED), "--out-dir", str(work), "--quiet"])

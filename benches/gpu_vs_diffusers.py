@@ -136,7 +136,8 @@ def run_diffusers(model: Path, device: str, dtype: torch.dtype, size: int, steps
 
 
 def run_pixart(binary: str, model: Path, device: str, dtype: str, size: int, steps: int, seed: int, work: Path) -> dict:
-    common = ["--model", str(model), "--device", device, "--dtype", dtype]
+    # diffusers' PixArtSigmaPipeline has no safety checker: compare like with like.
+    common = ["--model", str(model), "--device", device, "--dtype", dtype, "--no-safety-checker"]
     bench = subprocess.run([binary, "bench", *common, "--size", f"{size}x{size}", "--steps", str(steps), "--seed", str(seed),
                             "--runs", "1", "--warmup", "1", "--json"], check=True, capture_output=True, text=True)
     report = json.loads(bench.stdout)

@@ -47,7 +47,7 @@ def percentile(values, q):
 
 def start_server(binary, model):
     process = subprocess.Popen(
-        [binary, "serve", "--model", model, "--port", "0"],
+        [binary, "serve", "--model", model, "--port", "0", "--no-safety-checker"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

@@ -18,6 +18,7 @@ What is written:
   fixtures/goldens/<model>/vae.safetensors             one VAE decode
   fixtures/goldens/<model>/pipeline_<case>.{json,safetensors}  hooked PixArtSigmaPipeline runs
   fixtures/gguf/, fixtures/t5-256/, fixtures/goldens/gguf/  GGUF and quantized T5 (gguf_fixtures.py)
+  fixtures/tiny-safety-checker/, fixtures/goldens/safety/  the NSFW classifier (safety_fixtures.py)
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from transformers import T5Config, T5EncoderModel, T5Tokenizer
 from transformers.models.t5.modeling_t5 import T5Attention
 
 from gguf_fixtures import write_gguf_fixtures
+from safety_fixtures import write_safety_fixtures
 
 TESTS = Path(__file__).resolve().parents[1]
 FIXTURES = TESTS / "fixtures"
@@ -756,6 +758,7 @@ def main() -> None:
     for name, model, request in FAL_CASES:
         run_fal_case(pipes[model], name, model, request)
     write_gguf_fixtures(FIXTURES, GOLDENS, pipes["tiny-sigma-256"], run_fal_case)
+    write_safety_fixtures(FIXTURES, GOLDENS)
     total = sum(p.stat().st_size for p in FIXTURES.rglob("*") if p.is_file())
     print(f"fixtures written under {FIXTURES}: {total / 1e6:.2f} MB")
 

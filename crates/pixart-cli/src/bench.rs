@@ -7,7 +7,7 @@ use candle_core::Device;
 use clap::builder::FalseyValueParser;
 use clap::Args;
 use pixart_pipeline::{
-    Dimensions, GenerateRequest, GuidanceScale, ImageSize, Pipeline, SchedulerKind, Stage, StageTimings, Steps,
+    Dimensions, GenerateRequest, GuidanceScale, ImageSize, SchedulerKind, Stage, StageTimings, Steps,
 };
 use serde_json::{json, Value};
 
@@ -76,7 +76,8 @@ fn reset_peak(device: &Device) -> bool {
 struct StageMemory {
     device: Device,
     current: Option<&'static str>,
-    peaks: std::collections::BTreeMap<&'static str, u64>,
+    /// (stage, peak bytes), in the order the stages first ran.
+    peaks: Vec<(&'static str, u64)>,
     resets: bool,
 }
 
@@ -87,8 +88,10 @@ impl StageMemory {
 
     fn sample(&mut self) {
         if let (Some(stage), Some(bytes)) = (self.current, memory_in_use(&self.device)) {
-            let peak = self.peaks.entry(stage).or_default();
-            *peak = (*peak).max(bytes);
+            match self.peaks.iter_mut().find(|(s, _)| *s == stage) {
+                Some((_, peak)) => *peak = (*peak).max(bytes),
+                None => self.peaks.push((stage, bytes)),
+            }
         }
     }
 
@@ -113,6 +116,7 @@ fn stage_name(stage: Stage) -> &'static str {
         Stage::Denoise => "denoise",
         Stage::Vae => "vae",
         Stage::Postprocess => "postprocess",
+        Stage::SafetyChecker => "safety_checker",
     }
 }
 
@@ -145,7 +149,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     let load_started = Instant::now();
     memory.enter("load");
-    let pipeline = Pipeline::load(&args.model.model, &options).context("loading the model")?;
+    let pipeline = args.model.load_pipeline(&options).context("loading the model")?;
     let load = load_started.elapsed();
     memory.finish();
     let text_encoder_weights = pipeline.text_encoder_weights().clone();
@@ -166,7 +170,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             runs.push(generation.stages);
         }
     }
-    let peak = memory.peaks.values().copied().max().max(memory_in_use(&device).filter(|_| !device.is_cpu()));
+    let peak = memory.peaks.iter().map(|(_, b)| *b).max().max(memory_in_use(&device).filter(|_| !device.is_cpu()));
     let by_stage: serde_json::Map<String, Value> =
         memory.peaks.iter().map(|(stage, bytes)| ((*stage).to_string(), json!(bytes))).collect();
 
@@ -192,6 +196,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "denoise_total": summary(&per_run(&|r| r.steps.iter().sum())),
             "vae": summary(&per_run(&|r| r.vae)),
             "postprocess": summary(&per_run(&|r| r.postprocess)),
+            "safety_checker": summary(&per_run(&|r| r.safety_checker)),
             "total": summary(&per_run(&|r| r.total)),
         },
         "peak_memory_bytes": peak,
@@ -231,6 +236,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "denoise_total",
         "vae",
         "postprocess",
+        "safety_checker",
         "total",
     ] {
         let s = &report["stages"][stage];

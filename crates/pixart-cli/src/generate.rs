@@ -8,16 +8,16 @@ use anyhow::{Context, Result};
 use clap::builder::{BoolishValueParser, FalseyValueParser};
 use clap::Args;
 use pixart_pipeline::{
-    GenerateRequest, GuidanceScale, ImageSize, NumImages, PartialRequest, Pipeline, PipelineError, SchedulerKind,
-    SizePreset, Steps, Style,
+    GenerateRequest, GuidanceScale, ImageSize, NumImages, PartialRequest, PipelineError, SchedulerKind, SizePreset,
+    Steps, Style,
 };
 
 use crate::model_args::ModelArgs;
 
 /// Arguments of `pixart generate`. Plain flags override the fields of `--request`.
 ///
-/// `enable_safety_checker` is accepted for compatibility with fal, but no safety checker runs yet:
-/// `has_nsfw_concepts` is always false.
+/// `enable_safety_checker` (default: on when a safety checker is loaded) runs fal's NSFW
+/// classifier on each image; flagged images are written black and `has_nsfw_concepts` says so.
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
     #[command(flatten)]
@@ -76,7 +76,8 @@ pub struct RequestFlags {
     #[arg(long, env = "PIXART_SYNC_MODE", num_args = 0..=1, default_missing_value = "true",
           value_parser = BoolishValueParser::new())]
     sync_mode: Option<bool>,
-    /// Accepted for fal compatibility; no safety checker runs yet (has_nsfw_concepts is false).
+    /// Run the safety checker on the images (default: yes, unless --no-safety-checker); flagged
+    /// images are written black and marked in has_nsfw_concepts.
     #[arg(long, env = "PIXART_ENABLE_SAFETY_CHECKER", num_args = 0..=1, default_missing_value = "true",
           value_parser = BoolishValueParser::new())]
     enable_safety_checker: Option<bool>,
@@ -136,7 +137,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         std::fs::create_dir_all(&args.out_dir)
             .with_context(|| format!("cannot create the output folder {}", args.out_dir.display()))?;
     }
-    let pipeline = Pipeline::load(&args.model.model, &options)?;
+    let pipeline = args.model.load_pipeline(&options)?;
 
     let bar = if args.quiet || !std::io::stderr().is_terminal() {
         indicatif::ProgressBar::hidden()

@@ -24,8 +24,11 @@ enum Command {
     /// which override the file's fields). PNGs go to --out-dir and their `file://` URLs into the
     /// response, or inline as data URIs with --sync-mode.
     ///
-    /// Safety checker: `enable_safety_checker` is accepted, but no safety checker runs yet, so
-    /// `has_nsfw_concepts` is always false.
+    /// Safety checker: fal's NSFW image classifier (--safety-checker, default
+    /// Falconsai/nsfw_image_detection) runs on every image unless the request sets
+    /// `enable_safety_checker` false; flagged images become black PNGs and `has_nsfw_concepts`
+    /// says which. If it cannot be loaded, nothing starts: pass --no-safety-checker to run without
+    /// it (requests are then unchecked, and asking for the check is refused).
     Generate(generate::GenerateArgs),
     /// Time each stage (tokenize, T5, every transformer step, VAE, total) and report peak memory.
     Bench(bench::BenchArgs),

@@ -7,7 +7,10 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use clap::builder::FalseyValueParser;
 use clap::{Args, ValueEnum};
-use pixart_pipeline::{HubOptions, LoadOptions, Offload, QuantType, TextEncoderOptions, DEFAULT_MODEL};
+use pixart_pipeline::{
+    HubOptions, LoadOptions, Offload, Pipeline, PipelineError, QuantType, TextEncoderOptions, DEFAULT_MODEL,
+    DEFAULT_SAFETY_CHECKER,
+};
 
 /// Where to run.
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -68,6 +71,15 @@ pub struct ModelArgs {
     /// encoding, but a second copy of the q8_0/q4k/q6k matrices stays in memory.
     #[arg(long, env = "PIXART_TEXT_ENCODER_REPACK", value_parser = FalseyValueParser::new())]
     pub text_encoder_repack: bool,
+    /// The safety checker: a transformers image-classifier folder or hub repo id with an `nsfw`
+    /// label, loaded at start (hub cache and --offline as for the model); if it cannot be loaded,
+    /// nothing starts.
+    #[arg(long, env = "PIXART_SAFETY_CHECKER", default_value = DEFAULT_SAFETY_CHECKER)]
+    pub safety_checker: String,
+    /// Run without a safety checker: requests are unchecked (has_nsfw_concepts all false), and a
+    /// request asking for the check (`enable_safety_checker: true`) is refused.
+    #[arg(long, env = "PIXART_NO_SAFETY_CHECKER", value_parser = FalseyValueParser::new(), conflicts_with = "safety_checker")]
+    pub no_safety_checker: bool,
     /// Clean prompts as diffusers' `clean_caption=True` does (URLs, HTML, ids… removed); default
     /// is diffusers' `clean_caption=False` (lowercase and strip only).
     #[arg(long, env = "PIXART_CLEAN_CAPTION", value_parser = FalseyValueParser::new())]
@@ -109,6 +121,23 @@ impl ModelArgs {
         hub
     }
 
+    /// Loads the model with `options`; when the safety checker is what failed, the message says
+    /// how to provide it or to run without it.
+    pub fn load_pipeline(&self, options: &LoadOptions) -> Result<Pipeline> {
+        Pipeline::load(&self.model, options).map_err(|e| {
+            let hint = matches!(e, PipelineError::SafetyCheckerUnavailable { .. });
+            let err = anyhow::Error::new(e);
+            if hint {
+                err.context(
+                    "no safety checker: let it download once, point --safety-checker at a local folder or a cached \
+                     repo, or pass --no-safety-checker to run without one",
+                )
+            } else {
+                err
+            }
+        })
+    }
+
     /// The library's load options for these flags (the prompt cache at its default).
     pub fn load_options(&self) -> Result<LoadOptions> {
         let device = self.device()?;
@@ -123,6 +152,7 @@ impl ModelArgs {
             },
             hub: self.hub(),
             clean_caption: self.clean_caption,
+            safety_checker: (!self.no_safety_checker).then(|| self.safety_checker.clone()),
             device,
             ..LoadOptions::default()
         })

@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use pixart_pipeline::Pipeline;
 use pixart_server::ServerConfig;
 
 use crate::model_args::ModelArgs;
@@ -113,7 +112,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
         tracing::info!(model = %args.model.model, "loading the model");
-        let pipeline = Pipeline::load(&args.model.model, &options)?;
+        let pipeline = args.model.load_pipeline(&options)?;
         let address = listener.local_addr()?;
         tracing::info!(app = %config.app_id, "listening on http://{address}");
         crate::emit(&format!("pixart serve: listening on http://{address}"))?;

@@ -26,6 +26,10 @@ fn temp_dir(name: &str) -> PathBuf {
 fn pixart(args: &[&str], envs: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_pixart"));
     cmd.args(args).env_remove("HF_HUB_OFFLINE").env_remove("HF_HUB_CACHE").env_remove("PIXART_MODEL");
+    // The tiny random safety checker (its bias leans to `normal`), unless a test picks its own.
+    if !args.iter().any(|a| a.contains("safety-checker")) {
+        cmd.env("PIXART_SAFETY_CHECKER", repo_root().join("tests/fixtures/tiny-safety-checker"));
+    }
     for (k, v) in envs {
         cmd.env(k, v);
     }
@@ -280,10 +284,88 @@ fn broken_model_folders_name_the_file() {
 }
 
 #[test]
-fn help_says_no_safety_checker_runs_yet() {
+fn help_explains_the_safety_checker() {
     let output = pixart(&["generate", "--help"], &[]);
     let help = String::from_utf8_lossy(&output.stdout);
-    assert!(help.contains("no safety checker runs yet"), "{help}");
+    assert!(help.contains("--no-safety-checker") && help.contains("Falconsai/nsfw_image_detection"), "{help}");
+    assert!(help.contains("black"), "{help}");
+}
+
+/// A copy of the tiny checker with its labels swapped: the class its bias favours is `nsfw`, so
+/// every image is flagged.
+fn flagging_checker() -> PathBuf {
+    let dir = temp_dir("flagging-checker");
+    let from = fixtures().join("tiny-safety-checker");
+    for file in ["preprocessor_config.json", "model.safetensors"] {
+        std::fs::copy(from.join(file), dir.join(file)).unwrap();
+    }
+    let config = std::fs::read_to_string(from.join("config.json")).unwrap();
+    let swapped =
+        config.replace("\"normal\"", "\"tmp\"").replace("\"nsfw\"", "\"normal\"").replace("\"tmp\"", "\"nsfw\"");
+    assert_ne!(config, swapped);
+    std::fs::write(dir.join("config.json"), swapped).unwrap();
+    dir
+}
+
+#[test]
+fn the_safety_checker_blackens_flagged_images_and_can_be_turned_off() {
+    let model = fixtures().join("tiny-sigma-256");
+    let m = model.to_str().unwrap();
+    let checker = flagging_checker();
+    let c = checker.to_str().unwrap();
+    let out = temp_dir("flagged");
+    let o = out.to_str().unwrap();
+    let args = ["generate", "--model", m, "--prompt", "a cat", "--image-size", "64x48", "--steps", "2", "--seed", "4"];
+    let json = response(&pixart(&[&args[..], &["--safety-checker", c, "--out-dir", o]].concat(), &[]));
+    assert_eq!(json["has_nsfw_concepts"], serde_json::json!([true]));
+    let png = image::open(&png_files(&out)[0]).unwrap().to_rgb8();
+    assert_eq!(png.dimensions(), (64, 48));
+    assert!(png.as_raw().iter().all(|&p| p == 0), "a flagged image is written black");
+    std::fs::remove_dir_all(&out).unwrap();
+
+    // The request turns it off: the picture is kept.
+    let json = response(&pixart(
+        &[&args[..], &["--safety-checker", c, "--enable-safety-checker", "false", "--sync-mode"]].concat(),
+        &[],
+    ));
+    assert_eq!(json["has_nsfw_concepts"], serde_json::json!([false]));
+
+    // Without a checker: unchecked by default, and asking for the check is refused naming the field.
+    let json = response(&pixart(&[&args[..], &["--no-safety-checker", "--sync-mode"]].concat(), &[]));
+    assert_eq!(json["has_nsfw_concepts"], serde_json::json!([false]));
+    rejects(
+        &["--model", m, "--prompt", "a", "--no-safety-checker", "--enable-safety-checker"],
+        &["enable_safety_checker", "no safety checker is loaded"],
+    );
+    // A checker that cannot be loaded stops everything, saying how to go on.
+    let missing =
+        pixart(&[&args[..], &["--safety-checker", "org/not-cached", "--offline", "--sync-mode"]].concat(), &[]);
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert_eq!(missing.status.code(), Some(1), "{err}");
+    assert!(err.contains("org/not-cached") && err.contains("--no-safety-checker"), "{err}");
+
+    // pixart bench times it.
+    let bench = response(&pixart(
+        &[
+            "bench",
+            "--model",
+            m,
+            "--size",
+            "64x64",
+            "--steps",
+            "2",
+            "--runs",
+            "1",
+            "--warmup",
+            "0",
+            "--json",
+            "--safety-checker",
+            c,
+        ],
+        &[],
+    ));
+    assert!(bench["stages"]["safety_checker"]["mean_ms"].as_f64().unwrap() > 0.0, "{bench}");
+    std::fs::remove_dir_all(&checker).unwrap();
 }
 
 #[test]
@@ -387,6 +469,7 @@ fn request_from_stdin_with_flags_overriding_its_fields() {
     let model = fixtures().join("tiny-sigma-256");
     let mut child = Command::new(env!("CARGO_BIN_EXE_pixart"))
         .args(["generate", "--model", model.to_str().unwrap(), "--request", "-", "--seed", "5", "--sync-mode"])
+        .env("PIXART_SAFETY_CHECKER", fixtures().join("tiny-safety-checker"))
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -488,6 +571,7 @@ fn the_requested_size_comes_out_exactly_where_diffusers_is_one_pixel_short() {
 #[test]
 fn every_flag_can_come_from_the_environment() {
     let model = fixtures().join("tiny-sigma-256");
+    let checker = fixtures().join("tiny-safety-checker");
     let envs = [
         ("PIXART_MODEL", model.to_str().unwrap()),
         ("PIXART_PROMPT", "a fox"),
@@ -499,6 +583,7 @@ fn every_flag_can_come_from_the_environment() {
         ("PIXART_SYNC_MODE", "1"),
         ("PIXART_OFFLINE", "true"),
         ("PIXART_DTYPE", "f32"),
+        ("PIXART_SAFETY_CHECKER", checker.to_str().unwrap()),
     ];
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_pixart"));
     cmd.arg("generate").envs(envs);

@@ -49,15 +49,13 @@ struct Server {
 impl Server {
     fn start(extra: &[&str]) -> Self {
         let model = repo_root().join("tests/fixtures/tiny-sigma-256");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_pixart"))
-            .args(["serve", "--port", "0", "--model"])
-            .arg(&model)
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting pixart serve");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_pixart"));
+        command.args(["serve", "--port", "0", "--model"]).arg(&model).args(extra).env("RUST_LOG", "warn");
+        if !extra.iter().any(|a| a.contains("safety-checker")) {
+            // The tiny random safety checker (its bias leans to `normal`): every image is checked.
+            command.env("PIXART_SAFETY_CHECKER", repo_root().join("tests/fixtures/tiny-safety-checker"));
+        }
+        let mut child = command.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("starting pixart serve");
         let mut line = String::new();
         BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("reading stdout");
         let url = line.trim().strip_prefix("pixart serve: listening on ").unwrap_or_else(|| {
@@ -149,6 +147,32 @@ fn api_key_is_required_when_configured() {
     let server = Server::start(&["--api-key", "local-test-key"]);
     let script = clients_dir().join("python/scenarios.py");
     check("fal-client with --api-key", python(&server, &script, &["auth"], &[]), &["auth"]);
+}
+
+#[test]
+fn the_safety_checker_blackens_flagged_images_and_its_absence_is_never_hidden() {
+    // A copy of the tiny checker with its labels swapped flags every image.
+    let dir = std::env::temp_dir().join(format!("pixart-serve-flagging-checker-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let from = repo_root().join("tests/fixtures/tiny-safety-checker");
+    for file in ["preprocessor_config.json", "model.safetensors"] {
+        std::fs::copy(from.join(file), dir.join(file)).expect("copy");
+    }
+    let config = std::fs::read_to_string(from.join("config.json")).expect("config");
+    let swapped =
+        config.replace("\"normal\"", "\"tmp\"").replace("\"nsfw\"", "\"normal\"").replace("\"tmp\"", "\"nsfw\"");
+    std::fs::write(dir.join("config.json"), swapped).expect("write");
+    let script = clients_dir().join("python/scenarios.py");
+    let server = Server::start(&["--safety-checker", dir.to_str().expect("utf-8")]);
+    check(
+        "fal-client with a flagging checker",
+        python(&server, &script, &["safety_flagged"], &[]),
+        &["safety_flagged"],
+    );
+    drop(server);
+    let server = Server::start(&["--no-safety-checker"]);
+    check("fal-client with --no-safety-checker", python(&server, &script, &["safety_off"], &[]), &["safety_off"]);
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]

@@ -38,8 +38,9 @@ pub mod text_encoder;
 
 pub use caption::CaptionError;
 pub use image::RgbImage;
-pub use model_source::{resolve_model, HubOptions, ModelError, DEFAULT_MODEL};
+pub use model_source::{resolve_classifier, resolve_model, HubOptions, ModelError, DEFAULT_MODEL};
 pub use pipeline::{Generation, LoadOptions, Pipeline, Stage, StageTimings, StepProgress};
+pub use pixart_safety::{SafetyChecker, DEFAULT_SAFETY_CHECKER};
 pub use pixart_t5::{QuantType, WeightSummary};
 pub use request::{
     input_schema, Dimensions, FieldError, GenerateRequest, GuidanceScale, ImageSize, NumImages, PartialRequest,
@@ -75,6 +76,18 @@ pub enum PipelineError {
     /// The VAE failed.
     #[error(transparent)]
     Vae(#[from] pixart_vae::VaeError),
+    /// The safety checker could not be found or loaded. Running without it has to be asked for
+    /// (no checker in [`LoadOptions::safety_checker`]): images are never silently unchecked.
+    #[error("the safety checker {checker} could not be loaded")]
+    SafetyCheckerUnavailable {
+        /// The repo id or folder asked for.
+        checker: String,
+        /// Why.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The safety checker failed on the images.
+    #[error(transparent)]
+    Safety(#[from] pixart_safety::SafetyError),
     /// The scheduler config is unsupported or stepping failed.
     #[error(transparent)]
     Scheduler(#[from] pixart_scheduler::SchedulerError),

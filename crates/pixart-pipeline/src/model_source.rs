@@ -63,6 +63,12 @@ pub enum ModelError {
         /// The folder.
         dir: PathBuf,
     },
+    /// A folder without `config.json`, given as an image classifier.
+    #[error("{} has no config.json: not a transformers model folder", .dir.display())]
+    NotAClassifier {
+        /// The folder.
+        dir: PathBuf,
+    },
     /// Offline, and the file is not in the cache.
     #[error("{repo}: {file} is not in the hub cache and offline mode is on (--offline or HF_HUB_OFFLINE)")]
     NotCached {
@@ -192,6 +198,36 @@ struct Index {
     weight_map: std::collections::HashMap<String, String>,
 }
 
+fn looks_like_repo(name: &str) -> bool {
+    name.split('/').count() == 2
+        && name.split('/').all(|part| !part.is_empty())
+        && !name.starts_with('.')
+        && !name.contains('\\')
+}
+
+/// Resolves an image classifier (a transformers folder, or `org/name` on the hub) to a local
+/// folder holding `config.json`, `preprocessor_config.json` and the safetensors weights.
+pub fn resolve_classifier(model: &str, hub: &HubOptions) -> Result<PathBuf, ModelError> {
+    let path = Path::new(model);
+    if path.is_dir() {
+        if !path.join("config.json").is_file() {
+            return Err(ModelError::NotAClassifier { dir: path.to_path_buf() });
+        }
+        return Ok(path.to_path_buf());
+    }
+    if !looks_like_repo(model) {
+        return Err(ModelError::NotAModel { model: model.to_string() });
+    }
+    let fetcher = Fetcher::new(model, hub)?;
+    let config = fetcher.get("config.json")?;
+    fetcher.get("preprocessor_config.json")?;
+    fetcher.weights("", "model")?;
+    match config.parent() {
+        Some(dir) => Ok(dir.to_path_buf()),
+        None => Err(ModelError::NotAClassifier { dir: config }),
+    }
+}
+
 /// Resolves `model` (a folder, or `org/name` on the hub) to a local diffusers-layout folder.
 pub fn resolve_model(model: &str, hub: &HubOptions) -> Result<PathBuf, ModelError> {
     let path = Path::new(model);
@@ -201,11 +237,7 @@ pub fn resolve_model(model: &str, hub: &HubOptions) -> Result<PathBuf, ModelErro
         }
         return Ok(path.to_path_buf());
     }
-    let looks_like_repo = model.split('/').count() == 2
-        && model.split('/').all(|part| !part.is_empty())
-        && !model.starts_with('.')
-        && !model.contains('\\');
-    if !looks_like_repo {
+    if !looks_like_repo(model) {
         return Err(ModelError::NotAModel { model: model.to_string() });
     }
     let fetcher = Fetcher::new(model, hub)?;
@@ -270,15 +302,17 @@ impl Fetcher {
     }
 
     /// A component's weights: the index and every shard it lists, else the single file.
+    /// `folder` may be empty (files at the repo's root).
     fn weights(&self, folder: &str, stem: &str) -> Result<(), ModelError> {
-        if let Some(index) = self.try_get(&format!("{folder}/{stem}.safetensors.index.json"))? {
+        let prefix = if folder.is_empty() { String::new() } else { format!("{folder}/") };
+        if let Some(index) = self.try_get(&format!("{prefix}{stem}.safetensors.index.json"))? {
             let parsed: Index = pixart_core::load_config(&index)?;
             let shards: std::collections::BTreeSet<String> = parsed.weight_map.into_values().collect();
             for shard in shards {
-                self.get(&format!("{folder}/{shard}"))?;
+                self.get(&format!("{prefix}{shard}"))?;
             }
             return Ok(());
         }
-        self.get(&format!("{folder}/{stem}.safetensors")).map(|_| ())
+        self.get(&format!("{prefix}{stem}.safetensors")).map(|_| ())
     }
 }

@@ -7,13 +7,14 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use pixart_core::UnsupportedConfig;
 use pixart_dit::PixArtTransformer;
+use pixart_safety::{RgbView, SafetyChecker};
 use pixart_scheduler::{DpmSolverMultistep, SaSolver, Scheduler, SchedulerConfig, SchedulerError};
 use pixart_t5::{T5Config, T5Tokenizer, WeightSummary, MAX_SEQUENCE_LENGTH};
 use pixart_vae::VaeDecoder;
 
 use crate::caption::clean_caption;
 use crate::image::{resize_and_crop, to_rgb8, RgbImage};
-use crate::model_source::{resolve_model, HubOptions};
+use crate::model_source::{resolve_classifier, resolve_model, HubOptions};
 use crate::request::{Dimensions, FieldError, GenerateRequest, SchedulerKind, Steps};
 use crate::response::{GenerateResponse, ImageOutput, Timings};
 use crate::rng::TorchGenerator;
@@ -42,6 +43,12 @@ pub struct LoadOptions {
     pub text_encoder: TextEncoderOptions,
     /// How many recent prompts' T5 states to keep (0 disables the cache).
     pub prompt_cache_size: usize,
+    /// The safety checker: a transformers image-classifier folder or hub repo id with an `nsfw`
+    /// label (fal's is [`pixart_safety::DEFAULT_SAFETY_CHECKER`]). It is loaded with the model
+    /// and a failure to load it fails [`Pipeline::load`]. `None` (the library's default): no
+    /// checker; requests then run unchecked unless they ask for the check explicitly, which is
+    /// refused.
+    pub safety_checker: Option<String>,
 }
 
 impl Default for LoadOptions {
@@ -54,6 +61,7 @@ impl Default for LoadOptions {
             text_encoder_device: None,
             text_encoder: TextEncoderOptions::default(),
             prompt_cache_size: 16,
+            safety_checker: None,
         }
     }
 }
@@ -82,6 +90,8 @@ pub enum Stage {
     Vae,
     /// Resize/crop and conversion to 8-bit RGB.
     Postprocess,
+    /// The safety checker (only when the request is checked).
+    SafetyChecker,
 }
 
 /// Wall-clock time of each stage of one generation (the device is synchronised at each
@@ -100,6 +110,8 @@ pub struct StageTimings {
     pub vae: std::time::Duration,
     /// Resize/crop and conversion to 8-bit RGB.
     pub postprocess: std::time::Duration,
+    /// The safety checker over all the request's images (zero when not checked).
+    pub safety_checker: std::time::Duration,
     /// Everything.
     pub total: std::time::Duration,
 }
@@ -115,8 +127,11 @@ pub struct Generation {
     pub prompt: String,
     /// The request's `sync_mode`: the response inlines the images as data URIs.
     pub sync_mode: bool,
-    /// Per image: flagged by a safety checker. No checker runs yet: all false.
+    /// Per image: flagged by the safety checker (and replaced by a black image). All false when
+    /// the request was not checked.
     pub has_nsfw_concepts: Vec<bool>,
+    /// Whether the safety checker ran on these images.
+    pub safety_checked: bool,
     /// Seconds spent from text encoding to the last decoded image.
     pub inference_seconds: f64,
     /// The same time, stage by stage.
@@ -176,6 +191,7 @@ pub struct Pipeline {
     clean_caption: bool,
     prompt_cache: std::sync::Mutex<std::collections::VecDeque<(String, Tensor)>>,
     prompt_cache_size: usize,
+    safety_checker: Option<SafetyChecker>,
 }
 
 /// Reads `scheduler_config.json` and refuses, naming the file, a config neither sampler runs.
@@ -252,6 +268,20 @@ impl Pipeline {
         let text_encoder = TextEncoderSlot::load(&dir, &options.text_encoder, dtype, &text_device)?;
         let vae = VaeDecoder::load(&dir.join("vae"), vae_dtype, &options.device)?;
         check_parts_fit(&dir, &tokenizer, text_encoder.config(), &transformer, &vae)?;
+        let safety_checker = match &options.safety_checker {
+            None => None,
+            Some(checker) => {
+                let unavailable = |source: Box<dyn std::error::Error + Send + Sync>| {
+                    PipelineError::SafetyCheckerUnavailable { checker: checker.clone(), source }
+                };
+                let folder = resolve_classifier(checker, &options.hub).map_err(|e| unavailable(Box::new(e)))?;
+                let checker_dtype = if dtype == DType::F16 { DType::F32 } else { dtype };
+                Some(
+                    SafetyChecker::load(&folder, checker_dtype, &options.device)
+                        .map_err(|e| unavailable(Box::new(e)))?,
+                )
+            }
+        };
         Ok(Self {
             tokenizer,
             text_encoder,
@@ -264,6 +294,7 @@ impl Pipeline {
             clean_caption: options.clean_caption,
             prompt_cache: Default::default(),
             prompt_cache_size: options.prompt_cache_size,
+            safety_checker,
         })
     }
 
@@ -315,6 +346,17 @@ impl Pipeline {
         let mut stages = StageTimings::default();
         let seed = request.seed.unwrap_or_else(random_seed);
         let plan = self.size_plan(request.image_size.dimensions());
+        let check = match (request.enable_safety_checker, &self.safety_checker) {
+            (Some(true), None) => {
+                return Err(PipelineError::Invalid(vec![FieldError::new(
+                    "enable_safety_checker",
+                    "value_error",
+                    "no safety checker is loaded here (it was turned off when the model was loaded); send false or omit the field",
+                )]))
+            }
+            (Some(enabled), _) => enabled,
+            (None, checker) => checker.is_some(),
+        };
         let largest = 2 * Dimensions::MAX;
         if plan.generated.width > largest || plan.generated.height > largest {
             return Err(PipelineError::Invalid(vec![FieldError::new(
@@ -406,11 +448,28 @@ impl Pipeline {
         stages.vae = vae_started.elapsed();
         on_stage(Stage::Postprocess);
         let post_started = Instant::now();
-        let images = to_rgb8(&resize_and_crop(&decoded, &plan)?)?;
+        let mut images = to_rgb8(&resize_and_crop(&decoded, &plan)?)?;
         stages.postprocess = post_started.elapsed();
+        let mut has_nsfw_concepts = vec![false; images.len()];
+        if let (true, Some(checker)) = (check, &self.safety_checker) {
+            on_stage(Stage::SafetyChecker);
+            let started = Instant::now();
+            let views: Vec<RgbView<'_>> =
+                images.iter().map(|i| RgbView { width: i.width, height: i.height, pixels: &i.pixels }).collect();
+            let verdicts = checker.check(&views)?;
+            for ((image, verdict), flag) in images.iter_mut().zip(&verdicts).zip(&mut has_nsfw_concepts) {
+                // fal replaces a flagged image by a black one of the same size.
+                if verdict.flagged {
+                    image.pixels.fill(0);
+                }
+                *flag = verdict.flagged;
+            }
+            stages.safety_checker = started.elapsed();
+        }
         stages.total = started.elapsed();
         Ok(Generation {
-            has_nsfw_concepts: vec![false; images.len()],
+            has_nsfw_concepts,
+            safety_checked: check,
             images,
             seed,
             prompt: request.prompt.clone(),

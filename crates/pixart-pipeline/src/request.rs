@@ -337,8 +337,11 @@ pub struct GenerateRequest {
     pub sync_mode: bool,
     /// Number of images, drawn as one noise batch (default 1).
     pub num_images: NumImages,
-    /// Accepted for compatibility. No safety checker runs yet: `has_nsfw_concepts` is all false.
-    pub enable_safety_checker: bool,
+    /// Run the safety checker on the images (flagged ones become black, `has_nsfw_concepts`
+    /// says which). `None` (the field absent): check when the pipeline has a checker loaded, as
+    /// fal's default `true` does; `Some(true)` without a checker is refused, naming the field.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enable_safety_checker: Option<bool>,
 }
 
 impl GenerateRequest {
@@ -358,7 +361,7 @@ impl GenerateRequest {
             seed: None,
             sync_mode: false,
             num_images: NumImages::DEFAULT,
-            enable_safety_checker: Self::DEFAULT_SAFETY_CHECKER,
+            enable_safety_checker: None,
         }
     }
 
@@ -563,7 +566,7 @@ impl PartialRequest {
             seed: self.seed.or(defaults.seed),
             sync_mode: self.sync_mode.unwrap_or(defaults.sync_mode),
             num_images: self.num_images.unwrap_or(defaults.num_images),
-            enable_safety_checker: self.enable_safety_checker.unwrap_or(defaults.enable_safety_checker),
+            enable_safety_checker: self.enable_safety_checker.or(defaults.enable_safety_checker),
             prompt: defaults.prompt,
         })
     }
@@ -635,7 +638,11 @@ pub fn input_schema() -> Value {
         json!({ "type": "integer", "minimum": NumImages::MIN, "maximum": NumImages::MAX,
                 "default": defaults.num_images.get() }),
     );
-    add("enable_safety_checker", json!({ "type": "boolean", "default": defaults.enable_safety_checker }));
+    add(
+        "enable_safety_checker",
+        json!({ "type": "boolean", "default": GenerateRequest::DEFAULT_SAFETY_CHECKER,
+                "description": "Default true; false on a server started without a safety checker, which refuses true." }),
+    );
     json!({
         "title": "Input",
         "type": "object",
@@ -658,7 +665,7 @@ mod tests {
         assert_eq!((r.image_size.dimensions().width(), r.image_size.dimensions().height()), (1024, 1024));
         assert_eq!(r.style.name(), "(No style)");
         assert_eq!(r.num_images.get(), 1);
-        assert!(r.enable_safety_checker);
+        assert_eq!(r.enable_safety_checker, None, "absent: the pipeline's default (checked when it has a checker)");
     }
 
     #[test]
@@ -773,7 +780,9 @@ mod tests {
         let mut with_prompt = defaults.clone();
         with_prompt.insert("prompt".into(), json!("x"));
         // Every default the schema states is what the parser fills in, and every field but the
-        // prompt and seed has one.
+        // prompt and seed has one. `enable_safety_checker` states fal's `true`: absent, the
+        // parser leaves it to the pipeline, which checks whenever it has a checker loaded.
+        assert_eq!(with_prompt.remove("enable_safety_checker"), Some(json!(true)));
         assert_eq!(GenerateRequest::from_value(&Value::Object(with_prompt)).unwrap(), GenerateRequest::new("x"));
         assert_eq!(defaults.len(), schema["properties"].as_object().unwrap().len() - 2);
         assert_eq!(schema["properties"]["num_inference_steps"]["maximum"], 200);

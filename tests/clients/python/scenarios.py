@@ -15,7 +15,9 @@ import os
 import queue
 import sys
 import threading
+import struct
 import time
+import zlib
 
 import fal_client
 import fal_client.client as fc
@@ -302,12 +304,50 @@ def shutdown():
     hook.close()
 
 
+def png_is_black(data):
+    """Whether every pixel of an 8-bit PNG is 0 (decoded with zlib: no imaging library here)."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, width = 8, b"", None
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        if kind == b"IHDR":
+            width = struct.unpack(">I", body[:4])[0]
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + length
+    raw = zlib.decompress(idat)
+    stride = 1 + width * 3
+    # Each scanline: a filter byte, then the (filtered) bytes; all-zero pixels filter to zeros.
+    return all(not any(raw[i + 1:i + stride]) for i in range(0, len(raw), stride))
+
+
+def safety_flagged():
+    """A server whose checker flags everything: black images of the requested size, flagged."""
+    result = fal_client.run(APP, small())
+    assert result["has_nsfw_concepts"] == [True], result
+    check_image(result["images"][0], 32, 24)
+    assert png_is_black(fetch(result["images"][0]["url"]).content)
+    result = fal_client.run(APP, small(enable_safety_checker=False))
+    assert result["has_nsfw_concepts"] == [False], result
+    assert not png_is_black(fetch(result["images"][0]["url"]).content)
+
+
+def safety_off():
+    """A server started with --no-safety-checker: unchecked by default, and asking is refused."""
+    result = fal_client.run(APP, small())
+    assert result["has_nsfw_concepts"] == [False], result
+    error = expect_http_error(lambda: fal_client.run(APP, small(enable_safety_checker=True)), 422)
+    assert error.message[0]["loc"] == ["body", "enable_safety_checker"], error.message
+    assert "no safety checker" in error.message[0]["msg"], error.message
+
+
 SCENARIOS = {
     f.__name__: f
-    for f in (subscribe_logs, queue_flow, invalid_input, run, run_disconnect, host_urls, upload, webhook, async_client, limits, auth, retention, shutdown)
+    for f in (subscribe_logs, queue_flow, invalid_input, run, run_disconnect, host_urls, upload, webhook, async_client, limits, auth, retention, shutdown, safety_flagged, safety_off)
 }
-# The last three need a server started for them (see crates/pixart-cli/tests/serve.rs).
-DEFAULT = list(SCENARIOS)[:-3]
+# The last five need a server started for them (see crates/pixart-cli/tests/serve.rs).
+DEFAULT = list(SCENARIOS)[:-5]
 
 if __name__ == "__main__":
     for name in sys.argv[2:] or DEFAULT:
