@@ -158,6 +158,28 @@ fn hub_cache(repo: &str, fixture: &Path) -> PathBuf {
 }
 
 #[test]
+fn the_safety_checker_resolves_from_the_offline_hub_cache() {
+    let cache = hub_cache("tiny-org/nsfw-checker", &fixtures().join("tiny-safety-checker"));
+    let cache_str = cache.to_str().unwrap();
+    let offline = [("HF_HUB_OFFLINE", "1"), ("HF_HUB_CACHE", cache_str)];
+    let model = fixtures().join("tiny-sigma-256");
+    let m = model.to_str().unwrap();
+    let from_cache =
+        response(&quick_generate(m, "a cat", &["--seed", "1", "--safety-checker", "tiny-org/nsfw-checker"], &offline));
+    let from_folder = response(&quick_generate(m, "a cat", &["--seed", "1"], &[]));
+    assert_eq!(from_cache["has_nsfw_concepts"], serde_json::json!([false]));
+    assert_eq!(from_cache["images"][0]["url"], from_folder["images"][0]["url"]);
+    // A file missing from the cache is named; nothing starts.
+    let snapshot = cache.join("models--tiny-org--nsfw-checker/snapshots/0123456789abcdef0123456789abcdef01234567");
+    std::fs::remove_file(snapshot.join("preprocessor_config.json")).unwrap();
+    let output = quick_generate(m, "a cat", &["--safety-checker", "tiny-org/nsfw-checker"], &offline);
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{err}");
+    assert!(err.contains("preprocessor_config.json") && err.contains("--no-safety-checker"), "{err}");
+    std::fs::remove_dir_all(cache).unwrap();
+}
+
+#[test]
 fn hub_repo_ids_resolve_from_the_offline_cache() {
     let cache = hub_cache("tiny-org/tiny-sigma-256", &fixtures().join("tiny-sigma-256"));
     let cache_str = cache.to_str().unwrap();
