@@ -46,6 +46,10 @@ pub struct ServeArgs {
     /// Folder for generated images and uploads (default: a temporary folder removed on exit).
     #[arg(long, env = "PIXART_STORAGE_DIR")]
     storage_dir: Option<PathBuf>,
+    /// Browser origins allowed to call the API (CORS), e.g. https://app.example.com; repeat the
+    /// flag or separate with commas; * allows any. Default: none (no CORS headers).
+    #[arg(long, env = "PIXART_CORS_ORIGIN", value_delimiter = ',')]
+    cors_origin: Vec<String>,
     /// Prompt encodings kept in memory (repeated prompts skip T5).
     #[arg(long, env = "PIXART_PROMPT_CACHE", default_value_t = 16)]
     prompt_cache: usize,
@@ -90,6 +94,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         api_key: args.api_key.clone(),
         shutdown_grace: args.shutdown_grace,
         storage_dir: args.storage_dir.clone(),
+        cors_origins: args.cors_origin.clone(),
         ..ServerConfig::default()
     };
     config.validate()?;

@@ -127,11 +127,13 @@ const PY_SCENARIOS: &[&str] = &[
     "webhook",
     "async_client",
     "limits",
+    "cross_origin",
 ];
 
 #[test]
 fn js_client_speaks_the_queue_protocol() {
-    let server = Server::start(&[]);
+    // CORS is off by default; the browser scenario needs its origin allowed.
+    let server = Server::start(&["--cors-origin", "http://localhost:3000"]);
     check("@fal-ai/client", node(&server, JS_SCENARIOS), JS_SCENARIOS);
 }
 
@@ -232,6 +234,10 @@ fn bad_server_settings_are_refused_by_name() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("max_queue: must be at least 1"));
     let output = run(&["--app-id", "pixart", "--port", "0"]);
     assert!(String::from_utf8_lossy(&output.stderr).contains("app_id: must be `owner/alias`"));
+    let output = run(&["--cors-origin", "https://app.example.com/path", "--port", "0"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr)
+        .contains("cors_origins: \"https://app.example.com/path\" is not an origin"));
     // A taken port fails before the model loads, naming the address.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port().to_string();

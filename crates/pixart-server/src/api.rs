@@ -20,16 +20,27 @@ use crate::jobs::{CancelResult, Job, JobKind, JobState, Jobs, Outcome, StopReaso
 use crate::server::Server;
 use crate::storage;
 
-/// The server's routes, with CORS for browsers (preflights answered, any origin, the request's
-/// headers allowed, `x-fal-request-id` exposed).
+/// The server's routes. CORS is off unless [`crate::ServerConfig::cors_origins`] names origins
+/// (or `*`): then preflights from them are answered, the request's headers allowed and
+/// `x-fal-request-id` exposed.
 pub fn router(server: Arc<Server>) -> Router {
+    let origins = server.config.cors_origins.clone();
+    let router = Router::new().fallback(dispatch).with_state(server);
+    if origins.is_empty() {
+        return router;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
     let cors = CorsLayer::new()
-        .allow_origin(AllowOrigin::mirror_request())
+        .allow_origin(allow)
         .allow_methods(AllowMethods::mirror_request())
         .allow_headers(AllowHeaders::mirror_request())
         .expose_headers([header::HeaderName::from_static("x-fal-request-id")])
         .max_age(Duration::from_secs(3600));
-    Router::new().fallback(dispatch).with_state(server).layer(cors)
+    router.layer(cors)
 }
 
 /// One call, after routing: what the handlers need.
@@ -58,6 +69,28 @@ impl Call {
     /// A header as text.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Refuses (415) a body that is not declared as JSON. A cross-site page can send a
+    /// `text/plain` POST without a CORS preflight; requiring `application/json` (which does need
+    /// one) keeps such requests out even where CORS is open. A call without a body passes.
+    pub fn require_json(&self) -> Result<(), Response> {
+        let declared = self.header("content-type");
+        let length = self.header("content-length").and_then(|v| v.parse::<u64>().ok());
+        if declared.is_none() && length == Some(0) {
+            return Ok(());
+        }
+        let essence = declared.unwrap_or("").split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        if essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json")) {
+            return Ok(());
+        }
+        Err(detail(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!(
+                "Content-Type must be application/json, got {}",
+                declared.map_or("none".into(), |d| format!("{d:?}"))
+            ),
+        ))
     }
 
     /// Reads the body, refusing more than `limit` bytes with 413.
@@ -269,6 +302,7 @@ async fn new_job(
     app: &str,
     kind: JobKind,
 ) -> Result<(Job, Result<GenerateRequest, Outcome>), Response> {
+    call.require_json()?;
     let limit = call.server.config.max_request_bytes;
     let body = call.read_body(limit, "--max-request-bytes").await?;
     let mut job = Job::new(kind, app.to_string(), call.base.clone());

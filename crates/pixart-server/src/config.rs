@@ -30,6 +30,9 @@ pub struct ServerConfig {
     pub webhook_attempts: u32,
     /// Timeout of one webhook POST.
     pub webhook_timeout: Duration,
+    /// Browser origins allowed to call the API (`https://app.example.com`), or `*` for any.
+    /// Empty (the default): no CORS headers, so pages on other origins cannot read responses.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -45,6 +48,7 @@ impl Default for ServerConfig {
             storage_dir: None,
             webhook_attempts: 3,
             webhook_timeout: Duration::from_secs(10),
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -68,6 +72,23 @@ impl ServerConfig {
         }
         if self.webhook_attempts == 0 {
             return bad("webhook_attempts", "must be at least 1");
+        }
+        for origin in &self.cors_origins {
+            let valid = origin == "*"
+                || url::Url::parse(origin).is_ok_and(|u| {
+                    matches!(u.scheme(), "http" | "https")
+                        && u.host().is_some()
+                        && u.path() == "/"
+                        && !origin.ends_with('/')
+                        && u.query().is_none()
+                        && u.username().is_empty()
+                });
+            if !valid {
+                return bad(
+                    "cors_origins",
+                    &format!("{origin:?} is not an origin: use scheme://host[:port] (no path), or * for any"),
+                );
+            }
         }
         if self.api_key.as_deref().is_some_and(str::is_empty) {
             return bad("api_key", "must not be empty (leave it unset to serve without a key)");

@@ -25,15 +25,31 @@ pub async fn serve_file(call: Call, key: &str, name: &str) -> Response {
     };
     let content_type = HeaderValue::from_str(&file.content_type)
         .unwrap_or_else(|_| HeaderValue::from_static("application/octet-stream"));
+    // Uploads carry the uploader's content type: on the API's origin a `text/html` or SVG file
+    // would run as a page. Browsers must not sniff, and anything but a raster image downloads.
+    let disposition = if is_raster_image(&file.content_type) {
+        HeaderValue::from_static("inline")
+    } else {
+        HeaderValue::from_static("attachment")
+    };
     let headers = [
         (header::CONTENT_TYPE, content_type),
         (header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=3600")),
+        (header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")),
+        (header::CONTENT_DISPOSITION, disposition),
     ];
     // HEAD gets the same headers; hyper leaves the body out.
     (StatusCode::OK, headers, bytes).into_response()
 }
 
+/// Image types a browser renders without running anything (SVG is a document, not one of them).
+fn is_raster_image(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    matches!(essence.as_str(), "image/png" | "image/jpeg" | "image/gif" | "image/webp" | "image/avif" | "image/bmp")
+}
+
 async fn json_body(call: &mut Call) -> Result<Value, Response> {
+    call.require_json()?;
     let limit = call.server.config.max_request_bytes;
     let bytes = call.read_body(limit, "--max-request-bytes").await?;
     if bytes.iter().all(u8::is_ascii_whitespace) {

@@ -193,6 +193,15 @@ def upload():
     assert response.content == b"hello from the python client"
     assert response.headers["content-type"] == "text/plain"
     assert url.endswith("/hello.txt"), url
+    # Uploads are served as downloads, never sniffed: an uploaded page cannot run on this origin.
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["content-disposition"] == "attachment"
+    page = fetch(fal_client.upload(b"<script>alert(1)</script>", "text/html", file_name="x.html"))
+    assert page.headers["content-disposition"] == "attachment" and page.headers["x-content-type-options"] == "nosniff"
+    svg = fetch(fal_client.upload(b"<svg xmlns='http://www.w3.org/2000/svg'/>", "image/svg+xml", file_name="x.svg"))
+    assert svg.headers["content-disposition"] == "attachment"
+    png = fetch(fal_client.upload(b"\x89PNG\r\n\x1a\n", "image/png", file_name="x.png"))
+    assert png.headers["content-disposition"] == "inline"
 
     # The fallback repository: initiate (storage_type=gcs) + PUT, the JS flow.
     url = fal_client.upload(b"via the fal repository", "text/plain", repository="fal")
@@ -258,11 +267,25 @@ def limits():
     wrong_method = httpx.delete(f"{BASE}/{APP}")
     assert wrong_method.status_code == 405, wrong_method.text
     not_json = httpx.post(f"{BASE}/run/{APP}", content=b"prompt=cat")
-    assert not_json.status_code == 422 and "malformed JSON" in not_json.json()["detail"][0]["msg"], not_json.text
+    assert not_json.status_code == 415 and "application/json" in not_json.json()["detail"], not_json.text
+    broken = httpx.post(f"{BASE}/run/{APP}", content=b"{prompt", headers={"content-type": "application/json"})
+    assert broken.status_code == 422 and "malformed JSON" in broken.json()["detail"][0]["msg"], broken.text
     bad_hook = httpx.post(f"{BASE}/{APP}", params={"fal_webhook": "ftp://x"}, json=small())
     assert bad_hook.status_code == 422 and bad_hook.json()["detail"][0]["loc"] == ["query", "fal_webhook"]
     missing = httpx.get(f"{BASE}/files/nope/nothing.png")
     assert missing.status_code == 404
+
+
+def cross_origin():
+    """Without --cors-origin, no CORS headers: a page on another origin cannot read responses, and
+    a preflight-free `text/plain` POST (what such a page can still send) is refused."""
+    origin = {"Origin": "https://evil.example"}
+    preflight = httpx.options(f"{BASE}/{APP}", headers={**origin, "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in preflight.headers, preflight.headers
+    health = httpx.get(f"{BASE}/health", headers=origin)
+    assert "access-control-allow-origin" not in health.headers, health.headers
+    simple = httpx.post(f"{BASE}/{APP}", content=json.dumps(small()).encode(), headers={**origin, "content-type": "text/plain"})
+    assert simple.status_code == 415, simple.text
 
 
 def retention():
@@ -344,7 +367,7 @@ def safety_off():
 
 SCENARIOS = {
     f.__name__: f
-    for f in (subscribe_logs, queue_flow, invalid_input, run, run_disconnect, host_urls, upload, webhook, async_client, limits, auth, retention, shutdown, safety_flagged, safety_off)
+    for f in (subscribe_logs, queue_flow, invalid_input, run, run_disconnect, host_urls, upload, webhook, async_client, limits, cross_origin, auth, retention, shutdown, safety_flagged, safety_off)
 }
 # The last five need a server started for them (see crates/pixart-cli/tests/serve.rs).
 DEFAULT = list(SCENARIOS)[:-5]
