@@ -50,6 +50,10 @@ pub struct ServeArgs {
     /// flag or separate with commas; * allows any. Default: none (no CORS headers).
     #[arg(long, env = "PIXART_CORS_ORIGIN", value_delimiter = ',')]
     cors_origin: Vec<String>,
+    /// Also POST webhooks to loopback, private and link-local addresses (off by default: a
+    /// client-supplied URL must not make the server call its own network).
+    #[arg(long, env = "PIXART_ALLOW_PRIVATE_WEBHOOKS", value_parser = clap::builder::FalseyValueParser::new())]
+    allow_private_webhooks: bool,
     /// Prompt encodings kept in memory (repeated prompts skip T5).
     #[arg(long, env = "PIXART_PROMPT_CACHE", default_value_t = 16)]
     prompt_cache: usize,
@@ -95,6 +99,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         shutdown_grace: args.shutdown_grace,
         storage_dir: args.storage_dir.clone(),
         cors_origins: args.cors_origin.clone(),
+        allow_private_webhooks: args.allow_private_webhooks,
         ..ServerConfig::default()
     };
     config.validate()?;

@@ -47,7 +47,13 @@ struct Server {
 }
 
 impl Server {
+    /// The scenarios' webhook receivers listen on 127.0.0.1: allowed explicitly.
     fn start(extra: &[&str]) -> Self {
+        Self::start_with_webhook_policy(&[extra, &["--allow-private-webhooks"]].concat())
+    }
+
+    /// Without `--allow-private-webhooks`, unless `extra` has it.
+    fn start_with_webhook_policy(extra: &[&str]) -> Self {
         let model = repo_root().join("tests/fixtures/tiny-sigma-256");
         let mut command = Command::new(env!("CARGO_BIN_EXE_pixart"));
         command.args(["serve", "--port", "0", "--model"]).arg(&model).args(extra).env("RUST_LOG", "warn");
@@ -175,6 +181,17 @@ fn the_safety_checker_blackens_flagged_images_and_its_absence_is_never_hidden() 
     let server = Server::start(&["--no-safety-checker"]);
     check("fal-client with --no-safety-checker", python(&server, &script, &["safety_off"], &[]), &["safety_off"]);
     std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn webhooks_to_private_addresses_are_refused_by_default() {
+    let server = Server::start_with_webhook_policy(&[]);
+    let script = clients_dir().join("python/scenarios.py");
+    check(
+        "fal-client, default webhook policy",
+        python(&server, &script, &["webhook_policy"], &[]),
+        &["webhook_policy"],
+    );
 }
 
 #[test]

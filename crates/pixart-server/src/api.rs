@@ -313,9 +313,13 @@ async fn new_job(
         )
     };
     if let Some(hook) = call.param("fal_webhook") {
-        match url::Url::parse(&hook) {
-            Ok(url) if matches!(url.scheme(), "http" | "https") => job.webhook = Some(hook),
-            _ => return Err(query_error(["query", "fal_webhook"], format!("must be an http(s) URL, got {hook:?}"))),
+        let allow_private = call.server.config.allow_private_webhooks;
+        let checked = url::Url::parse(&hook)
+            .map_err(|_| format!("must be an http(s) URL, got {hook:?}"))
+            .and_then(|url| crate::webhook_target::check_url(&url, allow_private));
+        match checked {
+            Ok(()) => job.webhook = Some(hook),
+            Err(message) => return Err(query_error(["query", "fal_webhook"], message)),
         }
     }
     match call.header("x-fal-queue-priority").map(str::to_ascii_lowercase).as_deref() {

@@ -33,6 +33,10 @@ pub struct ServerConfig {
     /// Browser origins allowed to call the API (`https://app.example.com`), or `*` for any.
     /// Empty (the default): no CORS headers, so pages on other origins cannot read responses.
     pub cors_origins: Vec<String>,
+    /// POST webhooks to loopback, private and link-local addresses too. Off by default: a
+    /// client-supplied URL must not make the server call its own network (see
+    /// [`crate::webhook_target`]).
+    pub allow_private_webhooks: bool,
 }
 
 impl Default for ServerConfig {
@@ -49,6 +53,7 @@ impl Default for ServerConfig {
             webhook_attempts: 3,
             webhook_timeout: Duration::from_secs(10),
             cors_origins: Vec::new(),
+            allow_private_webhooks: false,
         }
     }
 }

@@ -48,6 +48,7 @@ mod server;
 mod storage;
 mod uploads;
 mod webhook;
+pub mod webhook_target;
 mod worker;
 
 pub use config::ServerConfig;

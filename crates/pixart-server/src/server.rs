@@ -70,7 +70,8 @@ pub async fn serve(
     let local_addr = listener.local_addr().map_err(ServerError::Io)?;
     let files = FileStore::open(config.storage_dir.as_deref()).map_err(ServerError::Io)?;
     tracing::info!(folder = %files.root().display(), "storing generated images and uploads");
-    let (webhooks, webhook_thread) = WebhookSender::start(config.webhook_attempts, config.webhook_timeout)?;
+    let (webhooks, webhook_thread) =
+        WebhookSender::start(config.webhook_attempts, config.webhook_timeout, config.allow_private_webhooks)?;
     let server = Arc::new(Server {
         table: JobTable::new(config.max_queue),
         config,

@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::jobs::Outcome;
+use crate::webhook_target::PolicyResolver;
 
 /// One webhook to send.
 #[derive(Debug, Clone)]
@@ -47,11 +48,16 @@ pub struct WebhookSender {
 }
 
 impl WebhookSender {
-    /// Starts the delivery thread.
-    pub fn start(attempts: u32, timeout: Duration) -> std::io::Result<(Self, JoinHandle<()>)> {
+    /// Starts the delivery thread. Connections resolve through [`PolicyResolver`] (only public
+    /// addresses unless `allow_private`), and redirects are not followed.
+    pub fn start(attempts: u32, timeout: Duration, allow_private: bool) -> std::io::Result<(Self, JoinHandle<()>)> {
         let (queue, deliveries) = mpsc::channel::<Delivery>();
         let thread = std::thread::Builder::new().name("pixart-webhooks".into()).spawn(move || {
-            let agent = ureq::AgentBuilder::new().timeout(timeout).build();
+            let agent = ureq::AgentBuilder::new()
+                .timeout(timeout)
+                .redirects(0)
+                .resolver(PolicyResolver { allow_private })
+                .build();
             for delivery in deliveries {
                 deliver(&agent, &delivery, attempts);
             }
@@ -73,8 +79,19 @@ fn deliver(agent: &ureq::Agent, delivery: &Delivery, attempts: u32) {
     for attempt in 1..=attempts {
         let sent = agent.post(&delivery.url).set("Content-Type", "application/json").send_string(&body);
         match sent {
+            Ok(response) if (300..400).contains(&response.status()) => {
+                // Following it would let the receiver point the server anywhere.
+                tracing::warn!(request_id = %delivery.request_id, status = response.status(), "webhook receiver answered a redirect; not followed");
+                return;
+            }
             Ok(response) => {
                 tracing::info!(request_id = %delivery.request_id, status = response.status(), "webhook delivered");
+                return;
+            }
+            Err(ureq::Error::Transport(e))
+                if e.kind() == ureq::ErrorKind::Dns && e.to_string().contains("non-public") =>
+            {
+                tracing::error!(request_id = %delivery.request_id, url = %delivery.url, error = %e, "webhook target refused");
                 return;
             }
             Err(ureq::Error::Status(code, _)) if (400..500).contains(&code) && code != 408 && code != 429 => {

@@ -276,6 +276,40 @@ def limits():
     assert missing.status_code == 404
 
 
+def webhook_policy():
+    """A server without --allow-private-webhooks: private targets and credentials in the URL are
+    refused at submit (422 naming fal_webhook); a name that resolves to loopback is accepted, but
+    nothing is ever POSTed to it."""
+    received = queue.Queue()
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.put(self.rfile.read(int(self.headers["content-length"])))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    hook = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    port = hook.server_address[1]
+    for target, words in [
+        (f"http://127.0.0.1:{port}/hook", "not a public address"),
+        ("http://169.254.169.254/latest/meta-data", "not a public address"),
+        (f"http://[::1]:{port}/hook", "not a public address"),
+        ("https://user:secret@hooks.example.com/", "credentials"),
+    ]:
+        refused = httpx.post(f"{BASE}/{APP}", params={"fal_webhook": target}, json=small())
+        assert refused.status_code == 422, (target, refused.text)
+        assert refused.json()["detail"][0]["loc"] == ["query", "fal_webhook"] and words in refused.text, refused.text
+    handle = fal_client.submit(APP, small(), webhook_url=f"http://localhost:{port}/hook")
+    assert handle.get()["seed"] == 7
+    time.sleep(2.0)
+    assert received.empty(), "the server POSTed to a loopback address"
+    hook.shutdown()
+
+
 def cross_origin():
     """Without --cors-origin, no CORS headers: a page on another origin cannot read responses, and
     a preflight-free `text/plain` POST (what such a page can still send) is refused."""
@@ -367,10 +401,10 @@ def safety_off():
 
 SCENARIOS = {
     f.__name__: f
-    for f in (subscribe_logs, queue_flow, invalid_input, run, run_disconnect, host_urls, upload, webhook, async_client, limits, cross_origin, auth, retention, shutdown, safety_flagged, safety_off)
+    for f in (subscribe_logs, queue_flow, invalid_input, run, run_disconnect, host_urls, upload, webhook, async_client, limits, cross_origin, auth, retention, shutdown, safety_flagged, safety_off, webhook_policy)
 }
-# The last five need a server started for them (see crates/pixart-cli/tests/serve.rs).
-DEFAULT = list(SCENARIOS)[:-5]
+# The last six need a server started for them (see crates/pixart-cli/tests/serve.rs).
+DEFAULT = list(SCENARIOS)[:-6]
 
 if __name__ == "__main__":
     for name in sys.argv[2:] or DEFAULT:
