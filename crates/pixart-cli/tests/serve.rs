@@ -134,6 +134,7 @@ const PY_SCENARIOS: &[&str] = &[
     "async_client",
     "limits",
     "cross_origin",
+    "request_timeout",
 ];
 
 #[test]

@@ -359,21 +359,17 @@ impl JobTable {
     }
 
     /// Blocks until a request is queued (returns it, marked in progress) or the table is closed
-    /// and empty (returns None). Requests whose start deadline passed are finished with 504.
-    pub fn next_work(&self) -> Option<WorkItem> {
+    /// and empty (returns None). Requests whose start deadline passed are finished with 504 and
+    /// their webhooks handed to `on_timeout`.
+    pub fn next_work(&self, mut on_timeout: impl FnMut(Delivery)) -> Option<WorkItem> {
         let mut jobs = self.lock();
         loop {
             while let Some(id) = jobs.queue.pop_front() {
                 let Some(job) = jobs.jobs.get_mut(&id) else { continue };
                 if job.start_deadline.is_some_and(|d| Instant::now() >= d) {
-                    let mut outcome = Outcome::failure(
-                        504,
-                        "RequestTimeout",
-                        json!("Request timed out before it started (x-fal-request-timeout)"),
-                        "Request timed out before it started",
-                    );
-                    outcome.user_timeout = true;
-                    finish_locked(&mut jobs, &id, outcome);
+                    if let Some(delivery) = finish_locked(&mut jobs, &id, timed_out()) {
+                        on_timeout(delivery);
+                    }
                     self.notify();
                     continue;
                 }
@@ -484,6 +480,27 @@ impl JobTable {
         jobs.jobs.remove(id);
     }
 
+    /// Fails every queued request whose start deadline has passed (504, `x-fal-request-timeout`),
+    /// freeing its queue slot now rather than when the worker reaches it; returns their webhooks.
+    pub fn expire_deadlines(&self) -> Vec<Delivery> {
+        let mut jobs = self.lock();
+        let now = Instant::now();
+        let late: Vec<String> = jobs
+            .queue
+            .iter()
+            .filter(|id| jobs.jobs.get(*id).and_then(|j| j.start_deadline).is_some_and(|d| now >= d))
+            .cloned()
+            .collect();
+        if late.is_empty() {
+            return Vec::new();
+        }
+        jobs.queue.retain(|id| !late.contains(id));
+        let deliveries = late.iter().filter_map(|id| finish_locked(&mut jobs, id, timed_out())).collect();
+        drop(jobs);
+        self.notify();
+        deliveries
+    }
+
     /// Forgets finished queue jobs older than `retention`; returns their ids (to delete files).
     pub fn expire(&self, retention: Duration) -> Vec<String> {
         let mut jobs = self.lock();
@@ -510,6 +527,18 @@ pub enum CancelResult {
     AlreadyCompleted,
     /// Cancellation requested; carries the webhook to send when a queued request was dropped.
     Requested(Option<Delivery>),
+}
+
+/// The outcome of a request whose start deadline passed while it was queued.
+fn timed_out() -> Outcome {
+    let mut outcome = Outcome::failure(
+        504,
+        "RequestTimeout",
+        json!("Request timed out before it started (x-fal-request-timeout)"),
+        "Request timed out before it started",
+    );
+    outcome.user_timeout = true;
+    outcome
 }
 
 /// The outcome of a request stopped before its end.
@@ -576,7 +605,7 @@ mod tests {
         let b = job(&table, false, false);
         // Normal requests go before the low-priority one.
         assert_eq!(positions(&table, &[&a, &b, &low]), [Some(0), Some(1), Some(2)]);
-        let started = table.next_work().unwrap();
+        let started = table.next_work(|_| {}).unwrap();
         assert_eq!(started.id, a);
         assert!(table.busy());
         assert_eq!(positions(&table, &[&a, &b, &low]), [None, Some(0), Some(1)]);
@@ -608,7 +637,7 @@ mod tests {
         assert_eq!(hooks[0].request_id, a);
         assert_eq!(hooks[0].payload()["status"], "ERROR");
         assert_eq!(table.outcome(&a).unwrap().error_type, Some("ServerShutdown"));
-        assert!(table.next_work().is_none(), "closed and empty: the worker exits");
+        assert!(table.next_work(|_| {}).is_none(), "closed and empty: the worker exits");
         let late = Job::new(JobKind::Queued, "x/y".into(), "http://h".into());
         assert!(matches!(table.submit(late, Ok(GenerateRequest::new("d"))), Err(SubmitError::ShuttingDown)));
     }
@@ -620,8 +649,32 @@ mod tests {
         late.start_deadline = Some(Instant::now());
         let late = table.submit(late, Ok(GenerateRequest::new("a"))).unwrap().id;
         let next = job(&table, false, false);
-        assert_eq!(table.next_work().unwrap().id, next);
+        let mut hooks = Vec::new();
+        assert_eq!(table.next_work(|d| hooks.push(d)).unwrap().id, next);
         let outcome = table.outcome(&late).unwrap();
         assert_eq!((outcome.status, outcome.user_timeout), (504, true));
+        assert!(hooks.is_empty(), "no webhook was asked for");
+    }
+
+    #[test]
+    fn deadlines_expire_while_queued_freeing_slots_and_sending_webhooks() {
+        let table = JobTable::new(2);
+        let mut late = Job::new(JobKind::Queued, "x/y".into(), "http://h".into());
+        late.webhook = Some("https://hooks.example.com/x".into());
+        late.start_deadline = Some(Instant::now());
+        let late = table.submit(late, Ok(GenerateRequest::new("a"))).unwrap().id;
+        let kept = job(&table, false, false);
+        // The queue is full (2) until the sweep runs.
+        let extra = Job::new(JobKind::Queued, "x/y".into(), "http://h".into());
+        assert!(matches!(table.submit(extra, Ok(GenerateRequest::new("b"))), Err(SubmitError::QueueFull(2))));
+        let hooks = table.expire_deadlines();
+        assert_eq!(hooks.len(), 1);
+        assert_eq!(hooks[0].request_id, late);
+        assert_eq!(hooks[0].payload()["status"], "ERROR");
+        assert_eq!(table.outcome(&late).unwrap().status, 504);
+        assert_eq!(table.lock().position(&kept), Some(0), "the slot is free");
+        let extra = Job::new(JobKind::Queued, "x/y".into(), "http://h".into());
+        assert!(table.submit(extra, Ok(GenerateRequest::new("c"))).is_ok());
+        assert!(table.expire_deadlines().is_empty());
     }
 }

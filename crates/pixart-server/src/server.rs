@@ -139,9 +139,26 @@ pub async fn serve(
     Ok(ServeReport { counters })
 }
 
-/// Forgets finished requests and their files after the retention period, and unfinished
-/// uploads and CDN tokens after an hour.
+/// Fails queued requests past their start deadline (every 100 ms, so their slots free up and
+/// their webhooks go out on time), forgets finished requests and their files after the retention
+/// period, and unfinished uploads and CDN tokens after an hour.
 async fn sweep(server: Arc<Server>) {
+    let deadlines = {
+        let server = server.clone();
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tick.tick().await;
+                for delivery in server.table.expire_deadlines() {
+                    server.send_webhook(delivery);
+                }
+            }
+        }
+    };
+    tokio::join!(deadlines, sweep_retained(server));
+}
+
+async fn sweep_retained(server: Arc<Server>) {
     let period = server
         .config
         .retention

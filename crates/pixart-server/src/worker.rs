@@ -14,7 +14,7 @@ use crate::server::Server;
 
 /// Runs queued requests until the queue is closed and empty.
 pub fn run(pipeline: Pipeline, server: Arc<Server>) {
-    while let Some(item) = server.table.next_work() {
+    while let Some(item) = server.table.next_work(|delivery| server.send_webhook(delivery)) {
         let outcome = match std::panic::catch_unwind(AssertUnwindSafe(|| generate(&pipeline, &server, &item))) {
             Ok(outcome) => outcome,
             Err(panic) => {

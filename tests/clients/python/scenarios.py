@@ -310,6 +310,32 @@ def webhook_policy():
     hook.shutdown()
 
 
+def request_timeout():
+    """x-fal-request-timeout while queued: the request fails with 504 on time (not when the worker
+    reaches it), its webhook fires, and its queue slot is free at once."""
+    hook = WebhookReceiver()
+    busy = fal_client.submit(APP, small(num_inference_steps=200, image_size={"width": 512, "height": 512}, num_images=8))
+    try:
+        wait_for(busy, fal_client.InProgress)
+        submitted = time.monotonic()
+        late = httpx.post(f"{BASE}/{APP}", params={"fal_webhook": hook.url}, json=small(seed=3),
+                          headers={"x-fal-request-timeout": "1"})
+        assert late.status_code == 200, late.text
+        late_id = late.json()["request_id"]
+        payload = hook.next(timeout=10)
+        waited = time.monotonic() - submitted
+        assert payload["request_id"] == late_id and payload["status"] == "ERROR", payload
+        assert 0.9 <= waited < 3.0, f"timed out after {waited:.2f} s"
+        assert isinstance(busy.status(), fal_client.InProgress), "the long request is still running"
+        health = httpx.get(f"{BASE}/health").json()
+        assert health["queue_length"] == 0, health
+        result = httpx.get(f"{BASE}/{APP}/requests/{late_id}")
+        assert result.status_code == 504 and result.headers.get("x-fal-request-timeout-type") == "user", result.text
+    finally:
+        busy.cancel()
+        hook.close()
+
+
 def cross_origin():
     """Without --cors-origin, no CORS headers: a page on another origin cannot read responses, and
     a preflight-free `text/plain` POST (what such a page can still send) is refused."""
@@ -401,7 +427,7 @@ def safety_off():
 
 SCENARIOS = {
     f.__name__: f
-    for f in (subscribe_logs, queue_flow, invalid_input, run, run_disconnect, host_urls, upload, webhook, async_client, limits, cross_origin, auth, retention, shutdown, safety_flagged, safety_off, webhook_policy)
+    for f in (subscribe_logs, queue_flow, invalid_input, run, run_disconnect, host_urls, upload, webhook, async_client, limits, cross_origin, request_timeout, auth, retention, shutdown, safety_flagged, safety_off, webhook_policy)
 }
 # The last six need a server started for them (see crates/pixart-cli/tests/serve.rs).
 DEFAULT = list(SCENARIOS)[:-6]
