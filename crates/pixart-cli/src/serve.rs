@@ -50,6 +50,10 @@ pub struct ServeArgs {
     /// flag or separate with commas; * allows any. Default: none (no CORS headers).
     #[arg(long, env = "PIXART_CORS_ORIGIN", value_delimiter = ',')]
     cors_origin: Vec<String>,
+    /// How long one webhook POST may take (e.g. 10s); a receiver slower than that is not retried
+    /// (it may have acted on the request), and holds up no other delivery.
+    #[arg(long, env = "PIXART_WEBHOOK_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    webhook_timeout: Duration,
     /// Also POST webhooks to loopback, private and link-local addresses (off by default: a
     /// client-supplied URL must not make the server call its own network).
     #[arg(long, env = "PIXART_ALLOW_PRIVATE_WEBHOOKS", value_parser = clap::builder::FalseyValueParser::new())]
@@ -100,6 +104,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         storage_dir: args.storage_dir.clone(),
         cors_origins: args.cors_origin.clone(),
         allow_private_webhooks: args.allow_private_webhooks,
+        webhook_timeout: args.webhook_timeout,
         ..ServerConfig::default()
     };
     config.validate()?;

@@ -185,6 +185,13 @@ fn the_safety_checker_blackens_flagged_images_and_its_absence_is_never_hidden() 
 }
 
 #[test]
+fn a_slow_webhook_receiver_gets_one_post_and_delays_no_other() {
+    let server = Server::start(&["--webhook-timeout", "1s"]);
+    let script = clients_dir().join("python/scenarios.py");
+    check("fal-client, slow webhook receiver", python(&server, &script, &["slow_webhook"], &[]), &["slow_webhook"]);
+}
+
+#[test]
 fn webhooks_to_private_addresses_are_refused_by_default() {
     let server = Server::start_with_webhook_policy(&[]);
     let script = clients_dir().join("python/scenarios.py");

@@ -78,6 +78,9 @@ impl ServerConfig {
         if self.webhook_attempts == 0 {
             return bad("webhook_attempts", "must be at least 1");
         }
+        if self.webhook_timeout.is_zero() {
+            return bad("webhook_timeout", "must be longer than 0");
+        }
         for origin in &self.cors_origins {
             let valid = origin == "*"
                 || url::Url::parse(origin).is_ok_and(|u| {

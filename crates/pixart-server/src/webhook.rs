@@ -1,10 +1,11 @@
 //! Webhook delivery: a POST of fal's webhook payload when a request with `fal_webhook` ends.
 //!
-//! Deliveries run on their own thread (blocking HTTP, retried with backoff), so a slow receiver
-//! never holds up generation; on shutdown the thread drains what is left before the server exits.
+//! Deliveries run on a pool of threads (blocking HTTP, retried with backoff where that cannot
+//! duplicate them), so a slow receiver holds up neither generation nor other receivers; on
+//! shutdown the threads drain what is left before the server exits.
 
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -41,34 +42,72 @@ impl Delivery {
     }
 }
 
-/// Hands deliveries to the sender thread.
+/// Deliveries that may be in flight at once: a slow receiver holds up at most one of them.
+pub const CONCURRENT_DELIVERIES: usize = 8;
+
+/// Hands deliveries to a pool of sender threads.
 #[derive(Debug)]
 pub struct WebhookSender {
     queue: mpsc::Sender<Delivery>,
 }
 
+/// The sender threads; joining waits until every queued delivery was attempted.
+#[derive(Debug)]
+pub struct WebhookThreads(Vec<JoinHandle<()>>);
+
+impl WebhookThreads {
+    /// Waits for every sender thread (call after dropping the [`WebhookSender`]).
+    pub fn join(self) {
+        for thread in self.0 {
+            let _ = thread.join();
+        }
+    }
+}
+
 impl WebhookSender {
-    /// Starts the delivery thread. Connections resolve through [`PolicyResolver`] (only public
-    /// addresses unless `allow_private`), and redirects are not followed.
-    pub fn start(attempts: u32, timeout: Duration, allow_private: bool) -> std::io::Result<(Self, JoinHandle<()>)> {
+    /// Starts [`CONCURRENT_DELIVERIES`] delivery threads. Connections resolve through
+    /// [`PolicyResolver`] (only public addresses unless `allow_private`), and redirects are not
+    /// followed.
+    pub fn start(attempts: u32, timeout: Duration, allow_private: bool) -> std::io::Result<(Self, WebhookThreads)> {
         let (queue, deliveries) = mpsc::channel::<Delivery>();
-        let thread = std::thread::Builder::new().name("pixart-webhooks".into()).spawn(move || {
-            let agent = ureq::AgentBuilder::new()
-                .timeout(timeout)
-                .redirects(0)
-                .resolver(PolicyResolver { allow_private })
-                .build();
-            for delivery in deliveries {
-                deliver(&agent, &delivery, attempts);
-            }
-        })?;
-        Ok((Self { queue }, thread))
+        let deliveries = Arc::new(Mutex::new(deliveries));
+        let agent =
+            ureq::AgentBuilder::new().timeout(timeout).redirects(0).resolver(PolicyResolver { allow_private }).build();
+        let mut threads = Vec::with_capacity(CONCURRENT_DELIVERIES);
+        for i in 0..CONCURRENT_DELIVERIES {
+            let (deliveries, agent) = (deliveries.clone(), agent.clone());
+            threads.push(std::thread::Builder::new().name(format!("pixart-webhooks-{i}")).spawn(move || loop {
+                // Hold the lock only to take the next delivery, not while sending it.
+                let next = deliveries.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                match next {
+                    Ok(delivery) => deliver(&agent, &delivery, attempts),
+                    Err(_) => return, // the sender was dropped and the queue is empty
+                }
+            })?);
+        }
+        Ok((Self { queue }, WebhookThreads(threads)))
     }
 
     /// Queues a delivery.
     pub fn send(&self, delivery: Delivery) {
         if self.queue.send(delivery).is_err() {
-            tracing::error!("webhook thread is gone; a webhook was not sent");
+            tracing::error!("webhook threads are gone; a webhook was not sent");
+        }
+    }
+}
+
+/// Whether a failed attempt may be repeated without risking a duplicate: the receiver cannot
+/// have acted on a request that never connected, or that it answered with 5xx, 408 or 429. A
+/// timeout may mean the receiver got the body and is slow: not retried.
+fn retryable(error: &ureq::Error) -> bool {
+    match error {
+        ureq::Error::Status(code, _) => *code >= 500 || *code == 408 || *code == 429,
+        ureq::Error::Transport(t) => {
+            let timed_out = t.kind() == ureq::ErrorKind::Io
+                && std::error::Error::source(t).and_then(|s| s.downcast_ref::<std::io::Error>()).is_some_and(|io| {
+                    matches!(io.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock)
+                });
+            !timed_out && !t.to_string().contains("non-public")
         }
     }
 }
@@ -88,14 +127,8 @@ fn deliver(agent: &ureq::Agent, delivery: &Delivery, attempts: u32) {
                 tracing::info!(request_id = %delivery.request_id, status = response.status(), "webhook delivered");
                 return;
             }
-            Err(ureq::Error::Transport(e))
-                if e.kind() == ureq::ErrorKind::Dns && e.to_string().contains("non-public") =>
-            {
-                tracing::error!(request_id = %delivery.request_id, url = %delivery.url, error = %e, "webhook target refused");
-                return;
-            }
-            Err(ureq::Error::Status(code, _)) if (400..500).contains(&code) && code != 408 && code != 429 => {
-                tracing::warn!(request_id = %delivery.request_id, status = code, "webhook refused by its receiver");
+            Err(e) if !retryable(&e) => {
+                tracing::warn!(request_id = %delivery.request_id, url = %delivery.url, error = %e, "webhook not delivered (not retried: the receiver refused it, timed out after receiving it, or the target is not allowed)");
                 return;
             }
             Err(e) => {

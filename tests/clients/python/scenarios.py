@@ -310,6 +310,42 @@ def webhook_policy():
     hook.shutdown()
 
 
+def slow_webhook():
+    """On a server started with --webhook-timeout 1s: a receiver that answers after 3 s gets the
+    webhook once (a timed-out POST is not repeated), and holds up no other receiver."""
+    slow_calls = queue.Queue()
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            slow_calls.put(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+            time.sleep(3)
+            try:
+                self.send_response(200)
+                self.end_headers()
+            except OSError:
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    slow = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=slow.serve_forever, daemon=True).start()
+    fast = WebhookReceiver()
+    try:
+        first = fal_client.submit(APP, small(seed=1), webhook_url=f"http://127.0.0.1:{slow.server_address[1]}/hook")
+        assert slow_calls.get(timeout=20)["request_id"] == first.request_id
+        second = fal_client.submit(APP, small(seed=2), webhook_url=fast.url)
+        submitted = time.monotonic()
+        assert fast.next(timeout=20)["request_id"] == second.request_id
+        # The fast receiver is not queued behind the slow one's 3 s.
+        assert time.monotonic() - submitted < 2.5, time.monotonic() - submitted
+        time.sleep(5)  # past the slow receiver's answer and any retry backoff
+        assert slow_calls.empty(), "the slow receiver got the webhook twice"
+    finally:
+        slow.shutdown()
+        fast.close()
+
+
 def request_timeout():
     """x-fal-request-timeout while queued: the request fails with 504 on time (not when the worker
     reaches it), its webhook fires, and its queue slot is free at once."""
@@ -427,10 +463,10 @@ def safety_off():
 
 SCENARIOS = {
     f.__name__: f
-    for f in (subscribe_logs, queue_flow, invalid_input, run, run_disconnect, host_urls, upload, webhook, async_client, limits, cross_origin, request_timeout, auth, retention, shutdown, safety_flagged, safety_off, webhook_policy)
+    for f in (subscribe_logs, queue_flow, invalid_input, run, run_disconnect, host_urls, upload, webhook, async_client, limits, cross_origin, request_timeout, auth, retention, shutdown, safety_flagged, safety_off, webhook_policy, slow_webhook)
 }
-# The last six need a server started for them (see crates/pixart-cli/tests/serve.rs).
-DEFAULT = list(SCENARIOS)[:-6]
+# The last seven need a server started for them (see crates/pixart-cli/tests/serve.rs).
+DEFAULT = list(SCENARIOS)[:-7]
 
 if __name__ == "__main__":
     for name in sys.argv[2:] or DEFAULT:
