@@ -50,6 +50,12 @@ pub struct ServeArgs {
     /// flag or separate with commas; * allows any. Default: none (no CORS headers).
     #[arg(long, env = "PIXART_CORS_ORIGIN", value_delimiter = ',')]
     cors_origin: Vec<String>,
+    /// Longest a client may take to send a request's headers (slowloris defence).
+    #[arg(long, env = "PIXART_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    header_read_timeout: Duration,
+    /// Close connections with no bytes moving for this long (idle keep-alive included).
+    #[arg(long, env = "PIXART_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    idle_timeout: Duration,
     /// How long one webhook POST may take (e.g. 10s); a receiver slower than that is not retried
     /// (it may have acted on the request), and holds up no other delivery.
     #[arg(long, env = "PIXART_WEBHOOK_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
@@ -105,6 +111,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
         cors_origins: args.cors_origin.clone(),
         allow_private_webhooks: args.allow_private_webhooks,
         webhook_timeout: args.webhook_timeout,
+        header_read_timeout: args.header_read_timeout,
+        idle_timeout: args.idle_timeout,
         ..ServerConfig::default()
     };
     config.validate()?;

@@ -191,6 +191,65 @@ fn a_slow_webhook_receiver_gets_one_post_and_delays_no_other() {
     check("fal-client, slow webhook receiver", python(&server, &script, &["slow_webhook"], &[]), &["slow_webhook"]);
 }
 
+/// Reads until the server closes the connection (or 8 s pass); returns how long that took and
+/// what was read.
+fn until_closed(stream: &mut std::net::TcpStream) -> (std::time::Duration, String) {
+    use std::io::Read;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(8))).expect("read timeout");
+    let started = std::time::Instant::now();
+    let mut text = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => text.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                panic!("the server kept the connection open for 8 s: {}", String::from_utf8_lossy(&text))
+            }
+            Err(_) => break, // reset
+        }
+    }
+    (started.elapsed(), String::from_utf8_lossy(&text).into_owned())
+}
+
+#[test]
+fn slow_and_idle_connections_are_closed() {
+    use std::io::Write;
+    use std::net::TcpStream;
+    let server = Server::start(&["--header-read-timeout", "1s", "--idle-timeout", "2s"]);
+    let address = server.url.trim_start_matches("http://").to_string();
+    // Headers that never end (slowloris): closed after the header-read timeout.
+    let mut partial = TcpStream::connect(&address).unwrap();
+    partial.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ").unwrap();
+    let (took, _) = until_closed(&mut partial);
+    assert!(took < std::time::Duration::from_secs(4), "partial headers kept {took:?}");
+    // A keep-alive connection after a complete exchange: waiting for the next request's
+    // headers, it is closed by the header-read timeout.
+    let mut idle = TcpStream::connect(&address).unwrap();
+    idle.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let (took, text) = until_closed(&mut idle);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(took < std::time::Duration::from_secs(4), "idle keep-alive kept {took:?}");
+    // A body that stops half-way: closed by the idle timeout (2 s).
+    let mut stalled = TcpStream::connect(&address).unwrap();
+    let head = "POST /fal-ai/pixart-sigma HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n";
+    stalled.write_all(format!("{head}{{\"prompt\"").as_bytes()).unwrap();
+    let (took, _) = until_closed(&mut stalled);
+    let window = std::time::Duration::from_millis(1500)..std::time::Duration::from_secs(5);
+    assert!(window.contains(&took), "stalled body kept {took:?}");
+    // Many connections that never send a byte: all closed.
+    let mut silent: Vec<TcpStream> = (0..50).map(|_| TcpStream::connect(&address).unwrap()).collect();
+    let started = std::time::Instant::now();
+    for stream in &mut silent {
+        until_closed(stream);
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(6), "{:?}", started.elapsed());
+    // And the server still answers.
+    let mut fresh = TcpStream::connect(&address).unwrap();
+    fresh.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    assert!(until_closed(&mut fresh).1.starts_with("HTTP/1.1 200"));
+}
+
 #[test]
 fn webhooks_to_private_addresses_are_refused_by_default() {
     let server = Server::start_with_webhook_policy(&[]);

@@ -37,6 +37,11 @@ pub struct ServerConfig {
     /// client-supplied URL must not make the server call its own network (see
     /// [`crate::webhook_target`]).
     pub allow_private_webhooks: bool,
+    /// Longest a client may take to send a request's headers; slower connections are closed.
+    pub header_read_timeout: Duration,
+    /// Longest a connection may sit with no bytes read or written before it is closed
+    /// (keep-alive connections between requests included).
+    pub idle_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -54,6 +59,8 @@ impl Default for ServerConfig {
             webhook_timeout: Duration::from_secs(10),
             cors_origins: Vec::new(),
             allow_private_webhooks: false,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -77,6 +84,12 @@ impl ServerConfig {
         }
         if self.webhook_attempts == 0 {
             return bad("webhook_attempts", "must be at least 1");
+        }
+        if self.header_read_timeout.is_zero() {
+            return bad("header_read_timeout", "must be longer than 0");
+        }
+        if self.idle_timeout.is_zero() {
+            return bad("idle_timeout", "must be longer than 0");
         }
         if self.webhook_timeout.is_zero() {
             return bad("webhook_timeout", "must be longer than 0");

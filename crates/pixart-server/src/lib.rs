@@ -42,6 +42,7 @@
 
 mod api;
 mod config;
+mod connections;
 mod files;
 mod jobs;
 mod server;

@@ -95,13 +95,19 @@ pub async fn serve(
 
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let router = crate::api::router(server.clone());
-    let http = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = http_stopped.await;
-            })
-            .await
-    });
+    let limits = crate::connections::ConnectionLimits {
+        header_read_timeout: server.config.header_read_timeout,
+        idle_timeout: server.config.idle_timeout,
+    };
+    let http = tokio::spawn(crate::connections::serve(
+        listener,
+        router,
+        limits,
+        async move {
+            let _ = http_stopped.await;
+        },
+        Duration::from_secs(10),
+    ));
 
     shutdown.await;
     tracing::info!("shutting down: refusing new requests, failing queued ones");
@@ -128,11 +134,8 @@ pub async fn serve(
     sweeper.abort();
 
     let _ = stop_http.send(());
-    match tokio::time::timeout(Duration::from_secs(10), http).await {
-        Ok(Ok(Err(e))) => return Err(ServerError::Io(e)),
-        Ok(_) => {}
-        Err(_) => tracing::warn!("open connections did not close within 10 s"),
-    }
+    // `connections::serve` waits at most 10 s for open connections itself.
+    let _ = http.await;
     server.files.cleanup();
     let counters = server.table.lock().counters;
     tracing::info!(?counters, "stopped");
