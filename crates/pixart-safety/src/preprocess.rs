@@ -37,7 +37,9 @@ fn coefficients(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i32>)> {
             // C's (int) truncates toward zero; negative values are clamped to 0 anyway.
             let xmin = ((center - support + 0.5) as i64).max(0) as usize;
             let xmax = ((center + support + 0.5) as i64).min(in_size as i64).max(xmin as i64) as usize;
-            let weights: Vec<f64> = (xmin..xmax).map(|x| triangle((x as f64 - center + 0.5) / filter_scale)).collect();
+            // Pillow multiplies by the inverse scale: the same rounding gives the same coefficients.
+            let inverse = 1.0 / filter_scale;
+            let weights: Vec<f64> = (xmin..xmax).map(|x| triangle((x as f64 - center + 0.5) * inverse)).collect();
             let total: f64 = weights.iter().sum();
             let fixed = weights
                 .iter()
