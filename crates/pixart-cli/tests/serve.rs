@@ -135,6 +135,7 @@ const PY_SCENARIOS: &[&str] = &[
     "limits",
     "cross_origin",
     "request_timeout",
+    "metrics",
 ];
 
 #[test]

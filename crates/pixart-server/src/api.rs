@@ -130,6 +130,7 @@ async fn route(call: Call, segments: &[&str]) -> Response {
     let server = call.server.clone();
     match (segments, &method) {
         (["health"], &Method::GET) => health(&call),
+        (["metrics"], &Method::GET) => metrics(&call),
         (["files", key, name], &Method::GET | &Method::HEAD) => storage::serve_file(call, key, name).await,
         (["files", key, name, "multipart", upload, part], _) => {
             storage::cdn_multipart(call, key, name, upload, part).await
@@ -142,7 +143,7 @@ async fn route(call: Call, segments: &[&str]) -> Response {
         (["rest", "storage", "auth", "token"], &Method::POST) => storage::cdn_token(&call),
         (["cdn", "files", "upload"], &Method::POST) => storage::cdn_upload(call).await,
         (["cdn", "files", "upload", "multipart"], &Method::POST) => storage::cdn_multipart_begin(call).await,
-        (["health" | "files" | "uploads" | "rest" | "cdn", ..], _) => no_route(segments),
+        (["health" | "metrics" | "files" | "uploads" | "rest" | "cdn", ..], _) => no_route(segments),
         (["run", app @ ..], _) => match split_app(&server, app) {
             Ok((app, [])) if method == Method::POST => run(call, app).await,
             Ok((_, [])) => method_not_allowed("POST"),
@@ -256,6 +257,13 @@ fn check_auth(call: &Call, segments: &[&str]) -> Option<Response> {
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `GET /metrics`: Prometheus' text format.
+fn metrics(call: &Call) -> Response {
+    let text = crate::metrics::render(&call.server.table.lock());
+    (StatusCode::OK, [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))], text)
+        .into_response()
 }
 
 fn health(call: &Call) -> Response {

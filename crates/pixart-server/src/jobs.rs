@@ -192,6 +192,8 @@ pub struct Job {
     pub stop: Arc<StopFlag>,
     /// When it finished.
     pub finished_at: Option<Instant>,
+    /// When it was submitted.
+    pub submitted_at: Instant,
 }
 
 impl Job {
@@ -210,6 +212,7 @@ impl Job {
             logs: Vec::new(),
             stop: Arc::new(StopFlag::default()),
             finished_at: None,
+            submitted_at: Instant::now(),
         }
     }
 }
@@ -262,6 +265,8 @@ pub struct Jobs {
     pub closed: bool,
     /// Counters.
     pub counters: Counters,
+    /// Step and request latency histograms (`/metrics`).
+    pub latencies: crate::metrics::Latencies,
 }
 
 impl Jobs {
@@ -480,6 +485,11 @@ impl JobTable {
         jobs.jobs.remove(id);
     }
 
+    /// Records the duration of one denoising step.
+    pub fn observe_step(&self, duration: Duration) {
+        self.lock().latencies.step.observe(duration);
+    }
+
     /// Fails every queued request whose start deadline has passed (504, `x-fal-request-timeout`),
     /// freeing its queue slot now rather than when the worker reaches it; returns their webhooks.
     pub fn expire_deadlines(&self) -> Vec<Delivery> {
@@ -575,10 +585,18 @@ fn finish_locked(jobs: &mut Jobs, id: &str, outcome: Outcome) -> Option<Delivery
         Some(_) => counters.failed += 1,
     }
     let job = jobs.jobs.get_mut(id)?;
+    let waited = job.submitted_at.elapsed();
     let outcome = Arc::new(outcome);
     job.state = JobState::Completed(outcome.clone());
     job.finished_at = Some(Instant::now());
-    job.webhook.clone().map(|url| Delivery { request_id: id.to_string(), url, base_url: job.base_url.clone(), outcome })
+    let delivery = job.webhook.clone().map(|url| Delivery {
+        request_id: id.to_string(),
+        url,
+        base_url: job.base_url.clone(),
+        outcome,
+    });
+    jobs.latencies.request.observe(waited);
+    delivery
 }
 
 #[cfg(test)]

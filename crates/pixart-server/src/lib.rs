@@ -45,6 +45,7 @@ mod config;
 mod connections;
 mod files;
 mod jobs;
+mod metrics;
 mod server;
 mod storage;
 mod uploads;

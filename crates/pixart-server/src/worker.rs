@@ -48,6 +48,7 @@ fn generate(pipeline: &Pipeline, server: &Server, item: &WorkItem) -> Outcome {
             progress.duration.as_secs_f64() * 1e3
         );
         server.table.log(id, LogLine::new("INFO", line));
+        server.table.observe_step(progress.duration);
         match item.stop.reason() {
             StopReason::None => ControlFlow::Continue(()),
             _ => ControlFlow::Break(()),

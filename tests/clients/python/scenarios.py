@@ -372,6 +372,31 @@ def request_timeout():
         hook.close()
 
 
+def metrics():
+    """GET /metrics in Prometheus' text format: the queue, the counters and latency histograms,
+    consistent with /health and growing with each request."""
+    def scrape():
+        response = httpx.get(f"{BASE}/metrics")
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain; version=0.0.4")
+        values = {}
+        for line in response.text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                values[name] = float(value)
+        return values
+    before = scrape()
+    fal_client.run(APP, small(num_inference_steps=3))
+    after = scrape()
+    key = 'pixart_requests_total{outcome="succeeded"}'
+    assert after[key] == before[key] + 1, (before[key], after[key])
+    assert after["pixart_step_duration_seconds_count"] == before["pixart_step_duration_seconds_count"] + 3
+    assert after["pixart_request_duration_seconds_count"] >= before["pixart_request_duration_seconds_count"] + 1
+    assert after['pixart_step_duration_seconds_bucket{le="+Inf"}'] == after["pixart_step_duration_seconds_count"]
+    health = httpx.get(f"{BASE}/health").json()
+    assert after["pixart_queue_length"] == health["queue_length"] == 0
+    assert after['pixart_requests_total{outcome="accepted"}'] == health["requests"]["accepted"]
+
+
 def cross_origin():
     """Without --cors-origin, no CORS headers: a page on another origin cannot read responses, and
     a preflight-free `text/plain` POST (what such a page can still send) is refused."""
@@ -463,7 +488,7 @@ def safety_off():
 
 SCENARIOS = {
     f.__name__: f
-    for f in (subscribe_logs, queue_flow, invalid_input, run, run_disconnect, host_urls, upload, webhook, async_client, limits, cross_origin, request_timeout, auth, retention, shutdown, safety_flagged, safety_off, webhook_policy, slow_webhook)
+    for f in (subscribe_logs, queue_flow, invalid_input, run, run_disconnect, host_urls, upload, webhook, async_client, limits, cross_origin, request_timeout, metrics, auth, retention, shutdown, safety_flagged, safety_off, webhook_policy, slow_webhook)
 }
 # The last seven need a server started for them (see crates/pixart-cli/tests/serve.rs).
 DEFAULT = list(SCENARIOS)[:-7]
