@@ -70,6 +70,8 @@ pub async fn serve(
     let local_addr = listener.local_addr().map_err(ServerError::Io)?;
     let files = FileStore::open(config.storage_dir.as_deref()).map_err(ServerError::Io)?;
     tracing::info!(folder = %files.root().display(), "storing generated images and uploads");
+    // Parts of multipart uploads in flight are spooled here, not kept in memory.
+    let spool = files.root().join(".upload-parts");
     let (webhooks, webhook_thread) =
         WebhookSender::start(config.webhook_attempts, config.webhook_timeout, config.allow_private_webhooks)?;
     let server = Arc::new(Server {
@@ -78,7 +80,7 @@ pub async fn serve(
         model,
         local_addr,
         files,
-        uploads: Uploads::default(),
+        uploads: Uploads::new(spool),
         cdn_tokens: Mutex::new(HashMap::new()),
         webhooks: Mutex::new(Some(webhooks)),
         started: Instant::now(),
@@ -136,6 +138,7 @@ pub async fn serve(
     let _ = stop_http.send(());
     // `connections::serve` waits at most 10 s for open connections itself.
     let _ = http.await;
+    server.uploads.cleanup();
     server.files.cleanup();
     let counters = server.table.lock().counters;
     tracing::info!(?counters, "stopped");

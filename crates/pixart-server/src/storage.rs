@@ -89,6 +89,7 @@ fn upload_error(error: UploadError) -> Response {
             detail(StatusCode::PAYLOAD_TOO_LARGE, format!("the file is larger than {limit} bytes (--max-upload-bytes)"))
         }
         UploadError::BadParts(message) => detail(StatusCode::BAD_REQUEST, message),
+        UploadError::Io(message) => detail(StatusCode::INTERNAL_SERVER_ERROR, message),
     }
 }
 
@@ -242,7 +243,7 @@ async fn multipart_step(mut call: Call, id: &str, part: &str, target: Option<(&s
         Ok(bytes) => bytes,
         Err(response) => return response,
     };
-    match call.server.uploads.add_part(id, number, bytes.to_vec(), limit) {
+    match call.server.uploads.add_part(id, number, &bytes, limit) {
         Ok(etag) => {
             let mut response = json_response(StatusCode::OK, json!({"partNumber": number, "etag": etag}));
             if let Ok(value) = HeaderValue::from_str(&etag) {

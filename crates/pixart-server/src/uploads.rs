@@ -10,6 +10,7 @@
 //! - Python's fallback (`initiate?storage_type=gcs`) is the JS single-part flow.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -24,12 +25,24 @@ pub struct PendingUpload {
     pub name: String,
     /// Its MIME type.
     pub content_type: String,
-    /// Parts received so far (multipart uploads), by part number.
-    pub parts: BTreeMap<u32, Vec<u8>>,
+    /// Parts received so far (multipart uploads), by part number: written to disk as they
+    /// arrive, so an unfinished upload holds no memory.
+    pub parts: BTreeMap<u32, Part>,
     /// Bytes received so far.
     pub received: usize,
     /// When it started (unfinished uploads expire).
     pub started: Instant,
+}
+
+/// One received part of a multipart upload, spooled to a file.
+#[derive(Debug, Clone)]
+pub struct Part {
+    /// Where its bytes are.
+    pub path: PathBuf,
+    /// Its ETag.
+    pub etag: String,
+    /// Its length in bytes.
+    pub len: usize,
 }
 
 /// A problem with an upload call.
@@ -41,15 +54,27 @@ pub enum UploadError {
     TooLarge(usize),
     /// The complete call's part list does not match what was received.
     BadParts(String),
+    /// A part could not be written to or read from the spool folder.
+    Io(String),
 }
 
-/// Uploads in flight, by upload id.
-#[derive(Debug, Default)]
+/// Uploads in flight, by upload id; parts are spooled under a folder.
+#[derive(Debug)]
 pub struct Uploads {
     pending: Mutex<HashMap<String, PendingUpload>>,
+    spool: PathBuf,
 }
 
 impl Uploads {
+    /// Uploads whose parts are spooled under `spool` (created when the first part arrives).
+    pub fn new(spool: PathBuf) -> Self {
+        Self { pending: Mutex::default(), spool }
+    }
+
+    fn part_dir(&self, id: &str) -> PathBuf {
+        self.spool.join(id)
+    }
+
     /// Starts an upload; returns `(upload id, key, name)`.
     pub fn begin(&self, file_name: &str, content_type: &str) -> (String, String, String) {
         let id = uuid::Uuid::new_v4().simple().to_string();
@@ -72,17 +97,35 @@ impl Uploads {
         self.lock().remove(id).ok_or(UploadError::Unknown)
     }
 
-    /// Stores one part; returns its ETag.
-    pub fn add_part(&self, id: &str, number: u32, bytes: Vec<u8>, limit: usize) -> Result<String, UploadError> {
+    /// Stores one part on disk; returns its ETag.
+    pub fn add_part(&self, id: &str, number: u32, bytes: &[u8], limit: usize) -> Result<String, UploadError> {
+        {
+            let pending = self.lock();
+            let upload = pending.get(id).ok_or(UploadError::Unknown)?;
+            let replaced = upload.parts.get(&number).map_or(0, |p| p.len);
+            if upload.received - replaced + bytes.len() > limit {
+                return Err(UploadError::TooLarge(limit));
+            }
+        }
+        // Written outside the lock; a concurrent PUT of the same part number writes the same file.
+        let dir = self.part_dir(id);
+        let path = dir.join(number.to_string());
+        std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::write(&path, bytes))
+            .map_err(|e| UploadError::Io(format!("spooling part {number}: {e}")))?;
+        let etag = etag(bytes);
         let mut pending = self.lock();
-        let upload = pending.get_mut(id).ok_or(UploadError::Unknown)?;
-        let replaced = upload.parts.get(&number).map_or(0, Vec::len);
+        let Some(upload) = pending.get_mut(id) else {
+            drop(pending);
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(UploadError::Unknown);
+        };
+        let replaced = upload.parts.get(&number).map_or(0, |p| p.len);
         if upload.received - replaced + bytes.len() > limit {
             return Err(UploadError::TooLarge(limit));
         }
-        let etag = etag(&bytes);
         upload.received = upload.received - replaced + bytes.len();
-        upload.parts.insert(number, bytes);
+        upload.parts.insert(number, Part { path, etag: etag.clone(), len: bytes.len() });
         Ok(etag)
     }
 
@@ -98,14 +141,25 @@ impl Uploads {
             return Err(UploadError::BadParts(message));
         }
         for (number, tag) in &listed {
-            let matches = upload.parts.get(number).is_some_and(|bytes| etag(bytes) == *tag);
+            let matches = upload.parts.get(number).is_some_and(|part| part.etag == *tag);
             if !matches {
                 let message = format!("part {number}: not received or its etag differs");
                 self.lock().insert(id.to_string(), upload);
                 return Err(UploadError::BadParts(message));
             }
         }
-        let bytes: Vec<u8> = std::mem::take(&mut upload.parts).into_values().flatten().collect();
+        let mut bytes = Vec::with_capacity(upload.received);
+        for part in std::mem::take(&mut upload.parts).into_values() {
+            let read = std::fs::read(&part.path).map_err(|e| UploadError::Io(format!("reading a spooled part: {e}")));
+            match read {
+                Ok(data) => bytes.extend_from_slice(&data),
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(self.part_dir(id));
+                    return Err(e);
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(self.part_dir(id));
         Ok((upload, bytes))
     }
 
@@ -114,9 +168,26 @@ impl Uploads {
         self.lock().get(id).map(|u| (u.key.clone(), u.name.clone()))
     }
 
-    /// Drops uploads started more than `age` ago and never finished.
+    /// Drops uploads started more than `age` ago and never finished, with their spooled parts.
     pub fn expire(&self, age: Duration) {
-        self.lock().retain(|_, upload| upload.started.elapsed() < age);
+        let expired: Vec<String> = {
+            let mut pending = self.lock();
+            let ids: Vec<String> =
+                pending.iter().filter(|(_, u)| u.started.elapsed() >= age).map(|(id, _)| id.clone()).collect();
+            for id in &ids {
+                pending.remove(id);
+            }
+            ids
+        };
+        for id in expired {
+            let _ = std::fs::remove_dir_all(self.part_dir(&id));
+        }
+    }
+
+    /// Deletes every spooled part (on shutdown).
+    pub fn cleanup(&self) {
+        self.lock().clear();
+        let _ = std::fs::remove_dir_all(&self.spool);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, PendingUpload>> {
@@ -140,12 +211,14 @@ mod tests {
 
     #[test]
     fn multipart_parts_join_in_order_and_are_checked() {
-        let uploads = Uploads::default();
+        let spool = std::env::temp_dir().join(format!("pixart-uploads-test-{}", std::process::id()));
+        let uploads = Uploads::new(spool.clone());
         let (id, _, name) = uploads.begin("big file.bin", "application/octet-stream");
         assert_eq!(name, "big_file.bin");
-        let e2 = uploads.add_part(&id, 2, b"world".to_vec(), 100).unwrap();
-        let e1 = uploads.add_part(&id, 1, b"hello ".to_vec(), 100).unwrap();
-        assert_eq!(uploads.add_part(&id, 3, vec![0; 95], 100), Err(UploadError::TooLarge(100)));
+        let e2 = uploads.add_part(&id, 2, b"world", 100).unwrap();
+        let e1 = uploads.add_part(&id, 1, b"hello ", 100).unwrap();
+        assert_eq!(std::fs::read(spool.join(&id).join("1")).unwrap(), b"hello ", "parts live on disk");
+        assert_eq!(uploads.add_part(&id, 3, &[0; 95], 100), Err(UploadError::TooLarge(100)));
         let wrong = uploads.complete(&id, &[(1, e1.clone()), (2, e1.clone())]);
         assert!(matches!(wrong, Err(UploadError::BadParts(_))));
         let (upload, bytes) = uploads.complete(&id, &[(2, e2), (1, e1)]).unwrap();
@@ -153,5 +226,13 @@ mod tests {
         assert_eq!(upload.name, "big_file.bin");
         assert!(uploads.target(&id).is_none());
         assert_eq!(uploads.take(&id).unwrap_err(), UploadError::Unknown);
+        assert!(!spool.join(&id).exists(), "completed: its parts are deleted");
+        // An abandoned upload's parts go when it expires.
+        let (stale, _, _) = uploads.begin("x", "application/octet-stream");
+        uploads.add_part(&stale, 1, b"abc", 100).unwrap();
+        uploads.expire(Duration::ZERO);
+        assert!(!spool.join(&stale).exists());
+        uploads.cleanup();
+        assert!(!spool.exists());
     }
 }
