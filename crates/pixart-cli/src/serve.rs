@@ -53,7 +53,7 @@ pub struct ServeArgs {
     /// Longest a client may take to send a request's headers (slowloris defence).
     #[arg(long, env = "PIXART_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     header_read_timeout: Duration,
-    /// Close connections with no bytes moving for this long (idle keep-alive included).
+    /// Refuse (408) and close a request whose body pauses this long between chunks.
     #[arg(long, env = "PIXART_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     idle_timeout: Duration,
     /// How long one webhook POST may take (e.g. 10s); a receiver slower than that is not retried

@@ -195,8 +195,12 @@ fn a_slow_webhook_receiver_gets_one_post_and_delays_no_other() {
 /// Reads until the server closes the connection (or 8 s pass); returns how long that took and
 /// what was read.
 fn until_closed(stream: &mut std::net::TcpStream) -> (std::time::Duration, String) {
+    until_closed_within(stream, std::time::Duration::from_secs(8))
+}
+
+fn until_closed_within(stream: &mut std::net::TcpStream, limit: std::time::Duration) -> (std::time::Duration, String) {
     use std::io::Read;
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(8))).expect("read timeout");
+    stream.set_read_timeout(Some(limit)).expect("read timeout");
     let started = std::time::Instant::now();
     let mut text = Vec::new();
     let mut buf = [0u8; 4096];
@@ -205,7 +209,7 @@ fn until_closed(stream: &mut std::net::TcpStream) -> (std::time::Duration, Strin
             Ok(0) => break,
             Ok(n) => text.extend_from_slice(&buf[..n]),
             Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-                panic!("the server kept the connection open for 8 s: {}", String::from_utf8_lossy(&text))
+                panic!("the server kept the connection open for {limit:?}: {}", String::from_utf8_lossy(&text))
             }
             Err(_) => break, // reset
         }
@@ -235,9 +239,21 @@ fn slow_and_idle_connections_are_closed() {
     let mut stalled = TcpStream::connect(&address).unwrap();
     let head = "POST /fal-ai/pixart-sigma HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n";
     stalled.write_all(format!("{head}{{\"prompt\"").as_bytes()).unwrap();
-    let (took, _) = until_closed(&mut stalled);
+    let (took, text) = until_closed(&mut stalled);
     let window = std::time::Duration::from_millis(1500)..std::time::Duration::from_secs(5);
     assert!(window.contains(&took), "stalled body kept {took:?}");
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    // A response that takes longer than the idle timeout to compute is not cut.
+    let mut long = TcpStream::connect(&address).unwrap();
+    let body = r#"{"prompt": "a fox", "image_size": {"width": 512, "height": 512}, "num_inference_steps": 120, "num_images": 8, "sync_mode": true}"#;
+    let request = format!(
+        "POST /run/fal-ai/pixart-sigma HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    long.write_all(request.as_bytes()).unwrap();
+    let (took, text) = until_closed_within(&mut long, std::time::Duration::from_secs(120));
+    assert!(text.starts_with("HTTP/1.1 200"), "{}", &text[..text.len().min(300)]);
+    assert!(took > std::time::Duration::from_secs(2), "the generation was too quick to test this: {took:?}");
     // Many connections that never send a byte: all closed.
     let mut silent: Vec<TcpStream> = (0..50).map(|_| TcpStream::connect(&address).unwrap()).collect();
     let started = std::time::Instant::now();

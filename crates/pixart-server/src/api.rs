@@ -93,16 +93,39 @@ impl Call {
         ))
     }
 
-    /// Reads the body, refusing more than `limit` bytes with 413.
+    /// Reads the body, refusing more than `limit` bytes with 413, and a body that stalls for
+    /// `--idle-timeout` between chunks with 408 (the connection then closes).
     pub async fn read_body(&mut self, limit: usize, setting: &str) -> Result<Bytes, Response> {
+        use futures_util::StreamExt;
         let too_large =
             || detail(StatusCode::PAYLOAD_TOO_LARGE, format!("request body is larger than {limit} bytes ({setting})"));
         let declared = self.header("content-length").and_then(|v| v.parse::<usize>().ok());
         if declared.is_some_and(|n| n > limit) {
             return Err(too_large());
         }
-        let body = std::mem::take(&mut self.body);
-        axum::body::to_bytes(body, limit).await.map_err(|_| too_large())
+        let idle = self.server.config.idle_timeout;
+        let mut chunks = std::mem::take(&mut self.body).into_data_stream();
+        let mut body = Vec::with_capacity(declared.unwrap_or(0));
+        loop {
+            match tokio::time::timeout(idle, chunks.next()).await {
+                Err(_) => {
+                    return Err(detail(
+                        StatusCode::REQUEST_TIMEOUT,
+                        format!("the request body stalled for {idle:?} (--idle-timeout)"),
+                    ))
+                }
+                Ok(None) => return Ok(Bytes::from(body)),
+                Ok(Some(Ok(chunk))) => {
+                    if body.len() + chunk.len() > limit {
+                        return Err(too_large());
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(Some(Err(e))) => {
+                    return Err(detail(StatusCode::BAD_REQUEST, format!("the request body could not be read: {e}")))
+                }
+            }
+        }
     }
 }
 

@@ -39,8 +39,8 @@ pub struct ServerConfig {
     pub allow_private_webhooks: bool,
     /// Longest a client may take to send a request's headers; slower connections are closed.
     pub header_read_timeout: Duration,
-    /// Longest a connection may sit with no bytes read or written before it is closed
-    /// (keep-alive connections between requests included).
+    /// Longest a request body may pause between chunks before the request is refused (408) and
+    /// its connection closed. Responses being computed are never cut.
     pub idle_timeout: Duration,
 }
 

@@ -97,10 +97,7 @@ pub async fn serve(
 
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let router = crate::api::router(server.clone());
-    let limits = crate::connections::ConnectionLimits {
-        header_read_timeout: server.config.header_read_timeout,
-        idle_timeout: server.config.idle_timeout,
-    };
+    let limits = crate::connections::ConnectionLimits { header_read_timeout: server.config.header_read_timeout };
     let http = tokio::spawn(crate::connections::serve(
         listener,
         router,
