@@ -37,3 +37,8 @@ fn tokenizer_corpus() {
 fn spiece_model_corpus() {
     replay("spiece_model", pixart_suite::fuzzing::spiece_model);
 }
+
+#[test]
+fn gguf_corpus() {
+    replay("gguf", pixart_suite::fuzzing::gguf);
+}

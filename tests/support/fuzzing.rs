@@ -85,3 +85,27 @@ pub fn spiece_model(data: &[u8]) {
         }
     }
 }
+
+/// Arbitrary bytes as a GGUF text encoder for the tiny fixture's config: loading fails with an
+/// error or gives an encoder; an encoder encodes a short input to `[1, L, d_model]`. Never panics.
+pub fn gguf(data: &[u8]) {
+    use candle_core::{DType, Device, Tensor};
+    use pixart_t5::{T5Config, T5Encoder, T5LoadOptions, T5WeightsFile};
+    static CONFIG: OnceLock<T5Config> = OnceLock::new();
+    let config = CONFIG.get_or_init(|| {
+        T5Config::load(&crate::model_dir("tiny-sigma-256").join("text_encoder/config.json")).expect("fixture config")
+    });
+    let path = std::env::temp_dir().join(format!(
+        "pixart-fuzz-gguf-{}-{:?}.gguf",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    std::fs::write(&path, data).expect("temp file");
+    let options = T5LoadOptions { dtype: DType::F32, device: Device::Cpu, quant: None, cpu_repack: false };
+    let loaded = T5Encoder::load_weights(config, &T5WeightsFile::Gguf(path.clone()), &options);
+    let _ = std::fs::remove_file(&path);
+    let Ok(encoder) = loaded else { return };
+    let ids = Tensor::new(&[[5u32, 9, 1]], &Device::Cpu).expect("ids");
+    let out = encoder.forward(&ids, None).expect("a loaded encoder encodes");
+    assert_eq!(out.dims(), [1, 3, config.d_model]);
+}
