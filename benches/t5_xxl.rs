@@ -147,7 +147,6 @@ fn fixture_images(root: &Path) -> Vec<Value> {
     let model = root.join("tests/fixtures/tiny-sigma-256");
     let case = root.join("tests/fixtures/goldens/e2e/default_dpm");
     let request = GenerateRequest::from_json(&std::fs::read_to_string(case.join("request.json")).unwrap()).unwrap();
-    let want = image::open(case.join("image_0.png")).unwrap().to_rgb8();
     let gguf = |t: &str| Some(root.join(format!("tests/fixtures/gguf/tiny-sigma-256-t5-{t}.gguf")));
     let mut cases: Vec<(String, TextEncoderOptions)> = vec![("safetensors f32".into(), TextEncoderOptions::default())];
     for t in ["f16", "bf16", "q8_0"] {
@@ -162,7 +161,7 @@ fn fixture_images(root: &Path) -> Vec<Value> {
             let options = LoadOptions { text_encoder, ..LoadOptions::default() };
             let pipeline = Pipeline::load(model.to_str().unwrap(), &options).unwrap();
             let image = &pipeline.generate(&request).unwrap().images[0];
-            let diff = image.pixels.iter().zip(want.as_raw()).map(|(a, b)| a.abs_diff(*b)).max().unwrap_or(0);
+            let diff = pixart_suite::max_pixel_diff(&image.pixels, &case.join("image_0.png"));
             json!({ "text_encoder": name, "weights": pipeline.text_encoder_weights().to_string(), "max_pixel_diff": diff })
         })
         .collect()

@@ -1,11 +1,9 @@
 //! Low-memory loading end to end: a q8_0 GGUF text encoder against diffusers' pipeline holding
 //! the same file's weights, and sequential offload giving exactly the resident pipeline's images.
 
-use std::path::Path;
-
 use candle_core::{DType, Device};
 use pixart_pipeline::{GenerateRequest, LoadOptions, Offload, Pipeline, QuantType, TextEncoderOptions};
-use pixart_suite::{fixtures_dir, goldens_dir, model_dir};
+use pixart_suite::{fixtures_dir, goldens_dir, max_pixel_diff, model_dir};
 
 fn load(text_encoder: TextEncoderOptions, prompt_cache_size: usize) -> Pipeline {
     let options = LoadOptions {
@@ -17,12 +15,6 @@ fn load(text_encoder: TextEncoderOptions, prompt_cache_size: usize) -> Pipeline 
         ..LoadOptions::default()
     };
     Pipeline::load(model_dir("tiny-sigma-256").to_str().unwrap(), &options).unwrap()
-}
-
-fn max_pixel_diff(ours: &[u8], png: &Path) -> u8 {
-    let want = image::open(png).unwrap().to_rgb8();
-    assert_eq!(ours.len(), want.as_raw().len(), "{}: size differs", png.display());
-    ours.iter().zip(want.as_raw()).map(|(a, b)| a.abs_diff(*b)).max().unwrap_or(0)
 }
 
 fn q8_0_file() -> std::path::PathBuf {

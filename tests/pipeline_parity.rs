@@ -1,23 +1,14 @@
 //! End to end through the library: fal requests on the fixture models give diffusers' images
 //! (≤ 2/255 per pixel), and the pipeline's intermediate values equal the hooked diffusers run.
 
-use std::path::Path;
-
 use candle_core::{DType, Device};
 use pixart_pipeline::{GenerateRequest, LoadOptions, Pipeline, TorchGenerator};
-use pixart_suite::{assert_close, golden, goldens_dir, load_goldens, model_dir};
+use pixart_suite::{assert_close, golden, goldens_dir, load_goldens, max_pixel_diff, model_dir};
 
 fn load(model: &str) -> Pipeline {
     let options =
         LoadOptions { device: Device::Cpu, dtype: DType::F32, hub: Default::default(), ..LoadOptions::default() };
     Pipeline::load(model_dir(model).to_str().unwrap(), &options).unwrap()
-}
-
-/// The largest per-channel difference between two 8-bit pictures of the same size.
-pub fn max_pixel_diff(ours: &[u8], png: &Path) -> u8 {
-    let want = image::open(png).unwrap().to_rgb8();
-    assert_eq!(ours.len(), want.as_raw().len(), "{}: size differs", png.display());
-    ours.iter().zip(want.as_raw()).map(|(a, b)| a.abs_diff(*b)).max().unwrap_or(0)
 }
 
 #[test]

@@ -7,7 +7,7 @@
 pub mod fuzzing;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -85,6 +85,19 @@ pub fn max_abs(a: &Tensor) -> f32 {
 /// True when every element is finite.
 pub fn all_finite(a: &Tensor) -> bool {
     a.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| v.is_finite())
+}
+
+/// The largest per-byte difference of two 8-bit buffers of the same length.
+pub fn max_byte_diff(a: &[u8], b: &[u8]) -> u8 {
+    assert_eq!(a.len(), b.len(), "the buffers differ in length");
+    a.iter().zip(b).map(|(x, y)| x.abs_diff(*y)).max().unwrap_or(0)
+}
+
+/// The largest per-channel difference between 8-bit RGB pixels and a PNG of the same size.
+pub fn max_pixel_diff(ours: &[u8], png: &Path) -> u8 {
+    let want = image::open(png).unwrap_or_else(|e| panic!("{}: {e}", png.display())).to_rgb8();
+    assert_eq!(ours.len(), want.as_raw().len(), "{}: size differs", png.display());
+    max_byte_diff(ours, want.as_raw())
 }
 
 /// Asserts `max |a - b| <= tol`, printing the measured difference either way.

@@ -6,9 +6,9 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).ancestors().nth(2).unwrap().to_path_buf()
-}
+mod common;
+
+use common::{repo_root, write_flagging_checker};
 
 fn fixtures() -> PathBuf {
     repo_root().join("tests").join("fixtures")
@@ -42,6 +42,12 @@ fn quick_generate(model: &str, prompt: &str, extra: &[&str], envs: &[(&str, &str
         vec!["generate", "--model", model, "--prompt", prompt, "--image-size", "64x64", "--steps", "2", "--sync-mode"];
     args.extend_from_slice(extra);
     pixart(&args, envs)
+}
+
+/// `pixart bench --json` on `model`: one 2-step 64×64 run without warm-up, plus `extra`.
+fn quick_bench(model: &str, extra: &[&str]) -> Value {
+    let args = ["bench", "--model", model, "--size", "64x64", "--steps", "2", "--runs", "1", "--warmup", "0", "--json"];
+    response(&pixart(&[&args[..], extra].concat(), &[]))
 }
 
 fn response(output: &Output) -> Value {
@@ -313,19 +319,10 @@ fn help_explains_the_safety_checker() {
     assert!(help.contains("black"), "{help}");
 }
 
-/// A copy of the tiny checker with its labels swapped: the class its bias favours is `nsfw`, so
-/// every image is flagged.
+/// A copy of the tiny checker that flags every image ([`write_flagging_checker`]).
 fn flagging_checker() -> PathBuf {
     let dir = temp_dir("flagging-checker");
-    let from = fixtures().join("tiny-safety-checker");
-    for file in ["preprocessor_config.json", "model.safetensors"] {
-        std::fs::copy(from.join(file), dir.join(file)).unwrap();
-    }
-    let config = std::fs::read_to_string(from.join("config.json")).unwrap();
-    let swapped =
-        config.replace("\"normal\"", "\"tmp\"").replace("\"nsfw\"", "\"normal\"").replace("\"tmp\"", "\"nsfw\"");
-    assert_ne!(config, swapped);
-    std::fs::write(dir.join("config.json"), swapped).unwrap();
+    write_flagging_checker(&dir);
     dir
 }
 
@@ -367,25 +364,7 @@ fn the_safety_checker_blackens_flagged_images_and_can_be_turned_off() {
     assert!(err.contains("org/not-cached") && err.contains("--no-safety-checker"), "{err}");
 
     // pixart bench times it.
-    let bench = response(&pixart(
-        &[
-            "bench",
-            "--model",
-            m,
-            "--size",
-            "64x64",
-            "--steps",
-            "2",
-            "--runs",
-            "1",
-            "--warmup",
-            "0",
-            "--json",
-            "--safety-checker",
-            c,
-        ],
-        &[],
-    ));
+    let bench = quick_bench(m, &["--safety-checker", c]);
     assert!(bench["stages"]["safety_checker"]["mean_ms"].as_f64().unwrap() > 0.0, "{bench}");
     std::fs::remove_dir_all(&checker).unwrap();
 }
@@ -455,28 +434,7 @@ fn gguf_text_encoder_quantization_and_sequential_offload_from_the_command_line()
     rejects(&["--model", m, "--offload", "later"], &["--offload", "none, sequential"]);
     rejects(&["--model", m, "--prompt", "a", "--text-encoder", "/nonexistent/t5.gguf"], &["/nonexistent/t5.gguf"]);
 
-    let bench = pixart(
-        &[
-            "bench",
-            "--model",
-            m,
-            "--size",
-            "64x64",
-            "--steps",
-            "2",
-            "--runs",
-            "1",
-            "--warmup",
-            "0",
-            "--json",
-            "--text-encoder-quant",
-            "q8_0",
-            "--offload",
-            "sequential",
-        ],
-        &[],
-    );
-    let report = response(&bench);
+    let report = quick_bench(m, &["--text-encoder-quant", "q8_0", "--offload", "sequential"]);
     for stage in ["load", "text_encoder", "denoise", "vae"] {
         assert!(report["peak_memory_by_stage_bytes"][stage].as_u64().unwrap() > 0, "{stage}: {report}");
     }

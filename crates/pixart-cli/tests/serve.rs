@@ -9,9 +9,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repository root")
-}
+mod common;
+
+use common::{repo_root, write_flagging_checker};
 
 fn clients_dir() -> PathBuf {
     repo_root().join("tests/clients")
@@ -161,17 +161,8 @@ fn api_key_is_required_when_configured() {
 
 #[test]
 fn the_safety_checker_blackens_flagged_images_and_its_absence_is_never_hidden() {
-    // A copy of the tiny checker with its labels swapped flags every image.
     let dir = std::env::temp_dir().join(format!("pixart-serve-flagging-checker-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let from = repo_root().join("tests/fixtures/tiny-safety-checker");
-    for file in ["preprocessor_config.json", "model.safetensors"] {
-        std::fs::copy(from.join(file), dir.join(file)).expect("copy");
-    }
-    let config = std::fs::read_to_string(from.join("config.json")).expect("config");
-    let swapped =
-        config.replace("\"normal\"", "\"tmp\"").replace("\"nsfw\"", "\"normal\"").replace("\"tmp\"", "\"nsfw\"");
-    std::fs::write(dir.join("config.json"), swapped).expect("write");
+    write_flagging_checker(&dir);
     let script = clients_dir().join("python/scenarios.py");
     let server = Server::start(&["--safety-checker", dir.to_str().expect("utf-8")]);
     check(

@@ -205,20 +205,41 @@ fn looks_like_repo(name: &str) -> bool {
         && !name.contains('\\')
 }
 
-/// Resolves an image classifier (a transformers folder, or `org/name` on the hub) to a local
-/// folder holding `config.json`, `preprocessor_config.json` and the safetensors weights.
-pub fn resolve_classifier(model: &str, hub: &HubOptions) -> Result<PathBuf, ModelError> {
+/// Where a model name points.
+enum Located {
+    /// A local folder that holds the marker file.
+    Folder(PathBuf),
+    /// A hub repo, to fetch from.
+    Repo(Box<Fetcher>),
+}
+
+/// A folder holding `marker` (else `not_this_kind(folder)`), or a repo id to fetch from.
+fn locate(
+    model: &str,
+    hub: &HubOptions,
+    marker: &str,
+    not_this_kind: impl FnOnce(PathBuf) -> ModelError,
+) -> Result<Located, ModelError> {
     let path = Path::new(model);
     if path.is_dir() {
-        if !path.join("config.json").is_file() {
-            return Err(ModelError::NotAClassifier { dir: path.to_path_buf() });
+        if !path.join(marker).is_file() {
+            return Err(not_this_kind(path.to_path_buf()));
         }
-        return Ok(path.to_path_buf());
+        return Ok(Located::Folder(path.to_path_buf()));
     }
     if !looks_like_repo(model) {
         return Err(ModelError::NotAModel { model: model.to_string() });
     }
-    let fetcher = Fetcher::new(model, hub)?;
+    Fetcher::new(model, hub).map(|f| Located::Repo(Box::new(f)))
+}
+
+/// Resolves an image classifier (a transformers folder, or `org/name` on the hub) to a local
+/// folder holding `config.json`, `preprocessor_config.json` and the safetensors weights.
+pub fn resolve_classifier(model: &str, hub: &HubOptions) -> Result<PathBuf, ModelError> {
+    let fetcher = match locate(model, hub, "config.json", |dir| ModelError::NotAClassifier { dir })? {
+        Located::Folder(dir) => return Ok(dir),
+        Located::Repo(fetcher) => fetcher,
+    };
     let config = fetcher.get("config.json")?;
     fetcher.get("preprocessor_config.json")?;
     fetcher.weights("", "model")?;
@@ -230,17 +251,10 @@ pub fn resolve_classifier(model: &str, hub: &HubOptions) -> Result<PathBuf, Mode
 
 /// Resolves `model` (a folder, or `org/name` on the hub) to a local diffusers-layout folder.
 pub fn resolve_model(model: &str, hub: &HubOptions) -> Result<PathBuf, ModelError> {
-    let path = Path::new(model);
-    if path.is_dir() {
-        if !path.join("model_index.json").is_file() {
-            return Err(ModelError::NotAPipeline { dir: path.to_path_buf() });
-        }
-        return Ok(path.to_path_buf());
-    }
-    if !looks_like_repo(model) {
-        return Err(ModelError::NotAModel { model: model.to_string() });
-    }
-    let fetcher = Fetcher::new(model, hub)?;
+    let fetcher = match locate(model, hub, "model_index.json", |dir| ModelError::NotAPipeline { dir })? {
+        Located::Folder(dir) => return Ok(dir),
+        Located::Repo(fetcher) => fetcher,
+    };
     let index = fetcher.get("model_index.json")?;
     for file in
         ["scheduler/scheduler_config.json", "text_encoder/config.json", "transformer/config.json", "vae/config.json"]

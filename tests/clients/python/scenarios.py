@@ -280,20 +280,8 @@ def webhook_policy():
     """A server without --allow-private-webhooks: private targets and credentials in the URL are
     refused at submit (422 naming fal_webhook); a name that resolves to loopback is accepted, but
     nothing is ever POSTed to it."""
-    received = queue.Queue()
-
-    class Hook(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            received.put(self.rfile.read(int(self.headers["content-length"])))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    hook = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
-    threading.Thread(target=hook.serve_forever, daemon=True).start()
-    port = hook.server_address[1]
+    hook = WebhookReceiver()
+    port = hook.server.server_address[1]
     for target, words in [
         (f"http://127.0.0.1:{port}/hook", "not a public address"),
         ("http://169.254.169.254/latest/meta-data", "not a public address"),
@@ -306,8 +294,8 @@ def webhook_policy():
     handle = fal_client.submit(APP, small(), webhook_url=f"http://localhost:{port}/hook")
     assert handle.get()["seed"] == 7
     time.sleep(2.0)
-    assert received.empty(), "the server POSTed to a loopback address"
-    hook.shutdown()
+    assert hook.received.empty(), "the server POSTed to a loopback address"
+    hook.close()
 
 
 def slow_webhook():
