@@ -47,7 +47,7 @@ def percentile(values, q):
 
 def start_server(binary, model):
     process = subprocess.Popen(
-        [binary, "serve", "--model", model, "--port", "0", "--no-safety-checker"],
+        [binary, "serve", "--model", model, "--port", "0", "--no-safety-checker", "--temporary-storage"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use pixart_server::ServerConfig;
+use pixart_server::{ServerConfig, Storage};
 
 use crate::model_args::ModelArgs;
 
@@ -30,7 +30,7 @@ pub struct ServeArgs {
     #[arg(long, env = "PIXART_MAX_QUEUE", default_value_t = 256)]
     max_queue: usize,
     /// How long finished results and their images stay available: e.g. 30m, 24h, 7d, or
-    /// "forever" (until the server stops).
+    /// "forever" (never deleted).
     #[arg(long, env = "PIXART_RESULT_RETENTION", default_value = "24h", value_parser = parse_retention)]
     result_retention: Retention,
     /// Largest JSON request body, in bytes.
@@ -43,9 +43,15 @@ pub struct ServeArgs {
     /// is stopped (e.g. 30s, 2m).
     #[arg(long, env = "PIXART_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
     shutdown_grace: Duration,
-    /// Folder for generated images and uploads (default: a temporary folder removed on exit).
-    #[arg(long, env = "PIXART_STORAGE_DIR")]
+    /// Folder for requests, results, logs, generated images and uploads; they survive restarts
+    /// (default: $XDG_DATA_HOME/pixart/serve, else ~/.local/share/pixart/serve). One server per
+    /// folder.
+    #[arg(long, env = "PIXART_STORAGE_DIR", conflicts_with = "temporary_storage")]
     storage_dir: Option<PathBuf>,
+    /// Keep nothing across restarts: a temporary folder removed on exit; on shutdown queued
+    /// requests fail (ServerShutdown) instead of waiting for the next start.
+    #[arg(long, env = "PIXART_TEMPORARY_STORAGE", value_parser = clap::builder::FalseyValueParser::new())]
+    temporary_storage: bool,
     /// Browser origins allowed to call the API (CORS), e.g. https://app.example.com; repeat the
     /// flag or separate with commas; * allows any. Default: none (no CORS headers).
     #[arg(long, env = "PIXART_CORS_ORIGIN", value_delimiter = ',')]
@@ -107,7 +113,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
         max_upload_bytes: args.max_upload_bytes,
         api_key: args.api_key.clone(),
         shutdown_grace: args.shutdown_grace,
-        storage_dir: args.storage_dir.clone(),
+        storage: match (&args.storage_dir, args.temporary_storage) {
+            (_, true) => Storage::Temporary,
+            (Some(dir), false) => Storage::Dir(dir.clone()),
+            (None, false) => Storage::UserData,
+        },
         cors_origins: args.cors_origin.clone(),
         allow_private_webhooks: args.allow_private_webhooks,
         webhook_timeout: args.webhook_timeout,

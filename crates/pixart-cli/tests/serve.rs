@@ -57,6 +57,10 @@ impl Server {
         let model = repo_root().join("tests/fixtures/tiny-sigma-256");
         let mut command = Command::new(env!("CARGO_BIN_EXE_pixart"));
         command.args(["serve", "--port", "0", "--model"]).arg(&model).args(extra).env("RUST_LOG", "warn");
+        if !extra.iter().any(|a| a.contains("storage")) {
+            // Each test server its own folder, removed on exit (restarts are tested on their own).
+            command.arg("--temporary-storage");
+        }
         if !extra.iter().any(|a| a.contains("safety-checker")) {
             // The tiny random safety checker (its bias leans to `normal`): every image is checked.
             command.env("PIXART_SAFETY_CHECKER", repo_root().join("tests/fixtures/tiny-safety-checker"));
@@ -293,6 +297,31 @@ fn graceful_shutdown_finishes_the_running_request_and_fails_queued_ones() {
 #[test]
 fn graceful_shutdown_stops_a_running_request_after_the_grace_period() {
     shutdown("300ms", "stop");
+}
+
+fn restart(stop: &str) {
+    install_clients();
+    let output = Command::new(clients_dir().join("python/.venv/bin/python"))
+        .arg(clients_dir().join("python/restart.py"))
+        .args(["--pixart", env!("CARGO_BIN_EXE_pixart"), "--stop", stop, "--model"])
+        .arg(repo_root().join("tests/fixtures/tiny-sigma-256"))
+        .output()
+        .expect("running tests/clients/python/restart.py");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "restart ({stop}) failed:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("restart.py prints its JSON report");
+    assert_eq!(report["check"], "passed");
+    println!("{stdout}");
+}
+
+#[test]
+fn kill_9_during_a_load_loses_no_request_and_completes_none_twice() {
+    restart("kill");
+}
+
+#[test]
+fn sigterm_during_a_load_requeues_the_running_request_for_the_next_start() {
+    restart("term");
 }
 
 #[test]

@@ -3,6 +3,45 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// Where a server keeps its jobs (`jobs.sqlite3`), generated images and uploads (`files/`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Storage {
+    /// The per-user data folder: `$XDG_DATA_HOME/pixart/serve`, else
+    /// `~/.local/share/pixart/serve` (the default: requests survive restarts).
+    UserData,
+    /// This folder (created when missing).
+    Dir(PathBuf),
+    /// A fresh temporary folder removed when the server stops: nothing survives a restart, so
+    /// on shutdown queued requests fail (`ServerShutdown`) instead of waiting for the next start.
+    Temporary,
+}
+
+impl Storage {
+    /// The folder to use, or why there is none.
+    pub fn resolve(&self) -> Result<PathBuf, crate::ServerError> {
+        match self {
+            Storage::Dir(dir) => Ok(dir.clone()),
+            Storage::Temporary => Ok(std::env::temp_dir().join(format!("pixart-serve-{}", uuid::Uuid::new_v4()))),
+            Storage::UserData => {
+                let from_env = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+                let base = from_env("XDG_DATA_HOME").or_else(|| from_env("HOME").map(|h| h.join(".local/share")));
+                base.map(|b| b.join("pixart").join("serve")).ok_or_else(|| {
+                    crate::ServerError::Config(
+                        "storage: no per-user data folder (neither XDG_DATA_HOME nor HOME is set); pass \
+                         --storage-dir DIR, or --temporary-storage to keep nothing across restarts"
+                            .into(),
+                    )
+                })
+            }
+        }
+    }
+
+    /// Whether what is stored outlives the server.
+    pub fn is_durable(&self) -> bool {
+        !matches!(self, Storage::Temporary)
+    }
+}
+
 /// Settings of one server. [`ServerConfig::default`] is what `pixart serve` uses without flags.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -23,9 +62,8 @@ pub struct ServerConfig {
     pub api_key: Option<String>,
     /// On shutdown: how long the request being generated may take to finish before it is stopped.
     pub shutdown_grace: Duration,
-    /// Where generated images and uploads are written; `None` makes a temporary folder that is
-    /// removed when the server stops.
-    pub storage_dir: Option<PathBuf>,
+    /// Where jobs, generated images and uploads are kept (see [`Storage`]).
+    pub storage: Storage,
     /// Attempts per webhook delivery (1 s, 2 s, 4 s… apart).
     pub webhook_attempts: u32,
     /// Timeout of one webhook POST.
@@ -54,7 +92,7 @@ impl Default for ServerConfig {
             max_upload_bytes: 100 << 20,
             api_key: None,
             shutdown_grace: Duration::from_secs(30),
-            storage_dir: None,
+            storage: Storage::UserData,
             webhook_attempts: 3,
             webhook_timeout: Duration::from_secs(10),
             cors_origins: Vec::new(),

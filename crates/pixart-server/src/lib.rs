@@ -18,6 +18,12 @@
 //! Any call carrying `x-fal-target-url` is routed by that URL (the JS client's `proxyUrl` mode).
 //! One worker thread runs the pipeline; the queue is bounded and `queue_position` is exact.
 //!
+//! Layout: [`core`] is the queue (jobs, the [`core::JobStore`] trait and its SQLite
+//! implementation, the worker, files, uploads, webhooks) and knows nothing of HTTP; `http` maps
+//! it to fal's routes; `server` wires them and runs the server's life. Requests, results, logs,
+//! images and pending webhooks are kept in the storage folder ([`Storage`]) and survive a
+//! restart, graceful or not.
+//!
 //! Embedding it (what `pixart serve` does):
 //!
 //! ```no_run
@@ -27,7 +33,7 @@
 //!
 //! let pipeline = Pipeline::load("PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", &LoadOptions::default())?;
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:8000").await?;
-//! let config = ServerConfig { api_key: Some("secret".into()), ..ServerConfig::default() };
+//! let config = ServerConfig { api_key: Some("secret".into()), ..ServerConfig::default() }; // storage: per-user data folder
 //! // Serves until the future resolves, then shuts down gracefully.
 //! let stop = tokio::time::sleep(std::time::Duration::from_secs(3600));
 //! let report = serve(pipeline, "PixArt-Sigma-XL-2-1024-MS".into(), config, listener, stop).await?;
@@ -40,29 +46,26 @@
 // error path, so its size does not matter.
 #![allow(clippy::result_large_err)]
 
-mod api;
 mod config;
-mod connections;
-mod files;
-mod jobs;
-mod metrics;
+pub mod core;
+mod http;
 mod server;
-mod storage;
-mod uploads;
-mod webhook;
-pub mod webhook_target;
-mod worker;
+mod state;
 
-pub use config::ServerConfig;
-pub use jobs::Counters;
+pub use crate::core::webhook_target;
+pub use crate::core::Counters;
+pub use config::{ServerConfig, Storage};
 pub use server::{serve, ServeReport};
 
 /// Errors that stop the server from starting or running.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    /// A setting is out of range.
+    /// A setting is out of range, or the storage folder cannot be used.
     #[error("server setting {0}")]
     Config(String),
+    /// The job store failed.
+    #[error(transparent)]
+    Store(#[from] crate::core::StoreError),
     /// Binding, the storage folder or the HTTP server failed.
     #[error(transparent)]
     Io(#[from] std::io::Error),

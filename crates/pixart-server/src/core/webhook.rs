@@ -9,38 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use serde_json::{json, Value};
-
-use crate::jobs::Outcome;
-use crate::webhook_target::PolicyResolver;
-
-/// One webhook to send.
-#[derive(Debug, Clone)]
-pub struct Delivery {
-    /// The request it reports.
-    pub request_id: String,
-    /// Where to POST.
-    pub url: String,
-    /// `scheme://host` for the image URLs in the payload.
-    pub base_url: String,
-    /// How the request ended.
-    pub outcome: Arc<Outcome>,
-}
-
-impl Delivery {
-    /// fal's webhook body: `{request_id, gateway_request_id, status: OK|ERROR, payload, error}`.
-    pub fn payload(&self) -> Value {
-        let body = self.outcome.body_json(&self.base_url);
-        if self.outcome.is_error() {
-            let error = self.outcome.error.clone().unwrap_or_else(|| format!("HTTP {}", self.outcome.status));
-            json!({"request_id": self.request_id, "gateway_request_id": self.request_id,
-                   "status": "ERROR", "payload": body, "error": error})
-        } else {
-            json!({"request_id": self.request_id, "gateway_request_id": self.request_id,
-                   "status": "OK", "payload": body, "error": null})
-        }
-    }
-}
+use super::store::{JobStore, PendingWebhook};
+use super::webhook_target::PolicyResolver;
 
 /// Deliveries that may be in flight at once: a slow receiver holds up at most one of them.
 pub const CONCURRENT_DELIVERIES: usize = 8;
@@ -48,7 +18,7 @@ pub const CONCURRENT_DELIVERIES: usize = 8;
 /// Hands deliveries to a pool of sender threads.
 #[derive(Debug)]
 pub struct WebhookSender {
-    queue: mpsc::Sender<Delivery>,
+    queue: mpsc::Sender<PendingWebhook>,
 }
 
 /// The sender threads; joining waits until every queued delivery was attempted.
@@ -68,19 +38,31 @@ impl WebhookSender {
     /// Starts [`CONCURRENT_DELIVERIES`] delivery threads. Connections resolve through
     /// [`PolicyResolver`] (only public addresses unless `allow_private`), and redirects are not
     /// followed.
-    pub fn start(attempts: u32, timeout: Duration, allow_private: bool) -> std::io::Result<(Self, WebhookThreads)> {
-        let (queue, deliveries) = mpsc::channel::<Delivery>();
+    /// Each delivery, once attempted to completion, is marked done in `store`; one the process
+    /// did not get to stays pending there and is sent by the next start.
+    pub fn start(
+        store: Arc<dyn JobStore>,
+        attempts: u32,
+        timeout: Duration,
+        allow_private: bool,
+    ) -> std::io::Result<(Self, WebhookThreads)> {
+        let (queue, deliveries) = mpsc::channel::<PendingWebhook>();
         let deliveries = Arc::new(Mutex::new(deliveries));
         let agent =
             ureq::AgentBuilder::new().timeout(timeout).redirects(0).resolver(PolicyResolver { allow_private }).build();
         let mut threads = Vec::with_capacity(CONCURRENT_DELIVERIES);
         for i in 0..CONCURRENT_DELIVERIES {
-            let (deliveries, agent) = (deliveries.clone(), agent.clone());
+            let (deliveries, agent, store) = (deliveries.clone(), agent.clone(), store.clone());
             threads.push(std::thread::Builder::new().name(format!("pixart-webhooks-{i}")).spawn(move || loop {
                 // Hold the lock only to take the next delivery, not while sending it.
                 let next = deliveries.lock().unwrap_or_else(|e| e.into_inner()).recv();
                 match next {
-                    Ok(delivery) => deliver(&agent, &delivery, attempts),
+                    Ok(delivery) => {
+                        deliver(&agent, &delivery, attempts);
+                        if let Err(e) = store.webhook_done(delivery.delivery_id) {
+                            tracing::warn!(request_id = %delivery.job_id, error = %e, "webhook not marked as sent; it may be sent again after a restart");
+                        }
+                    }
                     Err(_) => return, // the sender was dropped and the queue is empty
                 }
             })?);
@@ -89,9 +71,9 @@ impl WebhookSender {
     }
 
     /// Queues a delivery.
-    pub fn send(&self, delivery: Delivery) {
+    pub fn send(&self, delivery: PendingWebhook) {
         if self.queue.send(delivery).is_err() {
-            tracing::error!("webhook threads are gone; a webhook was not sent");
+            tracing::error!("webhook threads are gone; the webhook stays pending for the next start");
         }
     }
 }
@@ -112,27 +94,27 @@ fn retryable(error: &ureq::Error) -> bool {
     }
 }
 
-fn deliver(agent: &ureq::Agent, delivery: &Delivery, attempts: u32) {
-    let body = delivery.payload().to_string();
+fn deliver(agent: &ureq::Agent, delivery: &PendingWebhook, attempts: u32) {
+    let body = delivery.payload.as_str();
     let mut wait = Duration::from_secs(1);
     for attempt in 1..=attempts {
-        let sent = agent.post(&delivery.url).set("Content-Type", "application/json").send_string(&body);
+        let sent = agent.post(&delivery.url).set("Content-Type", "application/json").send_string(body);
         match sent {
             Ok(response) if (300..400).contains(&response.status()) => {
                 // Following it would let the receiver point the server anywhere.
-                tracing::warn!(request_id = %delivery.request_id, status = response.status(), "webhook receiver answered a redirect; not followed");
+                tracing::warn!(request_id = %delivery.job_id, status = response.status(), "webhook receiver answered a redirect; not followed");
                 return;
             }
             Ok(response) => {
-                tracing::info!(request_id = %delivery.request_id, status = response.status(), "webhook delivered");
+                tracing::info!(request_id = %delivery.job_id, status = response.status(), "webhook delivered");
                 return;
             }
             Err(e) if !retryable(&e) => {
-                tracing::warn!(request_id = %delivery.request_id, url = %delivery.url, error = %e, "webhook not delivered (not retried: the receiver refused it, timed out after receiving it, or the target is not allowed)");
+                tracing::warn!(request_id = %delivery.job_id, url = %delivery.url, error = %e, "webhook not delivered (not retried: the receiver refused it, timed out after receiving it, or the target is not allowed)");
                 return;
             }
             Err(e) => {
-                tracing::warn!(request_id = %delivery.request_id, attempt, error = %e, "webhook delivery failed");
+                tracing::warn!(request_id = %delivery.job_id, attempt, error = %e, "webhook delivery failed");
                 if attempt < attempts {
                     std::thread::sleep(wait);
                     wait *= 2;
@@ -140,5 +122,5 @@ fn deliver(agent: &ureq::Agent, delivery: &Delivery, attempts: u32) {
             }
         }
     }
-    tracing::error!(request_id = %delivery.request_id, url = %delivery.url, "webhook not delivered after {attempts} attempts");
+    tracing::error!(request_id = %delivery.job_id, url = %delivery.url, "webhook not delivered after {attempts} attempts");
 }

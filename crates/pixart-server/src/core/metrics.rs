@@ -1,10 +1,8 @@
-//! `GET /metrics`: the queue, the counters and latency histograms in Prometheus' text format
-//! (version 0.0.4).
+//! Latency histograms (step and request durations), rendered in Prometheus' text format
+//! (version 0.0.4) for `GET /metrics`.
 
 use std::fmt::Write as _;
 use std::time::Duration;
-
-use crate::jobs::Jobs;
 
 /// A cumulative histogram with fixed upper bounds, in seconds.
 #[derive(Debug, Clone)]
@@ -39,7 +37,8 @@ impl Histogram {
         self.count += 1;
     }
 
-    fn render(&self, out: &mut String, name: &str, help: &str) {
+    /// Appends it to `out` in Prometheus' text format as `name`.
+    pub fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         for (bound, count) in self.bounds.iter().zip(&self.counts) {
             let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {count}");
@@ -52,7 +51,7 @@ impl Histogram {
     }
 }
 
-/// The latency histograms, kept with the job table.
+/// The latency histograms this process keeps.
 #[derive(Debug, Clone)]
 pub struct Latencies {
     /// Each denoising step.
@@ -65,36 +64,6 @@ impl Default for Latencies {
     fn default() -> Self {
         Self { step: Histogram::new(Histogram::STEP_BOUNDS), request: Histogram::new(Histogram::REQUEST_BOUNDS) }
     }
-}
-
-/// The whole exposition.
-pub fn render(jobs: &Jobs) -> String {
-    let mut out = String::new();
-    let c = &jobs.counters;
-    let gauge = |out: &mut String, name: &str, help: &str, value: u64| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
-    };
-    gauge(&mut out, "pixart_queue_length", "Requests waiting in the queue.", jobs.queue.len() as u64);
-    gauge(&mut out, "pixart_requests_running", "Requests being generated.", u64::from(jobs.running.is_some()));
-    let _ = writeln!(out, "# HELP pixart_requests_total Requests by how they ended (accepted: every submit).");
-    let _ = writeln!(out, "# TYPE pixart_requests_total counter");
-    for (outcome, value) in
-        [("accepted", c.accepted), ("succeeded", c.succeeded), ("failed", c.failed), ("cancelled", c.cancelled)]
-    {
-        let _ = writeln!(out, "pixart_requests_total{{outcome=\"{outcome}\"}} {value}");
-    }
-    let _ = writeln!(
-        out,
-        "# HELP pixart_generations_started_total Generations the worker started.\n# TYPE pixart_generations_started_total counter\npixart_generations_started_total {}",
-        c.started
-    );
-    jobs.latencies.step.render(&mut out, "pixart_step_duration_seconds", "Duration of one denoising step.");
-    jobs.latencies.request.render(
-        &mut out,
-        "pixart_request_duration_seconds",
-        "Duration of a request from submit to its end, queue wait included.",
-    );
-    out
 }
 
 #[cfg(test)]

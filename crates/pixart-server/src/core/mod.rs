@@ -1,0 +1,24 @@
+//! The queue core: jobs and their store, the worker, files, uploads and webhook delivery.
+//! Nothing here knows about HTTP (no status codes, no axum); [`crate::http`] maps it to fal's
+//! API.
+//!
+//! Dependencies point one way: `job` ← `fal_format` ← `store` ← `sqlite`/`queue` ← `worker`;
+//! `files`, `uploads`, `cdn_tokens`, `metrics` and `webhook_target` stand alone.
+
+pub mod cdn_tokens;
+pub mod fal_format;
+pub mod files;
+pub mod job;
+pub mod metrics;
+pub mod queue;
+pub mod sqlite;
+pub mod store;
+pub mod uploads;
+pub mod webhook;
+pub mod webhook_target;
+pub mod worker;
+
+pub use job::{Failure, FailureKind, JobKind, JobState, JobView, LogLine, NewJob, Outcome, Priority, StopReason};
+pub use queue::{Counters, Queue, RefusedSubmit};
+pub use sqlite::SqliteStore;
+pub use store::{CancelResult, JobStore, PendingWebhook, QueueStats, Recovery, StoreError, SubmitError};

@@ -1,0 +1,357 @@
+//! [`Queue`]: the job store plus what belongs to one process: wake-ups for the worker and for
+//! status streams, the stop flags of the jobs this process runs, counters, latency histograms
+//! and the webhook sender.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use pixart_pipeline::GenerateRequest;
+use tokio::sync::watch;
+
+use super::job::{Failure, JobView, LogLine, NewJob, Outcome, StopFlag, StopReason};
+use super::metrics::Latencies;
+use super::store::{CancelResult, JobStore, PendingWebhook, QueueStats, Recovery, StoreError, SubmitError};
+use super::webhook::WebhookSender;
+
+/// Starts allowed for a job that keeps being interrupted (server killed while running it)
+/// before it fails with [`super::job::FailureKind::Interrupted`].
+pub const MAX_ATTEMPTS: u32 = 3;
+
+/// Counters since this process started.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Counters {
+    /// Requests accepted (queue and run).
+    pub accepted: u64,
+    /// Requests that produced an output.
+    pub succeeded: u64,
+    /// Requests that ended with an error (validation, generation, timeout, shutdown).
+    pub failed: u64,
+    /// Requests cancelled.
+    pub cancelled: u64,
+    /// Generations started by this process' worker.
+    pub started: u64,
+}
+
+impl Counters {
+    fn count(&mut self, outcome: &Outcome) {
+        match outcome.failure().map(|f| f.kind) {
+            None => self.succeeded += 1,
+            Some(super::job::FailureKind::Cancelled) => self.cancelled += 1,
+            Some(_) => self.failed += 1,
+        }
+    }
+}
+
+/// Why a submit was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RefusedSubmit {
+    /// Queue full or store failure.
+    #[error(transparent)]
+    Store(#[from] SubmitError),
+    /// The server is shutting down.
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+/// A job this process is running.
+#[derive(Debug)]
+pub struct WorkItem {
+    /// The request id.
+    pub id: String,
+    /// Its input.
+    pub request: GenerateRequest,
+    /// Which start this is (more than 1 after restarts).
+    pub attempt: u32,
+    /// Set when it should stop.
+    pub stop: Arc<StopFlag>,
+    submitted: SystemTime,
+}
+
+#[derive(Debug, Default)]
+struct Local {
+    counters: Counters,
+    latencies: Latencies,
+    running: HashMap<String, Arc<StopFlag>>,
+}
+
+/// The queue as this process sees it.
+#[derive(Debug)]
+pub struct Queue {
+    store: Arc<dyn JobStore>,
+    max_queue: usize,
+    closed: AtomicBool,
+    local: Mutex<Local>,
+    work: Condvar,
+    changes: watch::Sender<u64>,
+    webhooks: Mutex<Option<WebhookSender>>,
+}
+
+impl Queue {
+    /// A queue over `store` whose webhooks go out through `webhooks`; at most `max_queue` jobs
+    /// wait. Call [`Queue::recover`] once before serving.
+    pub fn new(store: Arc<dyn JobStore>, max_queue: usize, webhooks: WebhookSender) -> Self {
+        Self {
+            store,
+            max_queue,
+            closed: AtomicBool::new(false),
+            local: Mutex::new(Local::default()),
+            work: Condvar::new(),
+            changes: watch::channel(0).0,
+            webhooks: Mutex::new(Some(webhooks)),
+        }
+    }
+
+    fn local(&self) -> MutexGuard<'_, Local> {
+        self.local.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Requeues or fails what was running when the store was last used, and resends the
+    /// webhooks that were not delivered.
+    pub fn recover(&self) -> Result<Recovery, StoreError> {
+        let recovery = self.store.recover(MAX_ATTEMPTS)?;
+        for hook in self.store.pending_webhooks()? {
+            self.send_webhook(hook);
+        }
+        Ok(recovery)
+    }
+
+    /// A receiver that sees every change of any job.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    fn send_webhook(&self, hook: PendingWebhook) {
+        match &*self.webhooks.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(sender) => sender.send(hook),
+            // Still pending in the store: the next start delivers it.
+            None => tracing::warn!(request_id = %hook.job_id, "webhook left for the next start"),
+        }
+    }
+
+    /// Accepts a job; returns its queue position (`None`: ended at once, invalid input).
+    pub fn submit(&self, job: NewJob) -> Result<Option<usize>, RefusedSubmit> {
+        if self.is_closed() {
+            return Err(RefusedSubmit::ShuttingDown);
+        }
+        let invalid = job.input.as_ref().err().cloned();
+        let submitted = self.store.submit(job, self.max_queue)?;
+        {
+            let mut local = self.local();
+            local.counters.accepted += 1;
+            if let Some(failure) = invalid {
+                local.counters.count(&Outcome::Failed(failure));
+            }
+        }
+        if let Some(hook) = submitted.webhook {
+            self.send_webhook(hook);
+        }
+        self.work.notify_one();
+        self.changed();
+        Ok(submitted.position)
+    }
+
+    /// Blocks until a job can start (returns it) or the queue is closed (`None`). Also wakes
+    /// every 250 ms to see jobs that other processes sharing the store queued.
+    pub fn next_work(&self) -> Option<WorkItem> {
+        let mut local = self.local();
+        loop {
+            if self.is_closed() {
+                return None;
+            }
+            match self.store.claim(SystemTime::now()) {
+                Ok(Some(claimed)) => {
+                    let stop = Arc::new(StopFlag::default());
+                    local.running.insert(claimed.id.clone(), stop.clone());
+                    local.counters.started += 1;
+                    drop(local);
+                    self.changed();
+                    return Some(WorkItem {
+                        id: claimed.id,
+                        request: claimed.request,
+                        attempt: claimed.attempt,
+                        stop,
+                        submitted: claimed.submitted,
+                    });
+                }
+                Ok(None) => {}
+                Err(e) => tracing::error!(error = %e, "taking the next request failed; retrying"),
+            }
+            local = self.work.wait_timeout(local, Duration::from_millis(250)).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
+    /// Appends a log line (a store failure is logged, not fatal to the generation).
+    pub fn log(&self, id: &str, line: LogLine) {
+        if let Err(e) = self.store.append_log(id, &line) {
+            tracing::warn!(request_id = %id, error = %e, "log line not stored");
+        }
+        self.changed();
+    }
+
+    /// Records the duration of one denoising step.
+    pub fn observe_step(&self, duration: Duration) {
+        self.local().latencies.step.observe(duration);
+    }
+
+    /// Whether the job should stop after this step: cancelled here or through the store (by
+    /// another front), or the server is stopping.
+    pub fn stop_reason(&self, item: &WorkItem) -> StopReason {
+        let reason = item.stop.reason();
+        if reason != StopReason::None {
+            return reason;
+        }
+        if self.store.stop_requested(&item.id).unwrap_or(false) {
+            item.stop.request(StopReason::Cancelled);
+        }
+        item.stop.reason()
+    }
+
+    /// Records how a job this process ran ended and sends its webhook.
+    pub fn finish(&self, item: &WorkItem, outcome: Outcome) -> Result<(), StoreError> {
+        let hook = self.store.finish(&item.id, &outcome);
+        {
+            let mut local = self.local();
+            local.running.remove(&item.id);
+            local.counters.count(&outcome);
+            let waited = SystemTime::now().duration_since(item.submitted).unwrap_or_default();
+            local.latencies.request.observe(waited);
+        }
+        self.changed();
+        if let Some(hook) = hook? {
+            self.send_webhook(hook);
+        }
+        Ok(())
+    }
+
+    /// Gives a job this process was running back to the queue (graceful shutdown of a durable
+    /// server: it runs again after the restart).
+    pub fn release(&self, item: &WorkItem) -> Result<(), StoreError> {
+        self.local().running.remove(&item.id);
+        self.changed();
+        self.store.release(&item.id)
+    }
+
+    /// Cancels a job: a queued one ends at once, a running one stops after its current step.
+    pub fn cancel(&self, id: &str) -> Result<CancelResult, StoreError> {
+        let result = self.store.cancel(id)?;
+        match &result {
+            CancelResult::Dequeued(hook) => {
+                self.local().counters.cancelled += 1;
+                if let Some(hook) = hook.clone() {
+                    self.send_webhook(hook);
+                }
+            }
+            CancelResult::StopRequested => {
+                if let Some(flag) = self.local().running.get(id) {
+                    flag.request(StopReason::Cancelled);
+                }
+            }
+            CancelResult::NotFound | CancelResult::AlreadyCompleted => {}
+        }
+        self.changed();
+        Ok(result)
+    }
+
+    /// A job with its log lines from `logs_from` on.
+    pub fn view(&self, id: &str, logs_from: usize) -> Result<Option<JobView>, StoreError> {
+        self.store.view(id, logs_from)
+    }
+
+    /// A job's base URL.
+    pub fn base_url(&self, id: &str) -> Result<Option<String>, StoreError> {
+        self.store.base_url(id)
+    }
+
+    /// Forgets a job (a synchronous one, once answered).
+    pub fn forget(&self, id: &str) -> Result<(), StoreError> {
+        self.store.forget(id)
+    }
+
+    /// Whether a job is known.
+    pub fn contains(&self, id: &str) -> Result<bool, StoreError> {
+        self.store.contains(id)
+    }
+
+    /// Fails queued jobs past their start deadline (their slots free up, their webhooks go).
+    pub fn expire_deadlines(&self) -> Result<usize, StoreError> {
+        let ended = self.store.expire_deadlines(SystemTime::now())?;
+        if ended.count == 0 {
+            return Ok(0);
+        }
+        self.local().counters.failed += ended.count as u64;
+        for hook in ended.webhooks {
+            self.send_webhook(hook);
+        }
+        self.changed();
+        Ok(ended.count)
+    }
+
+    /// Forgets jobs that ended more than `retention` ago; returns their ids.
+    pub fn expire_finished(&self, retention: Duration) -> Result<Vec<String>, StoreError> {
+        let cutoff = SystemTime::now().checked_sub(retention).unwrap_or(SystemTime::UNIX_EPOCH);
+        self.store.expire_finished(cutoff)
+    }
+
+    /// Refuses new jobs from now on. With `fail_queued` (storage that does not outlive the
+    /// process) every queued job fails with [`super::job::FailureKind::Shutdown`]; otherwise they stay
+    /// queued for the next start.
+    pub fn close(&self, fail_queued: bool) -> Result<(), StoreError> {
+        self.closed.store(true, Ordering::SeqCst);
+        let result = if fail_queued {
+            self.store.fail_queued(&Failure::stopped(StopReason::Shutdown, false)).map(|ended| {
+                self.local().counters.failed += ended.count as u64;
+                for hook in ended.webhooks {
+                    self.send_webhook(hook);
+                }
+            })
+        } else {
+            Ok(())
+        };
+        self.work.notify_all();
+        self.changed();
+        result
+    }
+
+    /// Whether [`Queue::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// Asks every job this process runs to stop.
+    pub fn stop_running(&self, reason: StopReason) {
+        for flag in self.local().running.values() {
+            flag.request(reason);
+        }
+    }
+
+    /// Whether this process is running a job.
+    pub fn busy(&self) -> bool {
+        !self.local().running.is_empty()
+    }
+
+    /// Stops the webhook sender (pending deliveries it had not taken stay in the store).
+    pub fn stop_webhooks(&self) -> Option<WebhookSender> {
+        self.webhooks.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    /// Counters since start.
+    pub fn counters(&self) -> Counters {
+        self.local().counters
+    }
+
+    /// Latency histograms.
+    pub fn latencies(&self) -> Latencies {
+        self.local().latencies.clone()
+    }
+
+    /// Queue length and running jobs (every process sharing the store).
+    pub fn stats(&self) -> Result<QueueStats, StoreError> {
+        self.store.stats()
+    }
+}

@@ -1,0 +1,637 @@
+//! [`SqliteStore`]: the embedded, durable [`JobStore`] (one SQLite file, WAL journal).
+//!
+//! Every call is one transaction, committed before it returns: a server killed at any point
+//! (`kill -9`) finds on restart every job it had accepted, in the state last committed. With
+//! `synchronous=NORMAL` a commit survives the process dying; only a power loss may take back the
+//! last commits.
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use pixart_pipeline::GenerateRequest;
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+
+use super::fal_format::webhook_payload;
+use super::job::{
+    from_unix_ms, unix_ms, Failure, FailureKind, JobKind, JobState, JobView, LogLine, NewJob, Outcome, StopReason,
+};
+use super::store::{
+    CancelResult, Claimed, Ended, JobStore, PendingWebhook, QueueStats, Recovery, StoreError, SubmitError, Submitted,
+};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    kind TEXT NOT NULL,
+    app TEXT NOT NULL,
+    base_url TEXT NOT NULL,
+    webhook TEXT,
+    priority INTEGER NOT NULL,
+    deadline_ms INTEGER,
+    request TEXT,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    stop_requested INTEGER NOT NULL DEFAULT 0,
+    outcome TEXT,
+    submitted_ms INTEGER NOT NULL,
+    finished_ms INTEGER
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, priority, seq);
+CREATE INDEX IF NOT EXISTS jobs_by_end ON jobs(finished_ms) WHERE state = 'completed';
+CREATE TABLE IF NOT EXISTS logs (
+    job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+    n INTEGER NOT NULL,
+    level TEXT NOT NULL,
+    message TEXT NOT NULL,
+    timestamp TEXT NOT NULL,
+    PRIMARY KEY (job_id, n)
+);
+CREATE TABLE IF NOT EXISTS webhooks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    url TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+";
+
+/// Jobs in one SQLite database file.
+#[derive(Debug)]
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+impl SqliteStore {
+    /// Opens (or creates) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // WAL: readers never wait for the writer; NORMAL: a commit is in the OS once it returns.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self { conn: Mutex::new(conn) })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic elsewhere while holding the connection leaves no transaction open (rusqlite
+        // rolls back on drop), so the connection stays usable.
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn kind_text(kind: JobKind) -> &'static str {
+    match kind {
+        JobKind::Queued => "queued",
+        JobKind::Run => "run",
+    }
+}
+
+fn queued_count(tx: &Connection) -> Result<usize, StoreError> {
+    let n: i64 = tx.query_row("SELECT COUNT(*) FROM jobs WHERE state = 'queued'", [], |r| r.get(0))?;
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
+/// Ends a job that has not ended; returns its webhook (now pending) if it has one.
+fn complete(tx: &Transaction<'_>, id: &str, outcome: &Outcome) -> Result<Option<PendingWebhook>, StoreError> {
+    let row: Option<(Option<String>, String)> = tx
+        .query_row("SELECT webhook, base_url FROM jobs WHERE id = ?1 AND state != 'completed'", [id], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?;
+    let Some((webhook, base_url)) = row else { return Ok(None) };
+    let text = serde_json::to_string(outcome).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    tx.execute(
+        "UPDATE jobs SET state = 'completed', outcome = ?2, request = NULL, finished_ms = ?3, stop_requested = 0
+         WHERE id = ?1",
+        params![id, text, unix_ms(SystemTime::now())],
+    )?;
+    let Some(url) = webhook else { return Ok(None) };
+    let payload = webhook_payload(id, &base_url, outcome).to_string();
+    tx.execute(
+        "INSERT INTO webhooks (job_id, url, payload, created_ms) VALUES (?1, ?2, ?3, ?4)",
+        params![id, url, payload, unix_ms(SystemTime::now())],
+    )?;
+    Ok(Some(PendingWebhook { delivery_id: tx.last_insert_rowid(), job_id: id.to_string(), url, payload }))
+}
+
+/// Ends every job the query selects (ids) with `outcome`.
+fn complete_all(tx: &Transaction<'_>, ids: Vec<String>, outcome: &Outcome) -> Result<Ended, StoreError> {
+    let mut ended = Ended { count: ids.len(), webhooks: Vec::new() };
+    for id in ids {
+        ended.webhooks.extend(complete(tx, &id, outcome)?);
+    }
+    Ok(ended)
+}
+
+fn ids(tx: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<Vec<String>, StoreError> {
+    let mut statement = tx.prepare(sql)?;
+    let rows = statement.query_map(params, |r| r.get::<_, String>(0))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+impl JobStore for SqliteStore {
+    fn submit(&self, job: NewJob, max_queue: usize) -> Result<Submitted, SubmitError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(StoreError::from)?;
+        let request = match &job.input {
+            Ok(request) => {
+                if queued_count(&tx)? >= max_queue {
+                    return Err(SubmitError::QueueFull(max_queue));
+                }
+                Some(serde_json::to_string(request).map_err(|e| StoreError::Corrupt(e.to_string()))?)
+            }
+            Err(_) => None,
+        };
+        tx.execute(
+            "INSERT INTO jobs (id, kind, app, base_url, webhook, priority, deadline_ms, request, state, submitted_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'queued', ?9)",
+            params![
+                job.id,
+                kind_text(job.kind),
+                job.app,
+                job.base_url,
+                job.webhook,
+                job.priority.rank(),
+                job.start_deadline.map(unix_ms),
+                request,
+                unix_ms(SystemTime::now()),
+            ],
+        )
+        .map_err(StoreError::from)?;
+        let submitted = match job.input {
+            Ok(_) => {
+                let seq = tx.last_insert_rowid();
+                Submitted { position: Some(position(&tx, job.priority.rank(), seq)?), webhook: None }
+            }
+            Err(failure) => Submitted { position: None, webhook: complete(&tx, &job.id, &Outcome::Failed(failure))? },
+        };
+        tx.commit().map_err(StoreError::from)?;
+        Ok(submitted)
+    }
+
+    fn claim(&self, now: SystemTime) -> Result<Option<Claimed>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        loop {
+            let next: Option<(i64, String, Option<String>, u32, i64)> = tx
+                .query_row(
+                    "SELECT seq, id, request, attempts, submitted_ms FROM jobs
+                     WHERE state = 'queued' AND (deadline_ms IS NULL OR deadline_ms > ?1)
+                     ORDER BY priority, seq LIMIT 1",
+                    [unix_ms(now)],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                )
+                .optional()?;
+            let Some((seq, id, request, attempts, submitted)) = next else {
+                tx.commit()?;
+                return Ok(None);
+            };
+            let parsed = request
+                .ok_or_else(|| "no input stored".to_string())
+                .and_then(|text| serde_json::from_str(&text).map_err(|e| e.to_string()))
+                .and_then(|value| {
+                    GenerateRequest::from_value(&value)
+                        .map_err(|errors| errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
+                });
+            match parsed {
+                Ok(request) => {
+                    tx.execute("UPDATE jobs SET state = 'running', attempts = attempts + 1 WHERE seq = ?1", [seq])?;
+                    tx.commit()?;
+                    return Ok(Some(Claimed {
+                        id,
+                        request,
+                        attempt: attempts + 1,
+                        submitted: from_unix_ms(submitted),
+                    }));
+                }
+                Err(error) => {
+                    // Never run something other than what was accepted: the job fails instead.
+                    let failure = Failure::new(
+                        FailureKind::Internal,
+                        format!("the stored input of this request could not be read back: {error}"),
+                    );
+                    complete(&tx, &id, &Outcome::Failed(failure))?;
+                }
+            }
+        }
+    }
+
+    fn append_log(&self, id: &str, line: &LogLine) -> Result<(), StoreError> {
+        // A job forgotten meanwhile (a `/run/` whose caller left) takes no more lines.
+        self.conn().execute(
+            "INSERT INTO logs (job_id, n, level, message, timestamp)
+             SELECT ?1, (SELECT COALESCE(MAX(n) + 1, 0) FROM logs WHERE job_id = ?1), ?2, ?3, ?4
+             FROM jobs WHERE id = ?1",
+            params![id, line.level, line.message, line.timestamp],
+        )?;
+        Ok(())
+    }
+
+    fn finish(&self, id: &str, outcome: &Outcome) -> Result<Option<PendingWebhook>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let hook = complete(&tx, id, outcome)?;
+        tx.commit()?;
+        Ok(hook)
+    }
+
+    fn cancel(&self, id: &str) -> Result<CancelResult, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let state: Option<String> =
+            tx.query_row("SELECT state FROM jobs WHERE id = ?1", [id], |r| r.get(0)).optional()?;
+        let result = match state.as_deref() {
+            None => CancelResult::NotFound,
+            Some("completed") => CancelResult::AlreadyCompleted,
+            Some("running") => {
+                tx.execute("UPDATE jobs SET stop_requested = 1 WHERE id = ?1", [id])?;
+                CancelResult::StopRequested
+            }
+            Some(_) => {
+                let outcome = Outcome::Failed(Failure::stopped(StopReason::Cancelled, false));
+                CancelResult::Dequeued(complete(&tx, id, &outcome)?)
+            }
+        };
+        tx.commit()?;
+        Ok(result)
+    }
+
+    fn release(&self, id: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE jobs SET state = 'queued', attempts = MAX(attempts - 1, 0) WHERE id = ?1 AND state = 'running'",
+            [id],
+        )?;
+        Ok(())
+    }
+
+    fn stop_requested(&self, id: &str) -> Result<bool, StoreError> {
+        let flag: Option<bool> =
+            self.conn().query_row("SELECT stop_requested FROM jobs WHERE id = ?1", [id], |r| r.get(0)).optional()?;
+        Ok(flag.unwrap_or(false))
+    }
+
+    fn view(&self, id: &str, logs_from: usize) -> Result<Option<JobView>, StoreError> {
+        let conn = self.conn();
+        type Row = (i64, String, String, String, i64, Option<String>);
+        let row: Option<Row> = conn
+            .query_row("SELECT seq, kind, app, state, priority, outcome FROM jobs WHERE id = ?1", [id], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+            })
+            .optional()?;
+        let Some((seq, kind, app, state, priority, outcome)) = row else { return Ok(None) };
+        let state = match state.as_str() {
+            "queued" => JobState::Queued { position: position(&conn, priority, seq)? },
+            "running" => JobState::Running,
+            _ => {
+                let text = outcome.ok_or_else(|| StoreError::Corrupt(format!("job {id} ended without an outcome")))?;
+                JobState::Completed(serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(e.to_string()))?)
+            }
+        };
+        let log_count: i64 = conn.query_row("SELECT COUNT(*) FROM logs WHERE job_id = ?1", [id], |r| r.get(0))?;
+        let mut statement =
+            conn.prepare("SELECT level, message, timestamp FROM logs WHERE job_id = ?1 AND n >= ?2 ORDER BY n")?;
+        let logs = statement
+            .query_map(params![id, i64::try_from(logs_from).unwrap_or(i64::MAX)], |r| {
+                Ok(LogLine { level: r.get(0)?, message: r.get(1)?, timestamp: r.get(2)? })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        let kind = if kind == "run" { JobKind::Run } else { JobKind::Queued };
+        Ok(Some(JobView {
+            id: id.to_string(),
+            kind,
+            app,
+            state,
+            logs,
+            log_count: usize::try_from(log_count).unwrap_or(0),
+        }))
+    }
+
+    fn base_url(&self, id: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.conn().query_row("SELECT base_url FROM jobs WHERE id = ?1", [id], |r| r.get(0)).optional()?)
+    }
+
+    fn expire_deadlines(&self, now: SystemTime) -> Result<Ended, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let late = ids(
+            &tx,
+            "SELECT id FROM jobs WHERE state = 'queued' AND deadline_ms IS NOT NULL AND deadline_ms <= ?1",
+            [unix_ms(now)],
+        )?;
+        let hooks = complete_all(&tx, late, &Outcome::Failed(Failure::timed_out()))?;
+        tx.commit()?;
+        Ok(hooks)
+    }
+
+    fn fail_queued(&self, failure: &Failure) -> Result<Ended, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let queued = ids(&tx, "SELECT id FROM jobs WHERE state = 'queued' ORDER BY priority, seq", [])?;
+        let hooks = complete_all(&tx, queued, &Outcome::Failed(failure.clone()))?;
+        tx.commit()?;
+        Ok(hooks)
+    }
+
+    fn expire_finished(&self, cutoff: SystemTime) -> Result<Vec<String>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let old = ids(&tx, "SELECT id FROM jobs WHERE state = 'completed' AND finished_ms < ?1", [unix_ms(cutoff)])?;
+        tx.execute("DELETE FROM jobs WHERE state = 'completed' AND finished_ms < ?1", [unix_ms(cutoff)])?;
+        tx.commit()?;
+        Ok(old)
+    }
+
+    fn forget(&self, id: &str) -> Result<(), StoreError> {
+        self.conn().execute("DELETE FROM jobs WHERE id = ?1", [id])?;
+        Ok(())
+    }
+
+    fn contains(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self.conn().query_row("SELECT 1 FROM jobs WHERE id = ?1", [id], |_| Ok(())).optional()?.is_some())
+    }
+
+    fn pending_webhooks(&self) -> Result<Vec<PendingWebhook>, StoreError> {
+        let conn = self.conn();
+        let mut statement = conn.prepare("SELECT id, job_id, url, payload FROM webhooks ORDER BY id")?;
+        let rows = statement.query_map([], |r| {
+            Ok(PendingWebhook { delivery_id: r.get(0)?, job_id: r.get(1)?, url: r.get(2)?, payload: r.get(3)? })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn webhook_done(&self, delivery_id: i64) -> Result<(), StoreError> {
+        self.conn().execute("DELETE FROM webhooks WHERE id = ?1", [delivery_id])?;
+        Ok(())
+    }
+
+    fn stats(&self) -> Result<QueueStats, StoreError> {
+        let conn = self.conn();
+        let count = |state: &str| -> Result<usize, StoreError> {
+            let n: i64 = conn.query_row("SELECT COUNT(*) FROM jobs WHERE state = ?1", [state], |r| r.get(0))?;
+            Ok(usize::try_from(n).unwrap_or(0))
+        };
+        Ok(QueueStats { queued: count("queued")?, running: count("running")? })
+    }
+
+    fn recover(&self, max_attempts: u32) -> Result<Recovery, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        // A synchronous job's caller went away with the old process.
+        let dropped = tx.execute("DELETE FROM jobs WHERE kind = 'run' AND state != 'completed'", [])?;
+        let mut recovery = Recovery { dropped, ..Recovery::default() };
+        let running: Vec<(String, u32, bool)> = {
+            let mut statement = tx.prepare("SELECT id, attempts, stop_requested FROM jobs WHERE state = 'running'")?;
+            let rows = statement.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        for (id, attempts, stop_requested) in running {
+            let failure = if stop_requested {
+                Some(Failure::stopped(StopReason::Cancelled, true))
+            } else if attempts >= max_attempts {
+                Some(Failure::new(
+                    FailureKind::Interrupted,
+                    format!("the server stopped while this request was running, {attempts} times; not retried again"),
+                ))
+            } else {
+                None
+            };
+            match failure {
+                Some(failure) => {
+                    complete(&tx, &id, &Outcome::Failed(failure))?;
+                    recovery.failed += 1;
+                }
+                None => {
+                    tx.execute("UPDATE jobs SET state = 'queued' WHERE id = ?1", [&id])?;
+                    recovery.requeued += 1;
+                }
+            }
+        }
+        recovery.queued = queued_count(&tx)?;
+        let webhooks: i64 = tx.query_row("SELECT COUNT(*) FROM webhooks", [], |r| r.get(0))?;
+        recovery.webhooks = usize::try_from(webhooks).unwrap_or(0);
+        tx.commit()?;
+        Ok(recovery)
+    }
+}
+
+/// Exact 0-based queue position of the queued job (`priority`, `seq`).
+fn position(conn: &Connection, priority: i64, seq: i64) -> Result<usize, StoreError> {
+    let n: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND (priority < ?1 OR (priority = ?1 AND seq < ?2))",
+        params![priority, seq],
+        |r| r.get(0),
+    )?;
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::job::{JobKind, Priority};
+    use std::time::Duration;
+
+    struct Db {
+        dir: std::path::PathBuf,
+        store: SqliteStore,
+    }
+
+    impl Db {
+        fn new() -> Self {
+            let dir = std::env::temp_dir().join(format!("pixart-store-{}", uuid::Uuid::new_v4()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let store = SqliteStore::open(&dir.join("jobs.sqlite3")).unwrap();
+            Self { dir, store }
+        }
+        /// The same file opened again, as a restarted server does (the old handle is dropped
+        /// without any cleanup, as a killed process leaves it).
+        fn reopen(mut self) -> Self {
+            let fresh = SqliteStore::open(&self.dir.join("jobs.sqlite3")).unwrap();
+            drop(std::mem::replace(&mut self.store, fresh));
+            self
+        }
+    }
+
+    impl Drop for Db {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn submit(store: &SqliteStore, priority: Priority, webhook: bool) -> String {
+        let mut job =
+            NewJob::new(JobKind::Queued, "fal-ai/pixart-sigma", "http://h", Ok(GenerateRequest::new("a cat")));
+        job.priority = priority;
+        job.webhook = webhook.then(|| "https://hooks.example.com/x".to_string());
+        let id = job.id.clone();
+        store.submit(job, 10).unwrap();
+        id
+    }
+
+    fn position(store: &SqliteStore, id: &str) -> Option<usize> {
+        match store.view(id, 0).unwrap()?.state {
+            JobState::Queued { position } => Some(position),
+            _ => None,
+        }
+    }
+
+    fn outcome(store: &SqliteStore, id: &str) -> Option<Outcome> {
+        match store.view(id, 0).unwrap()?.state {
+            JobState::Completed(outcome) => Some(outcome),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn positions_are_exact_through_priority_start_and_cancel() {
+        let db = Db::new();
+        let s = &db.store;
+        let low = submit(s, Priority::Low, false);
+        let a = submit(s, Priority::Normal, false);
+        let b = submit(s, Priority::Normal, false);
+        // Normal requests go before the low-priority one.
+        let positions = |ids: &[&String]| ids.iter().map(|id| position(s, id)).collect::<Vec<_>>();
+        assert_eq!(positions(&[&a, &b, &low]), [Some(0), Some(1), Some(2)]);
+        let started = s.claim(SystemTime::now()).unwrap().unwrap();
+        assert_eq!((started.id.as_str(), started.attempt), (a.as_str(), 1));
+        assert_eq!(s.stats().unwrap(), QueueStats { queued: 2, running: 1 });
+        assert_eq!(positions(&[&a, &b, &low]), [None, Some(0), Some(1)]);
+        assert!(matches!(s.cancel(&b).unwrap(), CancelResult::Dequeued(None)));
+        assert_eq!(positions(&[&low]), [Some(0)]);
+        assert_eq!(outcome(s, &b).unwrap().failure().unwrap().kind, FailureKind::Cancelled);
+        // A running job is flagged; it ends when its worker says so.
+        assert!(matches!(s.cancel(&a).unwrap(), CancelResult::StopRequested));
+        assert!(s.stop_requested(&a).unwrap());
+        assert!(outcome(s, &a).is_none());
+        s.finish(&a, &Outcome::Failed(Failure::stopped(StopReason::Cancelled, true))).unwrap();
+        assert!(matches!(s.cancel(&a).unwrap(), CancelResult::AlreadyCompleted));
+        assert!(matches!(s.cancel("nope").unwrap(), CancelResult::NotFound));
+    }
+
+    #[test]
+    fn the_stored_input_reads_back_as_the_accepted_request() {
+        let db = Db::new();
+        let text = r#"{"prompt": "a fox", "negative_prompt": "blur", "image_size": {"width": 512, "height": 384},
+            "num_inference_steps": 7, "guidance_scale": 3.5, "seed": 42, "style": "(No style)",
+            "scheduler": "SA-SOLVER", "num_images": 2, "sync_mode": true, "enable_safety_checker": false}"#;
+        let request = GenerateRequest::from_json(text).unwrap();
+        let job = NewJob::new(JobKind::Queued, "x/y", "http://h", Ok(request.clone()));
+        db.store.submit(job, 1).unwrap();
+        assert_eq!(db.store.claim(SystemTime::now()).unwrap().unwrap().request, request);
+        let preset = GenerateRequest::from_json(r#"{"prompt": "p", "image_size": "portrait_16_9"}"#).unwrap();
+        db.store.submit(NewJob::new(JobKind::Queued, "x/y", "http://h", Ok(preset.clone())), 1).unwrap();
+        assert_eq!(db.store.claim(SystemTime::now()).unwrap().unwrap().request, preset);
+    }
+
+    #[test]
+    fn a_full_queue_refuses_but_invalid_input_is_recorded_without_a_slot() {
+        let db = Db::new();
+        let s = &db.store;
+        submit(s, Priority::Normal, false);
+        let extra = NewJob::new(JobKind::Queued, "x/y", "http://h", Ok(GenerateRequest::new("c")));
+        assert!(matches!(s.submit(extra, 1), Err(SubmitError::QueueFull(1))));
+        let invalid = NewJob::new(
+            JobKind::Queued,
+            "x/y",
+            "http://h",
+            Err(Failure::invalid(&[pixart_pipeline::FieldError::new("prompt", "missing", "field required")])),
+        );
+        let id = invalid.id.clone();
+        let submitted = s.submit(invalid, 1).unwrap();
+        assert!(submitted.position.is_none());
+        assert_eq!(outcome(s, &id).unwrap().failure().unwrap().kind, FailureKind::InvalidInput);
+        assert_eq!(s.stats().unwrap().queued, 1);
+    }
+
+    #[test]
+    fn deadlines_end_queued_jobs_with_their_webhooks() {
+        let db = Db::new();
+        let s = &db.store;
+        let mut late = NewJob::new(JobKind::Queued, "x/y", "http://h", Ok(GenerateRequest::new("a")));
+        late.webhook = Some("https://hooks.example.com/x".into());
+        late.start_deadline = Some(SystemTime::now());
+        let late_id = late.id.clone();
+        s.submit(late, 10).unwrap();
+        let kept = submit(s, Priority::Normal, false);
+        // Claim skips the late job (the sweep ends it).
+        assert_eq!(s.claim(SystemTime::now() + Duration::from_millis(1)).unwrap().unwrap().id, kept);
+        let ended = s.expire_deadlines(SystemTime::now() + Duration::from_millis(1)).unwrap();
+        assert_eq!(ended.count, 1);
+        assert_eq!(ended.webhooks[0].job_id, late_id);
+        let payload: serde_json::Value = serde_json::from_str(&ended.webhooks[0].payload).unwrap();
+        assert_eq!(payload["status"], "ERROR");
+        assert_eq!(payload["payload"]["error_type"], "RequestTimeout");
+        assert_eq!(outcome(s, &late_id).unwrap().failure().unwrap().kind, FailureKind::Timeout);
+        assert_eq!(s.expire_deadlines(SystemTime::now()).unwrap().count, 0);
+    }
+
+    #[test]
+    fn a_reopened_store_requeues_the_interrupted_job_and_keeps_everything_else() {
+        let db = Db::new();
+        let done = submit(&db.store, Priority::Normal, true);
+        let running = submit(&db.store, Priority::Normal, true);
+        let queued = submit(&db.store, Priority::Low, false);
+        let run = NewJob::new(JobKind::Run, "x/y", "http://h", Ok(GenerateRequest::new("sync")));
+        let run_id = run.id.clone();
+        db.store.submit(run, 10).unwrap();
+        let first = db.store.claim(SystemTime::now()).unwrap().unwrap();
+        assert_eq!(first.id, done);
+        db.store.append_log(&done, &LogLine::new("INFO", "Done")).unwrap();
+        let response = pixart_pipeline::GenerateResponse {
+            images: Vec::new(),
+            timings: pixart_pipeline::Timings { inference: 0.5 },
+            seed: 7,
+            has_nsfw_concepts: Vec::new(),
+            prompt: "a cat".into(),
+        };
+        let hook = db.store.finish(&done, &Outcome::Succeeded { response, inference_time: 0.5 }).unwrap().unwrap();
+        assert_eq!(db.store.claim(SystemTime::now()).unwrap().unwrap().id, running);
+        // Killed here: one job running, one queued, a run job queued, a webhook undelivered.
+        let db = db.reopen();
+        let recovery = db.store.recover(3).unwrap();
+        assert_eq!(recovery, Recovery { requeued: 1, failed: 0, dropped: 1, queued: 2, webhooks: 1 });
+        assert_eq!(db.store.pending_webhooks().unwrap(), [hook.clone()]);
+        db.store.webhook_done(hook.delivery_id).unwrap();
+        assert!(db.store.pending_webhooks().unwrap().is_empty());
+        let view = db.store.view(&done, 0).unwrap().unwrap();
+        assert!(matches!(view.state, JobState::Completed(Outcome::Succeeded { .. })));
+        assert_eq!(view.logs[0].message, "Done");
+        assert!(db.store.view(&run_id, 0).unwrap().is_none(), "a run job's caller is gone");
+        assert_eq!(position(&db.store, &running), Some(0), "the interrupted job keeps its place");
+        assert_eq!(position(&db.store, &queued), Some(1));
+        // It is started again; interrupted twice more, it fails with a clear error and its webhook.
+        let mut db = db;
+        for attempt in 2..=3 {
+            let claimed = db.store.claim(SystemTime::now()).unwrap().unwrap();
+            assert_eq!((claimed.id.as_str(), claimed.attempt), (running.as_str(), attempt));
+            db = db.reopen();
+            db.store.recover(3).unwrap();
+        }
+        let failure = outcome(&db.store, &running).unwrap().failure().unwrap().clone();
+        assert_eq!(failure.kind, FailureKind::Interrupted);
+        assert!(failure.message.contains("3 times"), "{}", failure.message);
+        assert_eq!(db.store.pending_webhooks().unwrap().len(), 1);
+        // A graceful stop gives the job back without counting the start.
+        let claimed = db.store.claim(SystemTime::now()).unwrap().unwrap();
+        assert_eq!(claimed.id, queued);
+        db.store.release(&queued).unwrap();
+        assert_eq!(db.store.claim(SystemTime::now()).unwrap().unwrap().attempt, 1);
+    }
+
+    #[test]
+    fn retention_forgets_ended_jobs_with_their_logs() {
+        let db = Db::new();
+        let id = submit(&db.store, Priority::Normal, false);
+        db.store.cancel(&id).unwrap();
+        db.store.append_log(&id, &LogLine::new("INFO", "x")).unwrap();
+        assert!(db.store.expire_finished(SystemTime::now() - Duration::from_secs(60)).unwrap().is_empty());
+        assert_eq!(db.store.expire_finished(SystemTime::now() + Duration::from_secs(1)).unwrap(), [id.clone()]);
+        assert!(!db.store.contains(&id).unwrap());
+        let logs: i64 = db.store.conn().query_row("SELECT COUNT(*) FROM logs", [], |r| r.get(0)).unwrap();
+        assert_eq!(logs, 0, "logs go with their job");
+        db.store.append_log(&id, &LogLine::new("INFO", "late")).unwrap();
+    }
+}

@@ -1,0 +1,186 @@
+//! The [`JobStore`] trait: where jobs, their logs, outcomes and pending webhooks live.
+//!
+//! A store is the queue's single source of truth; [`crate::core::Queue`] adds what belongs to one
+//! process (wake-ups, stop flags of the jobs it runs, counters). [`crate::core::SqliteStore`] is
+//! the embedded, durable implementation.
+
+use std::time::SystemTime;
+
+use pixart_pipeline::GenerateRequest;
+
+use super::job::{Failure, JobView, NewJob, Outcome};
+
+/// A store failed (disk, database); the operation did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The embedded database failed.
+    #[error("job store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A stored record could not be read back.
+    #[error("job store: a stored record is unreadable: {0}")]
+    Corrupt(String),
+    /// The store's folder could not be used.
+    #[error("job store: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Why a submit was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// The queue holds its limit of waiting jobs.
+    #[error("the queue is full ({0} requests waiting); retry later")]
+    QueueFull(usize),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// An accepted submit.
+#[derive(Debug)]
+pub struct Submitted {
+    /// 0-based queue position; `None` when the job ended at once (invalid input).
+    pub position: Option<usize>,
+    /// The webhook of a job that ended at once.
+    pub webhook: Option<PendingWebhook>,
+}
+
+/// A job handed to a worker.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    /// The request id.
+    pub id: String,
+    /// Its input.
+    pub request: GenerateRequest,
+    /// How many times it has been started, this time included (more than 1 after a restart).
+    pub attempt: u32,
+    /// When it was submitted.
+    pub submitted: SystemTime,
+}
+
+/// The answer to a cancel.
+#[derive(Debug)]
+pub enum CancelResult {
+    /// No such job.
+    NotFound,
+    /// It had already ended.
+    AlreadyCompleted,
+    /// It was queued: it ended as cancelled (with this webhook, if it has one).
+    Dequeued(Option<PendingWebhook>),
+    /// It is running: its worker is asked to stop after the current step.
+    StopRequested,
+}
+
+/// A webhook waiting to be delivered (kept in the store until it was attempted).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingWebhook {
+    /// The store's id of this delivery.
+    pub delivery_id: i64,
+    /// The job it reports.
+    pub job_id: String,
+    /// Where to POST.
+    pub url: String,
+    /// The JSON body.
+    pub payload: String,
+}
+
+/// Jobs a sweep ended.
+#[derive(Debug, Default)]
+pub struct Ended {
+    /// How many.
+    pub count: usize,
+    /// Their webhooks, now pending.
+    pub webhooks: Vec<PendingWebhook>,
+}
+
+/// What a store did when it was opened after a stop.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Recovery {
+    /// Jobs that were running when the server stopped and are queued again.
+    pub requeued: usize,
+    /// Jobs that were running and had used their attempts (or were being cancelled): failed.
+    pub failed: usize,
+    /// Synchronous jobs whose caller is gone: dropped.
+    pub dropped: usize,
+    /// Jobs still queued.
+    pub queued: usize,
+    /// Webhooks still to deliver.
+    pub webhooks: usize,
+}
+
+/// Queue length and jobs running, across every worker sharing the store.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Jobs waiting.
+    pub queued: usize,
+    /// Jobs being generated.
+    pub running: usize,
+}
+
+/// Where jobs live. Every method is one atomic step; implementations are shared by the HTTP
+/// front, the workers and the sweeper (`Send + Sync`).
+pub trait JobStore: Send + Sync + std::fmt::Debug {
+    /// Adds a job: queued behind every job of its priority or higher (refused when `max_queue`
+    /// jobs wait), or, with invalid input, recorded as ended (never refused).
+    fn submit(&self, job: NewJob, max_queue: usize) -> Result<Submitted, SubmitError>;
+
+    /// Takes the next job whose start deadline has not passed and marks it running; `None` when
+    /// nothing waits. Jobs past their deadline are left for [`JobStore::expire_deadlines`].
+    fn claim(&self, now: SystemTime) -> Result<Option<Claimed>, StoreError>;
+
+    /// Appends a log line to a job.
+    fn append_log(&self, id: &str, line: &super::job::LogLine) -> Result<(), StoreError>;
+
+    /// Records how a running job ended; returns its webhook (fal's payload, see
+    /// [`crate::core::fal_format`]), now pending. A job that had already
+    /// ended (or is unknown) is left as it is (`Ok(None)`).
+    fn finish(&self, id: &str, outcome: &Outcome) -> Result<Option<PendingWebhook>, StoreError>;
+
+    /// Cancels a job: a queued one ends at once, a running one is flagged (see
+    /// [`JobStore::stop_requested`]).
+    fn cancel(&self, id: &str) -> Result<CancelResult, StoreError>;
+
+    /// Puts a running job back at its place in the queue without counting this start (a
+    /// graceful shutdown of a server whose store outlives it).
+    fn release(&self, id: &str) -> Result<(), StoreError>;
+
+    /// Whether a running job was asked to stop (by a cancel handled anywhere).
+    fn stop_requested(&self, id: &str) -> Result<bool, StoreError>;
+
+    /// A job with its log lines from `logs_from` on; `None` when unknown or expired.
+    fn view(&self, id: &str, logs_from: usize) -> Result<Option<JobView>, StoreError>;
+
+    /// A job's base URL (for result URLs), if known.
+    fn base_url(&self, id: &str) -> Result<Option<String>, StoreError>;
+
+    /// Ends (with [`Failure::timed_out`]) every queued job whose start deadline is before `now`;
+    /// returns their webhooks.
+    fn expire_deadlines(&self, now: SystemTime) -> Result<Ended, StoreError>;
+
+    /// Ends every queued job with `failure` (shutdown of a store that does not outlive the
+    /// process); returns their webhooks.
+    fn fail_queued(&self, failure: &Failure) -> Result<Ended, StoreError>;
+
+    /// Forgets jobs that ended before `cutoff` (their logs and outcomes); returns their ids so
+    /// their files can be deleted.
+    fn expire_finished(&self, cutoff: SystemTime) -> Result<Vec<String>, StoreError>;
+
+    /// Forgets one job (a synchronous job once answered).
+    fn forget(&self, id: &str) -> Result<(), StoreError>;
+
+    /// Whether a job is known (files of unknown jobs may be deleted).
+    fn contains(&self, id: &str) -> Result<bool, StoreError>;
+
+    /// Webhooks not yet attempted to completion.
+    fn pending_webhooks(&self) -> Result<Vec<PendingWebhook>, StoreError>;
+
+    /// Marks a webhook as attempted (delivered, refused or out of tries).
+    fn webhook_done(&self, delivery_id: i64) -> Result<(), StoreError>;
+
+    /// Queue length and running jobs.
+    fn stats(&self) -> Result<QueueStats, StoreError>;
+
+    /// Called once when a server opens the store: jobs that were running when it last stopped
+    /// are queued again, or failed after `max_attempts` starts (their webhooks become pending);
+    /// synchronous jobs are dropped.
+    fn recover(&self, max_attempts: u32) -> Result<Recovery, StoreError>;
+}

@@ -1,0 +1,142 @@
+//! The worker thread: takes requests from the queue one at a time and runs the pipeline,
+//! writing progress lines to the request's logs and checking its stop flag after every step.
+
+use std::ops::ControlFlow;
+use std::panic::AssertUnwindSafe;
+
+use pixart_pipeline::{GenerateRequest, Generation, Pipeline, PipelineError};
+
+use super::files::FileStore;
+use super::job::{Failure, FailureKind, LogLine, Outcome, StopReason};
+use super::queue::{Queue, WorkItem};
+
+/// What the worker needs besides the pipeline.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerContext<'a> {
+    /// The jobs.
+    pub queue: &'a Queue,
+    /// Where images are written.
+    pub files: &'a FileStore,
+    /// Whether the job store outlives the process: a job stopped by a shutdown is then given
+    /// back to the queue (it runs after the restart) instead of failing.
+    pub durable: bool,
+}
+
+/// Runs queued jobs until the queue is closed.
+pub fn run(pipeline: &Pipeline, context: WorkerContext<'_>) {
+    let queue = context.queue;
+    while let Some(item) = queue.next_work() {
+        if item.attempt > 1 {
+            let line = format!("Started again (attempt {}): the server stopped while it was running", item.attempt);
+            queue.log(&item.id, LogLine::new("WARN", line));
+        }
+        let outcome = match std::panic::catch_unwind(AssertUnwindSafe(|| generate(pipeline, context, &item))) {
+            Ok(outcome) => outcome,
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                tracing::error!(request_id = %item.id, "generation panicked: {message}");
+                Some(Outcome::Failed(Failure::new(FailureKind::Internal, format!("generation failed: {message}"))))
+            }
+        };
+        let recorded = match outcome {
+            Some(outcome) => {
+                let ok = outcome.failure().is_none();
+                let done = queue.finish(&item, outcome);
+                tracing::info!(request_id = %item.id, ok, "request finished");
+                done
+            }
+            None => {
+                tracing::info!(request_id = %item.id, "request given back to the queue for the next start");
+                queue.release(&item)
+            }
+        };
+        if let Err(e) = recorded {
+            tracing::error!(request_id = %item.id, error = %e, "the end of a request could not be recorded");
+        }
+    }
+}
+
+/// The outcome, or `None` when a durable server's shutdown stopped it (it runs again later).
+fn generate(pipeline: &Pipeline, context: WorkerContext<'_>, item: &WorkItem) -> Option<Outcome> {
+    let queue = context.queue;
+    let id = item.id.as_str();
+    let request = &item.request;
+    queue.log(id, LogLine::new("INFO", describe(request)));
+    let result = pipeline.generate_with_progress(request, |progress| {
+        let line = format!(
+            "Step {}/{} (timestep {}) {:.0} ms",
+            progress.step,
+            progress.total,
+            progress.timestep,
+            progress.duration.as_secs_f64() * 1e3
+        );
+        queue.log(id, LogLine::new("INFO", line));
+        queue.observe_step(progress.duration);
+        match queue.stop_reason(item) {
+            StopReason::None => ControlFlow::Continue(()),
+            _ => ControlFlow::Break(()),
+        }
+    });
+    let failure = match result {
+        Ok(generation) => {
+            queue.log(id, LogLine::new("INFO", summarize(&generation)));
+            return Some(store(context, id, generation));
+        }
+        Err(PipelineError::Cancelled) => {
+            let reason = item.stop.reason();
+            if reason == StopReason::Shutdown && context.durable {
+                queue.log(id, LogLine::new("WARN", "The server is restarting: this request will run again"));
+                return None;
+            }
+            Failure::stopped(reason, true)
+        }
+        Err(PipelineError::Invalid(errors)) => Failure::invalid(&errors),
+        Err(e) => {
+            Failure::new(FailureKind::Generation, format!("generation failed: {}", pixart_pipeline::error_report(&e)))
+        }
+    };
+    let level = if failure.kind == FailureKind::Cancelled { "WARN" } else { "ERROR" };
+    queue.log(id, LogLine::new(level, failure.message.clone()));
+    Some(Outcome::Failed(failure))
+}
+
+/// Turns the pictures into fal's response: data URIs in sync mode, stored files otherwise.
+fn store(context: WorkerContext<'_>, id: &str, generation: Generation) -> Outcome {
+    let inference_time = generation.inference_seconds;
+    let response = generation.into_response(|file_name, png| Ok(context.files.put(id, file_name, "image/png", png)?));
+    match response {
+        Ok(response) => Outcome::Succeeded { response, inference_time },
+        Err(e) => {
+            let message = pixart_pipeline::error_report(&e);
+            context.queue.log(id, LogLine::new("ERROR", message.clone()));
+            Outcome::Failed(Failure::new(FailureKind::Storage, message))
+        }
+    }
+}
+
+fn describe(request: &GenerateRequest) -> String {
+    let size = request.image_size.dimensions();
+    let scheduler = request.scheduler;
+    let seed = request.seed.map_or_else(|| "random".into(), |s| s.to_string());
+    format!(
+        "Generating {} image(s) at {size}, {} steps of {scheduler}, guidance {}, seed {seed}",
+        request.num_images, request.num_inference_steps, request.guidance_scale
+    )
+}
+
+fn summarize(generation: &Generation) -> String {
+    let stages = &generation.stages;
+    let denoise: f64 = stages.steps.iter().map(|d| d.as_secs_f64()).sum();
+    format!(
+        "Done (seed {}): text encoder {:.3} s, denoising {:.3} s, VAE {:.3} s, total {:.3} s",
+        generation.seed,
+        stages.text_encoder.as_secs_f64(),
+        denoise,
+        stages.vae.as_secs_f64(),
+        stages.total.as_secs_f64()
+    )
+}

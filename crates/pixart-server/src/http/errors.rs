@@ -1,0 +1,124 @@
+//! Every HTTP status the API answers, in one place: [`ApiError`] for refusals, and
+//! [`outcome_status`] for how a finished job's result is answered.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+
+use crate::core::{FailureKind, Outcome, RefusedSubmit, StoreError, SubmitError};
+
+/// A refused call. Its body is fal's `{"detail": …}`.
+#[derive(Debug)]
+pub enum ApiError {
+    /// 400: a malformed call.
+    BadRequest(String),
+    /// 401: a missing or wrong API key.
+    Unauthorized(&'static str),
+    /// 404: no such route, app, request or file.
+    NotFound(String),
+    /// 404 with fal's `{"status": "NOT_FOUND"}` for an unknown request id.
+    RequestNotFound(String),
+    /// 405: the route exists with other methods.
+    MethodNotAllowed(&'static str),
+    /// 408: the body stalled.
+    BodyStalled(std::time::Duration),
+    /// 413: the body is over a limit (named by its flag).
+    TooLarge {
+        /// The limit in bytes.
+        limit: usize,
+        /// The flag that sets it.
+        setting: &'static str,
+    },
+    /// 415: not JSON.
+    NotJson(String),
+    /// 422 with fal's validation list: `(loc, msg, type)` of each problem.
+    Unprocessable(Vec<(Vec<String>, String, &'static str)>),
+    /// 429: the queue is full.
+    QueueFull(usize),
+    /// 503: shutting down.
+    ShuttingDown,
+    /// 500: storage or database failure.
+    Internal(String),
+}
+
+impl ApiError {
+    /// A 422 for one field of the query or headers, e.g. `(["query", "fal_webhook"], …)`.
+    pub fn field(loc: [&str; 2], message: impl Into<String>) -> Self {
+        Self::Unprocessable(vec![(loc.iter().map(|s| s.to_string()).collect(), message.into(), "value_error")])
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        tracing::error!(error = %e, "job store failed");
+        Self::Internal(e.to_string())
+    }
+}
+
+impl From<RefusedSubmit> for ApiError {
+    fn from(e: RefusedSubmit) -> Self {
+        match e {
+            RefusedSubmit::ShuttingDown => Self::ShuttingDown,
+            RefusedSubmit::Store(SubmitError::QueueFull(n)) => Self::QueueFull(n),
+            RefusedSubmit::Store(SubmitError::Store(e)) => e.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, body) = match self {
+            Self::BadRequest(m) => (StatusCode::BAD_REQUEST, json!({"detail": m})),
+            Self::Unauthorized(m) => (StatusCode::UNAUTHORIZED, json!({"detail": m})),
+            Self::NotFound(m) => (StatusCode::NOT_FOUND, json!({"detail": m})),
+            Self::RequestNotFound(id) => {
+                (StatusCode::NOT_FOUND, json!({"status": "NOT_FOUND", "detail": format!("request {id} not found")}))
+            }
+            Self::MethodNotAllowed(allowed) => {
+                (StatusCode::METHOD_NOT_ALLOWED, json!({"detail": format!("method not allowed here (use {allowed})")}))
+            }
+            Self::BodyStalled(idle) => (
+                StatusCode::REQUEST_TIMEOUT,
+                json!({"detail": format!("the request body stalled for {idle:?} (--idle-timeout)")}),
+            ),
+            Self::TooLarge { limit, setting } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                json!({"detail": format!("request body is larger than {limit} bytes ({setting})")}),
+            ),
+            Self::NotJson(m) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, json!({"detail": m})),
+            Self::Unprocessable(problems) => {
+                let detail: Vec<Value> = problems
+                    .into_iter()
+                    .map(|(loc, msg, kind)| json!({"loc": loc, "msg": msg, "type": kind}))
+                    .collect();
+                (StatusCode::UNPROCESSABLE_ENTITY, json!({"detail": detail}))
+            }
+            Self::QueueFull(n) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                json!({"detail": format!("the queue is full ({n} requests waiting); retry later")}),
+            ),
+            Self::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, json!({"detail": "the server is shutting down"})),
+            Self::Internal(m) => (StatusCode::INTERNAL_SERVER_ERROR, json!({"detail": m})),
+        };
+        json_response(status, body)
+    }
+}
+
+/// The status a finished job's result is answered with.
+pub fn outcome_status(outcome: &Outcome) -> StatusCode {
+    match outcome.failure().map(|f| f.kind) {
+        None => StatusCode::OK,
+        Some(FailureKind::InvalidInput) => StatusCode::UNPROCESSABLE_ENTITY,
+        Some(FailureKind::Cancelled) => StatusCode::BAD_REQUEST,
+        Some(FailureKind::Shutdown) => StatusCode::SERVICE_UNAVAILABLE,
+        Some(FailureKind::Timeout) => StatusCode::GATEWAY_TIMEOUT,
+        Some(FailureKind::Generation | FailureKind::Storage | FailureKind::Interrupted | FailureKind::Internal) => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
+    }
+}
+
+/// A JSON response.
+pub fn json_response(status: StatusCode, value: Value) -> Response {
+    (status, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], value.to_string()).into_response()
+}

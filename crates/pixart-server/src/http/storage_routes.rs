@@ -1,0 +1,276 @@
+//! Storage routes: fal's `/rest/storage/…` and CDN upload flows (see
+//! [`crate::core::uploads`]) and the `/files/` downloads. Uploaded bytes go to disk as they
+//! arrive.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+
+use super::body::{json_object, spool, upload_error};
+use super::errors::{json_response, ApiError};
+use super::request_info::BaseUrl;
+use crate::core::files::url_path;
+use crate::core::uploads::SpoolFile;
+use crate::state::AppState;
+
+/// `GET` (or `HEAD`) `/files/{key}/{name}`.
+pub async fn serve_file(
+    State(state): State<Arc<AppState>>,
+    Path((key, name)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let Some(file) = state.files.get(&key, &name) else {
+        return Err(ApiError::NotFound(format!("no file {}", url_path(&key, &name))));
+    };
+    let opened = tokio::fs::File::open(&file.path).await;
+    let file_handle = opened.map_err(|e| ApiError::NotFound(format!("file {} is gone: {e}", url_path(&key, &name))))?;
+    let length = file_handle.metadata().await.map(|m| m.len()).unwrap_or(0);
+    let content_type = HeaderValue::from_str(&file.content_type)
+        .unwrap_or_else(|_| HeaderValue::from_static("application/octet-stream"));
+    // Uploads carry the uploader's content type: on the API's origin a `text/html` or SVG file
+    // would run as a page. Browsers must not sniff, and anything but a raster image downloads.
+    let disposition = if is_raster_image(&file.content_type) {
+        HeaderValue::from_static("inline")
+    } else {
+        HeaderValue::from_static("attachment")
+    };
+    let headers = [
+        (header::CONTENT_TYPE, content_type),
+        (header::CONTENT_LENGTH, HeaderValue::from(length)),
+        (header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=3600")),
+        (header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")),
+        (header::CONTENT_DISPOSITION, disposition),
+    ];
+    // Streamed from disk; HEAD gets the same headers and hyper leaves the body out.
+    let body = Body::from_stream(tokio_util_stream(file_handle));
+    Ok((StatusCode::OK, headers, body).into_response())
+}
+
+/// A file read in 64 KiB chunks.
+fn tokio_util_stream(
+    file: tokio::fs::File,
+) -> impl futures_util::Stream<Item = Result<axum::body::Bytes, std::io::Error>> + Send {
+    futures_util::stream::unfold(file, |mut file| async move {
+        use tokio::io::AsyncReadExt;
+        let mut buffer = vec![0u8; 64 << 10];
+        match file.read(&mut buffer).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buffer.truncate(n);
+                Some((Ok(axum::body::Bytes::from(buffer)), file))
+            }
+            Err(e) => Some((Err(e), file)),
+        }
+    })
+}
+
+/// Image types a browser renders without running anything (SVG is a document, not one of them).
+fn is_raster_image(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    matches!(essence.as_str(), "image/png" | "image/jpeg" | "image/gif" | "image/webp" | "image/avif" | "image/bmp")
+}
+
+/// `POST /rest/storage/upload/initiate[-multipart]` with `{content_type, file_name}`: both flows
+/// start the same way (a multipart upload then sends numbered parts to `upload_url`).
+pub async fn initiate(
+    State(state): State<Arc<AppState>>,
+    BaseUrl(base): BaseUrl,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let body = json_object(&headers, body).await?;
+    let content_type = body.get("content_type").and_then(Value::as_str).unwrap_or("application/octet-stream");
+    let file_name = body.get("file_name").and_then(Value::as_str).unwrap_or("upload.bin");
+    let (id, key, name) = state.uploads.begin(file_name, content_type);
+    Ok(json_response(
+        StatusCode::OK,
+        json!({
+            "upload_url": format!("{base}/uploads/{id}"),
+            "file_url": format!("{base}{}", url_path(&key, &name)),
+        }),
+    ))
+}
+
+/// Moves a finished spool file into the served files; returns its absolute URL.
+fn store(state: &AppState, base: &str, target: (&str, &str, &str), file: SpoolFile) -> Result<String, ApiError> {
+    let (key, name, content_type) = target;
+    let (path, _, _) = file.finish().map_err(upload_error)?;
+    let stored = state.files.put_file(key, name, content_type, &path);
+    if stored.is_err() {
+        let _ = std::fs::remove_file(&path);
+    }
+    stored.map(|url| format!("{base}{url}")).map_err(|e| ApiError::Internal(format!("storing the upload: {e}")))
+}
+
+/// The body of an upload call, spooled to disk within `--max-upload-bytes`.
+async fn spool_body(state: &AppState, body: Body) -> Result<SpoolFile, ApiError> {
+    let file = state.uploads.spool_file(state.config.max_upload_bytes).map_err(upload_error)?;
+    spool(body, file).await
+}
+
+/// `PUT /uploads/{id}`: the bytes of a single-part upload.
+pub async fn put_upload(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    BaseUrl(base): BaseUrl,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let upload = state.uploads.take(&id).map_err(upload_error)?;
+    let file = spool_body(&state, body).await?;
+    let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or(&upload.content_type);
+    let url = store(&state, &base, (&upload.key, &upload.name, content_type), file)?;
+    Ok(json_response(StatusCode::OK, json!({"file_url": url})))
+}
+
+/// `PUT /uploads/{id}/{n}`: one part of a multipart upload.
+pub async fn upload_part(
+    State(state): State<Arc<AppState>>,
+    Path((id, part)): Path<(String, String)>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    add_part(&state, &id, &part, body).await
+}
+
+/// `POST /uploads/{id}/complete`.
+pub async fn upload_complete(
+    State(state): State<Arc<AppState>>,
+    Path((id, part)): Path<(String, String)>,
+    BaseUrl(base): BaseUrl,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    complete(&state, &base, &id, &part, &headers, body).await
+}
+
+/// `POST /rest/storage/auth/token`: a short-lived token for the CDN upload routes.
+pub async fn cdn_token(State(state): State<Arc<AppState>>, BaseUrl(base): BaseUrl) -> Result<Response, ApiError> {
+    let token = state.cdn_tokens.issue().map_err(|e| ApiError::Internal(format!("issuing an upload token: {e}")))?;
+    let expires = chrono::Utc::now() + crate::core::cdn_tokens::LIFETIME;
+    Ok(json_response(
+        StatusCode::OK,
+        json!({
+            "token": token,
+            "token_type": "Bearer",
+            "base_url": format!("{base}/cdn"),
+            "expires_at": expires.to_rfc3339_opts(chrono::SecondsFormat::Secs, false),
+        }),
+    ))
+}
+
+fn cdn_file(headers: &HeaderMap) -> (String, String) {
+    let text = |name| headers.get(name).and_then(|v: &HeaderValue| v.to_str().ok());
+    let content_type = text("content-type").unwrap_or("application/octet-stream").to_string();
+    let name = text("x-fal-file-name").map(str::to_string).unwrap_or_else(|| {
+        let ext = content_type.split('/').nth(1).and_then(|s| s.split([';', '+', '-']).next()).unwrap_or("bin");
+        format!("upload.{ext}")
+    });
+    (content_type, name)
+}
+
+/// `POST /cdn/files/upload`: the bytes, named by `X-Fal-File-Name`; answers `{access_url}`.
+pub async fn cdn_upload(
+    State(state): State<Arc<AppState>>,
+    BaseUrl(base): BaseUrl,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let (content_type, name) = cdn_file(&headers);
+    let file = spool_body(&state, body).await?;
+    let key = uuid::Uuid::new_v4().simple().to_string();
+    let url = store(&state, &base, (&key, &name, &content_type), file)?;
+    Ok(json_response(StatusCode::OK, json!({"access_url": url})))
+}
+
+/// `POST /cdn/files/upload/multipart`: starts a multipart upload; answers `{access_url, uploadId}`.
+pub async fn cdn_multipart_begin(
+    State(state): State<Arc<AppState>>,
+    BaseUrl(base): BaseUrl,
+    headers: HeaderMap,
+) -> Response {
+    let (content_type, name) = cdn_file(&headers);
+    let (id, key, name) = state.uploads.begin(&name, &content_type);
+    json_response(StatusCode::OK, json!({"access_url": format!("{base}{}", url_path(&key, &name)), "uploadId": id}))
+}
+
+fn check_target(state: &AppState, id: &str, key: &str, name: &str) -> Result<(), ApiError> {
+    let matches = state.uploads.target(id).is_some_and(|(k, n)| k == key && n == name);
+    if matches {
+        Ok(())
+    } else {
+        Err(upload_error(crate::core::uploads::UploadError::Unknown))
+    }
+}
+
+/// `PUT /files/{key}/{name}/multipart/{id}/{n}` (Python's multipart parts).
+pub async fn cdn_multipart_part(
+    State(state): State<Arc<AppState>>,
+    Path((key, name, id, part)): Path<(String, String, String, String)>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    check_target(&state, &id, &key, &name)?;
+    add_part(&state, &id, &part, body).await
+}
+
+/// `POST /files/{key}/{name}/multipart/{id}/complete`.
+pub async fn cdn_multipart_complete(
+    State(state): State<Arc<AppState>>,
+    Path((key, name, id, part)): Path<(String, String, String, String)>,
+    BaseUrl(base): BaseUrl,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    check_target(&state, &id, &key, &name)?;
+    complete(&state, &base, &id, &part, &headers, body).await
+}
+
+async fn add_part(state: &AppState, id: &str, part: &str, body: Body) -> Result<Response, ApiError> {
+    let Some(number) = part.parse::<u32>().ok().filter(|n| *n >= 1) else {
+        return Err(ApiError::NotFound(format!("no route for part {part:?} (parts are numbered from 1)")));
+    };
+    let limit = state.config.max_upload_bytes;
+    // Unknown uploads are refused before their bytes are read.
+    state.uploads.target(id).ok_or_else(|| upload_error(crate::core::uploads::UploadError::Unknown))?;
+    let file = spool_body(state, body).await?;
+    let etag = state.uploads.add_part(id, number, file, limit).map_err(upload_error)?;
+    let mut response = json_response(StatusCode::OK, json!({"partNumber": number, "etag": etag}));
+    if let Ok(value) = HeaderValue::from_str(&etag) {
+        response.headers_mut().insert(header::ETAG, value);
+    }
+    Ok(response)
+}
+
+async fn complete(
+    state: &AppState,
+    base: &str,
+    id: &str,
+    part: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    if part != "complete" {
+        return Err(ApiError::MethodNotAllowed("PUT to send a part, POST …/complete to finish"));
+    }
+    let body = json_object(headers, body).await?;
+    let parts: Option<Vec<(u32, String)>> = body.get("parts").and_then(Value::as_array).and_then(|parts| {
+        parts
+            .iter()
+            .map(|p| {
+                let number = p.get("partNumber")?.as_u64().and_then(|n| u32::try_from(n).ok())?;
+                Some((number, p.get("etag")?.as_str()?.to_string()))
+            })
+            .collect()
+    });
+    let Some(parts) = parts else {
+        return Err(ApiError::BadRequest("body must be {\"parts\": [{\"partNumber\": n, \"etag\": \"…\"}]}".into()));
+    };
+    let (upload, joined) = state.uploads.complete(id, &parts).map_err(upload_error)?;
+    let stored = state.files.put_file(&upload.key, &upload.name, &upload.content_type, &joined);
+    state.uploads.discard(id);
+    let url = stored.map_err(|e| ApiError::Internal(format!("storing the upload: {e}")))?;
+    let url = format!("{base}{url}");
+    Ok(json_response(StatusCode::OK, json!({"file_url": url, "access_url": url})))
+}
