@@ -299,6 +299,14 @@ fn graceful_shutdown_stops_a_running_request_after_the_grace_period() {
     shutdown("300ms", "stop");
 }
 
+#[test]
+fn invalid_requests_and_uploads_are_not_held_in_memory() {
+    let server = Server::start(&["--max-upload-bytes", "209715200"]);
+    let script = clients_dir().join("python/scenarios.py");
+    let env = [("PIXART_PID", server.child.id().to_string())];
+    check("memory bounds", python(&server, &script, &["memory"], &env), &["memory"]);
+}
+
 fn restart(stop: &str) {
     install_clients();
     let output = Command::new(clients_dir().join("python/.venv/bin/python"))
