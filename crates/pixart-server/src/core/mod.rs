@@ -1,5 +1,5 @@
 //! The queue core: jobs and their store, the worker, files, uploads and webhook delivery.
-//! Nothing here knows about HTTP (no status codes, no axum); [`crate::http`] maps it to fal's
+//! Nothing here knows about HTTP (no status codes, no axum); the `http` module maps it to fal's
 //! API.
 //!
 //! Dependencies point one way: `job` ← `fal_format` ← `store` ← `sqlite`/`queue` ← `worker`;
