@@ -4,6 +4,7 @@ mod bench;
 mod generate;
 mod model_args;
 mod serve;
+mod worker;
 
 use clap::{Parser, Subcommand};
 
@@ -38,6 +39,12 @@ enum Command {
     /// Prints `pixart serve: listening on http://ADDR` on stdout once the model is loaded; logs
     /// go to stderr (RUST_LOG sets the level). Ctrl-C or SIGTERM shuts down gracefully.
     Serve(serve::ServeArgs),
+    /// Run jobs of a shared queue (`--queue redis://HOST:PORT`) without serving HTTP: start one
+    /// per GPU (`--device cuda:N`) beside one or more `pixart serve --queue … --workers 0` fronts.
+    ///
+    /// Prints `pixart worker: working jobs of URL` on stdout once the model is loaded. SIGTERM
+    /// lets the running job finish (--shutdown-grace) or gives it back to the queue.
+    Worker(worker::WorkerArgs),
     /// Print the JSON Schema of a generation request (fal's input schema, with the ranges,
     /// choices and defaults this build applies).
     Schema,
@@ -93,6 +100,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Worker(args) => worker::run(args),
         Command::Schema => serde_json::to_string_pretty(&pixart_pipeline::input_schema())
             .map_err(anyhow::Error::from)
             .and_then(|text| emit(&text)),

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use pixart_server::{ServerConfig, Storage};
+use pixart_server::{QueueBackend, ServerConfig, Storage};
 
 use crate::model_args::ModelArgs;
 
@@ -73,13 +73,42 @@ pub struct ServeArgs {
     /// Prompt encodings kept in memory (repeated prompts skip T5).
     #[arg(long, env = "PIXART_PROMPT_CACHE", default_value_t = 16)]
     prompt_cache: usize,
+    /// The queue, shared with other fronts and workers: redis://HOST:PORT[/DB]. Default: an
+    /// embedded one in the storage folder (this server only).
+    #[arg(long, env = "PIXART_QUEUE")]
+    queue: Option<String>,
+    /// Generation workers in this process: 1, or 0 for an HTTP front only (with --queue; the
+    /// jobs are run by `pixart worker` processes). The model is not loaded with 0.
+    #[arg(long, env = "PIXART_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
+    workers: u8,
+    /// With --queue: a running job whose worker shows no sign of life for this long (killed,
+    /// machine lost) is given to another worker.
+    #[arg(long, env = "PIXART_VISIBILITY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    visibility_timeout: Duration,
+}
+
+/// The queue the flags name.
+pub fn queue_backend(queue: Option<&str>) -> QueueBackend {
+    queue.map_or(QueueBackend::Embedded, |url| QueueBackend::Redis(url.to_string()))
+}
+
+/// Logs to stderr at RUST_LOG's level (info by default).
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
 }
 
 /// A retention period, or none (keep until exit).
 #[derive(Debug, Clone, Copy)]
-pub struct Retention(Option<Duration>);
+pub struct Retention(pub Option<Duration>);
 
-fn parse_retention(text: &str) -> Result<Retention, String> {
+pub fn parse_retention(text: &str) -> Result<Retention, String> {
     match text {
         "forever" | "none" => Ok(Retention(None)),
         _ => parse_duration(text).map(|d| Retention(Some(d))),
@@ -87,7 +116,7 @@ fn parse_retention(text: &str) -> Result<Retention, String> {
 }
 
 /// `90`, `90s`, `30m`, `24h`, `7d`, `500ms`.
-fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
@@ -123,17 +152,15 @@ pub fn run(args: ServeArgs) -> Result<()> {
         webhook_timeout: args.webhook_timeout,
         header_read_timeout: args.header_read_timeout,
         idle_timeout: args.idle_timeout,
+        queue: queue_backend(args.queue.as_deref()),
+        visibility_timeout: args.visibility_timeout,
         ..ServerConfig::default()
     };
     config.validate()?;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    if args.workers == 0 && config.queue == QueueBackend::Embedded {
+        anyhow::bail!("--workers 0 needs a shared queue (--queue redis://HOST:PORT): nothing would run the jobs");
+    }
+    init_logging();
 
     let mut options = args.model.load_options()?;
     options.prompt_cache_size = args.prompt_cache;
@@ -144,8 +171,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
             .await
             .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
-        tracing::info!(model = %args.model.model, "loading the model");
-        let pipeline = args.model.load_pipeline(&options)?;
+        let pipeline = if args.workers > 0 {
+            tracing::info!(model = %args.model.model, "loading the model");
+            Some(args.model.load_pipeline(&options)?)
+        } else {
+            None
+        };
         let address = listener.local_addr()?;
         tracing::info!(app = %config.app_id, "listening on http://{address}");
         crate::emit(&format!("pixart serve: listening on http://{address}"))?;
@@ -157,7 +188,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };

@@ -380,3 +380,101 @@ fn bad_server_settings_are_refused_by_name() {
     assert_eq!(output.status.code(), Some(2), "clap usage error");
     assert!(String::from_utf8_lossy(&output.stderr).contains("unknown unit"));
 }
+
+/// A `redis-server` on a free loopback port with append-only persistence in its own folder;
+/// killed when dropped. Needs Debian's `redis-server` (installed by `.ci/run`).
+struct Redis {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Redis {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let dir = std::env::temp_dir().join(format!("pixart-redis-{port}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("starting redis-server (Debian package redis-server; .ci/run installs it)");
+        let until = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < until, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { child, port, dir }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A `pixart worker` on the shared queue; killed when dropped.
+struct Worker(Child);
+
+impl Worker {
+    fn start(redis: &Redis, storage: &Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_pixart"))
+            .args(["worker", "--queue", &redis.url(), "--visibility-timeout", "3s", "--allow-private-webhooks"])
+            .arg("--model")
+            .arg(repo_root().join("tests/fixtures/tiny-sigma-256"))
+            .arg("--storage-dir")
+            .arg(storage)
+            .env("PIXART_SAFETY_CHECKER", repo_root().join("tests/fixtures/tiny-safety-checker"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting pixart worker");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("reading stdout");
+        assert!(line.starts_with("pixart worker: working jobs of"), "{line:?}");
+        Self(child)
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One HTTP front (`--workers 0`) and two workers on one Redis.
+fn scale_out(front_args: &[&str]) -> (Redis, PathBuf, Server, Vec<Worker>) {
+    let redis = Redis::start();
+    let storage = redis.dir.join("storage");
+    let url = redis.url();
+    let storage_text = storage.to_string_lossy().to_string();
+    let args =
+        [&["--queue", url.as_str(), "--workers", "0", "--storage-dir", storage_text.as_str()], front_args].concat();
+    let front = Server::start(&args);
+    let workers = vec![Worker::start(&redis, &storage), Worker::start(&redis, &storage)];
+    (redis, storage, front, workers)
+}
+
+#[test]
+fn python_client_against_a_front_with_two_workers_on_redis() {
+    let (_redis, _storage, front, _workers) = scale_out(&[]);
+    let script = clients_dir().join("python/scenarios.py");
+    let env = [("PIXART_WORKERS", "2".to_string())];
+    check("fal-client, front + 2 workers on redis", python(&front, &script, PY_SCENARIOS, &env), PY_SCENARIOS);
+}
+
+#[test]
+fn js_client_against_a_front_with_two_workers_on_redis() {
+    let (_redis, _storage, front, _workers) = scale_out(&["--cors-origin", "http://localhost:3000"]);
+    check("@fal-ai/client, front + 2 workers on redis", node(&front, JS_SCENARIOS), JS_SCENARIOS);
+}

@@ -42,6 +42,17 @@ impl Storage {
     }
 }
 
+/// Where the queue lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueueBackend {
+    /// An SQLite database in the storage folder: one server (the default).
+    Embedded,
+    /// A Redis server (`redis://HOST:PORT[/DB]`), shared by any number of HTTP fronts and
+    /// workers; their storage folder must be shared too (the same folder on one host, a shared
+    /// file system across hosts).
+    Redis(String),
+}
+
 /// Settings of one server. [`ServerConfig::default`] is what `pixart serve` uses without flags.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -64,6 +75,11 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Where jobs, generated images and uploads are kept (see [`Storage`]).
     pub storage: Storage,
+    /// Where the queue lives.
+    pub queue: QueueBackend,
+    /// With a shared queue: a running job whose worker has not shown signs of life for this long
+    /// is given to another worker (its worker extends it every third of this while it works).
+    pub visibility_timeout: Duration,
     /// Attempts per webhook delivery (1 s, 2 s, 4 s… apart).
     pub webhook_attempts: u32,
     /// Timeout of one webhook POST.
@@ -93,6 +109,8 @@ impl Default for ServerConfig {
             api_key: None,
             shutdown_grace: Duration::from_secs(30),
             storage: Storage::UserData,
+            queue: QueueBackend::Embedded,
+            visibility_timeout: Duration::from_secs(30),
             webhook_attempts: 3,
             webhook_timeout: Duration::from_secs(10),
             cors_origins: Vec::new(),
@@ -146,6 +164,20 @@ impl ServerConfig {
                 return bad(
                     "cors_origins",
                     &format!("{origin:?} is not an origin: use scheme://host[:port] (no path), or * for any"),
+                );
+            }
+        }
+        if self.visibility_timeout < Duration::from_secs(1) {
+            return bad("visibility_timeout", "must be at least 1s");
+        }
+        if let QueueBackend::Redis(url) = &self.queue {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return bad("queue", &format!("{url:?}: use redis://HOST:PORT[/DB] (or rediss:// for TLS)"));
+            }
+            if self.storage == Storage::Temporary {
+                return bad(
+                    "storage",
+                    "a shared queue needs a storage folder its fronts and workers share (--storage-dir), not a temporary one",
                 );
             }
         }

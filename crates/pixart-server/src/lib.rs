@@ -36,7 +36,7 @@
 //! let config = ServerConfig { api_key: Some("secret".into()), ..ServerConfig::default() }; // storage: per-user data folder
 //! // Serves until the future resolves, then shuts down gracefully.
 //! let stop = tokio::time::sleep(std::time::Duration::from_secs(3600));
-//! let report = serve(pipeline, "PixArt-Sigma-XL-2-1024-MS".into(), config, listener, stop).await?;
+//! let report = serve(Some(pipeline), "PixArt-Sigma-XL-2-1024-MS".into(), config, listener, stop).await?;
 //! println!("{:?}", report.counters);
 //! # Ok(())
 //! # }
@@ -54,8 +54,8 @@ mod state;
 
 pub use crate::core::webhook_target;
 pub use crate::core::Counters;
-pub use config::{ServerConfig, Storage};
-pub use server::{serve, ServeReport};
+pub use config::{QueueBackend, ServerConfig, Storage};
+pub use server::{serve, work, ServeReport};
 
 /// Errors that stop the server from starting or running.
 #[derive(Debug, thiserror::Error)]

@@ -2,56 +2,106 @@
 //! gracefully.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pixart_pipeline::Pipeline;
 use tokio::net::TcpListener;
 
-use crate::config::ServerConfig;
+use crate::config::{QueueBackend, ServerConfig};
 use crate::core::cdn_tokens::CdnTokens;
 use crate::core::files::FileStore;
+use crate::core::sweeper::Sweeper;
 use crate::core::uploads::Uploads;
 use crate::core::webhook::WebhookSender;
 use crate::core::worker::WorkerContext;
-use crate::core::{Counters, JobStore, Queue, Recovery, SqliteStore, StopReason};
+use crate::core::{Counters, JobStore, Queue, Recovery, RedisStore, SqliteStore, StopReason};
 use crate::state::AppState;
 use crate::ServerError;
 
 /// What happened over the server's life.
 #[derive(Debug, Clone, Copy)]
 pub struct ServeReport {
-    /// Request counters at exit.
+    /// This process' request counters at exit.
     pub counters: Counters,
-    /// What was found in the storage folder at start.
+    /// What was found in the storage folder (or the shared queue) at start.
     pub recovery: Recovery,
 }
 
-/// Serves `pipeline` on `listener` until `shutdown` resolves, then shuts down gracefully: new
-/// requests are refused (503), the one being generated gets `config.shutdown_grace` to finish,
-/// and every webhook due is delivered before the function returns.
+/// Serves fal's API on `listener` until `shutdown` resolves, generating with `pipeline` (`None`:
+/// an HTTP front only, for a shared queue whose jobs `pixart worker` processes run), then shuts
+/// down gracefully: new requests are refused (503), the one being generated gets
+/// `config.shutdown_grace` to finish, and every webhook due is delivered before the function
+/// returns.
 ///
-/// With durable storage (the default, see [`crate::Storage`]) queued requests stay queued and a
-/// request stopped at the end of the grace period is queued again: both run after the next
-/// start, as do requests that were running when a previous server was killed. With
-/// [`crate::Storage::Temporary`] they fail with `ServerShutdown` instead.
+/// With durable storage (the default, see [`crate::Storage`]) or a shared queue, queued requests
+/// stay queued and a request stopped at the end of the grace period is queued again: both run
+/// after the next start (or on another worker), as do requests that were running when a
+/// previous server was killed. With [`crate::Storage::Temporary`] they fail with
+/// `ServerShutdown` instead.
 pub async fn serve(
-    pipeline: Pipeline,
+    pipeline: Option<Pipeline>,
     model: String,
     config: ServerConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<ServeReport, ServerError> {
+    let local_addr = listener.local_addr()?;
+    run(pipeline, model, config, Some(listener), local_addr, shutdown).await
+}
+
+/// Works jobs of a shared queue ([`crate::QueueBackend::Redis`]) without serving HTTP, until
+/// `shutdown` resolves; then the running job gets `config.shutdown_grace` to finish, else goes
+/// back to the queue for another worker.
+pub async fn work(
+    pipeline: Pipeline,
+    model: String,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<ServeReport, ServerError> {
+    if config.queue == QueueBackend::Embedded {
+        return Err(ServerError::Config(
+            "queue: a worker without HTTP needs a shared queue (--queue redis://HOST:PORT)".into(),
+        ));
+    }
+    run(Some(pipeline), model, config, None, SocketAddr::from(([0, 0, 0, 0], 0)), shutdown).await
+}
+
+/// How long a webhook delivery may take, all attempts and pauses included, before another
+/// process may take it over.
+fn webhook_lease(config: &ServerConfig) -> Duration {
+    let pauses: u64 = (0..config.webhook_attempts.saturating_sub(1)).map(|i| 1u64 << i.min(10)).sum();
+    config.webhook_timeout * config.webhook_attempts + Duration::from_secs(pauses + 5)
+}
+
+async fn run(
+    pipeline: Option<Pipeline>,
+    model: String,
+    config: ServerConfig,
+    listener: Option<TcpListener>,
+    local_addr: SocketAddr,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<ServeReport, ServerError> {
     config.validate()?;
-    let durable = config.storage.is_durable();
     let root = config.storage.resolve()?;
     std::fs::create_dir_all(&root)
         .map_err(|e| ServerError::Config(format!("storage folder {}: {e}", root.display())))?;
-    let lock = StorageLock::acquire(&root)?;
-    let store: Arc<dyn JobStore> = Arc::new(SqliteStore::open(&root.join("jobs.sqlite3"))?);
+    let (store, lock): (Arc<dyn JobStore>, Option<StorageLock>) = match &config.queue {
+        QueueBackend::Embedded => {
+            let lock = StorageLock::acquire(&root)?;
+            (Arc::new(SqliteStore::open(&root.join("jobs.sqlite3"))?), Some(lock))
+        }
+        QueueBackend::Redis(url) => {
+            (Arc::new(RedisStore::open(url, config.visibility_timeout, webhook_lease(&config))?), None)
+        }
+    };
+    // Whether queued and interrupted jobs outlive this process.
+    let durable = config.storage.is_durable() || config.queue != QueueBackend::Embedded;
     let files = FileStore::open(&root.join("files"))?;
-    tracing::info!(folder = %root.display(), durable, "storing requests, generated images and uploads");
+    tracing::info!(folder = %root.display(), queue = ?config.queue, durable, "storing requests, generated images and uploads");
     let (webhooks, webhook_threads) = WebhookSender::start(
         store.clone(),
         config.webhook_attempts,
@@ -61,40 +111,63 @@ pub async fn serve(
     let queue = Queue::new(store, config.max_queue, webhooks);
     let recovery = queue.recover()?;
     if recovery != Recovery::default() {
-        tracing::info!(?recovery, "resuming what the last run left");
+        tracing::info!(?recovery, "resuming what was left");
     }
     let state = Arc::new(AppState {
-        local_addr: listener.local_addr()?,
+        local_addr,
         uploads: Uploads::new(root.join(".upload-parts")),
+        cdn_tokens: CdnTokens::new(root.join(".cdn-tokens")),
         config,
         model,
         queue,
         files,
-        cdn_tokens: CdnTokens::new(root.join(".cdn-tokens")),
         started: Instant::now(),
     });
 
-    let worker = {
-        let state = state.clone();
-        std::thread::Builder::new().name("pixart-worker".into()).spawn(move || {
-            let context = WorkerContext { queue: &state.queue, files: &state.files, durable };
-            crate::core::worker::run(&pipeline, context)
+    let worker = match pipeline {
+        Some(pipeline) => {
+            let state = state.clone();
+            Some(std::thread::Builder::new().name("pixart-worker".into()).spawn(move || {
+                let context = WorkerContext { queue: &state.queue, files: &state.files, durable };
+                crate::core::worker::run(&pipeline, context)
+            })?)
+        }
+        None => None,
+    };
+    let stop_sweeping = Arc::new(AtomicBool::new(false));
+    let sweeper = {
+        let (state, stop) = (state.clone(), stop_sweeping.clone());
+        // A worker without HTTP has no uploads or tokens to sweep.
+        let http = listener.is_some();
+        std::thread::Builder::new().name("pixart-sweeper".into()).spawn(move || {
+            Sweeper {
+                queue: &state.queue,
+                files: &state.files,
+                uploads: http.then_some(&state.uploads),
+                cdn_tokens: http.then_some(&state.cdn_tokens),
+                retention: state.config.retention,
+                maintain_every: (state.config.visibility_timeout / 3).max(Duration::from_millis(300)),
+            }
+            .run(&stop)
         })?
     };
-    let sweeper = tokio::spawn(sweep(state.clone()));
 
-    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
-    let router = crate::http::router(state.clone());
-    let limits = crate::http::connections::ConnectionLimits { header_read_timeout: state.config.header_read_timeout };
-    let http = tokio::spawn(crate::http::connections::serve(
-        listener,
-        router,
-        limits,
-        async move {
-            let _ = http_stopped.await;
-        },
-        Duration::from_secs(10),
-    ));
+    let http = listener.map(|listener| {
+        let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+        let router = crate::http::router(state.clone());
+        let limits =
+            crate::http::connections::ConnectionLimits { header_read_timeout: state.config.header_read_timeout };
+        let task = tokio::spawn(crate::http::connections::serve(
+            listener,
+            router,
+            limits,
+            async move {
+                let _ = http_stopped.await;
+            },
+            Duration::from_secs(10),
+        ));
+        (stop_http, task)
+    });
 
     shutdown.await;
     tracing::info!(durable, "shutting down: refusing new requests");
@@ -114,64 +187,28 @@ pub async fn serve(
         tracing::warn!("the running request did not finish within the grace period: stopping it");
         state.queue.stop_running(StopReason::Shutdown);
     }
-    let _ = tokio::task::spawn_blocking(move || worker.join()).await;
+    if let Some(worker) = worker {
+        let _ = tokio::task::spawn_blocking(move || worker.join()).await;
+    }
+    stop_sweeping.store(true, Ordering::SeqCst);
+    let _ = tokio::task::spawn_blocking(move || sweeper.join()).await;
     // Close the webhook queue and wait until every delivery was attempted.
     drop(state.queue.stop_webhooks());
     let _ = tokio::task::spawn_blocking(move || webhook_threads.join()).await;
-    sweeper.abort();
 
-    let _ = stop_http.send(());
-    // `connections::serve` waits at most 10 s for open connections itself.
-    let _ = http.await;
-    state.uploads.cleanup();
-    let counters = state.queue.counters();
+    if let Some((stop_http, task)) = http {
+        let _ = stop_http.send(());
+        // `connections::serve` waits at most 10 s for open connections itself.
+        let _ = task.await;
+    }
+    let counters = state.queue.local_counters();
     drop(lock);
-    if !durable {
+    if !state.config.storage.is_durable() {
+        state.uploads.cleanup();
         let _ = std::fs::remove_dir_all(&root);
     }
     tracing::info!(?counters, "stopped");
     Ok(ServeReport { counters, recovery })
-}
-
-/// Fails queued requests past their start deadline (every 100 ms, so their slots free up and
-/// their webhooks go out on time), forgets finished requests and their files after the retention
-/// period, and unfinished uploads and CDN tokens after an hour.
-async fn sweep(state: Arc<AppState>) {
-    let deadlines = {
-        let state = state.clone();
-        async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(100));
-            loop {
-                tick.tick().await;
-                if let Err(e) = state.queue.expire_deadlines() {
-                    tracing::error!(error = %e, "expiring start deadlines");
-                }
-            }
-        }
-    };
-    tokio::join!(deadlines, sweep_retained(state));
-}
-
-async fn sweep_retained(state: Arc<AppState>) {
-    let period = state
-        .config
-        .retention
-        .map_or(Duration::from_secs(60), |r| (r / 4).clamp(Duration::from_millis(100), Duration::from_secs(60)));
-    let mut tick = tokio::time::interval(period);
-    loop {
-        tick.tick().await;
-        if let Some(retention) = state.config.retention {
-            match state.queue.expire_finished(retention) {
-                Ok(ids) => ids.iter().for_each(|id| state.files.remove_key(id)),
-                Err(e) => tracing::error!(error = %e, "expiring finished requests"),
-            }
-            // Uploads, and images of requests that are gone (a `/run/` answered long ago).
-            let queue = &state.queue;
-            state.files.expire(retention, |key| queue.contains(key).unwrap_or(true));
-        }
-        state.uploads.expire(Duration::from_secs(3600));
-        state.cdn_tokens.expire();
-    }
 }
 
 /// An exclusive lock on a storage folder: two servers on one folder would both take its

@@ -338,9 +338,13 @@ def request_timeout():
     """x-fal-request-timeout while queued: the request fails with 504 on time (not when the worker
     reaches it), its webhook fires, and its queue slot is free at once."""
     hook = WebhookReceiver()
-    busy = fal_client.submit(APP, small(num_inference_steps=200, image_size={"width": 512, "height": 512}, num_images=8))
+    # Keep every worker busy (PIXART_WORKERS: how many share the queue) so the request waits.
+    busy_all = [fal_client.submit(APP, small(num_inference_steps=200, image_size={"width": 512, "height": 512}, num_images=8))
+                for _ in range(int(os.environ.get("PIXART_WORKERS", "1")))]
+    busy = busy_all[0]
     try:
-        wait_for(busy, fal_client.InProgress)
+        for handle in busy_all:
+            wait_for(handle, fal_client.InProgress)
         submitted = time.monotonic()
         late = httpx.post(f"{BASE}/{APP}", params={"fal_webhook": hook.url}, json=small(seed=3),
                           headers={"x-fal-request-timeout": "1"})
@@ -356,7 +360,8 @@ def request_timeout():
         result = httpx.get(f"{BASE}/{APP}/requests/{late_id}")
         assert result.status_code == 504 and result.headers.get("x-fal-request-timeout-type") == "user", result.text
     finally:
-        busy.cancel()
+        for handle in busy_all:
+            handle.cancel()
         hook.close()
 
 

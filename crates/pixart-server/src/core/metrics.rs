@@ -37,6 +37,19 @@ impl Histogram {
         self.count += 1;
     }
 
+    /// The upper bounds.
+    pub fn bounds(&self) -> &'static [f64] {
+        self.bounds
+    }
+
+    /// A histogram from its parts (as a shared store keeps them): cumulative counts per bound,
+    /// the sum of the observations and their number.
+    pub fn from_parts(bounds: &'static [f64], counts: Vec<u64>, sum: f64, count: u64) -> Self {
+        let mut counts = counts;
+        counts.resize(bounds.len(), 0);
+        Self { bounds, counts, sum, count }
+    }
+
     /// Appends it to `out` in Prometheus' text format as `name`.
     pub fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
@@ -51,6 +64,33 @@ impl Histogram {
     }
 }
 
+/// Which histogram an observation goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Latency {
+    /// One denoising step.
+    Step,
+    /// A request from submit to its end.
+    Request,
+}
+
+impl Latency {
+    /// Its name in a store.
+    pub fn name(self) -> &'static str {
+        match self {
+            Latency::Step => "step",
+            Latency::Request => "request",
+        }
+    }
+
+    /// Its bucket bounds.
+    pub fn bounds(self) -> &'static [f64] {
+        match self {
+            Latency::Step => Histogram::STEP_BOUNDS,
+            Latency::Request => Histogram::REQUEST_BOUNDS,
+        }
+    }
+}
+
 /// The latency histograms this process keeps.
 #[derive(Debug, Clone)]
 pub struct Latencies {
@@ -58,6 +98,16 @@ pub struct Latencies {
     pub step: Histogram,
     /// Each request, from submit to its end (queue wait included).
     pub request: Histogram,
+}
+
+impl Latencies {
+    /// Records one observation.
+    pub fn observe(&mut self, which: Latency, value: Duration) {
+        match which {
+            Latency::Step => self.step.observe(value),
+            Latency::Request => self.request.observe(value),
+        }
+    }
 }
 
 impl Default for Latencies {

@@ -2,23 +2,28 @@
 //! Nothing here knows about HTTP (no status codes, no axum); the `http` module maps it to fal's
 //! API.
 //!
-//! Dependencies point one way: `job` ← `fal_format` ← `store` ← `sqlite`/`queue` ← `worker`;
+//! Dependencies point one way: `job` ← `fal_format` ← `store` ← `sqlite`/`redis_store`/`queue` ← `worker`;
 //! `files`, `uploads`, `cdn_tokens`, `metrics` and `webhook_target` stand alone.
 
 pub mod cdn_tokens;
+pub mod counters;
 pub mod fal_format;
 pub mod files;
 pub mod job;
 pub mod metrics;
 pub mod queue;
+pub mod redis_store;
 pub mod sqlite;
 pub mod store;
+pub mod sweeper;
 pub mod uploads;
 pub mod webhook;
 pub mod webhook_target;
 pub mod worker;
 
+pub use counters::Counters;
 pub use job::{Failure, FailureKind, JobKind, JobState, JobView, LogLine, NewJob, Outcome, Priority, StopReason};
-pub use queue::{Counters, Queue, RefusedSubmit};
+pub use queue::{Queue, RefusedSubmit};
+pub use redis_store::RedisStore;
 pub use sqlite::SqliteStore;
 pub use store::{CancelResult, JobStore, PendingWebhook, QueueStats, Recovery, StoreError, SubmitError};

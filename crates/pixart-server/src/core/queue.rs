@@ -10,39 +10,15 @@ use std::time::{Duration, SystemTime};
 use pixart_pipeline::GenerateRequest;
 use tokio::sync::watch;
 
+use super::counters::Counters;
 use super::job::{Failure, JobView, LogLine, NewJob, Outcome, StopFlag, StopReason};
-use super::metrics::Latencies;
+use super::metrics::{Latencies, Latency};
 use super::store::{CancelResult, JobStore, PendingWebhook, QueueStats, Recovery, StoreError, SubmitError};
 use super::webhook::WebhookSender;
 
 /// Starts allowed for a job that keeps being interrupted (server killed while running it)
 /// before it fails with [`super::job::FailureKind::Interrupted`].
 pub const MAX_ATTEMPTS: u32 = 3;
-
-/// Counters since this process started.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
-pub struct Counters {
-    /// Requests accepted (queue and run).
-    pub accepted: u64,
-    /// Requests that produced an output.
-    pub succeeded: u64,
-    /// Requests that ended with an error (validation, generation, timeout, shutdown).
-    pub failed: u64,
-    /// Requests cancelled.
-    pub cancelled: u64,
-    /// Generations started by this process' worker.
-    pub started: u64,
-}
-
-impl Counters {
-    fn count(&mut self, outcome: &Outcome) {
-        match outcome.failure().map(|f| f.kind) {
-            None => self.succeeded += 1,
-            Some(super::job::FailureKind::Cancelled) => self.cancelled += 1,
-            Some(_) => self.failed += 1,
-        }
-    }
-}
 
 /// Why a submit was refused.
 #[derive(Debug, thiserror::Error)]
@@ -142,11 +118,11 @@ impl Queue {
         let invalid = job.input.as_ref().err().cloned();
         let submitted = self.store.submit(job, self.max_queue)?;
         {
-            let mut local = self.local();
-            local.counters.accepted += 1;
+            let mut delta = Counters { accepted: 1, ..Counters::default() };
             if let Some(failure) = invalid {
-                local.counters.count(&Outcome::Failed(failure));
+                delta.add(&Counters::ended(&Outcome::Failed(failure)));
             }
+            self.count(&delta);
         }
         if let Some(hook) = submitted.webhook {
             self.send_webhook(hook);
@@ -168,8 +144,8 @@ impl Queue {
                 Ok(Some(claimed)) => {
                     let stop = Arc::new(StopFlag::default());
                     local.running.insert(claimed.id.clone(), stop.clone());
-                    local.counters.started += 1;
                     drop(local);
+                    self.count(&Counters { started: 1, ..Counters::default() });
                     self.changed();
                     return Some(WorkItem {
                         id: claimed.id,
@@ -196,7 +172,14 @@ impl Queue {
 
     /// Records the duration of one denoising step.
     pub fn observe_step(&self, duration: Duration) {
-        self.local().latencies.step.observe(duration);
+        self.observe(Latency::Step, duration);
+    }
+
+    fn observe(&self, which: Latency, value: Duration) {
+        self.local().latencies.observe(which, value);
+        if let Err(e) = self.store.observe(which, value) {
+            tracing::warn!(error = %e, "shared latency not recorded");
+        }
     }
 
     /// Whether the job should stop after this step: cancelled here or through the store (by
@@ -214,16 +197,43 @@ impl Queue {
 
     /// Records how a job this process ran ended and sends its webhook.
     pub fn finish(&self, item: &WorkItem, outcome: Outcome) -> Result<(), StoreError> {
-        let hook = self.store.finish(&item.id, &outcome);
+        // A store that is down for a moment (Redis restarting) must not lose a finished
+        // generation: retry for up to a minute (the job's lease is extended meanwhile).
+        let mut hook = self.store.finish(&item.id, &outcome);
+        let mut wait = Duration::from_millis(100);
+        let until = std::time::Instant::now() + Duration::from_secs(60);
+        while matches!(hook, Err(StoreError::Unavailable(_))) && std::time::Instant::now() < until {
+            std::thread::sleep(wait);
+            wait = (wait * 2).min(Duration::from_secs(2));
+            let _ = self.store.heartbeat(std::slice::from_ref(&item.id));
+            hook = self.store.finish(&item.id, &outcome);
+        }
         {
             let mut local = self.local();
             local.running.remove(&item.id);
-            local.counters.count(&outcome);
-            let waited = SystemTime::now().duration_since(item.submitted).unwrap_or_default();
-            local.latencies.request.observe(waited);
         }
+        self.observe(Latency::Request, SystemTime::now().duration_since(item.submitted).unwrap_or_default());
+        self.count(&Counters::ended(&outcome));
         self.changed();
         if let Some(hook) = hook? {
+            self.send_webhook(hook);
+        }
+        Ok(())
+    }
+
+    /// Keeps this process' claims alive and picks up what dead processes left (stores shared
+    /// by several processes): extends the leases of the jobs running here, gives back or fails
+    /// jobs whose worker stopped answering, and sends webhooks whose sender died. Call it more
+    /// often than the lease (the visibility timeout) runs out.
+    pub fn maintain(&self) -> Result<(), StoreError> {
+        let running: Vec<String> = self.local().running.keys().cloned().collect();
+        self.store.heartbeat(&running)?;
+        let ended = self.store.reap(MAX_ATTEMPTS)?;
+        if ended.count > 0 {
+            self.count(&Counters::failed(ended.count));
+            self.changed();
+        }
+        for hook in ended.webhooks.into_iter().chain(self.store.orphaned_webhooks()?) {
             self.send_webhook(hook);
         }
         Ok(())
@@ -242,7 +252,7 @@ impl Queue {
         let result = self.store.cancel(id)?;
         match &result {
             CancelResult::Dequeued(hook) => {
-                self.local().counters.cancelled += 1;
+                self.count(&Counters { cancelled: 1, ..Counters::default() });
                 if let Some(hook) = hook.clone() {
                     self.send_webhook(hook);
                 }
@@ -284,7 +294,7 @@ impl Queue {
         if ended.count == 0 {
             return Ok(0);
         }
-        self.local().counters.failed += ended.count as u64;
+        self.count(&Counters::failed(ended.count));
         for hook in ended.webhooks {
             self.send_webhook(hook);
         }
@@ -305,7 +315,7 @@ impl Queue {
         self.closed.store(true, Ordering::SeqCst);
         let result = if fail_queued {
             self.store.fail_queued(&Failure::stopped(StopReason::Shutdown, false)).map(|ended| {
-                self.local().counters.failed += ended.count as u64;
+                self.count(&Counters::failed(ended.count));
                 for hook in ended.webhooks {
                     self.send_webhook(hook);
                 }
@@ -340,14 +350,35 @@ impl Queue {
         self.webhooks.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
-    /// Counters since start.
+    /// Counts events here and, for a shared store, where every process sees them.
+    fn count(&self, delta: &Counters) {
+        self.local().counters.add(delta);
+        if let Err(e) = self.store.add_counts(delta) {
+            tracing::warn!(error = %e, "shared counters not updated");
+        }
+    }
+
+    /// Counters: of every process sharing the store (since the store was created) when it keeps
+    /// them, else of this process since it started.
     pub fn counters(&self) -> Counters {
+        match self.store.counters() {
+            Ok(Some(shared)) => shared,
+            _ => self.local().counters,
+        }
+    }
+
+    /// This process' counters since it started.
+    pub fn local_counters(&self) -> Counters {
         self.local().counters
     }
 
-    /// Latency histograms.
+    /// Latency histograms: of every process sharing the store when it keeps them, else of
+    /// this process.
     pub fn latencies(&self) -> Latencies {
-        self.local().latencies.clone()
+        match self.store.latencies() {
+            Ok(Some(shared)) => shared,
+            _ => self.local().latencies.clone(),
+        }
     }
 
     /// Queue length and running jobs (every process sharing the store).

@@ -271,7 +271,8 @@ impl JobStore for SqliteStore {
     fn stop_requested(&self, id: &str) -> Result<bool, StoreError> {
         let flag: Option<bool> =
             self.conn().query_row("SELECT stop_requested FROM jobs WHERE id = ?1", [id], |r| r.get(0)).optional()?;
-        Ok(flag.unwrap_or(false))
+        // A job forgotten while it runs (a `/run/` whose caller left) is wanted by no one.
+        Ok(flag.unwrap_or(true))
     }
 
     fn view(&self, id: &str, logs_from: usize) -> Result<Option<JobView>, StoreError> {

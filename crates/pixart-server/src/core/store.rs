@@ -22,6 +22,12 @@ pub enum StoreError {
     /// The store's folder could not be used.
     #[error("job store: {0}")]
     Io(#[from] std::io::Error),
+    /// The store cannot be reached now (Redis down or unreachable): worth retrying.
+    #[error("job store unavailable: {0}")]
+    Unavailable(String),
+    /// Redis answered with an error.
+    #[error("job store (redis): {0}")]
+    Redis(String),
 }
 
 /// Why a submit was refused.
@@ -143,7 +149,7 @@ pub trait JobStore: Send + Sync + std::fmt::Debug {
     /// graceful shutdown of a server whose store outlives it).
     fn release(&self, id: &str) -> Result<(), StoreError>;
 
-    /// Whether a running job was asked to stop (by a cancel handled anywhere).
+    /// Whether a running job was asked to stop (by a cancel handled anywhere), or is gone.
     fn stop_requested(&self, id: &str) -> Result<bool, StoreError>;
 
     /// A job with its log lines from `logs_from` on; `None` when unknown or expired.
@@ -183,4 +189,45 @@ pub trait JobStore: Send + Sync + std::fmt::Debug {
     /// are queued again, or failed after `max_attempts` starts (their webhooks become pending);
     /// synchronous jobs are dropped.
     fn recover(&self, max_attempts: u32) -> Result<Recovery, StoreError>;
+
+    /// Extends the leases of jobs this process is running (stores shared by several processes
+    /// hand a job to another worker when its lease runs out). The embedded store has no leases.
+    fn heartbeat(&self, _ids: &[String]) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Gives back to the queue the running jobs whose lease ran out (their worker died), or fails
+    /// them after `max_attempts` starts (cancelled ones end cancelled). The embedded store does
+    /// this once, in [`JobStore::recover`].
+    fn reap(&self, _max_attempts: u32) -> Result<Ended, StoreError> {
+        Ok(Ended::default())
+    }
+
+    /// Adds to the counters every process sharing the store sees (the embedded store has
+    /// none: each process counts for itself).
+    fn add_counts(&self, _delta: &super::counters::Counters) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// The shared counters, if the store keeps them.
+    fn counters(&self) -> Result<Option<super::counters::Counters>, StoreError> {
+        Ok(None)
+    }
+
+    /// Records a latency where every process sharing the store sees it (the embedded store
+    /// keeps none: each process has its own histograms).
+    fn observe(&self, _which: super::metrics::Latency, _value: std::time::Duration) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// The shared latency histograms, if the store keeps them.
+    fn latencies(&self) -> Result<Option<super::metrics::Latencies>, StoreError> {
+        Ok(None)
+    }
+
+    /// Webhooks whose sender died before attempting them, now claimed by the caller. The
+    /// embedded store hands every pending one over once, in [`JobStore::pending_webhooks`].
+    fn orphaned_webhooks(&self) -> Result<Vec<PendingWebhook>, StoreError> {
+        Ok(Vec::new())
+    }
 }

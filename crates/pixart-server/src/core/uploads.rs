@@ -9,15 +9,14 @@
 //!   `PUT {access_url}/multipart/{uploadId}/{n}` (ETag header), `POST …/complete`.
 //! - Python's fallback (`initiate?storage_type=gcs`) is the JS single-part flow.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use super::files::sanitize_name;
 
-/// An upload started but not finished.
-#[derive(Debug)]
+/// An upload started but not finished: its target.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PendingUpload {
     /// The file's key in the store.
     pub key: String,
@@ -25,24 +24,6 @@ pub struct PendingUpload {
     pub name: String,
     /// Its MIME type.
     pub content_type: String,
-    /// Parts received so far (multipart uploads), by part number: written to disk as they
-    /// arrive, so an unfinished upload holds no memory.
-    pub parts: BTreeMap<u32, Part>,
-    /// Bytes received so far.
-    pub received: usize,
-    /// When it started (unfinished uploads expire).
-    pub started: Instant,
-}
-
-/// One received part of a multipart upload, spooled to a file.
-#[derive(Debug, Clone)]
-pub struct Part {
-    /// Where its bytes are.
-    pub path: PathBuf,
-    /// Its ETag.
-    pub etag: String,
-    /// Its length in bytes.
-    pub len: usize,
 }
 
 /// A problem with an upload call.
@@ -99,54 +80,95 @@ impl SpoolFile {
     }
 }
 
-/// Uploads in flight, by upload id; their bytes are spooled under a folder.
+/// Uploads in flight, kept in a spool folder: `{spool}/{id}/upload.json` (the target) and
+/// `{spool}/{id}/{n}` + `{n}.etag` per part. Nothing is in memory, so any HTTP front sharing
+/// the storage folder can take any part of an upload, and an upload survives a restart.
 #[derive(Debug)]
 pub struct Uploads {
-    pending: Mutex<HashMap<String, PendingUpload>>,
     spool: PathBuf,
 }
 
+fn io(what: &str) -> impl Fn(std::io::Error) -> UploadError + '_ {
+    move |e| UploadError::Io(format!("{what}: {e}"))
+}
+
 impl Uploads {
-    /// Uploads spooled under `spool` (emptied now: an upload does not survive a restart, the
-    /// clients start it again).
+    /// Uploads spooled under `spool`.
     pub fn new(spool: PathBuf) -> Self {
-        let _ = std::fs::remove_dir_all(&spool);
-        Self { pending: Mutex::default(), spool }
+        Self { spool }
     }
 
-    fn part_dir(&self, id: &str) -> PathBuf {
-        self.spool.join(sanitize_name(id))
+    fn dir(&self, id: &str) -> Option<PathBuf> {
+        // Ids are 32 hex digits (see `begin`); anything else names no upload.
+        (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| self.spool.join(id))
     }
 
     /// A new spool file of at most `limit` bytes.
     pub fn spool_file(&self, limit: usize) -> Result<SpoolFile, UploadError> {
-        let io = |e: std::io::Error| UploadError::Io(format!("spooling: {e}"));
-        std::fs::create_dir_all(&self.spool).map_err(io)?;
+        std::fs::create_dir_all(&self.spool).map_err(io("spooling"))?;
         let path = self.spool.join(format!("incoming-{}", uuid::Uuid::new_v4().simple()));
-        let file = std::fs::File::create(&path).map_err(io)?;
+        let file = std::fs::File::create(&path).map_err(io("spooling"))?;
         Ok(SpoolFile { path, file: std::io::BufWriter::new(file), len: 0, hash: FNV_OFFSET, limit })
     }
 
     /// Starts an upload; returns `(upload id, key, name)`.
-    pub fn begin(&self, file_name: &str, content_type: &str) -> (String, String, String) {
+    pub fn begin(&self, file_name: &str, content_type: &str) -> Result<(String, String, String), UploadError> {
         let id = uuid::Uuid::new_v4().simple().to_string();
-        let key = uuid::Uuid::new_v4().simple().to_string();
-        let name = sanitize_name(file_name);
         let upload = PendingUpload {
-            key: key.clone(),
-            name: name.clone(),
+            key: uuid::Uuid::new_v4().simple().to_string(),
+            name: sanitize_name(file_name),
             content_type: content_type.to_string(),
-            parts: BTreeMap::new(),
-            received: 0,
-            started: Instant::now(),
         };
-        self.lock().insert(id.clone(), upload);
-        (id, key, name)
+        let dir = self.spool.join(&id);
+        std::fs::create_dir_all(&dir).map_err(io("starting an upload"))?;
+        let meta = serde_json::to_vec(&upload).map_err(|e| UploadError::Io(e.to_string()))?;
+        std::fs::write(dir.join("upload.json"), meta).map_err(io("starting an upload"))?;
+        Ok((id, upload.key, upload.name))
+    }
+
+    fn read_target(dir: &Path) -> Result<PendingUpload, UploadError> {
+        let meta = std::fs::read(dir.join("upload.json")).map_err(|_| UploadError::Unknown)?;
+        serde_json::from_slice(&meta).map_err(|e| UploadError::Io(format!("upload.json: {e}")))
+    }
+
+    /// The key and name an upload in flight will be stored under.
+    pub fn target(&self, id: &str) -> Option<(String, String)> {
+        let upload = Self::read_target(&self.dir(id)?).ok()?;
+        Some((upload.key, upload.name))
+    }
+
+    /// Takes an upload for finishing: its folder is renamed away (atomic, so two calls cannot
+    /// both finish it); returns the folder it now has and its target.
+    fn take_dir(&self, id: &str) -> Result<(PathBuf, PendingUpload), UploadError> {
+        let dir = self.dir(id).ok_or(UploadError::Unknown)?;
+        let taken = self.spool.join(format!("finishing-{id}-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::rename(&dir, &taken).map_err(|_| UploadError::Unknown)?;
+        match Self::read_target(&taken) {
+            Ok(upload) => Ok((taken, upload)),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&taken);
+                Err(e)
+            }
+        }
     }
 
     /// Takes a single-part upload's target (key, name, content type), ending the upload.
     pub fn take(&self, id: &str) -> Result<PendingUpload, UploadError> {
-        self.lock().remove(id).ok_or(UploadError::Unknown)
+        let (taken, upload) = self.take_dir(id)?;
+        let _ = std::fs::remove_dir_all(&taken);
+        Ok(upload)
+    }
+
+    /// The parts received so far: number → (path, length, etag).
+    fn parts(dir: &Path) -> BTreeMap<u32, (PathBuf, usize, String)> {
+        let mut parts = BTreeMap::new();
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let Some(number) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+            let len = entry.metadata().map(|m| m.len() as usize).unwrap_or(0);
+            let etag = std::fs::read_to_string(dir.join(format!("{number}.etag"))).unwrap_or_default();
+            parts.insert(number, (entry.path(), len, etag));
+        }
+        parts
     }
 
     /// Adds one received part (a finished [`SpoolFile`]); returns its ETag. The upload's parts
@@ -164,107 +186,90 @@ impl Uploads {
         &self,
         id: &str,
         number: u32,
-        incoming: &std::path::Path,
+        incoming: &Path,
         len: usize,
         etag: &str,
         limit: usize,
     ) -> Result<(), UploadError> {
-        let mut pending = self.lock();
-        let upload = pending.get_mut(id).ok_or(UploadError::Unknown)?;
-        let replaced = upload.parts.get(&number).map_or(0, |p| p.len);
-        if upload.received - replaced + len > limit {
+        let dir = self.dir(id).ok_or(UploadError::Unknown)?;
+        Self::read_target(&dir)?;
+        let others: usize = Self::parts(&dir).iter().filter(|(n, _)| **n != number).map(|(_, p)| p.1).sum();
+        if others + len > limit {
             return Err(UploadError::TooLarge(limit));
         }
-        let dir = self.part_dir(id);
-        let path = dir.join(number.to_string());
-        std::fs::create_dir_all(&dir)
-            .and_then(|()| std::fs::rename(incoming, &path))
-            .map_err(|e| UploadError::Io(format!("spooling part {number}: {e}")))?;
-        upload.received = upload.received - replaced + len;
-        upload.parts.insert(number, Part { path, etag: etag.to_string(), len });
-        Ok(())
+        std::fs::write(dir.join(format!("{number}.etag")), etag).map_err(io("spooling a part"))?;
+        std::fs::rename(incoming, dir.join(number.to_string())).map_err(|_| UploadError::Unknown)
     }
 
     /// Ends a multipart upload: checks `parts` (number, etag) against what was received and
-    /// returns the upload with its parts joined, in order, into one spooled file.
+    /// returns the upload with its parts joined, in order, into one spooled file. Call
+    /// [`Uploads::discard`] with the returned folder once the file was moved away.
     pub fn complete(&self, id: &str, parts: &[(u32, String)]) -> Result<(PendingUpload, PathBuf), UploadError> {
-        let mut upload = self.lock().remove(id).ok_or(UploadError::Unknown)?;
+        let (taken, upload) = self.take_dir(id)?;
+        let give_back = |error: UploadError| {
+            if let Some(dir) = self.dir(id) {
+                let _ = std::fs::rename(&taken, dir);
+            }
+            error
+        };
+        let received = Self::parts(&taken);
         let mut listed: Vec<&(u32, String)> = parts.iter().collect();
         listed.sort_by_key(|(n, _)| *n);
-        if listed.is_empty() || listed.len() != upload.parts.len() {
-            let message = format!("{} parts listed, {} received", listed.len(), upload.parts.len());
-            self.lock().insert(id.to_string(), upload);
-            return Err(UploadError::BadParts(message));
+        if listed.is_empty() || listed.len() != received.len() {
+            return Err(give_back(UploadError::BadParts(format!(
+                "{} parts listed, {} received",
+                listed.len(),
+                received.len()
+            ))));
         }
         for (number, tag) in &listed {
-            let matches = upload.parts.get(number).is_some_and(|part| part.etag == *tag);
-            if !matches {
-                let message = format!("part {number}: not received or its etag differs");
-                self.lock().insert(id.to_string(), upload);
-                return Err(UploadError::BadParts(message));
+            if !received.get(number).is_some_and(|part| part.2 == *tag) {
+                return Err(give_back(UploadError::BadParts(format!(
+                    "part {number}: not received or its etag differs"
+                ))));
             }
         }
-        let joined = self.part_dir(id).join("joined");
-        let mut join = || -> std::io::Result<()> {
+        let joined = taken.join("joined");
+        let join = || -> std::io::Result<()> {
             let mut out = std::io::BufWriter::new(std::fs::File::create(&joined)?);
-            for part in std::mem::take(&mut upload.parts).into_values() {
-                std::io::copy(&mut std::fs::File::open(&part.path)?, &mut out)?;
-                std::fs::remove_file(&part.path)?;
+            for (path, _, _) in received.values() {
+                std::io::copy(&mut std::fs::File::open(path)?, &mut out)?;
             }
             std::io::Write::flush(&mut out)
         };
         match join() {
             Ok(()) => Ok((upload, joined)),
             Err(e) => {
-                let _ = std::fs::remove_dir_all(self.part_dir(id));
+                let _ = std::fs::remove_dir_all(&taken);
                 Err(UploadError::Io(format!("joining the parts: {e}")))
             }
         }
     }
 
-    /// Deletes what is left of a finished upload (after its joined file was moved away).
-    pub fn discard(&self, id: &str) {
-        let _ = std::fs::remove_dir_all(self.part_dir(id));
-    }
-
-    /// The key and name an upload in flight will be stored under.
-    pub fn target(&self, id: &str) -> Option<(String, String)> {
-        self.lock().get(id).map(|u| (u.key.clone(), u.name.clone()))
-    }
-
-    /// Drops uploads started more than `age` ago and never finished, with their spooled parts,
-    /// and spool files nobody finished (a body cut off mid-way).
-    pub fn expire(&self, age: Duration) {
-        let expired: Vec<String> = {
-            let mut pending = self.lock();
-            let ids: Vec<String> =
-                pending.iter().filter(|(_, u)| u.started.elapsed() >= age).map(|(id, _)| id.clone()).collect();
-            for id in &ids {
-                pending.remove(id);
-            }
-            ids
-        };
-        for id in expired {
-            let _ = std::fs::remove_dir_all(self.part_dir(&id));
+    /// Deletes what is left of a completed upload (the folder holding `joined`).
+    pub fn discard(&self, joined: &Path) {
+        if let Some(dir) = joined.parent().filter(|d| d.starts_with(&self.spool)) {
+            let _ = std::fs::remove_dir_all(dir);
         }
+    }
+
+    /// Deletes uploads started more than `age` ago and never finished, and spool files nobody
+    /// finished (a body cut off mid-way).
+    pub fn expire(&self, age: Duration) {
         let Ok(entries) = std::fs::read_dir(&self.spool) else { return };
         for entry in entries.flatten() {
-            let stale = entry.file_name().to_str().is_some_and(|n| n.starts_with("incoming-"))
-                && entry.metadata().and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().is_ok_and(|e| e >= age));
-            if stale {
-                let _ = std::fs::remove_file(entry.path());
+            let stale = entry.metadata().and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().is_ok_and(|e| e >= age));
+            if !stale {
+                continue;
             }
+            let path = entry.path();
+            let _ = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
         }
     }
 
-    /// Deletes every spooled part (on shutdown).
+    /// Deletes the spool folder (a temporary storage folder's shutdown).
     pub fn cleanup(&self) {
-        self.lock().clear();
         let _ = std::fs::remove_dir_all(&self.spool);
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, PendingUpload>> {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -291,37 +296,35 @@ mod tests {
 
     #[test]
     fn multipart_parts_join_in_order_and_are_checked() {
-        let spool = std::env::temp_dir().join(format!("pixart-uploads-test-{}", std::process::id()));
+        let spool = std::env::temp_dir().join(format!("pixart-uploads-test-{}", uuid::Uuid::new_v4()));
         let uploads = Uploads::new(spool.clone());
-        let (id, _, name) = uploads.begin("big file.bin", "application/octet-stream");
+        let (id, _, name) = uploads.begin("big file.bin", "application/octet-stream").unwrap();
         assert_eq!(name, "big_file.bin");
         let e2 = part(&uploads, &id, 2, b"world", 100).unwrap();
-        let e1 = part(&uploads, &id, 1, b"hello ", 100).unwrap();
+        // Another front on the same folder takes the next part.
+        let e1 = part(&Uploads::new(spool.clone()), &id, 1, b"hello ", 100).unwrap();
         assert_ne!(e1, e2);
         assert_eq!(std::fs::read(spool.join(&id).join("1")).unwrap(), b"hello ", "parts live on disk");
         assert_eq!(part(&uploads, &id, 3, &[0; 95], 100), Err(UploadError::TooLarge(100)));
         let mut big = uploads.spool_file(10).unwrap();
         assert_eq!(big.write(&[0; 11]), Err(UploadError::TooLarge(10)), "a spool file stops at its limit");
+        drop(big);
         let wrong = uploads.complete(&id, &[(1, e1.clone()), (2, e1.clone())]);
         assert!(matches!(wrong, Err(UploadError::BadParts(_))));
+        assert!(uploads.target(&id).is_some(), "a refused complete leaves the upload as it was");
         let (upload, joined) = uploads.complete(&id, &[(2, e2), (1, e1)]).unwrap();
         assert_eq!(std::fs::read(&joined).unwrap(), b"hello world");
         assert_eq!(upload.name, "big_file.bin");
-        uploads.discard(&id);
+        uploads.discard(&joined);
         assert!(uploads.target(&id).is_none());
         assert_eq!(uploads.take(&id).unwrap_err(), UploadError::Unknown);
-        assert!(!spool.join(&id).exists(), "completed: its parts are deleted");
+        assert!(uploads.target("../../etc").is_none());
         // An abandoned upload's parts go when it expires, and so do unfinished spool files.
-        let (stale, _, _) = uploads.begin("x", "application/octet-stream");
+        let (stale, _, _) = uploads.begin("x", "application/octet-stream").unwrap();
         part(&uploads, &stale, 1, b"abc", 100).unwrap();
         uploads.expire(Duration::ZERO);
         assert!(!spool.join(&stale).exists());
-        assert_eq!(
-            std::fs::read_dir(&spool).unwrap().count(),
-            0,
-            "{:?}",
-            std::fs::read_dir(&spool).unwrap().collect::<Vec<_>>()
-        );
+        assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 0);
         uploads.cleanup();
         assert!(!spool.exists());
     }

@@ -37,6 +37,8 @@ pub enum ApiError {
     QueueFull(usize),
     /// 503: shutting down.
     ShuttingDown,
+    /// 503: the shared queue cannot be reached for now.
+    QueueUnavailable(String),
     /// 500: storage or database failure.
     Internal(String),
 }
@@ -51,7 +53,10 @@ impl ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         tracing::error!(error = %e, "job store failed");
-        Self::Internal(e.to_string())
+        match e {
+            StoreError::Unavailable(message) => Self::QueueUnavailable(message),
+            other => Self::Internal(other.to_string()),
+        }
     }
 }
 
@@ -98,6 +103,10 @@ impl IntoResponse for ApiError {
                 json!({"detail": format!("the queue is full ({n} requests waiting); retry later")}),
             ),
             Self::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, json!({"detail": "the server is shutting down"})),
+            Self::QueueUnavailable(m) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"detail": format!("the queue is unavailable for now, retry: {m}")}),
+            ),
             Self::Internal(m) => (StatusCode::INTERNAL_SERVER_ERROR, json!({"detail": m})),
         };
         json_response(status, body)

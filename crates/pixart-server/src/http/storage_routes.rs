@@ -84,7 +84,7 @@ pub async fn initiate(
     let body = json_object(&headers, body).await?;
     let content_type = body.get("content_type").and_then(Value::as_str).unwrap_or("application/octet-stream");
     let file_name = body.get("file_name").and_then(Value::as_str).unwrap_or("upload.bin");
-    let (id, key, name) = state.uploads.begin(file_name, content_type);
+    let (id, key, name) = state.uploads.begin(file_name, content_type).map_err(upload_error)?;
     Ok(json_response(
         StatusCode::OK,
         json!({
@@ -190,10 +190,11 @@ pub async fn cdn_multipart_begin(
     State(state): State<Arc<AppState>>,
     BaseUrl(base): BaseUrl,
     headers: HeaderMap,
-) -> Response {
+) -> Result<Response, ApiError> {
     let (content_type, name) = cdn_file(&headers);
-    let (id, key, name) = state.uploads.begin(&name, &content_type);
-    json_response(StatusCode::OK, json!({"access_url": format!("{base}{}", url_path(&key, &name)), "uploadId": id}))
+    let (id, key, name) = state.uploads.begin(&name, &content_type).map_err(upload_error)?;
+    let url = format!("{base}{}", url_path(&key, &name));
+    Ok(json_response(StatusCode::OK, json!({"access_url": url, "uploadId": id})))
 }
 
 fn check_target(state: &AppState, id: &str, key: &str, name: &str) -> Result<(), ApiError> {
@@ -269,7 +270,7 @@ async fn complete(
     };
     let (upload, joined) = state.uploads.complete(id, &parts).map_err(upload_error)?;
     let stored = state.files.put_file(&upload.key, &upload.name, &upload.content_type, &joined);
-    state.uploads.discard(id);
+    state.uploads.discard(&joined);
     let url = stored.map_err(|e| ApiError::Internal(format!("storing the upload: {e}")))?;
     let url = format!("{base}{url}");
     Ok(json_response(StatusCode::OK, json!({"file_url": url, "access_url": url})))

@@ -1,0 +1,695 @@
+//! [`RedisStore`]: a [`JobStore`] on Redis, shared by any number of HTTP fronts and workers.
+//!
+//! The pattern is a reliable queue with leases (what BullMQ and Sidekiq's reliable fetch do),
+//! not Streams: fal's API needs exact queue positions, two priorities and removal of a queued
+//! request on cancel, which a sorted set gives directly (`ZRANK`, score = priority then
+//! submission order, `ZREM`), while a stream's consumer group has no order but arrival and no
+//! position. Every state change is one Lua script, so it is atomic across processes.
+//!
+//! Keys (prefix `pixart:`): `seq`; `queue` (zset, id → priority·10¹² + seq); `running` (zset,
+//! id → lease expiry in ms); `deadlines` (zset, queued ids with a start deadline); `finished`
+//! (zset, id → end time, for the retention sweep); `job:{id}` (hash); `logs:{id}` (list of
+//! JSON lines); `webhooks` (zset, delivery id → lease expiry) and `webhook:{n}` (hash).
+//!
+//! A worker holds a lease on its job and extends it every third of the visibility timeout; a
+//! worker that dies (kill -9, lost machine) stops extending it, and when it runs out any
+//! process's sweep puts the job back at its place in the queue (attempt + 1), or fails it after
+//! the allowed attempts. A finish is accepted once: a worker presumed dead that finishes later
+//! finds the job already ended and its answer is dropped. Webhooks are claimed the same way, so
+//! a pending one is sent by exactly one process, again by another only if that one died.
+//!
+//! Needs a standalone Redis (or one behind Sentinel), not Redis Cluster: the scripts build key
+//! names. Run it with persistence (`appendonly yes`) so a Redis restart loses nothing.
+
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use pixart_pipeline::GenerateRequest;
+use redis::{Connection, Script, Value as RedisValue};
+
+use super::counters::Counters;
+use super::fal_format::webhook_payload;
+use super::job::{
+    from_unix_ms, unix_ms, Failure, FailureKind, JobKind, JobState, JobView, LogLine, NewJob, Outcome, StopReason,
+};
+use super::metrics::{Histogram, Latencies, Latency};
+use super::store::{
+    CancelResult, Claimed, Ended, JobStore, PendingWebhook, QueueStats, Recovery, StoreError, SubmitError, Submitted,
+};
+
+const PREFIX: &str = "pixart:";
+
+/// Ends a job: shared by the scripts that end jobs. Returns the new delivery id, 0 without a
+/// webhook, -1 when the job is unknown, already ended or not in `want` (when given).
+const COMPLETE: &str = r"
+local function complete(p, id, want, outcome, payload, now, hook_lease)
+  local key = p .. 'job:' .. id
+  local state = redis.call('HGET', key, 'state')
+  if (not state) or state == 'completed' or (want ~= '' and state ~= want) then return -1 end
+  redis.call('HSET', key, 'state', 'completed', 'outcome', outcome, 'finished_ms', now, 'stop_requested', 0)
+  redis.call('HDEL', key, 'request')
+  redis.call('ZREM', p .. 'queue', id)
+  redis.call('ZREM', p .. 'running', id)
+  redis.call('ZREM', p .. 'deadlines', id)
+  redis.call('ZADD', p .. 'finished', now, id)
+  local hook = redis.call('HGET', key, 'webhook')
+  if hook and hook ~= '' and payload ~= '' then
+    local n = redis.call('INCR', p .. 'webhook_seq')
+    redis.call('HSET', p .. 'webhook:' .. n, 'job_id', id, 'url', hook, 'payload', payload)
+    redis.call('ZADD', p .. 'webhooks', hook_lease, n)
+    return n
+  end
+  return 0
+end
+";
+
+const SUBMIT: &str = r"
+local p, id, max, valid = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4] == '1'
+local priority = tonumber(ARGV[5])
+if valid and redis.call('ZCARD', p .. 'queue') >= max then return {'full', 0} end
+local seq = redis.call('INCR', p .. 'seq')
+local score = priority * 1000000000000 + seq
+redis.call('HSET', p .. 'job:' .. id, 'kind', ARGV[6], 'app', ARGV[7], 'base_url', ARGV[8], 'webhook', ARGV[9],
+  'deadline_ms', ARGV[10], 'request', ARGV[11], 'state', 'queued', 'attempts', 0, 'stop_requested', 0,
+  'submitted_ms', ARGV[12], 'score', score)
+if valid then
+  redis.call('ZADD', p .. 'queue', score, id)
+  if ARGV[10] ~= '' then redis.call('ZADD', p .. 'deadlines', ARGV[10], id) end
+  return {'queued', redis.call('ZRANK', p .. 'queue', id)}
+end
+return {'ended', complete(p, id, '', ARGV[13], ARGV[14], ARGV[12], ARGV[15])}
+";
+
+const CLAIM: &str = r"
+local p, now, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local ids = redis.call('ZRANGE', p .. 'queue', 0, 63)
+for _, id in ipairs(ids) do
+  local key = p .. 'job:' .. id
+  local d = redis.call('HGET', key, 'deadline_ms')
+  if (not d) or d == '' or tonumber(d) > now then
+    redis.call('ZREM', p .. 'queue', id)
+    redis.call('ZREM', p .. 'deadlines', id)
+    redis.call('ZADD', p .. 'running', now + lease, id)
+    redis.call('HSET', key, 'state', 'running')
+    local attempts = redis.call('HINCRBY', key, 'attempts', 1)
+    return {id, redis.call('HGET', key, 'request') or '', attempts, redis.call('HGET', key, 'submitted_ms')}
+  end
+end
+return false
+";
+
+/// Puts a running job back at its place; `ARGV[3]` is added to its attempts (-1: a graceful
+/// release that does not count, 0: a reaped lease). With `ARGV[4]` = 1 only if its lease ran out.
+const REQUEUE: &str = r"
+local p, id, delta, expired_only, now = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4] == '1', tonumber(ARGV[5])
+local key = p .. 'job:' .. id
+if redis.call('HGET', key, 'state') ~= 'running' then return 0 end
+local lease = redis.call('ZSCORE', p .. 'running', id)
+if expired_only and lease and tonumber(lease) > now then return 0 end
+redis.call('ZREM', p .. 'running', id)
+redis.call('ZADD', p .. 'queue', redis.call('HGET', key, 'score'), id)
+local d = redis.call('HGET', key, 'deadline_ms')
+if d and d ~= '' then redis.call('ZADD', p .. 'deadlines', d, id) end
+redis.call('HSET', key, 'state', 'queued')
+if delta ~= 0 then redis.call('HINCRBY', key, 'attempts', delta) end
+return 1
+";
+
+const FINISH: &str = "return complete(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7])";
+
+const CANCEL: &str = r"
+local p, id = ARGV[1], ARGV[2]
+local key = p .. 'job:' .. id
+local state = redis.call('HGET', key, 'state')
+if not state then return {'missing', 0} end
+if state == 'completed' then return {'completed', 0} end
+if state == 'running' then
+  redis.call('HSET', key, 'stop_requested', 1)
+  return {'stop', 0}
+end
+return {'dequeued', complete(p, id, 'queued', ARGV[3], ARGV[4], ARGV[5], ARGV[6])}
+";
+
+const APPEND_LOG: &str = r"
+if redis.call('EXISTS', ARGV[1] .. 'job:' .. ARGV[2]) == 1 then
+  redis.call('RPUSH', ARGV[1] .. 'logs:' .. ARGV[2], ARGV[3])
+end
+return 0
+";
+
+const CLAIM_WEBHOOKS: &str = r"
+local p, now, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local ids = redis.call('ZRANGEBYSCORE', p .. 'webhooks', '-inf', now, 'LIMIT', 0, 100)
+local out = {}
+for _, n in ipairs(ids) do
+  redis.call('ZADD', p .. 'webhooks', now + lease, n)
+  local h = redis.call('HMGET', p .. 'webhook:' .. n, 'job_id', 'url', 'payload')
+  if h[1] then table.insert(out, {n, h[1], h[2], h[3]}) end
+end
+return out
+";
+
+const HEARTBEAT: &str = r"
+local p, until_ms = ARGV[1], ARGV[2]
+for i = 3, #ARGV do redis.call('ZADD', p .. 'running', 'XX', until_ms, ARGV[i]) end
+return 0
+";
+
+/// Jobs in Redis.
+pub struct RedisStore {
+    client: redis::Client,
+    pool: Mutex<Vec<Connection>>,
+    lease: Duration,
+    webhook_lease: Duration,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("client", &self.client)
+            .field("lease", &self.lease)
+            .field("webhook_lease", &self.webhook_lease)
+            .finish_non_exhaustive()
+    }
+}
+
+fn counter_fields(c: &Counters) -> [(&'static str, u64); 5] {
+    [
+        ("accepted", c.accepted),
+        ("succeeded", c.succeeded),
+        ("failed", c.failed),
+        ("cancelled", c.cancelled),
+        ("started", c.started),
+    ]
+}
+
+/// Milliseconds of a duration, saturated.
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn error(e: redis::RedisError) -> StoreError {
+    if e.is_io_error() || e.is_connection_refusal() || e.is_timeout() || e.is_connection_dropped() {
+        StoreError::Unavailable(e.to_string())
+    } else {
+        StoreError::Redis(e.to_string())
+    }
+}
+
+fn text(value: Option<&RedisValue>) -> Option<String> {
+    match value? {
+        RedisValue::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+        RedisValue::SimpleString(s) => Some(s.clone()),
+        RedisValue::Int(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn number(value: Option<&RedisValue>) -> Option<i64> {
+    match value? {
+        RedisValue::Int(n) => Some(*n),
+        other => text(Some(other))?.parse().ok(),
+    }
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Corrupt(format!("redis: {what}"))
+}
+
+impl RedisStore {
+    /// Connects to `url` (`redis://HOST:PORT[/DB]`, `rediss://` for TLS). `lease` is the
+    /// visibility timeout of a running job; `webhook_lease` how long a delivery may take before
+    /// another process may send it.
+    pub fn open(url: &str, lease: Duration, webhook_lease: Duration) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url).map_err(|e| StoreError::Redis(format!("{url}: {e}")))?;
+        let store = Self { client, pool: Mutex::new(Vec::new()), lease, webhook_lease };
+        // Fail at start when Redis cannot be reached, not at the first request.
+        store.with(|c| redis::cmd("PING").query::<String>(c))?;
+        Ok(store)
+    }
+
+    /// Runs `f` on a pooled connection (a new one when none is free; a broken one is dropped).
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> redis::RedisResult<T>) -> Result<T, StoreError> {
+        let pooled = self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut conn = match pooled {
+            Some(conn) => conn,
+            None => {
+                let conn = self.client.get_connection_with_timeout(Duration::from_secs(1)).map_err(error)?;
+                conn.set_read_timeout(Some(Duration::from_secs(5))).map_err(error)?;
+                conn.set_write_timeout(Some(Duration::from_secs(5))).map_err(error)?;
+                conn
+            }
+        };
+        let result = f(&mut conn).map_err(error);
+        if !matches!(result, Err(StoreError::Unavailable(_))) {
+            self.pool.lock().unwrap_or_else(|e| e.into_inner()).push(conn);
+        }
+        result
+    }
+
+    fn script(&self, body: &str, args: &[String]) -> Result<RedisValue, StoreError> {
+        let source = format!("{COMPLETE}\n{body}");
+        let script = Script::new(&source);
+        self.with(|c| {
+            let mut invocation = script.prepare_invoke();
+            for arg in args {
+                invocation.arg(arg);
+            }
+            invocation.invoke::<RedisValue>(c)
+        })
+    }
+
+    fn now_ms() -> i64 {
+        unix_ms(SystemTime::now())
+    }
+
+    /// `base_url` and `webhook` of a job, for its webhook payload.
+    fn hook_fields(&self, id: &str) -> Result<(String, String), StoreError> {
+        let key = format!("{PREFIX}job:{id}");
+        let fields: Vec<Option<String>> =
+            self.with(|c| redis::cmd("HMGET").arg(&key).arg("base_url").arg("webhook").query(c))?;
+        let get = |i: usize| fields.get(i).cloned().flatten().unwrap_or_default();
+        Ok((get(0), get(1)))
+    }
+
+    /// Ends `id` with `outcome` if it is in state `want` (any unended state when empty).
+    fn complete(&self, id: &str, want: &str, outcome: &Outcome) -> Result<Option<Option<PendingWebhook>>, StoreError> {
+        let (base_url, webhook) = self.hook_fields(id)?;
+        let payload =
+            if webhook.is_empty() { String::new() } else { webhook_payload(id, &base_url, outcome).to_string() };
+        let now = Self::now_ms();
+        let outcome_text = serde_json::to_string(outcome).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let args = [
+            PREFIX.to_string(),
+            id.to_string(),
+            want.to_string(),
+            outcome_text,
+            payload.clone(),
+            now.to_string(),
+            (now + ms(self.webhook_lease)).to_string(),
+        ];
+        let n = number(Some(&self.script(FINISH, &args)?)).ok_or_else(|| corrupt("finish answered no number"))?;
+        Ok(match n {
+            -1 => None,
+            0 => Some(None),
+            n => Some(Some(PendingWebhook { delivery_id: n, job_id: id.to_string(), url: webhook, payload })),
+        })
+    }
+
+    fn ids(&self, key: &str, max_score: i64) -> Result<Vec<String>, StoreError> {
+        self.with(|c| redis::cmd("ZRANGEBYSCORE").arg(format!("{PREFIX}{key}")).arg("-inf").arg(max_score).query(c))
+    }
+
+    fn end_all(&self, ids: Vec<String>, want: &str, outcome: &Outcome) -> Result<Ended, StoreError> {
+        let mut ended = Ended::default();
+        for id in ids {
+            if let Some(hook) = self.complete(&id, want, outcome)? {
+                ended.count += 1;
+                ended.webhooks.extend(hook);
+            }
+        }
+        Ok(ended)
+    }
+}
+
+impl JobStore for RedisStore {
+    fn submit(&self, job: NewJob, max_queue: usize) -> Result<Submitted, SubmitError> {
+        let request = match &job.input {
+            Ok(request) => serde_json::to_string(request).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            Err(_) => String::new(),
+        };
+        let (outcome, payload) = match &job.input {
+            Ok(_) => (String::new(), String::new()),
+            Err(failure) => {
+                let outcome = Outcome::Failed(failure.clone());
+                let payload = match &job.webhook {
+                    Some(_) => webhook_payload(&job.id, &job.base_url, &outcome).to_string(),
+                    None => String::new(),
+                };
+                (serde_json::to_string(&outcome).map_err(|e| StoreError::Corrupt(e.to_string()))?, payload)
+            }
+        };
+        let now = Self::now_ms();
+        let args = [
+            PREFIX.to_string(),
+            job.id.clone(),
+            max_queue.to_string(),
+            if job.input.is_ok() { "1" } else { "0" }.to_string(),
+            job.priority.rank().to_string(),
+            match job.kind {
+                JobKind::Queued => "queued",
+                JobKind::Run => "run",
+            }
+            .to_string(),
+            job.app.clone(),
+            job.base_url.clone(),
+            job.webhook.clone().unwrap_or_default(),
+            job.start_deadline.map(|d| unix_ms(d).to_string()).unwrap_or_default(),
+            request,
+            now.to_string(),
+            outcome,
+            payload.clone(),
+            (now + ms(self.webhook_lease)).to_string(),
+        ];
+        let RedisValue::Array(answer) = self.script(SUBMIT, &args)? else {
+            return Err(corrupt("submit answer").into());
+        };
+        let n = number(answer.get(1)).unwrap_or(0);
+        match text(answer.first()).as_deref() {
+            Some("full") => Err(SubmitError::QueueFull(max_queue)),
+            Some("queued") => Ok(Submitted { position: Some(usize::try_from(n).unwrap_or(0)), webhook: None }),
+            _ => {
+                let webhook = (n > 0).then(|| PendingWebhook {
+                    delivery_id: n,
+                    job_id: job.id.clone(),
+                    url: job.webhook.clone().unwrap_or_default(),
+                    payload,
+                });
+                Ok(Submitted { position: None, webhook })
+            }
+        }
+    }
+
+    fn claim(&self, now: SystemTime) -> Result<Option<Claimed>, StoreError> {
+        loop {
+            let args = [PREFIX.to_string(), unix_ms(now).to_string(), ms(self.lease).to_string()];
+            let RedisValue::Array(fields) = self.script(CLAIM, &args)? else { return Ok(None) };
+            let id = text(fields.first()).ok_or_else(|| corrupt("claim answered no id"))?;
+            let request = text(fields.get(1)).unwrap_or_default();
+            let attempt = number(fields.get(2)).and_then(|n| u32::try_from(n).ok()).unwrap_or(1);
+            let submitted = from_unix_ms(number(fields.get(3)).unwrap_or(0));
+            let parsed = serde_json::from_str::<serde_json::Value>(&request)
+                .map_err(|e| e.to_string())
+                .and_then(|v| GenerateRequest::from_value(&v).map_err(|errors| format!("{errors:?}")));
+            match parsed {
+                Ok(request) => return Ok(Some(Claimed { id, request, attempt, submitted })),
+                Err(e) => {
+                    let failure = Failure::new(
+                        FailureKind::Internal,
+                        format!("the stored input of this request could not be read back: {e}"),
+                    );
+                    self.complete(&id, "running", &Outcome::Failed(failure))?;
+                }
+            }
+        }
+    }
+
+    fn append_log(&self, id: &str, line: &LogLine) -> Result<(), StoreError> {
+        let json = serde_json::to_string(line).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.script(APPEND_LOG, &[PREFIX.to_string(), id.to_string(), json]).map(|_| ())
+    }
+
+    fn finish(&self, id: &str, outcome: &Outcome) -> Result<Option<PendingWebhook>, StoreError> {
+        Ok(self.complete(id, "", outcome)?.flatten())
+    }
+
+    fn release(&self, id: &str) -> Result<(), StoreError> {
+        let args = [PREFIX.to_string(), id.to_string(), "-1".into(), "0".into(), Self::now_ms().to_string()];
+        self.script(REQUEUE, &args).map(|_| ())
+    }
+
+    fn cancel(&self, id: &str) -> Result<CancelResult, StoreError> {
+        let (base_url, webhook) = self.hook_fields(id)?;
+        let outcome = Outcome::Failed(Failure::stopped(StopReason::Cancelled, false));
+        let payload =
+            if webhook.is_empty() { String::new() } else { webhook_payload(id, &base_url, &outcome).to_string() };
+        let now = Self::now_ms();
+        let args = [
+            PREFIX.to_string(),
+            id.to_string(),
+            serde_json::to_string(&outcome).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            payload.clone(),
+            now.to_string(),
+            (now + ms(self.webhook_lease)).to_string(),
+        ];
+        let RedisValue::Array(answer) = self.script(CANCEL, &args)? else { return Err(corrupt("cancel answer")) };
+        Ok(match text(answer.first()).as_deref() {
+            Some("missing") => CancelResult::NotFound,
+            Some("completed") => CancelResult::AlreadyCompleted,
+            Some("stop") => CancelResult::StopRequested,
+            _ => match number(answer.get(1)) {
+                Some(n) if n > 0 => CancelResult::Dequeued(Some(PendingWebhook {
+                    delivery_id: n,
+                    job_id: id.to_string(),
+                    url: webhook,
+                    payload,
+                })),
+                // Claimed by a worker between the two reads: ask it to stop.
+                Some(-1) => return self.cancel(id),
+                _ => CancelResult::Dequeued(None),
+            },
+        })
+    }
+
+    fn stop_requested(&self, id: &str) -> Result<bool, StoreError> {
+        let key = format!("{PREFIX}job:{id}");
+        let flag: Option<String> = self.with(|c| redis::cmd("HGET").arg(&key).arg("stop_requested").query(c))?;
+        // A job forgotten while it runs (a `/run/` whose caller left) is wanted by no one.
+        Ok(flag.is_none_or(|f| f == "1"))
+    }
+
+    fn view(&self, id: &str, logs_from: usize) -> Result<Option<JobView>, StoreError> {
+        let key = format!("{PREFIX}job:{id}");
+        let logs_key = format!("{PREFIX}logs:{id}");
+        let from = isize::try_from(logs_from).unwrap_or(isize::MAX);
+        type Answer = (Vec<Option<String>>, Option<i64>, i64, Vec<String>);
+        let (fields, rank, log_count, lines): Answer = self.with(|c| {
+            redis::pipe()
+                .cmd("HMGET")
+                .arg(&key)
+                .arg(&["kind", "app", "state", "outcome"])
+                .cmd("ZRANK")
+                .arg(format!("{PREFIX}queue"))
+                .arg(id)
+                .cmd("LLEN")
+                .arg(&logs_key)
+                .cmd("LRANGE")
+                .arg(&logs_key)
+                .arg(from)
+                .arg(-1)
+                .query(c)
+        })?;
+        let get = |i: usize| fields.get(i).cloned().flatten();
+        let Some(state) = get(2) else { return Ok(None) };
+        let state = match state.as_str() {
+            "queued" => JobState::Queued { position: usize::try_from(rank.unwrap_or(0)).unwrap_or(0) },
+            "running" => JobState::Running,
+            _ => {
+                let text = get(3).ok_or_else(|| corrupt("an ended job without an outcome"))?;
+                JobState::Completed(serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(e.to_string()))?)
+            }
+        };
+        let logs = lines
+            .iter()
+            .map(|l| serde_json::from_str::<LogLine>(l).map_err(|e| StoreError::Corrupt(e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Some(JobView {
+            id: id.to_string(),
+            kind: if get(0).as_deref() == Some("run") { JobKind::Run } else { JobKind::Queued },
+            app: get(1).unwrap_or_default(),
+            state,
+            logs,
+            log_count: usize::try_from(log_count).unwrap_or(0),
+        }))
+    }
+
+    fn base_url(&self, id: &str) -> Result<Option<String>, StoreError> {
+        let key = format!("{PREFIX}job:{id}");
+        self.with(|c| redis::cmd("HGET").arg(&key).arg("base_url").query(c))
+    }
+
+    fn expire_deadlines(&self, now: SystemTime) -> Result<Ended, StoreError> {
+        let late = self.ids("deadlines", unix_ms(now))?;
+        if late.is_empty() {
+            return Ok(Ended::default());
+        }
+        self.end_all(late, "queued", &Outcome::Failed(Failure::timed_out()))
+    }
+
+    fn fail_queued(&self, failure: &Failure) -> Result<Ended, StoreError> {
+        let queued: Vec<String> =
+            self.with(|c| redis::cmd("ZRANGE").arg(format!("{PREFIX}queue")).arg(0).arg(-1).query(c))?;
+        self.end_all(queued, "queued", &Outcome::Failed(failure.clone()))
+    }
+
+    fn expire_finished(&self, cutoff: SystemTime) -> Result<Vec<String>, StoreError> {
+        let old = self.ids("finished", unix_ms(cutoff) - 1)?;
+        for id in &old {
+            self.with(|c| {
+                redis::pipe()
+                    .cmd("DEL")
+                    .arg(format!("{PREFIX}job:{id}"))
+                    .arg(format!("{PREFIX}logs:{id}"))
+                    .cmd("ZREM")
+                    .arg(format!("{PREFIX}finished"))
+                    .arg(id)
+                    .query::<()>(c)
+            })?;
+        }
+        Ok(old)
+    }
+
+    fn forget(&self, id: &str) -> Result<(), StoreError> {
+        self.with(|c| {
+            let mut pipe = redis::pipe();
+            pipe.cmd("DEL").arg(format!("{PREFIX}job:{id}")).arg(format!("{PREFIX}logs:{id}"));
+            for set in ["queue", "running", "deadlines", "finished"] {
+                pipe.cmd("ZREM").arg(format!("{PREFIX}{set}")).arg(id);
+            }
+            pipe.query::<()>(c)
+        })
+    }
+
+    fn contains(&self, id: &str) -> Result<bool, StoreError> {
+        let key = format!("{PREFIX}job:{id}");
+        self.with(|c| redis::cmd("EXISTS").arg(&key).query::<i64>(c)).map(|n| n == 1)
+    }
+
+    fn pending_webhooks(&self) -> Result<Vec<PendingWebhook>, StoreError> {
+        self.orphaned_webhooks()
+    }
+
+    fn webhook_done(&self, delivery_id: i64) -> Result<(), StoreError> {
+        self.with(|c| {
+            redis::pipe()
+                .cmd("DEL")
+                .arg(format!("{PREFIX}webhook:{delivery_id}"))
+                .cmd("ZREM")
+                .arg(format!("{PREFIX}webhooks"))
+                .arg(delivery_id)
+                .query::<()>(c)
+        })
+    }
+
+    fn stats(&self) -> Result<QueueStats, StoreError> {
+        let (queued, running): (usize, usize) = self.with(|c| {
+            redis::pipe()
+                .cmd("ZCARD")
+                .arg(format!("{PREFIX}queue"))
+                .cmd("ZCARD")
+                .arg(format!("{PREFIX}running"))
+                .query(c)
+        })?;
+        Ok(QueueStats { queued, running })
+    }
+
+    fn recover(&self, _max_attempts: u32) -> Result<Recovery, StoreError> {
+        // Running jobs may belong to live workers: their leases decide (see `reap`).
+        let stats = self.stats()?;
+        let webhooks: usize = self.with(|c| redis::cmd("ZCARD").arg(format!("{PREFIX}webhooks")).query(c))?;
+        Ok(Recovery { queued: stats.queued, webhooks, ..Recovery::default() })
+    }
+
+    fn heartbeat(&self, ids: &[String]) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut args = vec![PREFIX.to_string(), (Self::now_ms() + ms(self.lease)).to_string()];
+        args.extend(ids.iter().cloned());
+        self.script(HEARTBEAT, &args).map(|_| ())
+    }
+
+    fn reap(&self, max_attempts: u32) -> Result<Ended, StoreError> {
+        let now = Self::now_ms();
+        let mut ended = Ended::default();
+        for id in self.ids("running", now)? {
+            let key = format!("{PREFIX}job:{id}");
+            let fields: Vec<Option<String>> =
+                self.with(|c| redis::cmd("HMGET").arg(&key).arg("attempts").arg("stop_requested").query(c))?;
+            let attempts: u32 = fields.first().cloned().flatten().and_then(|a| a.parse().ok()).unwrap_or(0);
+            let stop = fields.get(1).cloned().flatten().as_deref() == Some("1");
+            let failure = if stop {
+                Some(Failure::stopped(StopReason::Cancelled, true))
+            } else if attempts >= max_attempts {
+                Some(Failure::new(
+                    FailureKind::Interrupted,
+                    format!("the worker running this request stopped answering, {attempts} times; not retried again"),
+                ))
+            } else {
+                None
+            };
+            match failure {
+                Some(failure) => {
+                    if let Some(hook) = self.complete(&id, "running", &Outcome::Failed(failure))? {
+                        ended.count += 1;
+                        ended.webhooks.extend(hook);
+                    }
+                }
+                None => {
+                    let args = [PREFIX.to_string(), id.clone(), "0".into(), "1".into(), now.to_string()];
+                    if number(Some(&self.script(REQUEUE, &args)?)) == Some(1) {
+                        tracing::warn!(request_id = %id, attempts, "its worker stopped answering: queued again");
+                    }
+                }
+            }
+        }
+        Ok(ended)
+    }
+
+    fn add_counts(&self, delta: &Counters) -> Result<(), StoreError> {
+        let key = format!("{PREFIX}counters");
+        self.with(|c| {
+            let mut pipe = redis::pipe();
+            for (field, n) in counter_fields(delta) {
+                if n > 0 {
+                    pipe.cmd("HINCRBY").arg(&key).arg(field).arg(n).ignore();
+                }
+            }
+            pipe.query::<()>(c)
+        })
+    }
+
+    fn counters(&self) -> Result<Option<Counters>, StoreError> {
+        let key = format!("{PREFIX}counters");
+        let values: Vec<Option<u64>> = self.with(|c| {
+            redis::cmd("HMGET").arg(&key).arg(&["accepted", "succeeded", "failed", "cancelled", "started"]).query(c)
+        })?;
+        let get = |i: usize| values.get(i).copied().flatten().unwrap_or(0);
+        Ok(Some(Counters { accepted: get(0), succeeded: get(1), failed: get(2), cancelled: get(3), started: get(4) }))
+    }
+
+    fn observe(&self, which: Latency, value: Duration) -> Result<(), StoreError> {
+        let key = format!("{PREFIX}latency:{}", which.name());
+        let seconds = value.as_secs_f64();
+        self.with(|c| {
+            let mut pipe = redis::pipe();
+            for (i, bound) in which.bounds().iter().enumerate() {
+                if seconds <= *bound {
+                    pipe.cmd("HINCRBY").arg(&key).arg(format!("b{i}")).arg(1).ignore();
+                }
+            }
+            pipe.cmd("HINCRBY").arg(&key).arg("count").arg(1).ignore();
+            pipe.cmd("HINCRBYFLOAT").arg(&key).arg("sum").arg(seconds).ignore();
+            pipe.query::<()>(c)
+        })
+    }
+
+    fn latencies(&self) -> Result<Option<Latencies>, StoreError> {
+        let read = |which: Latency| -> Result<Histogram, StoreError> {
+            let key = format!("{PREFIX}latency:{}", which.name());
+            let fields: std::collections::HashMap<String, String> =
+                self.with(|c| redis::cmd("HGETALL").arg(&key).query(c))?;
+            let get = |name: &str| fields.get(name).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            let counts = (0..which.bounds().len()).map(|i| get(&format!("b{i}")) as u64).collect();
+            Ok(Histogram::from_parts(which.bounds(), counts, get("sum"), get("count") as u64))
+        };
+        Ok(Some(Latencies { step: read(Latency::Step)?, request: read(Latency::Request)? }))
+    }
+
+    fn orphaned_webhooks(&self) -> Result<Vec<PendingWebhook>, StoreError> {
+        let args = [PREFIX.to_string(), Self::now_ms().to_string(), ms(self.webhook_lease).to_string()];
+        let RedisValue::Array(rows) = self.script(CLAIM_WEBHOOKS, &args)? else { return Ok(Vec::new()) };
+        Ok(rows
+            .iter()
+            .filter_map(|row| {
+                let RedisValue::Array(f) = row else { return None };
+                Some(PendingWebhook {
+                    delivery_id: number(f.first())?,
+                    job_id: text(f.get(1))?,
+                    url: text(f.get(2))?,
+                    payload: text(f.get(3))?,
+                })
+            })
+            .collect())
+    }
+}
