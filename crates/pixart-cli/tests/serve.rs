@@ -478,3 +478,22 @@ fn js_client_against_a_front_with_two_workers_on_redis() {
     let (_redis, _storage, front, _workers) = scale_out(&["--cors-origin", "http://localhost:3000"]);
     check("@fal-ai/client, front + 2 workers on redis", node(&front, JS_SCENARIOS), JS_SCENARIOS);
 }
+
+#[test]
+fn scale_out_survives_a_killed_worker_and_a_redis_restart() {
+    install_clients();
+    // Needs redis-server on PATH, like the other scale-out tests.
+    drop(Redis::start());
+    let output = Command::new(clients_dir().join("python/.venv/bin/python"))
+        .arg(clients_dir().join("python/scale_out.py"))
+        .args(["--pixart", env!("CARGO_BIN_EXE_pixart"), "--model"])
+        .arg(repo_root().join("tests/fixtures/tiny-sigma-256"))
+        .output()
+        .expect("running tests/clients/python/scale_out.py");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "scale-out failed:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("scale_out.py prints its JSON report");
+    assert_eq!(report["check"], "passed");
+    assert_eq!(report["during_outage"], serde_json::json!([503, 503, 503]));
+    println!("{stdout}");
+}

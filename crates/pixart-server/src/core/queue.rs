@@ -164,7 +164,7 @@ impl Queue {
 
     /// Appends a log line (a store failure is logged, not fatal to the generation).
     pub fn log(&self, id: &str, line: LogLine) {
-        if let Err(e) = self.store.append_log(id, &line) {
+        if let Err(e) = retry_while_unavailable(|| self.store.append_log(id, &line)) {
             tracing::warn!(request_id = %id, error = %e, "log line not stored");
         }
         self.changed();
@@ -198,16 +198,8 @@ impl Queue {
     /// Records how a job this process ran ended and sends its webhook.
     pub fn finish(&self, item: &WorkItem, outcome: Outcome) -> Result<(), StoreError> {
         // A store that is down for a moment (Redis restarting) must not lose a finished
-        // generation: retry for up to a minute (the job's lease is extended meanwhile).
-        let mut hook = self.store.finish(&item.id, &outcome);
-        let mut wait = Duration::from_millis(100);
-        let until = std::time::Instant::now() + Duration::from_secs(60);
-        while matches!(hook, Err(StoreError::Unavailable(_))) && std::time::Instant::now() < until {
-            std::thread::sleep(wait);
-            wait = (wait * 2).min(Duration::from_secs(2));
-            let _ = self.store.heartbeat(std::slice::from_ref(&item.id));
-            hook = self.store.finish(&item.id, &outcome);
-        }
+        // generation.
+        let hook = retry_while_unavailable(|| self.store.finish(&item.id, &outcome));
         {
             let mut local = self.local();
             local.running.remove(&item.id);
@@ -384,5 +376,21 @@ impl Queue {
     /// Queue length and running jobs (every process sharing the store).
     pub fn stats(&self) -> Result<QueueStats, StoreError> {
         self.store.stats()
+    }
+}
+
+/// Runs `call` again while the store is unavailable (Redis restarting), for up to a minute, so
+/// a short outage loses neither a finished generation nor its log lines: the worker waits.
+fn retry_while_unavailable<T>(mut call: impl FnMut() -> Result<T, StoreError>) -> Result<T, StoreError> {
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match call() {
+            Err(StoreError::Unavailable(_)) if std::time::Instant::now() < until => {
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+            other => return other,
+        }
     }
 }
