@@ -1,0 +1,187 @@
+//! `RedisStore` against a real `redis-server` (Debian's package, on a free loopback port): the
+//! same queue semantics as the embedded store, plus what sharing needs: leases that run out,
+//! webhooks claimed by one process only, counters every process sees.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use pixart_pipeline::GenerateRequest;
+use pixart_server::core::{
+    CancelResult, FailureKind, JobKind, JobState, JobStore, NewJob, Outcome, Priority, RedisStore,
+};
+
+struct Redis(Child, u16);
+
+impl Redis {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("starting redis-server (Debian package redis-server; .ci/run installs it)");
+        let until = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < until, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self(child, port)
+    }
+
+    fn store(&self, lease: Duration) -> RedisStore {
+        RedisStore::open(&format!("redis://127.0.0.1:{}", self.1), lease, Duration::from_millis(300)).unwrap()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn submit(store: &RedisStore, priority: Priority, webhook: bool) -> String {
+    let mut job = NewJob::new(JobKind::Queued, "fal-ai/pixart-sigma", "http://h", Ok(GenerateRequest::new("a cat")));
+    job.priority = priority;
+    job.webhook = webhook.then(|| "https://hooks.example.com/x".to_string());
+    let id = job.id.clone();
+    store.submit(job, 10).unwrap();
+    id
+}
+
+fn state(store: &RedisStore, id: &str) -> JobState {
+    store.view(id, 0).unwrap().unwrap().state
+}
+
+#[test]
+fn positions_priorities_cancel_and_deadlines_match_the_embedded_store() {
+    let redis = Redis::start();
+    let s = redis.store(Duration::from_secs(30));
+    let low = submit(&s, Priority::Low, false);
+    let a = submit(&s, Priority::Normal, false);
+    let b = submit(&s, Priority::Normal, true);
+    assert_eq!(state(&s, &a), JobState::Queued { position: 0 });
+    assert_eq!(state(&s, &b), JobState::Queued { position: 1 });
+    assert_eq!(state(&s, &low), JobState::Queued { position: 2 });
+    let claimed = s.claim(SystemTime::now()).unwrap().unwrap();
+    assert_eq!((claimed.id.as_str(), claimed.attempt), (a.as_str(), 1));
+    assert_eq!(claimed.request, GenerateRequest::new("a cat"));
+    assert_eq!(state(&s, &low), JobState::Queued { position: 1 });
+    match s.cancel(&b).unwrap() {
+        CancelResult::Dequeued(Some(hook)) => {
+            let payload: serde_json::Value = serde_json::from_str(&hook.payload).unwrap();
+            assert_eq!(payload["payload"]["error_type"], "RequestCancelled");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(s.cancel(&a).unwrap(), CancelResult::StopRequested));
+    assert!(s.stop_requested(&a).unwrap());
+    assert!(matches!(s.cancel("nope").unwrap(), CancelResult::NotFound));
+    s.finish(
+        &a,
+        &Outcome::Failed(pixart_server::core::Failure::stopped(pixart_server::core::StopReason::Cancelled, true)),
+    )
+    .unwrap();
+    assert!(matches!(s.cancel(&a).unwrap(), CancelResult::AlreadyCompleted));
+    // A deadline passes while queued: the sweep ends it with a user timeout.
+    let mut late = NewJob::new(JobKind::Queued, "x/y", "http://h", Ok(GenerateRequest::new("late")));
+    late.start_deadline = Some(SystemTime::now());
+    let late_id = late.id.clone();
+    s.submit(late, 10).unwrap();
+    let ended = s.expire_deadlines(SystemTime::now() + Duration::from_millis(1)).unwrap();
+    assert_eq!(ended.count, 1);
+    match state(&s, &late_id) {
+        JobState::Completed(outcome) => assert_eq!(outcome.failure().unwrap().kind, FailureKind::Timeout),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(s.stats().unwrap().queued, 1, "only the low-priority job waits");
+    // The queue limit counts waiting jobs only.
+    let full = NewJob::new(JobKind::Queued, "x/y", "http://h", Ok(GenerateRequest::new("c")));
+    assert!(s.submit(full, 1).is_err());
+}
+
+#[test]
+fn a_dead_workers_job_is_run_again_then_failed_after_its_attempts() {
+    let redis = Redis::start();
+    let worker = redis.store(Duration::from_millis(400));
+    let other = redis.store(Duration::from_millis(400));
+    let id = submit(&worker, Priority::Normal, true);
+    for attempt in 1..=3 {
+        let claimed = other.claim(SystemTime::now()).unwrap().unwrap();
+        assert_eq!((claimed.id.as_str(), claimed.attempt), (id.as_str(), attempt));
+        // A live worker's heartbeat keeps the job.
+        std::thread::sleep(Duration::from_millis(240));
+        worker.heartbeat(std::slice::from_ref(&id)).unwrap();
+        std::thread::sleep(Duration::from_millis(240));
+        assert_eq!(other.reap(3).unwrap().count, 0);
+        assert_eq!(state(&other, &id), JobState::Running);
+        // Then it dies: the lease runs out and the job goes back (or fails on the last attempt).
+        std::thread::sleep(Duration::from_millis(500));
+        let ended = other.reap(3).unwrap();
+        if attempt < 3 {
+            assert_eq!(ended.count, 0);
+            assert_eq!(state(&other, &id), JobState::Queued { position: 0 });
+        } else {
+            assert_eq!(ended.count, 1);
+            assert_eq!(ended.webhooks.len(), 1);
+        }
+    }
+    match state(&worker, &id) {
+        JobState::Completed(outcome) => {
+            let failure = outcome.failure().unwrap();
+            assert_eq!(failure.kind, FailureKind::Interrupted);
+            assert!(failure.message.contains("3 times"), "{}", failure.message);
+        }
+        other => panic!("{other:?}"),
+    }
+    // A presumed-dead worker finishing late changes nothing.
+    let response = pixart_pipeline::GenerateResponse {
+        images: Vec::new(),
+        timings: pixart_pipeline::Timings { inference: 1.0 },
+        seed: 1,
+        has_nsfw_concepts: Vec::new(),
+        prompt: "a cat".into(),
+    };
+    assert!(worker.finish(&id, &Outcome::Succeeded { response, inference_time: 1.0 }).unwrap().is_none());
+    assert!(matches!(state(&worker, &id), JobState::Completed(Outcome::Failed(_))));
+}
+
+#[test]
+fn a_pending_webhook_is_claimed_by_one_process_then_by_another_when_its_sender_died() {
+    let redis = Redis::start();
+    let a = redis.store(Duration::from_secs(30));
+    let b = redis.store(Duration::from_secs(30));
+    let id = submit(&a, Priority::Normal, true);
+    a.claim(SystemTime::now()).unwrap();
+    let hook = a.finish(&id, &Outcome::Failed(pixart_server::core::Failure::timed_out())).unwrap().unwrap();
+    // Its creator holds it for the webhook lease (300 ms here): nobody else takes it.
+    assert!(b.orphaned_webhooks().unwrap().is_empty());
+    std::thread::sleep(Duration::from_millis(350));
+    let taken = b.orphaned_webhooks().unwrap();
+    assert_eq!(taken.len(), 1);
+    assert_eq!(taken[0].delivery_id, hook.delivery_id);
+    assert!(a.orphaned_webhooks().unwrap().is_empty(), "claimed by b now");
+    b.webhook_done(hook.delivery_id).unwrap();
+    std::thread::sleep(Duration::from_millis(350));
+    assert!(a.orphaned_webhooks().unwrap().is_empty(), "delivered: gone");
+}
+
+#[test]
+fn counters_and_logs_are_shared() {
+    let redis = Redis::start();
+    let a = redis.store(Duration::from_secs(30));
+    let b = redis.store(Duration::from_secs(30));
+    a.add_counts(&pixart_server::Counters { accepted: 2, started: 1, ..Default::default() }).unwrap();
+    b.add_counts(&pixart_server::Counters { accepted: 1, ..Default::default() }).unwrap();
+    let counters = b.counters().unwrap().unwrap();
+    assert_eq!((counters.accepted, counters.started), (3, 1));
+    let id = submit(&a, Priority::Normal, false);
+    a.append_log(&id, &pixart_server::core::LogLine::new("INFO", "one")).unwrap();
+    b.append_log(&id, &pixart_server::core::LogLine::new("INFO", "two")).unwrap();
+    let view = b.view(&id, 1).unwrap().unwrap();
+    assert_eq!((view.log_count, view.logs.len(), view.logs[0].message.as_str()), (2, 1, "two"));
+    b.forget(&id).unwrap();
+    assert!(a.stop_requested(&id).unwrap(), "a forgotten job is wanted by no one");
+    a.append_log(&id, &pixart_server::core::LogLine::new("INFO", "late")).unwrap();
+    assert!(a.view(&id, 0).unwrap().is_none());
+}
