@@ -189,7 +189,9 @@ impl Queue {
         if reason != StopReason::None {
             return reason;
         }
-        if self.store.stop_requested(&item.id).unwrap_or(false) {
+        // A cancel handled by this process set the flag already; only a shared store can carry
+        // one from elsewhere.
+        if self.store.is_shared() && self.store.stop_requested(&item.id).unwrap_or(false) {
             item.stop.request(StopReason::Cancelled);
         }
         item.stop.reason()

@@ -580,6 +580,10 @@ impl JobStore for RedisStore {
         Ok(Recovery { queued: stats.queued, webhooks, ..Recovery::default() })
     }
 
+    fn is_shared(&self) -> bool {
+        true
+    }
+
     fn heartbeat(&self, ids: &[String]) -> Result<(), StoreError> {
         if ids.is_empty() {
             return Ok(());

@@ -222,12 +222,13 @@ impl JobStore for SqliteStore {
 
     fn append_log(&self, id: &str, line: &LogLine) -> Result<(), StoreError> {
         // A job forgotten meanwhile (a `/run/` whose caller left) takes no more lines.
-        self.conn().execute(
-            "INSERT INTO logs (job_id, n, level, message, timestamp)
-             SELECT ?1, (SELECT COALESCE(MAX(n) + 1, 0) FROM logs WHERE job_id = ?1), ?2, ?3, ?4
-             FROM jobs WHERE id = ?1",
-            params![id, line.level, line.message, line.timestamp],
-        )?;
+        self.conn()
+            .prepare_cached(
+                "INSERT INTO logs (job_id, n, level, message, timestamp)
+                 SELECT ?1, (SELECT COALESCE(MAX(n) + 1, 0) FROM logs WHERE job_id = ?1), ?2, ?3, ?4
+                 FROM jobs WHERE id = ?1",
+            )?
+            .execute(params![id, line.level, line.message, line.timestamp])?;
         Ok(())
     }
 
@@ -279,9 +280,8 @@ impl JobStore for SqliteStore {
         let conn = self.conn();
         type Row = (i64, String, String, String, i64, Option<String>);
         let row: Option<Row> = conn
-            .query_row("SELECT seq, kind, app, state, priority, outcome FROM jobs WHERE id = ?1", [id], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
-            })
+            .prepare_cached("SELECT seq, kind, app, state, priority, outcome FROM jobs WHERE id = ?1")?
+            .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))
             .optional()?;
         let Some((seq, kind, app, state, priority, outcome)) = row else { return Ok(None) };
         let state = match state.as_str() {
@@ -292,9 +292,10 @@ impl JobStore for SqliteStore {
                 JobState::Completed(serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(e.to_string()))?)
             }
         };
-        let log_count: i64 = conn.query_row("SELECT COUNT(*) FROM logs WHERE job_id = ?1", [id], |r| r.get(0))?;
+        let log_count: i64 =
+            conn.prepare_cached("SELECT COUNT(*) FROM logs WHERE job_id = ?1")?.query_row([id], |r| r.get(0))?;
         let mut statement =
-            conn.prepare("SELECT level, message, timestamp FROM logs WHERE job_id = ?1 AND n >= ?2 ORDER BY n")?;
+            conn.prepare_cached("SELECT level, message, timestamp FROM logs WHERE job_id = ?1 AND n >= ?2 ORDER BY n")?;
         let logs = statement
             .query_map(params![id, i64::try_from(logs_from).unwrap_or(i64::MAX)], |r| {
                 Ok(LogLine { level: r.get(0)?, message: r.get(1)?, timestamp: r.get(2)? })
@@ -421,11 +422,11 @@ impl JobStore for SqliteStore {
 
 /// Exact 0-based queue position of the queued job (`priority`, `seq`).
 fn position(conn: &Connection, priority: i64, seq: i64) -> Result<usize, StoreError> {
-    let n: i64 = conn.query_row(
-        "SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND (priority < ?1 OR (priority = ?1 AND seq < ?2))",
-        params![priority, seq],
-        |r| r.get(0),
-    )?;
+    let n: i64 = conn
+        .prepare_cached(
+            "SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND (priority < ?1 OR (priority = ?1 AND seq < ?2))",
+        )?
+        .query_row(params![priority, seq], |r| r.get(0))?;
     Ok(usize::try_from(n).unwrap_or(0))
 }
 

@@ -190,6 +190,12 @@ pub trait JobStore: Send + Sync + std::fmt::Debug {
     /// synchronous jobs are dropped.
     fn recover(&self, max_attempts: u32) -> Result<Recovery, StoreError>;
 
+    /// Whether other processes share this store (then a cancel may arrive through the store
+    /// rather than this process' own stop flags).
+    fn is_shared(&self) -> bool {
+        false
+    }
+
     /// Extends the leases of jobs this process is running (stores shared by several processes
     /// hand a job to another worker when its lease runs out). The embedded store has no leases.
     fn heartbeat(&self, _ids: &[String]) -> Result<(), StoreError> {

@@ -223,7 +223,7 @@ impl Uploads {
             ))));
         }
         for (number, tag) in &listed {
-            if !received.get(number).is_some_and(|part| part.2 == *tag) {
+            if received.get(number).is_none_or(|part| part.2 != *tag) {
                 return Err(give_back(UploadError::BadParts(format!(
                     "part {number}: not received or its etag differs"
                 ))));
