@@ -59,6 +59,7 @@ pub struct Queue {
     max_queue: usize,
     closed: AtomicBool,
     local: Mutex<Local>,
+    wakeups: Mutex<u64>,
     work: Condvar,
     changes: watch::Sender<u64>,
     webhooks: Mutex<Option<WebhookSender>>,
@@ -73,6 +74,7 @@ impl Queue {
             max_queue,
             closed: AtomicBool::new(false),
             local: Mutex::new(Local::default()),
+            wakeups: Mutex::new(0),
             work: Condvar::new(),
             changes: watch::channel(0).0,
             webhooks: Mutex::new(Some(webhooks)),
@@ -127,24 +129,25 @@ impl Queue {
         if let Some(hook) = submitted.webhook {
             self.send_webhook(hook);
         }
-        self.work.notify_one();
+        self.wake_worker();
         self.changed();
         Ok(submitted.position)
     }
 
-    /// Blocks until a job can start (returns it) or the queue is closed (`None`). Also wakes
-    /// every 250 ms to see jobs that other processes sharing the store queued.
+    /// Blocks until a job can start (returns it) or the queue is closed (`None`). Also looks
+    /// every 250 ms, for jobs that other processes sharing the store queued.
     pub fn next_work(&self) -> Option<WorkItem> {
-        let mut local = self.local();
         loop {
             if self.is_closed() {
                 return None;
             }
+            // Taken before looking, so a submit that lands while the store is being asked (the
+            // lock is not held then: a shared store is a network round trip away) still wakes us.
+            let seen = *self.wakeups.lock().unwrap_or_else(|e| e.into_inner());
             match self.store.claim(SystemTime::now()) {
                 Ok(Some(claimed)) => {
                     let stop = Arc::new(StopFlag::default());
-                    local.running.insert(claimed.id.clone(), stop.clone());
-                    drop(local);
+                    self.local().running.insert(claimed.id.clone(), stop.clone());
                     self.count(&Counters { started: 1, ..Counters::default() });
                     self.changed();
                     return Some(WorkItem {
@@ -158,8 +161,17 @@ impl Queue {
                 Ok(None) => {}
                 Err(e) => tracing::error!(error = %e, "taking the next request failed; retrying"),
             }
-            local = self.work.wait_timeout(local, Duration::from_millis(250)).unwrap_or_else(|e| e.into_inner()).0;
+            let wakeups = self.wakeups.lock().unwrap_or_else(|e| e.into_inner());
+            if *wakeups == seen && !self.is_closed() {
+                drop(self.work.wait_timeout(wakeups, Duration::from_millis(250)).unwrap_or_else(|e| e.into_inner()));
+            }
         }
+    }
+
+    /// Wakes the worker waiting in [`Queue::next_work`].
+    fn wake_worker(&self) {
+        *self.wakeups.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.work.notify_all();
     }
 
     /// Appends a log line (a store failure is logged, not fatal to the generation).
@@ -317,7 +329,7 @@ impl Queue {
         } else {
             Ok(())
         };
-        self.work.notify_all();
+        self.wake_worker();
         self.changed();
         result
     }
