@@ -2,6 +2,7 @@
 
 mod bench;
 mod generate;
+mod job_args;
 mod model_args;
 mod serve;
 mod worker;

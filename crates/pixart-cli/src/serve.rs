@@ -1,12 +1,12 @@
 //! `pixart serve`.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
 use pixart_server::{QueueBackend, ServerConfig, Storage};
 
+use crate::job_args::{parse_duration, JobArgs};
 use crate::model_args::ModelArgs;
 
 /// Arguments of `pixart serve`. Every flag can also be set by the environment variable shown.
@@ -14,6 +14,8 @@ use crate::model_args::ModelArgs;
 pub struct ServeArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    jobs: JobArgs,
     /// Address to listen on (0.0.0.0 for every interface).
     #[arg(long, env = "PIXART_HOST", default_value = "127.0.0.1")]
     host: String,
@@ -29,28 +31,15 @@ pub struct ServeArgs {
     /// Most requests waiting in the queue; more get 429 (which the fal clients retry).
     #[arg(long, env = "PIXART_MAX_QUEUE", default_value_t = 256)]
     max_queue: usize,
-    /// How long finished results and their images stay available: e.g. 30m, 24h, 7d, or
-    /// "forever" (never deleted).
-    #[arg(long, env = "PIXART_RESULT_RETENTION", default_value = "24h", value_parser = parse_retention)]
-    result_retention: Retention,
     /// Largest JSON request body, in bytes.
     #[arg(long, env = "PIXART_MAX_REQUEST_BYTES", default_value_t = 1 << 20)]
     max_request_bytes: usize,
     /// Largest uploaded file, in bytes.
     #[arg(long, env = "PIXART_MAX_UPLOAD_BYTES", default_value_t = 100 << 20)]
     max_upload_bytes: usize,
-    /// On shutdown (Ctrl-C, SIGTERM): how long the running request may take to finish before it
-    /// is stopped (e.g. 30s, 2m).
-    #[arg(long, env = "PIXART_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
-    shutdown_grace: Duration,
-    /// Folder for requests, results, logs, generated images and uploads; they survive restarts
-    /// (default: $XDG_DATA_HOME/pixart/serve, else ~/.local/share/pixart/serve). One server per
-    /// folder.
-    #[arg(long, env = "PIXART_STORAGE_DIR", conflicts_with = "temporary_storage")]
-    storage_dir: Option<PathBuf>,
     /// Keep nothing across restarts: a temporary folder removed on exit; on shutdown queued
     /// requests fail (ServerShutdown) instead of waiting for the next start.
-    #[arg(long, env = "PIXART_TEMPORARY_STORAGE", value_parser = clap::builder::FalseyValueParser::new())]
+    #[arg(long, env = "PIXART_TEMPORARY_STORAGE", value_parser = clap::builder::FalseyValueParser::new(), conflicts_with = "storage_dir")]
     temporary_storage: bool,
     /// Browser origins allowed to call the API (CORS), e.g. https://app.example.com; repeat the
     /// flag or separate with commas; * allows any. Default: none (no CORS headers).
@@ -62,17 +51,6 @@ pub struct ServeArgs {
     /// Refuse (408) and close a request whose body pauses this long between chunks.
     #[arg(long, env = "PIXART_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     idle_timeout: Duration,
-    /// How long one webhook POST may take (e.g. 10s); a receiver slower than that is not retried
-    /// (it may have acted on the request), and holds up no other delivery.
-    #[arg(long, env = "PIXART_WEBHOOK_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
-    webhook_timeout: Duration,
-    /// Also POST webhooks to loopback, private and link-local addresses (off by default: a
-    /// client-supplied URL must not make the server call its own network).
-    #[arg(long, env = "PIXART_ALLOW_PRIVATE_WEBHOOKS", value_parser = clap::builder::FalseyValueParser::new())]
-    allow_private_webhooks: bool,
-    /// Prompt encodings kept in memory (repeated prompts skip T5).
-    #[arg(long, env = "PIXART_PROMPT_CACHE", default_value_t = 16)]
-    prompt_cache: usize,
     /// The queue, shared with other fronts and workers: redis://HOST:PORT[/DB]. Default: an
     /// embedded one in the storage folder (this server only).
     #[arg(long, env = "PIXART_QUEUE")]
@@ -81,10 +59,6 @@ pub struct ServeArgs {
     /// jobs are run by `pixart worker` processes). The model is not loaded with 0.
     #[arg(long, env = "PIXART_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
     workers: u8,
-    /// With --queue: a running job whose worker shows no sign of life for this long (killed,
-    /// machine lost) is given to another worker.
-    #[arg(long, env = "PIXART_VISIBILITY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
-    visibility_timeout: Duration,
 }
 
 /// The queue the flags name.
@@ -104,57 +78,20 @@ pub fn init_logging() {
         .init();
 }
 
-/// A retention period, or none (keep until exit).
-#[derive(Debug, Clone, Copy)]
-pub struct Retention(pub Option<Duration>);
-
-pub fn parse_retention(text: &str) -> Result<Retention, String> {
-    match text {
-        "forever" | "none" => Ok(Retention(None)),
-        _ => parse_duration(text).map(|d| Retention(Some(d))),
-    }
-}
-
-/// `90`, `90s`, `30m`, `24h`, `7d`, `500ms`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number.parse().map_err(|_| format!("{text:?} is not a duration (e.g. 30s, 10m, 24h, 7d)"))?;
-    let scale = match unit {
-        "ms" => 1e-3,
-        "" | "s" => 1.0,
-        "m" => 60.0,
-        "h" => 3600.0,
-        "d" => 86400.0,
-        _ => return Err(format!("{text:?}: unknown unit {unit:?} (use ms, s, m, h or d)")),
-    };
-    Duration::try_from_secs_f64(value * scale).map_err(|e| format!("{text:?}: {e}"))
-}
-
 /// Runs `pixart serve` until Ctrl-C or SIGTERM.
 pub fn run(args: ServeArgs) -> Result<()> {
+    let storage = if args.temporary_storage { Some(Storage::Temporary) } else { None };
     let config = ServerConfig {
         app_id: args.app_id.clone(),
         max_queue: args.max_queue,
-        retention: args.result_retention.0,
         max_request_bytes: args.max_request_bytes,
         max_upload_bytes: args.max_upload_bytes,
         api_key: args.api_key.clone(),
-        shutdown_grace: args.shutdown_grace,
-        storage: match (&args.storage_dir, args.temporary_storage) {
-            (_, true) => Storage::Temporary,
-            (Some(dir), false) => Storage::Dir(dir.clone()),
-            (None, false) => Storage::UserData,
-        },
         cors_origins: args.cors_origin.clone(),
-        allow_private_webhooks: args.allow_private_webhooks,
-        webhook_timeout: args.webhook_timeout,
         header_read_timeout: args.header_read_timeout,
         idle_timeout: args.idle_timeout,
         queue: queue_backend(args.queue.as_deref()),
-        visibility_timeout: args.visibility_timeout,
-        ..ServerConfig::default()
+        ..args.jobs.config(storage)
     };
     config.validate()?;
     if args.workers == 0 && config.queue == QueueBackend::Embedded {
@@ -163,7 +100,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     init_logging();
 
     let mut options = args.model.load_options()?;
-    options.prompt_cache_size = args.prompt_cache;
+    options.prompt_cache_size = args.jobs.prompt_cache;
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     runtime.block_on(async move {
@@ -206,21 +143,5 @@ pub async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {},
         () = terminate => {},
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_parse_with_units() {
-        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("1.5m").unwrap(), Duration::from_secs(90));
-        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(7 * 86400));
-        assert!(parse_duration("3 weeks").unwrap_err().contains("unknown unit"));
-        assert!(parse_duration("-1s").is_err());
-        assert!(parse_retention("forever").unwrap().0.is_none());
     }
 }

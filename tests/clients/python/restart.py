@@ -29,10 +29,7 @@ import fal_client
 import fal_client.client as fc
 import httpx
 
-from harness import Hooks, free_port
-
-APP = "fal-ai/pixart-sigma"
-
+from harness import APP, Hooks, check_all_completed, free_port, missing_webhooks
 
 def start(binary, model, port, storage):
     process = subprocess.Popen(
@@ -91,38 +88,13 @@ def main():
     server = start(args.pixart, args.model, port, storage)
     try:
         recovery_seen = httpx.get(f"{url}/health").json()
-        deadline = time.monotonic() + 300
-        for i, handle in handles.items():
-            while True:
-                status = httpx.get(f"{url}/{APP}/requests/{handle.request_id}/status", params={"logs": 1}).json()
-                if status["status"] == "COMPLETED":
-                    break
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"request {i} not completed after the restart: {status}")
-                time.sleep(0.05)
-            if "error" in status:
-                problems.append(f"request {i} failed: {status['error']}")
-                continue
-            done_lines = [l for l in status["logs"] if l["message"].startswith("Done (seed")]
-            if len(done_lines) != 1:
-                problems.append(f"request {i}: {len(done_lines)} 'Done' lines in its logs")
-            result = handle.get()
-            if result.get("prompt") != f"restart test {i}" or result.get("seed") != 1000 + i:
-                problems.append(f"request {i} got another output: {str(result)[:200]}")
-            elif httpx.get(result["images"][0]["url"]).status_code != 200:
-                problems.append(f"request {i}: its image is not served")
+        restarted = check_all_completed(url, handles, lambda i: f"restart test {i}", lambda i: 1000 + i, problems)
         # The request finished before the stop keeps its result and image.
         again = first.get()
         if again != early or httpx.get(early["images"][0]["url"]).status_code != 200:
             problems.append("a result finished before the stop was not kept")
-        restarted = [i for i, h in handles.items()
-                     if any("Started again" in l["message"]
-                            for l in httpx.get(f"{url}/{APP}/requests/{h.request_id}/status", params={"logs": 1}).json()["logs"])]
         # Webhooks: every request's, at least once (the ones cut by a kill may come again).
-        until = time.monotonic() + 30
-        while time.monotonic() < until and any(hooks.counts[h.request_id] == 0 for h in handles.values()):
-            time.sleep(0.05)
-        missing = [i for i, h in handles.items() if hooks.counts[h.request_id] == 0]
+        missing = missing_webhooks(hooks, handles, 30)
         if missing:
             problems.append(f"no webhook for requests {missing}")
         duplicates = sum(max(0, c - 1) for c in hooks.counts.values())

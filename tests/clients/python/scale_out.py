@@ -33,21 +33,7 @@ import fal_client
 import fal_client.client as fc
 import httpx
 
-from harness import Hooks, free_port
-
-APP = "fal-ai/pixart-sigma"
-
-
-def wait_port(port, timeout=10):
-    import socket
-    until = time.monotonic() + timeout
-    while time.monotonic() < until:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.02)
-    raise SystemExit(f"nothing listens on {port}")
-
+from harness import APP, Hooks, check_all_completed, free_port, missing_webhooks, wait_port
 
 def start_redis(port, folder):
     process = subprocess.Popen(
@@ -128,40 +114,12 @@ def main():
         time.sleep(max(0.0, args.outage - (time.monotonic() - down)))
         redis = start_redis(redis_port, redis_dir)
 
-        deadline = time.monotonic() + 300
-        restarted = []
-        for i, handle in handles.items():
-            while True:
-                try:
-                    status = httpx.get(f"{url}/{APP}/requests/{handle.request_id}/status", params={"logs": 1}).json()
-                except httpx.HTTPError:
-                    status = {"status": "unreachable"}
-                if status.get("status") == "COMPLETED":
-                    break
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"request {i} not completed: {status}")
-                time.sleep(0.05)
-            if "error" in status:
-                problems.append(f"request {i} failed: {status['error']}")
-                continue
-            done_lines = [l for l in status["logs"] if l["message"].startswith("Done (seed")]
-            if len(done_lines) != 1:
-                problems.append(f"request {i}: {len(done_lines)} 'Done' lines in its logs")
-            if any("Started again" in l["message"] for l in status["logs"]):
-                restarted.append(i)
-            result = handle.get()
-            if result.get("prompt") != f"scale-out {i}" or result.get("seed") != 5000 + i:
-                problems.append(f"request {i} got another output: {str(result)[:200]}")
-            elif httpx.get(result["images"][0]["url"]).status_code != 200:
-                problems.append(f"request {i}: its image is not served")
+        restarted = check_all_completed(url, handles, lambda i: f"scale-out {i}", lambda i: 5000 + i, problems)
         report["requests_started_again"] = restarted
         if not restarted:
             problems.append("no request was started again after the worker was killed")
 
-        until = time.monotonic() + 60
-        while time.monotonic() < until and any(hooks.counts[h.request_id] == 0 for h in handles.values()):
-            time.sleep(0.1)
-        missing = [i for i, h in handles.items() if hooks.counts[h.request_id] == 0]
+        missing = missing_webhooks(hooks, handles, 60)
         if missing:
             problems.append(f"no webhook for requests {missing}")
         report["duplicate_webhooks"] = sum(max(0, c - 1) for c in hooks.counts.values())

@@ -1,0 +1,103 @@
+//! Flags shared by `pixart serve` and `pixart worker`: where jobs and files live and how jobs
+//! end.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use pixart_server::{ServerConfig, Storage};
+
+/// Flags of every process that holds jobs. Every flag can also be set by the environment
+/// variable shown.
+#[derive(Debug, Args)]
+pub struct JobArgs {
+    /// How long finished results and their images stay available: e.g. 30m, 24h, 7d, or
+    /// "forever" (never deleted).
+    #[arg(long, env = "PIXART_RESULT_RETENTION", default_value = "24h", value_parser = parse_retention)]
+    result_retention: Retention,
+    /// On shutdown (Ctrl-C, SIGTERM): how long the running request may take to finish before it
+    /// is stopped and given back to the queue (e.g. 30s, 2m).
+    #[arg(long, env = "PIXART_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
+    shutdown_grace: Duration,
+    /// Folder for requests, results, logs, generated images and uploads; they survive restarts
+    /// (default: $XDG_DATA_HOME/pixart/serve, else ~/.local/share/pixart/serve). With the
+    /// embedded queue, one server per folder; with a shared queue, every front and worker uses
+    /// the same folder (a shared file system across hosts).
+    #[arg(long, env = "PIXART_STORAGE_DIR")]
+    storage_dir: Option<PathBuf>,
+    /// How long one webhook POST may take (e.g. 10s); a receiver slower than that is not retried
+    /// (it may have acted on the request), and holds up no other delivery.
+    #[arg(long, env = "PIXART_WEBHOOK_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    webhook_timeout: Duration,
+    /// Also POST webhooks to loopback, private and link-local addresses (off by default: a
+    /// client-supplied URL must not make the server call its own network).
+    #[arg(long, env = "PIXART_ALLOW_PRIVATE_WEBHOOKS", value_parser = clap::builder::FalseyValueParser::new())]
+    allow_private_webhooks: bool,
+    /// Prompt encodings kept in memory (repeated prompts skip T5).
+    #[arg(long, env = "PIXART_PROMPT_CACHE", default_value_t = 16)]
+    pub prompt_cache: usize,
+    /// With a shared queue: a running job whose worker shows no sign of life for this long
+    /// (killed, machine lost) is given to another worker; a worker extends it every third of it.
+    #[arg(long, env = "PIXART_VISIBILITY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    visibility_timeout: Duration,
+}
+
+impl JobArgs {
+    /// A server configuration with these settings (`storage` overrides the folder flag).
+    pub fn config(&self, storage: Option<Storage>) -> ServerConfig {
+        let folder = self.storage_dir.clone().map_or(Storage::UserData, Storage::Dir);
+        ServerConfig {
+            retention: self.result_retention.0,
+            shutdown_grace: self.shutdown_grace,
+            storage: storage.unwrap_or(folder),
+            webhook_timeout: self.webhook_timeout,
+            allow_private_webhooks: self.allow_private_webhooks,
+            visibility_timeout: self.visibility_timeout,
+            ..ServerConfig::default()
+        }
+    }
+}
+
+/// A retention period, or none (keep until exit).
+#[derive(Debug, Clone, Copy)]
+pub struct Retention(Option<Duration>);
+
+pub fn parse_retention(text: &str) -> Result<Retention, String> {
+    match text {
+        "forever" | "none" => Ok(Retention(None)),
+        _ => parse_duration(text).map(|d| Retention(Some(d))),
+    }
+}
+
+/// `90`, `90s`, `30m`, `24h`, `7d`, `500ms`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number.parse().map_err(|_| format!("{text:?} is not a duration (e.g. 30s, 10m, 24h, 7d)"))?;
+    let scale = match unit {
+        "ms" => 1e-3,
+        "" | "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        "d" => 86400.0,
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (use ms, s, m, h or d)")),
+    };
+    Duration::try_from_secs_f64(value * scale).map_err(|e| format!("{text:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("1.5m").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(7 * 86400));
+        assert!(parse_duration("3 weeks").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_retention("forever").unwrap().0.is_none());
+    }
+}
