@@ -11,10 +11,6 @@ use pixart_server::{ServerConfig, Storage};
 /// variable shown.
 #[derive(Debug, Args)]
 pub struct JobArgs {
-    /// How long finished results and their images stay available: e.g. 30m, 24h, 7d, or
-    /// "forever" (never deleted).
-    #[arg(long, env = "PIXART_RESULT_RETENTION", default_value = "24h", value_parser = parse_retention)]
-    result_retention: Retention,
     /// On shutdown (Ctrl-C, SIGTERM): how long the running request may take to finish before it
     /// is stopped and given back to the queue (e.g. 30s, 2m).
     #[arg(long, env = "PIXART_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
@@ -47,7 +43,6 @@ impl JobArgs {
     pub fn config(&self, storage: Option<Storage>) -> ServerConfig {
         let folder = self.storage_dir.clone().map_or(Storage::UserData, Storage::Dir);
         ServerConfig {
-            retention: self.result_retention.0,
             shutdown_grace: self.shutdown_grace,
             storage: storage.unwrap_or(folder),
             webhook_timeout: self.webhook_timeout,
@@ -60,7 +55,7 @@ impl JobArgs {
 
 /// A retention period, or none (keep until exit).
 #[derive(Debug, Clone, Copy)]
-pub struct Retention(Option<Duration>);
+pub struct Retention(pub Option<Duration>);
 
 pub fn parse_retention(text: &str) -> Result<Retention, String> {
     match text {

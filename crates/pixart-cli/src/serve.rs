@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use pixart_server::{QueueBackend, ServerConfig, Storage};
 
-use crate::job_args::{parse_duration, JobArgs};
+use crate::job_args::{parse_duration, parse_retention, JobArgs, Retention};
 use crate::model_args::ModelArgs;
 
 /// Arguments of `pixart serve`. Every flag can also be set by the environment variable shown.
@@ -16,6 +16,10 @@ pub struct ServeArgs {
     model: ModelArgs,
     #[command(flatten)]
     jobs: JobArgs,
+    /// How long finished results and their images stay available: e.g. 30m, 24h, 7d, or
+    /// "forever" (never deleted).
+    #[arg(long, env = "PIXART_RESULT_RETENTION", default_value = "24h", value_parser = parse_retention)]
+    result_retention: Retention,
     /// Address to listen on (0.0.0.0 for every interface).
     #[arg(long, env = "PIXART_HOST", default_value = "127.0.0.1")]
     host: String,
@@ -91,9 +95,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
         header_read_timeout: args.header_read_timeout,
         idle_timeout: args.idle_timeout,
         queue: queue_backend(args.queue.as_deref()),
+        retention: args.result_retention.0,
         ..args.jobs.config(storage)
     };
     config.validate()?;
+    // A folder another server holds fails now, not after loading gigabytes of weights.
+    pixart_server::check_storage(&config)?;
     if args.workers == 0 && config.queue == QueueBackend::Embedded {
         anyhow::bail!("--workers 0 needs a shared queue (--queue redis://HOST:PORT): nothing would run the jobs");
     }

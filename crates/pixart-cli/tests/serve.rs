@@ -300,6 +300,23 @@ fn graceful_shutdown_stops_a_running_request_after_the_grace_period() {
 }
 
 #[test]
+fn a_storage_folder_serves_one_server_at_a_time() {
+    let folder = std::env::temp_dir().join(format!("pixart-lock-{}", std::process::id()));
+    let folder_text = folder.to_string_lossy().to_string();
+    let first = Server::start(&["--storage-dir", &folder_text]);
+    let second = Command::new(env!("CARGO_BIN_EXE_pixart"))
+        .args(["serve", "--port", "0", "--storage-dir", &folder_text, "--model", "/nonexistent/model"])
+        .output()
+        .unwrap();
+    assert_eq!(second.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    // Refused before the model is loaded (its path does not even exist), naming the holder.
+    assert!(stderr.contains("is in use by another pixart serve (pid"), "{stderr}");
+    drop(first);
+    let _ = std::fs::remove_dir_all(&folder);
+}
+
+#[test]
 fn invalid_requests_and_uploads_are_not_held_in_memory() {
     let server = Server::start(&["--max-upload-bytes", "209715200"]);
     let script = clients_dir().join("python/scenarios.py");

@@ -55,7 +55,7 @@ mod state;
 pub use crate::core::webhook_target;
 pub use crate::core::Counters;
 pub use config::{QueueBackend, ServerConfig, Storage};
-pub use server::{serve, work, ServeReport};
+pub use server::{check_storage, serve, work, ServeReport};
 
 /// Errors that stop the server from starting or running.
 #[derive(Debug, thiserror::Error)]

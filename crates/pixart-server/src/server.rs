@@ -145,7 +145,8 @@ async fn run(
                 files: &state.files,
                 uploads: http.then_some(&state.uploads),
                 cdn_tokens: http.then_some(&state.cdn_tokens),
-                retention: state.config.retention,
+                // Fronts expire results (and their images) for everyone: one retention, theirs.
+                retention: if http { state.config.retention } else { None },
                 maintain_every: (state.config.visibility_timeout / 3).max(Duration::from_millis(300)),
             }
             .run(&stop)
@@ -209,6 +210,20 @@ async fn run(
     }
     tracing::info!(?counters, "stopped");
     Ok(ServeReport { counters, recovery })
+}
+
+/// Checks, before a long model load, that [`serve`] will be able to open its storage: the
+/// settings are valid, the folder can be created and, with the embedded queue, no other server
+/// holds it. (The lock is taken again, for good, by [`serve`].)
+pub fn check_storage(config: &ServerConfig) -> Result<(), ServerError> {
+    config.validate()?;
+    let root = config.storage.resolve()?;
+    if config.queue == QueueBackend::Embedded && config.storage.is_durable() {
+        std::fs::create_dir_all(&root)
+            .map_err(|e| ServerError::Config(format!("storage folder {}: {e}", root.display())))?;
+        drop(StorageLock::acquire(&root)?);
+    }
+    Ok(())
 }
 
 /// An exclusive lock on a storage folder: two servers on one folder would both take its

@@ -74,14 +74,14 @@ fn positions_priorities_cancel_and_deadlines_match_the_embedded_store() {
         }
         other => panic!("{other:?}"),
     }
+    assert!(!s.stop_requested(&a, &claimed.token).unwrap());
     assert!(matches!(s.cancel(&a).unwrap(), CancelResult::StopRequested));
-    assert!(s.stop_requested(&a).unwrap());
+    assert!(s.stop_requested(&a, &claimed.token).unwrap());
     assert!(matches!(s.cancel("nope").unwrap(), CancelResult::NotFound));
-    s.finish(
-        &a,
-        &Outcome::Failed(pixart_server::core::Failure::stopped(pixart_server::core::StopReason::Cancelled, true)),
-    )
-    .unwrap();
+    let stopped =
+        Outcome::Failed(pixart_server::core::Failure::stopped(pixart_server::core::StopReason::Cancelled, true));
+    assert!(!s.finish(&a, "another worker", &stopped).unwrap().applied, "only the claim's holder ends it");
+    assert!(s.finish(&a, &claimed.token, &stopped).unwrap().applied);
     assert!(matches!(s.cancel(&a).unwrap(), CancelResult::AlreadyCompleted));
     // A deadline passes while queued: the sweep ends it with a user timeout.
     let mut late = NewJob::new(JobKind::Queued, "x/y", "http://h", Ok(GenerateRequest::new("late")));
@@ -106,13 +106,22 @@ fn a_dead_workers_job_is_run_again_then_failed_after_its_attempts() {
     let worker = redis.store(Duration::from_millis(400));
     let other = redis.store(Duration::from_millis(400));
     let id = submit(&worker, Priority::Normal, true);
+    let mut tokens = Vec::new();
     for attempt in 1..=3 {
-        let claimed = other.claim(SystemTime::now()).unwrap().unwrap();
+        let claimed = worker.claim(SystemTime::now()).unwrap().unwrap();
         assert_eq!((claimed.id.as_str(), claimed.attempt), (id.as_str(), attempt));
-        // A live worker's heartbeat keeps the job.
+        let lease = (id.clone(), claimed.token.clone());
+        // A live worker's heartbeat keeps the job; an earlier holder's does nothing.
         std::thread::sleep(Duration::from_millis(240));
-        worker.heartbeat(std::slice::from_ref(&id)).unwrap();
+        worker.heartbeat(std::slice::from_ref(&lease)).unwrap();
         std::thread::sleep(Duration::from_millis(240));
+        if let Some(old) = tokens.last() {
+            let stale = (id.clone(), String::clone(old));
+            worker.heartbeat(std::slice::from_ref(&stale)).unwrap();
+            assert!(worker.stop_requested(&id, old).unwrap(), "the earlier holder is told to stop");
+            worker.release(&id, old).unwrap();
+        }
+        tokens.push(claimed.token);
         assert_eq!(other.reap(3).unwrap().count, 0);
         assert_eq!(state(&other, &id), JobState::Running);
         // Then it dies: the lease runs out and the job goes back (or fails on the last attempt).
@@ -142,7 +151,8 @@ fn a_dead_workers_job_is_run_again_then_failed_after_its_attempts() {
         has_nsfw_concepts: Vec::new(),
         prompt: "a cat".into(),
     };
-    assert!(worker.finish(&id, &Outcome::Succeeded { response, inference_time: 1.0 }).unwrap().is_none());
+    let late = worker.finish(&id, &tokens[0], &Outcome::Succeeded { response, inference_time: 1.0 }).unwrap();
+    assert!(!late.applied && late.webhook.is_none());
     assert!(matches!(state(&worker, &id), JobState::Completed(Outcome::Failed(_))));
 }
 
@@ -152,8 +162,9 @@ fn a_pending_webhook_is_claimed_by_one_process_then_by_another_when_its_sender_d
     let a = redis.store(Duration::from_secs(30));
     let b = redis.store(Duration::from_secs(30));
     let id = submit(&a, Priority::Normal, true);
-    a.claim(SystemTime::now()).unwrap();
-    let hook = a.finish(&id, &Outcome::Failed(pixart_server::core::Failure::timed_out())).unwrap().unwrap();
+    let claimed = a.claim(SystemTime::now()).unwrap().unwrap();
+    let failed = Outcome::Failed(pixart_server::core::Failure::timed_out());
+    let hook = a.finish(&id, &claimed.token, &failed).unwrap().webhook.unwrap();
     // Its creator holds it for the webhook lease (300 ms here): nobody else takes it.
     assert!(b.orphaned_webhooks().unwrap().is_empty());
     std::thread::sleep(Duration::from_millis(350));
@@ -176,12 +187,14 @@ fn counters_and_logs_are_shared() {
     let counters = b.counters().unwrap().unwrap();
     assert_eq!((counters.accepted, counters.started), (3, 1));
     let id = submit(&a, Priority::Normal, false);
-    a.append_log(&id, &pixart_server::core::LogLine::new("INFO", "one")).unwrap();
-    b.append_log(&id, &pixart_server::core::LogLine::new("INFO", "two")).unwrap();
+    let token = a.claim(SystemTime::now()).unwrap().unwrap().token;
+    a.append_log(&id, &token, &pixart_server::core::LogLine::new("INFO", "one")).unwrap();
+    b.append_log(&id, &token, &pixart_server::core::LogLine::new("INFO", "two")).unwrap();
+    b.append_log(&id, "not the holder", &pixart_server::core::LogLine::new("INFO", "dropped")).unwrap();
     let view = b.view(&id, 1).unwrap().unwrap();
     assert_eq!((view.log_count, view.logs.len(), view.logs[0].message.as_str()), (2, 1, "two"));
     b.forget(&id).unwrap();
-    assert!(a.stop_requested(&id).unwrap(), "a forgotten job is wanted by no one");
-    a.append_log(&id, &pixart_server::core::LogLine::new("INFO", "late")).unwrap();
+    assert!(a.stop_requested(&id, &token).unwrap(), "a forgotten job is wanted by no one");
+    a.append_log(&id, &token, &pixart_server::core::LogLine::new("INFO", "late")).unwrap();
     assert!(a.view(&id, 0).unwrap().is_none());
 }

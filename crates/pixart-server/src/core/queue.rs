@@ -36,6 +36,8 @@ pub enum RefusedSubmit {
 pub struct WorkItem {
     /// The request id.
     pub id: String,
+    /// The claim's token (see [`super::store::Claimed::token`]).
+    pub token: String,
     /// Its input.
     pub request: GenerateRequest,
     /// Which start this is (more than 1 after restarts).
@@ -49,7 +51,8 @@ pub struct WorkItem {
 struct Local {
     counters: Counters,
     latencies: Latencies,
-    running: HashMap<String, Arc<StopFlag>>,
+    /// Jobs this process runs: their stop flags and claim tokens.
+    running: HashMap<String, (Arc<StopFlag>, String)>,
 }
 
 /// The queue as this process sees it.
@@ -147,11 +150,12 @@ impl Queue {
             match self.store.claim(SystemTime::now()) {
                 Ok(Some(claimed)) => {
                     let stop = Arc::new(StopFlag::default());
-                    self.local().running.insert(claimed.id.clone(), stop.clone());
+                    self.local().running.insert(claimed.id.clone(), (stop.clone(), claimed.token.clone()));
                     self.count(&Counters { started: 1, ..Counters::default() });
                     self.changed();
                     return Some(WorkItem {
                         id: claimed.id,
+                        token: claimed.token,
                         request: claimed.request,
                         attempt: claimed.attempt,
                         stop,
@@ -174,10 +178,11 @@ impl Queue {
         self.work.notify_all();
     }
 
-    /// Appends a log line (a store failure is logged, not fatal to the generation).
-    pub fn log(&self, id: &str, line: LogLine) {
-        if let Err(e) = retry_while_unavailable(|| self.store.append_log(id, &line)) {
-            tracing::warn!(request_id = %id, error = %e, "log line not stored");
+    /// Appends a log line to a job this process runs (a store failure is logged, not fatal to
+    /// the generation).
+    pub fn log(&self, item: &WorkItem, line: LogLine) {
+        if let Err(e) = retry_while_unavailable(|| self.store.append_log(&item.id, &item.token, &line)) {
+            tracing::warn!(request_id = %item.id, error = %e, "log line not stored");
         }
         self.changed();
     }
@@ -203,7 +208,7 @@ impl Queue {
         }
         // A cancel handled by this process set the flag already; only a shared store can carry
         // one from elsewhere.
-        if self.store.is_shared() && self.store.stop_requested(&item.id).unwrap_or(false) {
+        if self.store.is_shared() && self.store.stop_requested(&item.id, &item.token).unwrap_or(false) {
             item.stop.request(StopReason::Cancelled);
         }
         item.stop.reason()
@@ -213,15 +218,19 @@ impl Queue {
     pub fn finish(&self, item: &WorkItem, outcome: Outcome) -> Result<(), StoreError> {
         // A store that is down for a moment (Redis restarting) must not lose a finished
         // generation.
-        let hook = retry_while_unavailable(|| self.store.finish(&item.id, &outcome));
-        {
-            let mut local = self.local();
-            local.running.remove(&item.id);
+        let finished = retry_while_unavailable(|| self.store.finish(&item.id, &item.token, &outcome));
+        self.local().running.remove(&item.id);
+        self.changed();
+        let finished = finished?;
+        if !finished.applied {
+            // Ended meanwhile (its lease ran out and it went to another worker, or it was
+            // forgotten): that end stands, this one is not counted.
+            tracing::warn!(request_id = %item.id, "the request had already ended elsewhere; this result is dropped");
+            return Ok(());
         }
         self.observe(Latency::Request, SystemTime::now().duration_since(item.submitted).unwrap_or_default());
         self.count(&Counters::ended(&outcome));
-        self.changed();
-        if let Some(hook) = hook? {
+        if let Some(hook) = finished.webhook {
             self.send_webhook(hook);
         }
         Ok(())
@@ -232,11 +241,13 @@ impl Queue {
     /// jobs whose worker stopped answering, and sends webhooks whose sender died. Call it more
     /// often than the lease (the visibility timeout) runs out.
     pub fn maintain(&self) -> Result<(), StoreError> {
-        let running: Vec<String> = self.local().running.keys().cloned().collect();
+        let running: Vec<(String, String)> =
+            self.local().running.iter().map(|(id, (_, token))| (id.clone(), token.clone())).collect();
         self.store.heartbeat(&running)?;
         let ended = self.store.reap(MAX_ATTEMPTS)?;
         if ended.count > 0 {
-            self.count(&Counters::failed(ended.count));
+            let cancelled = ended.cancelled as u64;
+            self.count(&Counters { cancelled, ..Counters::failed(ended.count - ended.cancelled) });
             self.changed();
         }
         for hook in ended.webhooks.into_iter().chain(self.store.orphaned_webhooks()?) {
@@ -250,7 +261,7 @@ impl Queue {
     pub fn release(&self, item: &WorkItem) -> Result<(), StoreError> {
         self.local().running.remove(&item.id);
         self.changed();
-        self.store.release(&item.id)
+        self.store.release(&item.id, &item.token)
     }
 
     /// Cancels a job: a queued one ends at once, a running one stops after its current step.
@@ -264,7 +275,7 @@ impl Queue {
                 }
             }
             CancelResult::StopRequested => {
-                if let Some(flag) = self.local().running.get(id) {
+                if let Some((flag, _)) = self.local().running.get(id) {
                     flag.request(StopReason::Cancelled);
                 }
             }
@@ -341,7 +352,7 @@ impl Queue {
 
     /// Asks every job this process runs to stop.
     pub fn stop_running(&self, reason: StopReason) {
-        for flag in self.local().running.values() {
+        for (flag, _) in self.local().running.values() {
             flag.request(reason);
         }
     }

@@ -34,7 +34,8 @@ use super::job::{
 };
 use super::metrics::{Histogram, Latencies, Latency};
 use super::store::{
-    CancelResult, Claimed, Ended, JobStore, PendingWebhook, QueueStats, Recovery, StoreError, SubmitError, Submitted,
+    CancelResult, Claimed, Ended, Finished, JobStore, PendingWebhook, QueueStats, Recovery, StoreError, SubmitError,
+    Submitted,
 };
 
 const PREFIX: &str = "pixart:";
@@ -42,6 +43,10 @@ const PREFIX: &str = "pixart:";
 /// Ends a job: shared by the scripts that end jobs. Returns the new delivery id, 0 without a
 /// webhook, -1 when the job is unknown, already ended or not in `want` (when given).
 const COMPLETE: &str = r"
+local function redis_now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 local function complete(p, id, want, outcome, payload, now, hook_lease)
   local key = p .. 'job:' .. id
   local state = redis.call('HGET', key, 'state')
@@ -81,16 +86,18 @@ return {'ended', complete(p, id, '', ARGV[13], ARGV[14], ARGV[12], ARGV[15])}
 ";
 
 const CLAIM: &str = r"
-local p, now, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local p, now, lease, token = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local ids = redis.call('ZRANGE', p .. 'queue', 0, 63)
 for _, id in ipairs(ids) do
   local key = p .. 'job:' .. id
   local d = redis.call('HGET', key, 'deadline_ms')
-  if (not d) or d == '' or tonumber(d) > now then
+  if redis.call('EXISTS', key) == 0 then
+    redis.call('ZREM', p .. 'queue', id)
+  elseif (not d) or d == '' or tonumber(d) > now then
     redis.call('ZREM', p .. 'queue', id)
     redis.call('ZREM', p .. 'deadlines', id)
-    redis.call('ZADD', p .. 'running', now + lease, id)
-    redis.call('HSET', key, 'state', 'running')
+    redis.call('ZADD', p .. 'running', redis_now() + lease, id)
+    redis.call('HSET', key, 'state', 'running', 'owner', token)
     local attempts = redis.call('HINCRBY', key, 'attempts', 1)
     return {id, redis.call('HGET', key, 'request') or '', attempts, redis.call('HGET', key, 'submitted_ms')}
   end
@@ -98,24 +105,53 @@ end
 return false
 ";
 
-/// Puts a running job back at its place; `ARGV[3]` is added to its attempts (-1: a graceful
-/// release that does not count, 0: a reaped lease). With `ARGV[4]` = 1 only if its lease ran out.
-const REQUEUE: &str = r"
-local p, id, delta, expired_only, now = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4] == '1', tonumber(ARGV[5])
+/// Puts a running job back at its place in the queue.
+const REQUEUE_FN: &str = r"
+local function requeue(p, id, delta)
+  local key = p .. 'job:' .. id
+  redis.call('ZREM', p .. 'running', id)
+  redis.call('ZADD', p .. 'queue', redis.call('HGET', key, 'score'), id)
+  local d = redis.call('HGET', key, 'deadline_ms')
+  if d and d ~= '' then redis.call('ZADD', p .. 'deadlines', d, id) end
+  redis.call('HSET', key, 'state', 'queued', 'owner', '')
+  if delta ~= 0 then redis.call('HINCRBY', key, 'attempts', delta) end
+end
+";
+
+/// A graceful release by the worker holding the job: back in the queue, the start not counted.
+const RELEASE: &str = r"
+local p, id, token = ARGV[1], ARGV[2], ARGV[3]
 local key = p .. 'job:' .. id
-if redis.call('HGET', key, 'state') ~= 'running' then return 0 end
-local lease = redis.call('ZSCORE', p .. 'running', id)
-if expired_only and lease and tonumber(lease) > now then return 0 end
-redis.call('ZREM', p .. 'running', id)
-redis.call('ZADD', p .. 'queue', redis.call('HGET', key, 'score'), id)
-local d = redis.call('HGET', key, 'deadline_ms')
-if d and d ~= '' then redis.call('ZADD', p .. 'deadlines', d, id) end
-redis.call('HSET', key, 'state', 'queued')
-if delta ~= 0 then redis.call('HINCRBY', key, 'attempts', delta) end
+if redis.call('HGET', key, 'state') ~= 'running' or redis.call('HGET', key, 'owner') ~= token then return 0 end
+requeue(p, id, -1)
 return 1
 ";
 
-const FINISH: &str = "return complete(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7])";
+/// Takes back a job whose lease ran out, deciding on the state as it is now: still running,
+/// lease still expired (on Redis' clock), not started again meanwhile (`ARGV[3]` attempts).
+/// Cancelled ones end cancelled, ones out of attempts fail (outcomes and payloads prepared by
+/// the caller), others go back to the queue.
+const REAP: &str = r"
+local p, id, attempts, max = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local key = p .. 'job:' .. id
+if redis.call('HGET', key, 'state') ~= 'running' then return {'skip', 0} end
+local lease = redis.call('ZSCORE', p .. 'running', id)
+local now = redis_now()
+if (not lease) or tonumber(lease) > now or redis.call('HGET', key, 'attempts') ~= attempts then return {'skip', 0} end
+if redis.call('HGET', key, 'stop_requested') == '1' then
+  return {'cancelled', complete(p, id, 'running', ARGV[5], ARGV[6], now, now + tonumber(ARGV[9]))}
+end
+if tonumber(attempts) >= max then
+  return {'failed', complete(p, id, 'running', ARGV[7], ARGV[8], now, now + tonumber(ARGV[9]))}
+end
+requeue(p, id, 0)
+return {'requeued', 0}
+";
+
+const FINISH: &str = r"
+if ARGV[8] ~= '' and redis.call('HGET', ARGV[1] .. 'job:' .. ARGV[2], 'owner') ~= ARGV[8] then return -1 end
+return complete(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7])
+";
 
 const CANCEL: &str = r"
 local p, id = ARGV[1], ARGV[2]
@@ -131,14 +167,15 @@ return {'dequeued', complete(p, id, 'queued', ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 ";
 
 const APPEND_LOG: &str = r"
-if redis.call('EXISTS', ARGV[1] .. 'job:' .. ARGV[2]) == 1 then
+if redis.call('HGET', ARGV[1] .. 'job:' .. ARGV[2], 'owner') == ARGV[4] then
   redis.call('RPUSH', ARGV[1] .. 'logs:' .. ARGV[2], ARGV[3])
 end
 return 0
 ";
 
 const CLAIM_WEBHOOKS: &str = r"
-local p, now, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local p, lease = ARGV[1], tonumber(ARGV[3])
+local now = redis_now()
 local ids = redis.call('ZRANGEBYSCORE', p .. 'webhooks', '-inf', now, 'LIMIT', 0, 100)
 local out = {}
 for _, n in ipairs(ids) do
@@ -150,8 +187,18 @@ return out
 ";
 
 const HEARTBEAT: &str = r"
-local p, until_ms = ARGV[1], ARGV[2]
-for i = 3, #ARGV do redis.call('ZADD', p .. 'running', 'XX', until_ms, ARGV[i]) end
+local p, until_ms = ARGV[1], redis_now() + tonumber(ARGV[2])
+for i = 3, #ARGV, 2 do
+  if redis.call('HGET', p .. 'job:' .. ARGV[i], 'owner') == ARGV[i + 1] then
+    redis.call('ZADD', p .. 'running', 'XX', until_ms, ARGV[i])
+  end
+end
+return 0
+";
+
+/// The sender is starting the delivery: its lease starts again.
+const WEBHOOK_STARTED: &str = r"
+redis.call('ZADD', ARGV[1] .. 'webhooks', 'XX', redis_now() + tonumber(ARGV[3]), ARGV[2])
 return 0
 ";
 
@@ -248,7 +295,7 @@ impl RedisStore {
     }
 
     fn script(&self, body: &str, args: &[String]) -> Result<RedisValue, StoreError> {
-        let source = format!("{COMPLETE}\n{body}");
+        let source = format!("{COMPLETE}\n{REQUEUE_FN}\n{body}");
         let script = Script::new(&source);
         self.with(|c| {
             let mut invocation = script.prepare_invoke();
@@ -272,13 +319,27 @@ impl RedisStore {
         Ok((get(0), get(1)))
     }
 
-    /// Ends `id` with `outcome` if it is in state `want` (any unended state when empty).
-    fn complete(&self, id: &str, want: &str, outcome: &Outcome) -> Result<Option<Option<PendingWebhook>>, StoreError> {
+    /// The stored outcome and the webhook payload of ending `id` with `outcome`, with the
+    /// job's webhook URL.
+    fn ending(&self, id: &str, outcome: &Outcome) -> Result<(String, String, String), StoreError> {
         let (base_url, webhook) = self.hook_fields(id)?;
         let payload =
             if webhook.is_empty() { String::new() } else { webhook_payload(id, &base_url, outcome).to_string() };
+        let text = serde_json::to_string(outcome).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        Ok((text, payload, webhook))
+    }
+
+    /// Ends `id` with `outcome` if it is in state `want` (any unended state when empty) and,
+    /// with a `token`, held by it. `None`: left as it was.
+    fn complete(
+        &self,
+        id: &str,
+        want: &str,
+        token: &str,
+        outcome: &Outcome,
+    ) -> Result<Option<Option<PendingWebhook>>, StoreError> {
+        let (outcome_text, payload, webhook) = self.ending(id, outcome)?;
         let now = Self::now_ms();
-        let outcome_text = serde_json::to_string(outcome).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let args = [
             PREFIX.to_string(),
             id.to_string(),
@@ -287,6 +348,7 @@ impl RedisStore {
             payload.clone(),
             now.to_string(),
             (now + ms(self.webhook_lease)).to_string(),
+            token.to_string(),
         ];
         let n = number(Some(&self.script(FINISH, &args)?)).ok_or_else(|| corrupt("finish answered no number"))?;
         Ok(match n {
@@ -303,8 +365,11 @@ impl RedisStore {
     fn end_all(&self, ids: Vec<String>, want: &str, outcome: &Outcome) -> Result<Ended, StoreError> {
         let mut ended = Ended::default();
         for id in ids {
-            if let Some(hook) = self.complete(&id, want, outcome)? {
+            if let Some(hook) = self.complete(&id, want, "", outcome)? {
                 ended.count += 1;
+                if outcome.failure().is_some_and(|f| f.kind == FailureKind::Cancelled) {
+                    ended.cancelled += 1;
+                }
                 ended.webhooks.extend(hook);
             }
         }
@@ -372,7 +437,8 @@ impl JobStore for RedisStore {
 
     fn claim(&self, now: SystemTime) -> Result<Option<Claimed>, StoreError> {
         loop {
-            let args = [PREFIX.to_string(), unix_ms(now).to_string(), ms(self.lease).to_string()];
+            let token = uuid::Uuid::new_v4().simple().to_string();
+            let args = [PREFIX.to_string(), unix_ms(now).to_string(), ms(self.lease).to_string(), token.clone()];
             let RedisValue::Array(fields) = self.script(CLAIM, &args)? else { return Ok(None) };
             let id = text(fields.first()).ok_or_else(|| corrupt("claim answered no id"))?;
             let request = text(fields.get(1)).unwrap_or_default();
@@ -382,30 +448,32 @@ impl JobStore for RedisStore {
                 .map_err(|e| e.to_string())
                 .and_then(|v| GenerateRequest::from_value(&v).map_err(|errors| format!("{errors:?}")));
             match parsed {
-                Ok(request) => return Ok(Some(Claimed { id, request, attempt, submitted })),
+                Ok(request) => return Ok(Some(Claimed { id, token, request, attempt, submitted })),
                 Err(e) => {
                     let failure = Failure::new(
                         FailureKind::Internal,
                         format!("the stored input of this request could not be read back: {e}"),
                     );
-                    self.complete(&id, "running", &Outcome::Failed(failure))?;
+                    self.complete(&id, "running", &token, &Outcome::Failed(failure))?;
                 }
             }
         }
     }
 
-    fn append_log(&self, id: &str, line: &LogLine) -> Result<(), StoreError> {
+    fn append_log(&self, id: &str, token: &str, line: &LogLine) -> Result<(), StoreError> {
         let json = serde_json::to_string(line).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        self.script(APPEND_LOG, &[PREFIX.to_string(), id.to_string(), json]).map(|_| ())
+        self.script(APPEND_LOG, &[PREFIX.to_string(), id.to_string(), json, token.to_string()]).map(|_| ())
     }
 
-    fn finish(&self, id: &str, outcome: &Outcome) -> Result<Option<PendingWebhook>, StoreError> {
-        Ok(self.complete(id, "", outcome)?.flatten())
+    fn finish(&self, id: &str, token: &str, outcome: &Outcome) -> Result<Finished, StoreError> {
+        Ok(match self.complete(id, "running", token, outcome)? {
+            Some(webhook) => Finished { applied: true, webhook },
+            None => Finished::default(),
+        })
     }
 
-    fn release(&self, id: &str) -> Result<(), StoreError> {
-        let args = [PREFIX.to_string(), id.to_string(), "-1".into(), "0".into(), Self::now_ms().to_string()];
-        self.script(REQUEUE, &args).map(|_| ())
+    fn release(&self, id: &str, token: &str) -> Result<(), StoreError> {
+        self.script(RELEASE, &[PREFIX.to_string(), id.to_string(), token.to_string()]).map(|_| ())
     }
 
     fn cancel(&self, id: &str) -> Result<CancelResult, StoreError> {
@@ -441,11 +509,14 @@ impl JobStore for RedisStore {
         })
     }
 
-    fn stop_requested(&self, id: &str) -> Result<bool, StoreError> {
+    fn stop_requested(&self, id: &str, token: &str) -> Result<bool, StoreError> {
         let key = format!("{PREFIX}job:{id}");
-        let flag: Option<String> = self.with(|c| redis::cmd("HGET").arg(&key).arg("stop_requested").query(c))?;
-        // A job forgotten while it runs (a `/run/` whose caller left) is wanted by no one.
-        Ok(flag.is_none_or(|f| f == "1"))
+        let fields: Vec<Option<String>> =
+            self.with(|c| redis::cmd("HMGET").arg(&key).arg(&["stop_requested", "state", "owner"]).query(c))?;
+        let get = |i: usize| fields.get(i).cloned().flatten();
+        let held = get(1).as_deref() == Some("running") && get(2).as_deref() == Some(token);
+        // Gone (forgotten), cancelled or taken over by another worker: stop.
+        Ok(!held || get(0).as_deref() == Some("1"))
     }
 
     fn view(&self, id: &str, logs_from: usize) -> Result<Option<JobView>, StoreError> {
@@ -517,6 +588,7 @@ impl JobStore for RedisStore {
         for id in &old {
             self.with(|c| {
                 redis::pipe()
+                    .atomic()
                     .cmd("DEL")
                     .arg(format!("{PREFIX}job:{id}"))
                     .arg(format!("{PREFIX}logs:{id}"))
@@ -532,7 +604,7 @@ impl JobStore for RedisStore {
     fn forget(&self, id: &str) -> Result<(), StoreError> {
         self.with(|c| {
             let mut pipe = redis::pipe();
-            pipe.cmd("DEL").arg(format!("{PREFIX}job:{id}")).arg(format!("{PREFIX}logs:{id}"));
+            pipe.atomic().cmd("DEL").arg(format!("{PREFIX}job:{id}")).arg(format!("{PREFIX}logs:{id}"));
             for set in ["queue", "running", "deadlines", "finished"] {
                 pipe.cmd("ZREM").arg(format!("{PREFIX}{set}")).arg(id);
             }
@@ -552,6 +624,7 @@ impl JobStore for RedisStore {
     fn webhook_done(&self, delivery_id: i64) -> Result<(), StoreError> {
         self.with(|c| {
             redis::pipe()
+                .atomic()
                 .cmd("DEL")
                 .arg(format!("{PREFIX}webhook:{delivery_id}"))
                 .cmd("ZREM")
@@ -584,47 +657,65 @@ impl JobStore for RedisStore {
         true
     }
 
-    fn heartbeat(&self, ids: &[String]) -> Result<(), StoreError> {
-        if ids.is_empty() {
+    fn heartbeat(&self, leases: &[(String, String)]) -> Result<(), StoreError> {
+        if leases.is_empty() {
             return Ok(());
         }
-        let mut args = vec![PREFIX.to_string(), (Self::now_ms() + ms(self.lease)).to_string()];
-        args.extend(ids.iter().cloned());
+        let mut args = vec![PREFIX.to_string(), ms(self.lease).to_string()];
+        for (id, token) in leases {
+            args.push(id.clone());
+            args.push(token.clone());
+        }
         self.script(HEARTBEAT, &args).map(|_| ())
     }
 
     fn reap(&self, max_attempts: u32) -> Result<Ended, StoreError> {
-        let now = Self::now_ms();
         let mut ended = Ended::default();
-        for id in self.ids("running", now)? {
+        // Candidates by this host's clock; the script decides on Redis' clock.
+        for id in self.ids("running", Self::now_ms() + 1000)? {
             let key = format!("{PREFIX}job:{id}");
-            let fields: Vec<Option<String>> =
-                self.with(|c| redis::cmd("HMGET").arg(&key).arg("attempts").arg("stop_requested").query(c))?;
-            let attempts: u32 = fields.first().cloned().flatten().and_then(|a| a.parse().ok()).unwrap_or(0);
-            let stop = fields.get(1).cloned().flatten().as_deref() == Some("1");
-            let failure = if stop {
-                Some(Failure::stopped(StopReason::Cancelled, true))
-            } else if attempts >= max_attempts {
-                Some(Failure::new(
-                    FailureKind::Interrupted,
-                    format!("the worker running this request stopped answering, {attempts} times; not retried again"),
-                ))
-            } else {
-                None
+            let attempts: Option<String> = self.with(|c| redis::cmd("HGET").arg(&key).arg("attempts").query(c))?;
+            let Some(attempts) = attempts else { continue };
+            let (cancel_text, cancel_payload, _) =
+                self.ending(&id, &Outcome::Failed(Failure::stopped(StopReason::Cancelled, true)))?;
+            let failure = Failure::new(
+                FailureKind::Interrupted,
+                format!("the worker running this request stopped answering, {attempts} times; not retried again"),
+            );
+            let (fail_text, fail_payload, webhook) = self.ending(&id, &Outcome::Failed(failure))?;
+            let args = [
+                PREFIX.to_string(),
+                id.clone(),
+                attempts.clone(),
+                max_attempts.to_string(),
+                cancel_text,
+                cancel_payload.clone(),
+                fail_text,
+                fail_payload.clone(),
+                ms(self.webhook_lease).to_string(),
+            ];
+            let RedisValue::Array(answer) = self.script(REAP, &args)? else { return Err(corrupt("reap answer")) };
+            let delivery = number(answer.get(1)).unwrap_or(0);
+            let payload = match text(answer.first()).as_deref() {
+                Some("requeued") => {
+                    tracing::warn!(request_id = %id, attempts, "its worker stopped answering: queued again");
+                    continue;
+                }
+                Some("cancelled") => {
+                    ended.cancelled += 1;
+                    cancel_payload
+                }
+                Some("failed") => fail_payload,
+                _ => continue,
             };
-            match failure {
-                Some(failure) => {
-                    if let Some(hook) = self.complete(&id, "running", &Outcome::Failed(failure))? {
-                        ended.count += 1;
-                        ended.webhooks.extend(hook);
-                    }
-                }
-                None => {
-                    let args = [PREFIX.to_string(), id.clone(), "0".into(), "1".into(), now.to_string()];
-                    if number(Some(&self.script(REQUEUE, &args)?)) == Some(1) {
-                        tracing::warn!(request_id = %id, attempts, "its worker stopped answering: queued again");
-                    }
-                }
+            ended.count += 1;
+            if delivery > 0 {
+                ended.webhooks.push(PendingWebhook {
+                    delivery_id: delivery,
+                    job_id: id,
+                    url: webhook.clone(),
+                    payload,
+                });
             }
         }
         Ok(ended)
@@ -678,6 +769,11 @@ impl JobStore for RedisStore {
             Ok(Histogram::from_parts(which.bounds(), counts, get("sum"), get("count") as u64))
         };
         Ok(Some(Latencies { step: read(Latency::Step)?, request: read(Latency::Request)? }))
+    }
+
+    fn webhook_started(&self, delivery_id: i64) -> Result<(), StoreError> {
+        let args = [PREFIX.to_string(), delivery_id.to_string(), ms(self.webhook_lease).to_string()];
+        self.script(WEBHOOK_STARTED, &args).map(|_| ())
     }
 
     fn orphaned_webhooks(&self) -> Result<Vec<PendingWebhook>, StoreError> {

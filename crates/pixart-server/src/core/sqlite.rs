@@ -17,7 +17,8 @@ use super::job::{
     from_unix_ms, unix_ms, Failure, FailureKind, JobKind, JobState, JobView, LogLine, NewJob, Outcome, StopReason,
 };
 use super::store::{
-    CancelResult, Claimed, Ended, JobStore, PendingWebhook, QueueStats, Recovery, StoreError, SubmitError, Submitted,
+    CancelResult, Claimed, Ended, Finished, JobStore, PendingWebhook, QueueStats, Recovery, StoreError, SubmitError,
+    Submitted,
 };
 
 const SCHEMA: &str = "
@@ -34,6 +35,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     state TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     stop_requested INTEGER NOT NULL DEFAULT 0,
+    owner TEXT,
     outcome TEXT,
     submitted_ms INTEGER NOT NULL,
     finished_ms INTEGER
@@ -73,6 +75,11 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
+        // A database made before claims carried a token.
+        let has_owner = conn.prepare("SELECT 1 FROM pragma_table_info('jobs') WHERE name = 'owner'")?.exists([])?;
+        if !has_owner {
+            conn.execute_batch("ALTER TABLE jobs ADD COLUMN owner TEXT")?;
+        }
         Ok(Self { conn: Mutex::new(conn) })
     }
 
@@ -120,7 +127,9 @@ fn complete(tx: &Transaction<'_>, id: &str, outcome: &Outcome) -> Result<Option<
 
 /// Ends every job the query selects (ids) with `outcome`.
 fn complete_all(tx: &Transaction<'_>, ids: Vec<String>, outcome: &Outcome) -> Result<Ended, StoreError> {
-    let mut ended = Ended { count: ids.len(), webhooks: Vec::new() };
+    let cancelled = outcome.failure().is_some_and(|f| f.kind == FailureKind::Cancelled);
+    let count = ids.len();
+    let mut ended = Ended { count, cancelled: if cancelled { count } else { 0 }, webhooks: Vec::new() };
     for id in ids {
         ended.webhooks.extend(complete(tx, &id, outcome)?);
     }
@@ -199,10 +208,15 @@ impl JobStore for SqliteStore {
                 });
             match parsed {
                 Ok(request) => {
-                    tx.execute("UPDATE jobs SET state = 'running', attempts = attempts + 1 WHERE seq = ?1", [seq])?;
+                    let token = uuid::Uuid::new_v4().simple().to_string();
+                    tx.execute(
+                        "UPDATE jobs SET state = 'running', attempts = attempts + 1, owner = ?2 WHERE seq = ?1",
+                        params![seq, token],
+                    )?;
                     tx.commit()?;
                     return Ok(Some(Claimed {
                         id,
+                        token,
                         request,
                         attempt: attempts + 1,
                         submitted: from_unix_ms(submitted),
@@ -220,24 +234,30 @@ impl JobStore for SqliteStore {
         }
     }
 
-    fn append_log(&self, id: &str, line: &LogLine) -> Result<(), StoreError> {
-        // A job forgotten meanwhile (a `/run/` whose caller left) takes no more lines.
+    fn append_log(&self, id: &str, token: &str, line: &LogLine) -> Result<(), StoreError> {
+        // A job forgotten meanwhile, or no longer the caller's, takes no more lines from it.
         self.conn()
             .prepare_cached(
                 "INSERT INTO logs (job_id, n, level, message, timestamp)
                  SELECT ?1, (SELECT COALESCE(MAX(n) + 1, 0) FROM logs WHERE job_id = ?1), ?2, ?3, ?4
-                 FROM jobs WHERE id = ?1",
+                 FROM jobs WHERE id = ?1 AND owner = ?5",
             )?
-            .execute(params![id, line.level, line.message, line.timestamp])?;
+            .execute(params![id, line.level, line.message, line.timestamp, token])?;
         Ok(())
     }
 
-    fn finish(&self, id: &str, outcome: &Outcome) -> Result<Option<PendingWebhook>, StoreError> {
+    fn finish(&self, id: &str, token: &str, outcome: &Outcome) -> Result<Finished, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let hook = complete(&tx, id, outcome)?;
+        let held = tx
+            .prepare_cached("SELECT 1 FROM jobs WHERE id = ?1 AND state = 'running' AND owner = ?2")?
+            .exists(params![id, token])?;
+        if !held {
+            return Ok(Finished::default());
+        }
+        let webhook = complete(&tx, id, outcome)?;
         tx.commit()?;
-        Ok(hook)
+        Ok(Finished { applied: true, webhook })
     }
 
     fn cancel(&self, id: &str) -> Result<CancelResult, StoreError> {
@@ -261,19 +281,23 @@ impl JobStore for SqliteStore {
         Ok(result)
     }
 
-    fn release(&self, id: &str) -> Result<(), StoreError> {
+    fn release(&self, id: &str, token: &str) -> Result<(), StoreError> {
         self.conn().execute(
-            "UPDATE jobs SET state = 'queued', attempts = MAX(attempts - 1, 0) WHERE id = ?1 AND state = 'running'",
-            [id],
+            "UPDATE jobs SET state = 'queued', attempts = MAX(attempts - 1, 0), owner = NULL
+             WHERE id = ?1 AND state = 'running' AND owner = ?2",
+            params![id, token],
         )?;
         Ok(())
     }
 
-    fn stop_requested(&self, id: &str) -> Result<bool, StoreError> {
-        let flag: Option<bool> =
-            self.conn().query_row("SELECT stop_requested FROM jobs WHERE id = ?1", [id], |r| r.get(0)).optional()?;
-        // A job forgotten while it runs (a `/run/` whose caller left) is wanted by no one.
-        Ok(flag.unwrap_or(true))
+    fn stop_requested(&self, id: &str, token: &str) -> Result<bool, StoreError> {
+        let held: Option<bool> = self
+            .conn()
+            .prepare_cached("SELECT stop_requested = 0 AND state = 'running' AND owner = ?2 FROM jobs WHERE id = ?1")?
+            .query_row(params![id, token], |r| r.get(0))
+            .optional()?;
+        // Gone (forgotten), cancelled or not the caller's any more: stop.
+        Ok(!held.unwrap_or(false))
     }
 
     fn view(&self, id: &str, logs_from: usize) -> Result<Option<JobView>, StoreError> {
@@ -506,9 +530,12 @@ mod tests {
         assert_eq!(outcome(s, &b).unwrap().failure().unwrap().kind, FailureKind::Cancelled);
         // A running job is flagged; it ends when its worker says so.
         assert!(matches!(s.cancel(&a).unwrap(), CancelResult::StopRequested));
-        assert!(s.stop_requested(&a).unwrap());
+        assert!(s.stop_requested(&a, &started.token).unwrap());
         assert!(outcome(s, &a).is_none());
-        s.finish(&a, &Outcome::Failed(Failure::stopped(StopReason::Cancelled, true))).unwrap();
+        // Only the claim's holder may end it.
+        let stopped = Outcome::Failed(Failure::stopped(StopReason::Cancelled, true));
+        assert!(!s.finish(&a, "another worker", &stopped).unwrap().applied);
+        assert!(s.finish(&a, &started.token, &stopped).unwrap().applied);
         assert!(matches!(s.cancel(&a).unwrap(), CancelResult::AlreadyCompleted));
         assert!(matches!(s.cancel("nope").unwrap(), CancelResult::NotFound));
     }
@@ -581,7 +608,8 @@ mod tests {
         db.store.submit(run, 10).unwrap();
         let first = db.store.claim(SystemTime::now()).unwrap().unwrap();
         assert_eq!(first.id, done);
-        db.store.append_log(&done, &LogLine::new("INFO", "Done")).unwrap();
+        db.store.append_log(&done, &first.token, &LogLine::new("INFO", "Done")).unwrap();
+        db.store.append_log(&done, "not the holder", &LogLine::new("INFO", "dropped")).unwrap();
         let response = pixart_pipeline::GenerateResponse {
             images: Vec::new(),
             timings: pixart_pipeline::Timings { inference: 0.5 },
@@ -589,7 +617,8 @@ mod tests {
             has_nsfw_concepts: Vec::new(),
             prompt: "a cat".into(),
         };
-        let hook = db.store.finish(&done, &Outcome::Succeeded { response, inference_time: 0.5 }).unwrap().unwrap();
+        let succeeded = Outcome::Succeeded { response, inference_time: 0.5 };
+        let hook = db.store.finish(&done, &first.token, &succeeded).unwrap().webhook.unwrap();
         assert_eq!(db.store.claim(SystemTime::now()).unwrap().unwrap().id, running);
         // Killed here: one job running, one queued, a run job queued, a webhook undelivered.
         let db = db.reopen();
@@ -600,6 +629,7 @@ mod tests {
         assert!(db.store.pending_webhooks().unwrap().is_empty());
         let view = db.store.view(&done, 0).unwrap().unwrap();
         assert!(matches!(view.state, JobState::Completed(Outcome::Succeeded { .. })));
+        assert_eq!(view.logs.len(), 1, "a line from a worker not holding the job is dropped");
         assert_eq!(view.logs[0].message, "Done");
         assert!(db.store.view(&run_id, 0).unwrap().is_none(), "a run job's caller is gone");
         assert_eq!(position(&db.store, &running), Some(0), "the interrupted job keeps its place");
@@ -619,7 +649,9 @@ mod tests {
         // A graceful stop gives the job back without counting the start.
         let claimed = db.store.claim(SystemTime::now()).unwrap().unwrap();
         assert_eq!(claimed.id, queued);
-        db.store.release(&queued).unwrap();
+        db.store.release(&queued, "not the holder").unwrap();
+        assert!(position(&db.store, &queued).is_none(), "only its holder gives a job back");
+        db.store.release(&queued, &claimed.token).unwrap();
         assert_eq!(db.store.claim(SystemTime::now()).unwrap().unwrap().attempt, 1);
     }
 
@@ -627,13 +659,15 @@ mod tests {
     fn retention_forgets_ended_jobs_with_their_logs() {
         let db = Db::new();
         let id = submit(&db.store, Priority::Normal, false);
-        db.store.cancel(&id).unwrap();
-        db.store.append_log(&id, &LogLine::new("INFO", "x")).unwrap();
+        let claimed = db.store.claim(SystemTime::now()).unwrap().unwrap();
+        db.store.append_log(&id, &claimed.token, &LogLine::new("INFO", "x")).unwrap();
+        db.store.finish(&id, &claimed.token, &Outcome::Failed(Failure::timed_out())).unwrap();
         assert!(db.store.expire_finished(SystemTime::now() - Duration::from_secs(60)).unwrap().is_empty());
         assert_eq!(db.store.expire_finished(SystemTime::now() + Duration::from_secs(1)).unwrap(), [id.clone()]);
         assert!(!db.store.contains(&id).unwrap());
         let logs: i64 = db.store.conn().query_row("SELECT COUNT(*) FROM logs", [], |r| r.get(0)).unwrap();
         assert_eq!(logs, 0, "logs go with their job");
-        db.store.append_log(&id, &LogLine::new("INFO", "late")).unwrap();
+        db.store.append_log(&id, &claimed.token, &LogLine::new("INFO", "late")).unwrap();
+        assert!(db.store.stop_requested(&id, &claimed.token).unwrap(), "a forgotten job is wanted by no one");
     }
 }

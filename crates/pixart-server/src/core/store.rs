@@ -57,6 +57,9 @@ pub struct Claimed {
     pub id: String,
     /// Its input.
     pub request: GenerateRequest,
+    /// The claim's own token: the calls of the worker holding it (log, finish, release,
+    /// heartbeat) are refused once the job went to someone else (its lease ran out).
+    pub token: String,
     /// How many times it has been started, this time included (more than 1 after a restart).
     pub attempt: u32,
     /// When it was submitted.
@@ -89,11 +92,23 @@ pub struct PendingWebhook {
     pub payload: String,
 }
 
+/// What a finish did.
+#[derive(Debug, Default)]
+pub struct Finished {
+    /// Whether the outcome was recorded (not when the job had ended, was forgotten or went to
+    /// another worker).
+    pub applied: bool,
+    /// Its webhook, now pending.
+    pub webhook: Option<PendingWebhook>,
+}
+
 /// Jobs a sweep ended.
 #[derive(Debug, Default)]
 pub struct Ended {
     /// How many.
     pub count: usize,
+    /// How many of them as cancelled (the others failed).
+    pub cancelled: usize,
     /// Their webhooks, now pending.
     pub webhooks: Vec<PendingWebhook>,
 }
@@ -133,24 +148,25 @@ pub trait JobStore: Send + Sync + std::fmt::Debug {
     /// nothing waits. Jobs past their deadline are left for [`JobStore::expire_deadlines`].
     fn claim(&self, now: SystemTime) -> Result<Option<Claimed>, StoreError>;
 
-    /// Appends a log line to a job.
-    fn append_log(&self, id: &str, line: &super::job::LogLine) -> Result<(), StoreError>;
+    /// Appends a log line to a job the caller holds (claim `token`); dropped otherwise.
+    fn append_log(&self, id: &str, token: &str, line: &super::job::LogLine) -> Result<(), StoreError>;
 
-    /// Records how a running job ended; returns its webhook (fal's payload, see
-    /// [`crate::core::fal_format`]), now pending. A job that had already
-    /// ended (or is unknown) is left as it is (`Ok(None)`).
-    fn finish(&self, id: &str, outcome: &Outcome) -> Result<Option<PendingWebhook>, StoreError>;
+    /// Records how a running job the caller holds (claim `token`) ended; returns whether it was
+    /// recorded and its webhook (fal's payload, see [`crate::core::fal_format`]), now pending. A
+    /// job that had ended, is unknown or went to another worker is left as it is.
+    fn finish(&self, id: &str, token: &str, outcome: &Outcome) -> Result<Finished, StoreError>;
 
     /// Cancels a job: a queued one ends at once, a running one is flagged (see
     /// [`JobStore::stop_requested`]).
     fn cancel(&self, id: &str) -> Result<CancelResult, StoreError>;
 
-    /// Puts a running job back at its place in the queue without counting this start (a
-    /// graceful shutdown of a server whose store outlives it).
-    fn release(&self, id: &str) -> Result<(), StoreError>;
+    /// Puts a running job the caller holds back at its place in the queue without counting
+    /// this start (a graceful shutdown of a server whose store outlives it).
+    fn release(&self, id: &str, token: &str) -> Result<(), StoreError>;
 
-    /// Whether a running job was asked to stop (by a cancel handled anywhere), or is gone.
-    fn stop_requested(&self, id: &str) -> Result<bool, StoreError>;
+    /// Whether the worker holding `token` should stop: the job was cancelled (by a cancel
+    /// handled anywhere), is gone, or is no longer its own.
+    fn stop_requested(&self, id: &str, token: &str) -> Result<bool, StoreError>;
 
     /// A job with its log lines from `logs_from` on; `None` when unknown or expired.
     fn view(&self, id: &str, logs_from: usize) -> Result<Option<JobView>, StoreError>;
@@ -198,7 +214,7 @@ pub trait JobStore: Send + Sync + std::fmt::Debug {
 
     /// Extends the leases of jobs this process is running (stores shared by several processes
     /// hand a job to another worker when its lease runs out). The embedded store has no leases.
-    fn heartbeat(&self, _ids: &[String]) -> Result<(), StoreError> {
+    fn heartbeat(&self, _leases: &[(String, String)]) -> Result<(), StoreError> {
         Ok(())
     }
 
@@ -229,6 +245,12 @@ pub trait JobStore: Send + Sync + std::fmt::Debug {
     /// The shared latency histograms, if the store keeps them.
     fn latencies(&self) -> Result<Option<super::metrics::Latencies>, StoreError> {
         Ok(None)
+    }
+
+    /// Tells other processes that this one is sending the delivery now (its lease starts
+    /// again), so one that waited in this process' queue is not taken over as orphaned.
+    fn webhook_started(&self, _delivery_id: i64) -> Result<(), StoreError> {
+        Ok(())
     }
 
     /// Webhooks whose sender died before attempting them, now claimed by the caller. The

@@ -4,6 +4,7 @@
 //! duplicate them), so a slow receiver holds up neither generation nor other receivers; on
 //! shutdown the threads drain what is left before the server exits.
 
+use std::collections::HashSet;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -19,6 +20,9 @@ pub const CONCURRENT_DELIVERIES: usize = 8;
 #[derive(Debug)]
 pub struct WebhookSender {
     queue: mpsc::Sender<PendingWebhook>,
+    /// Deliveries queued or being sent by this process: one handed over again (a shared store's
+    /// orphan sweep) is not queued twice.
+    in_flight: Arc<Mutex<HashSet<i64>>>,
 }
 
 /// The sender threads; joining waits until every queued delivery was attempted.
@@ -50,28 +54,38 @@ impl WebhookSender {
         let deliveries = Arc::new(Mutex::new(deliveries));
         let agent =
             ureq::AgentBuilder::new().timeout(timeout).redirects(0).resolver(PolicyResolver { allow_private }).build();
+        let in_flight = Arc::new(Mutex::new(HashSet::new()));
         let mut threads = Vec::with_capacity(CONCURRENT_DELIVERIES);
         for i in 0..CONCURRENT_DELIVERIES {
             let (deliveries, agent, store) = (deliveries.clone(), agent.clone(), store.clone());
+            let in_flight = in_flight.clone();
             threads.push(std::thread::Builder::new().name(format!("pixart-webhooks-{i}")).spawn(move || loop {
                 // Hold the lock only to take the next delivery, not while sending it.
                 let next = deliveries.lock().unwrap_or_else(|e| e.into_inner()).recv();
                 match next {
                     Ok(delivery) => {
+                        // It may have waited here a while: its lease starts now.
+                        if let Err(e) = store.webhook_started(delivery.delivery_id) {
+                            tracing::warn!(request_id = %delivery.job_id, error = %e, "webhook lease not renewed");
+                        }
                         deliver(&agent, &delivery, attempts);
                         if let Err(e) = store.webhook_done(delivery.delivery_id) {
                             tracing::warn!(request_id = %delivery.job_id, error = %e, "webhook not marked as sent; it may be sent again after a restart");
                         }
+                        in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&delivery.delivery_id);
                     }
                     Err(_) => return, // the sender was dropped and the queue is empty
                 }
             })?);
         }
-        Ok((Self { queue }, WebhookThreads(threads)))
+        Ok((Self { queue, in_flight }, WebhookThreads(threads)))
     }
 
-    /// Queues a delivery.
+    /// Queues a delivery (unless this process already has it queued or in flight).
     pub fn send(&self, delivery: PendingWebhook) {
+        if !self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).insert(delivery.delivery_id) {
+            return;
+        }
         if self.queue.send(delivery).is_err() {
             tracing::error!("webhook threads are gone; the webhook stays pending for the next start");
         }

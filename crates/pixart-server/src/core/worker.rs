@@ -28,7 +28,7 @@ pub fn run(pipeline: &Pipeline, context: WorkerContext<'_>) {
     while let Some(item) = queue.next_work() {
         if item.attempt > 1 {
             let line = format!("Started again (attempt {}): the server stopped while it was running", item.attempt);
-            queue.log(&item.id, LogLine::new("WARN", line));
+            queue.log(&item, LogLine::new("WARN", line));
         }
         let outcome = match std::panic::catch_unwind(AssertUnwindSafe(|| generate(pipeline, context, &item))) {
             Ok(outcome) => outcome,
@@ -63,9 +63,8 @@ pub fn run(pipeline: &Pipeline, context: WorkerContext<'_>) {
 /// The outcome, or `None` when a durable server's shutdown stopped it (it runs again later).
 fn generate(pipeline: &Pipeline, context: WorkerContext<'_>, item: &WorkItem) -> Option<Outcome> {
     let queue = context.queue;
-    let id = item.id.as_str();
     let request = &item.request;
-    queue.log(id, LogLine::new("INFO", describe(request)));
+    queue.log(item, LogLine::new("INFO", describe(request)));
     let result = pipeline.generate_with_progress(request, |progress| {
         let line = format!(
             "Step {}/{} (timestep {}) {:.0} ms",
@@ -74,7 +73,7 @@ fn generate(pipeline: &Pipeline, context: WorkerContext<'_>, item: &WorkItem) ->
             progress.timestep,
             progress.duration.as_secs_f64() * 1e3
         );
-        queue.log(id, LogLine::new("INFO", line));
+        queue.log(item, LogLine::new("INFO", line));
         queue.observe_step(progress.duration);
         match queue.stop_reason(item) {
             StopReason::None => ControlFlow::Continue(()),
@@ -83,13 +82,13 @@ fn generate(pipeline: &Pipeline, context: WorkerContext<'_>, item: &WorkItem) ->
     });
     let failure = match result {
         Ok(generation) => {
-            queue.log(id, LogLine::new("INFO", summarize(&generation)));
-            return Some(store(context, id, generation));
+            queue.log(item, LogLine::new("INFO", summarize(&generation)));
+            return Some(store(context, item, generation));
         }
         Err(PipelineError::Cancelled) => {
             let reason = item.stop.reason();
             if reason == StopReason::Shutdown && context.durable {
-                queue.log(id, LogLine::new("WARN", "The server is restarting: this request will run again"));
+                queue.log(item, LogLine::new("WARN", "The server is restarting: this request will run again"));
                 return None;
             }
             Failure::stopped(reason, true)
@@ -100,19 +99,20 @@ fn generate(pipeline: &Pipeline, context: WorkerContext<'_>, item: &WorkItem) ->
         }
     };
     let level = if failure.kind == FailureKind::Cancelled { "WARN" } else { "ERROR" };
-    queue.log(id, LogLine::new(level, failure.message.clone()));
+    queue.log(item, LogLine::new(level, failure.message.clone()));
     Some(Outcome::Failed(failure))
 }
 
 /// Turns the pictures into fal's response: data URIs in sync mode, stored files otherwise.
-fn store(context: WorkerContext<'_>, id: &str, generation: Generation) -> Outcome {
+fn store(context: WorkerContext<'_>, item: &WorkItem, generation: Generation) -> Outcome {
+    let id = item.id.as_str();
     let inference_time = generation.inference_seconds;
     let response = generation.into_response(|file_name, png| Ok(context.files.put(id, file_name, "image/png", png)?));
     match response {
         Ok(response) => Outcome::Succeeded { response, inference_time },
         Err(e) => {
             let message = pixart_pipeline::error_report(&e);
-            context.queue.log(id, LogLine::new("ERROR", message.clone()));
+            context.queue.log(item, LogLine::new("ERROR", message.clone()));
             Outcome::Failed(Failure::new(FailureKind::Storage, message))
         }
     }

@@ -289,8 +289,8 @@ pub async fn stream(
 }
 
 /// `POST /run/{owner}/{alias}`: queues the request like any other and answers on this
-/// connection. If the caller goes away first, the request is cancelled; once answered it is
-/// forgotten.
+/// connection. If the caller goes away first, the request is cancelled (and its record left to
+/// the retention sweep); once answered it is forgotten.
 pub async fn run(
     State(state): State<Arc<AppState>>,
     Path((owner, alias)): Path<(String, String)>,
@@ -317,10 +317,11 @@ pub async fn run(
                 .flatten()
                 .is_some_and(|v| matches!(v.state, JobState::Completed(_)));
             if !ended {
+                // Its worker ends it as cancelled at its next step; the record, which no API call
+                // can reach, goes with the retention sweep.
                 tracing::info!(request_id = %self.1, "run caller went away: cancelling");
                 let _ = queue.cancel(self.1);
-            }
-            if let Err(e) = queue.forget(self.1) {
+            } else if let Err(e) = queue.forget(self.1) {
                 tracing::warn!(request_id = %self.1, error = %e, "a finished run was not forgotten");
             }
         }
