@@ -18,6 +18,12 @@ pub fn scaled_dot_product_attention(
     bias: Option<&Tensor>,
     scale: f64,
 ) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "flash-attn")]
+    if q.device().is_cuda() && matches!(q.dtype(), DType::BF16 | DType::F16) {
+        if let Some(out) = flash::attention(q, k, v, bias, scale)? {
+            return Ok(out);
+        }
+    }
     let (b, h, n, _) = q.dims4()?;
     let l = k.dim(2)?;
     let rows_per_chunk = (SCORE_BUDGET_BYTES / (4 * b * h * l).max(1)).clamp(1, n);
@@ -34,6 +40,52 @@ pub fn scaled_dot_product_attention(
         return Ok(outputs.remove(0));
     }
     Tensor::cat(&outputs, 2)
+}
+
+/// Flash attention (FA2, candle-flash-attn) on CUDA in bf16/f16: no score matrix at all.
+#[cfg(feature = "flash-attn")]
+mod flash {
+    use candle_core::{DType, Tensor};
+
+    /// `softmax(q kᵀ · scale + bias) v` on `[B, H, N, d]` tensors, or `None` when the bias is not
+    /// a key mask flash attention can express. A bias must be the caption mask (0 for kept keys,
+    /// very negative for padding, kept keys first, as the transformer builds it): each batch row
+    /// then attends to its kept keys only, which is what the masked softmax computes (masked keys
+    /// get weight exp(-10000) = 0 in f32 there).
+    pub fn attention(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        bias: Option<&Tensor>,
+        scale: f64,
+    ) -> candle_core::Result<Option<Tensor>> {
+        // candle-flash-attn takes `[B, N, H, d]`.
+        let bnhd = |t: &Tensor| t.transpose(1, 2)?.contiguous();
+        let (qn, kn, vn) = (bnhd(q)?, bnhd(k)?, bnhd(v)?);
+        let scale = scale as f32;
+        let out = match bias {
+            None => candle_flash_attn::flash_attn(&qn, &kn, &vn, scale, false)?,
+            Some(bias) => {
+                let (b, l) = (q.dim(0)?, k.dim(2)?);
+                // The kept length of each row: one small read from the device per call (the
+                // lengths could come with the prepared caption instead).
+                let rows: Vec<Vec<f32>> =
+                    bias.broadcast_as((b, 1, 1, l))?.reshape((b, l))?.to_dtype(DType::F32)?.to_vec2()?;
+                let mut outputs = Vec::with_capacity(b);
+                for (i, row) in rows.iter().enumerate() {
+                    let kept = row.iter().take_while(|x| **x > -1.0).count();
+                    if kept == 0 || row[kept..].iter().any(|x| *x > -1.0) || row[..kept].iter().any(|x| *x != 0.0) {
+                        return Ok(None); // not a prefix mask: the plain path handles it
+                    }
+                    let k_row = kn.narrow(0, i, 1)?.narrow(1, 0, kept)?.contiguous()?;
+                    let v_row = vn.narrow(0, i, 1)?.narrow(1, 0, kept)?.contiguous()?;
+                    outputs.push(candle_flash_attn::flash_attn(&qn.narrow(0, i, 1)?, &k_row, &v_row, scale, false)?);
+                }
+                Tensor::cat(&outputs, 0)?
+            }
+        };
+        Ok(Some(out.transpose(1, 2)?))
+    }
 }
 
 /// `softmax(scores · scale + bias)` over the last dimension, `scores` f32 `[B, H, n, L]`, `bias`
