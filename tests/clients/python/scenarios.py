@@ -362,6 +362,10 @@ def request_timeout():
     finally:
         for handle in busy_all:
             handle.cancel()
+        # Wait until they have stopped: a step still running would land in the next scenario's
+        # metrics.
+        for handle in busy_all:
+            wait_for(handle, fal_client.Completed)
         hook.close()
 
 
