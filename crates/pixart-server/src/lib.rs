@@ -13,16 +13,19 @@
 //! | `POST /run/{owner}/{alias}` | synchronous run |
 //! | `/rest/storage/…`, `/cdn/files/upload…`, `/uploads/…` | the clients' upload flows |
 //! | `GET /files/{key}/{name}` | generated images and uploads |
-//! | `GET /health` | queue length, counters |
+//! | `GET /health`, `GET /metrics` | queue length, counters; Prometheus text format |
 //!
 //! Any call carrying `x-fal-target-url` is routed by that URL (the JS client's `proxyUrl` mode).
-//! One worker thread runs the pipeline; the queue is bounded and `queue_position` is exact.
+//! One worker thread per process runs the pipeline; the queue is bounded and `queue_position`
+//! is exact.
 //!
-//! Layout: [`core`] is the queue (jobs, the [`core::JobStore`] trait and its SQLite
-//! implementation, the worker, files, uploads, webhooks) and knows nothing of HTTP; `http` maps
-//! it to fal's routes; `server` wires them and runs the server's life. Requests, results, logs,
-//! images and pending webhooks are kept in the storage folder ([`Storage`]) and survive a
-//! restart, graceful or not.
+//! Layout: [`core`] is the queue (jobs, the [`core::JobStore`] trait with its SQLite and Redis
+//! implementations, the worker, files, uploads, webhooks) and knows nothing of HTTP; `http` maps
+//! it to fal's routes; `server` wires them and runs a process's life ([`serve`] with HTTP,
+//! [`work`] without). Requests, results, logs, images and pending webhooks survive a restart,
+//! graceful or not: in the storage folder ([`Storage`]) with the embedded queue, in Redis and a
+//! shared storage folder with [`QueueBackend::Redis`], where any number of fronts and workers
+//! share one queue.
 //!
 //! Embedding it (what `pixart serve` does):
 //!
@@ -41,10 +44,6 @@
 //! # Ok(())
 //! # }
 //! ```
-
-// Handlers return `Result<_, Response>`: the error is the HTTP answer itself, built once on an
-// error path, so its size does not matter.
-#![allow(clippy::result_large_err)]
 
 mod config;
 pub mod core;
