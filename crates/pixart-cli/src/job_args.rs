@@ -5,7 +5,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
+use pixart_pipeline::LoadOptions;
 use pixart_server::{ServerConfig, Storage};
+
+use crate::model_args::ModelArgs;
 
 /// Flags of every process that holds jobs. Every flag can also be set by the environment
 /// variable shown.
@@ -39,6 +42,13 @@ pub struct JobArgs {
 }
 
 impl JobArgs {
+    /// How to load the model: the model flags plus this process' prompt cache.
+    pub fn load_options(&self, model: &ModelArgs) -> anyhow::Result<LoadOptions> {
+        let mut options = model.load_options()?;
+        options.prompt_cache_size = self.prompt_cache;
+        Ok(options)
+    }
+
     /// A server configuration with these settings (`storage` overrides the folder flag).
     pub fn config(&self, storage: Option<Storage>) -> ServerConfig {
         let folder = self.storage_dir.clone().map_or(Storage::UserData, Storage::Dir);

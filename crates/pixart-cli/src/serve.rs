@@ -70,6 +70,11 @@ pub fn queue_backend(queue: Option<&str>) -> QueueBackend {
     queue.map_or(QueueBackend::Embedded, |url| QueueBackend::Redis(url.to_string()))
 }
 
+/// The async runtime a server or worker runs on.
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+}
+
 /// Logs to stderr at RUST_LOG's level (info by default).
 pub fn init_logging() {
     tracing_subscriber::fmt()
@@ -98,19 +103,16 @@ pub fn run(args: ServeArgs) -> Result<()> {
         retention: args.result_retention.0,
         ..args.jobs.config(storage)
     };
-    config.validate()?;
-    // A folder another server holds fails now, not after loading gigabytes of weights.
+    // Bad settings, or a folder another server holds, fail now, not after loading gigabytes of
+    // weights.
     pixart_server::check_storage(&config)?;
     if args.workers == 0 && config.queue == QueueBackend::Embedded {
         anyhow::bail!("--workers 0 needs a shared queue (--queue redis://HOST:PORT): nothing would run the jobs");
     }
     init_logging();
 
-    let mut options = args.model.load_options()?;
-    options.prompt_cache_size = args.jobs.prompt_cache;
-    let runtime =
-        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
-    runtime.block_on(async move {
+    let options = args.jobs.load_options(&args.model)?;
+    runtime()?.block_on(async move {
         // Bind first: a taken port fails at once, not after loading gigabytes of weights.
         let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
             .await

@@ -1,12 +1,12 @@
 //! `pixart worker`: runs jobs of a shared queue, without HTTP.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
 use pixart_server::ServerConfig;
 
 use crate::job_args::JobArgs;
 use crate::model_args::ModelArgs;
-use crate::serve::{init_logging, queue_backend, shutdown_signal};
+use crate::serve::{init_logging, queue_backend, runtime, shutdown_signal};
 
 /// Arguments of `pixart worker`. Every flag can also be set by the environment variable shown.
 #[derive(Debug, Args)]
@@ -23,13 +23,10 @@ pub struct WorkerArgs {
 /// Runs `pixart worker` until Ctrl-C or SIGTERM.
 pub fn run(args: WorkerArgs) -> Result<()> {
     let config = ServerConfig { queue: queue_backend(Some(&args.queue)), ..args.jobs.config(None) };
-    config.validate()?;
+    pixart_server::check_storage(&config)?;
     init_logging();
-    let mut options = args.model.load_options()?;
-    options.prompt_cache_size = args.jobs.prompt_cache;
-    let runtime =
-        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
-    runtime.block_on(async move {
+    let options = args.jobs.load_options(&args.model)?;
+    runtime()?.block_on(async move {
         tracing::info!(model = %args.model.model, "loading the model");
         let pipeline = args.model.load_pipeline(&options)?;
         crate::emit(&format!("pixart worker: working jobs of {}", args.queue))?;

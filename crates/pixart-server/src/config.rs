@@ -36,6 +36,14 @@ impl Storage {
         }
     }
 
+    /// [`Storage::resolve`], and the folder created when missing.
+    pub fn create(&self) -> Result<PathBuf, crate::ServerError> {
+        let root = self.resolve()?;
+        std::fs::create_dir_all(&root)
+            .map_err(|e| crate::ServerError::Config(format!("storage folder {}: {e}", root.display())))?;
+        Ok(root)
+    }
+
     /// Whether what is stored outlives the server.
     pub fn is_durable(&self) -> bool {
         !matches!(self, Storage::Temporary)

@@ -86,9 +86,7 @@ async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<ServeReport, ServerError> {
     config.validate()?;
-    let root = config.storage.resolve()?;
-    std::fs::create_dir_all(&root)
-        .map_err(|e| ServerError::Config(format!("storage folder {}: {e}", root.display())))?;
+    let root = config.storage.create()?;
     let (store, lock): (Arc<dyn JobStore>, Option<StorageLock>) = match &config.queue {
         QueueBackend::Embedded => {
             let lock = StorageLock::acquire(&root)?;
@@ -217,11 +215,9 @@ async fn run(
 /// holds it. (The lock is taken again, for good, by [`serve`].)
 pub fn check_storage(config: &ServerConfig) -> Result<(), ServerError> {
     config.validate()?;
-    let root = config.storage.resolve()?;
+    config.storage.resolve()?;
     if config.queue == QueueBackend::Embedded && config.storage.is_durable() {
-        std::fs::create_dir_all(&root)
-            .map_err(|e| ServerError::Config(format!("storage folder {}: {e}", root.display())))?;
-        drop(StorageLock::acquire(&root)?);
+        drop(StorageLock::acquire(&config.storage.create()?)?);
     }
     Ok(())
 }

@@ -24,7 +24,6 @@
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use pixart_pipeline::GenerateRequest;
 use redis::{Connection, Script, Value as RedisValue};
 
 use super::counters::Counters;
@@ -34,8 +33,8 @@ use super::job::{
 };
 use super::metrics::{Histogram, Latencies, Latency};
 use super::store::{
-    CancelResult, Claimed, Ended, Finished, JobStore, PendingWebhook, QueueStats, Recovery, StoreError, SubmitError,
-    Submitted,
+    read_stored_request, CancelResult, Claimed, Ended, Finished, JobStore, PendingWebhook, QueueStats, Recovery,
+    StoreError, SubmitError, Submitted,
 };
 
 const PREFIX: &str = "pixart:";
@@ -444,16 +443,9 @@ impl JobStore for RedisStore {
             let request = text(fields.get(1)).unwrap_or_default();
             let attempt = number(fields.get(2)).and_then(|n| u32::try_from(n).ok()).unwrap_or(1);
             let submitted = from_unix_ms(number(fields.get(3)).unwrap_or(0));
-            let parsed = serde_json::from_str::<serde_json::Value>(&request)
-                .map_err(|e| e.to_string())
-                .and_then(|v| GenerateRequest::from_value(&v).map_err(|errors| format!("{errors:?}")));
-            match parsed {
+            match read_stored_request(Some(&request)) {
                 Ok(request) => return Ok(Some(Claimed { id, token, request, attempt, submitted })),
-                Err(e) => {
-                    let failure = Failure::new(
-                        FailureKind::Internal,
-                        format!("the stored input of this request could not be read back: {e}"),
-                    );
+                Err(failure) => {
                     self.complete(&id, "running", &token, &Outcome::Failed(failure))?;
                 }
             }
@@ -477,15 +469,13 @@ impl JobStore for RedisStore {
     }
 
     fn cancel(&self, id: &str) -> Result<CancelResult, StoreError> {
-        let (base_url, webhook) = self.hook_fields(id)?;
         let outcome = Outcome::Failed(Failure::stopped(StopReason::Cancelled, false));
-        let payload =
-            if webhook.is_empty() { String::new() } else { webhook_payload(id, &base_url, &outcome).to_string() };
+        let (outcome_text, payload, webhook) = self.ending(id, &outcome)?;
         let now = Self::now_ms();
         let args = [
             PREFIX.to_string(),
             id.to_string(),
-            serde_json::to_string(&outcome).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            outcome_text,
             payload.clone(),
             now.to_string(),
             (now + ms(self.webhook_lease)).to_string(),

@@ -9,7 +9,6 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 use std::time::SystemTime;
 
-use pixart_pipeline::GenerateRequest;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 use super::fal_format::webhook_payload;
@@ -17,8 +16,8 @@ use super::job::{
     from_unix_ms, unix_ms, Failure, FailureKind, JobKind, JobState, JobView, LogLine, NewJob, Outcome, StopReason,
 };
 use super::store::{
-    CancelResult, Claimed, Ended, Finished, JobStore, PendingWebhook, QueueStats, Recovery, StoreError, SubmitError,
-    Submitted,
+    read_stored_request, CancelResult, Claimed, Ended, Finished, JobStore, PendingWebhook, QueueStats, Recovery,
+    StoreError, SubmitError, Submitted,
 };
 
 const SCHEMA: &str = "
@@ -199,14 +198,7 @@ impl JobStore for SqliteStore {
                 tx.commit()?;
                 return Ok(None);
             };
-            let parsed = request
-                .ok_or_else(|| "no input stored".to_string())
-                .and_then(|text| serde_json::from_str(&text).map_err(|e| e.to_string()))
-                .and_then(|value| {
-                    GenerateRequest::from_value(&value)
-                        .map_err(|errors| errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
-                });
-            match parsed {
+            match read_stored_request(request.as_deref()) {
                 Ok(request) => {
                     let token = uuid::Uuid::new_v4().simple().to_string();
                     tx.execute(
@@ -222,12 +214,7 @@ impl JobStore for SqliteStore {
                         submitted: from_unix_ms(submitted),
                     }));
                 }
-                Err(error) => {
-                    // Never run something other than what was accepted: the job fails instead.
-                    let failure = Failure::new(
-                        FailureKind::Internal,
-                        format!("the stored input of this request could not be read back: {error}"),
-                    );
+                Err(failure) => {
                     complete(&tx, &id, &Outcome::Failed(failure))?;
                 }
             }
@@ -458,6 +445,7 @@ fn position(conn: &Connection, priority: i64, seq: i64) -> Result<usize, StoreEr
 mod tests {
     use super::*;
     use crate::core::job::{JobKind, Priority};
+    use pixart_pipeline::GenerateRequest;
     use std::time::Duration;
 
     struct Db {

@@ -259,3 +259,22 @@ pub trait JobStore: Send + Sync + std::fmt::Debug {
         Ok(Vec::new())
     }
 }
+
+/// The accepted input a store kept for a job (`serde_json` of the [`GenerateRequest`]), read
+/// back, or the failure to end the job with: a job never runs anything other than what was
+/// accepted.
+pub fn read_stored_request(text: Option<&str>) -> Result<GenerateRequest, Failure> {
+    text.filter(|t| !t.is_empty())
+        .ok_or_else(|| "no input stored".to_string())
+        .and_then(|text| serde_json::from_str(text).map_err(|e| e.to_string()))
+        .and_then(|value| {
+            GenerateRequest::from_value(&value)
+                .map_err(|errors| errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
+        })
+        .map_err(|error| {
+            Failure::new(
+                super::job::FailureKind::Internal,
+                format!("the stored input of this request could not be read back: {error}"),
+            )
+        })
+}

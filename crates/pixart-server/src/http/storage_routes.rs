@@ -45,12 +45,12 @@ pub async fn serve_file(
         (header::CONTENT_DISPOSITION, disposition),
     ];
     // Streamed from disk; HEAD gets the same headers and hyper leaves the body out.
-    let body = Body::from_stream(tokio_util_stream(file_handle));
+    let body = Body::from_stream(file_chunks(file_handle));
     Ok((StatusCode::OK, headers, body).into_response())
 }
 
 /// A file read in 64 KiB chunks.
-fn tokio_util_stream(
+fn file_chunks(
     file: tokio::fs::File,
 ) -> impl futures_util::Stream<Item = Result<axum::body::Bytes, std::io::Error>> + Send {
     futures_util::stream::unfold(file, |mut file| async move {
