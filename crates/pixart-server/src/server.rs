@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -227,7 +227,6 @@ pub fn check_storage(config: &ServerConfig) -> Result<(), ServerError> {
 #[derive(Debug)]
 struct StorageLock {
     _file: std::fs::File,
-    path: PathBuf,
 }
 
 impl StorageLock {
@@ -247,20 +246,25 @@ impl StorageLock {
             let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
             if !locked {
                 let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                let holder = if holder.trim().is_empty() { "pid not written yet" } else { holder.trim() };
                 return Err(ServerError::Config(format!(
                     "storage folder {} is in use by another pixart serve ({}); give each server its own --storage-dir",
                     root.display(),
-                    holder.trim()
+                    holder
                 )));
             }
         }
-        let _ = std::fs::write(&path, format!("pid {}", std::process::id()));
-        Ok(Self { _file: file, path })
-    }
-}
-
-impl Drop for StorageLock {
-    fn drop(&mut self) {
-        let _ = std::fs::write(&self.path, "");
+        // The holder's pid, written in place: the file is never empty while a holder runs
+        // (a refused server reads it at any moment). A stale pid left behind is harmless:
+        // the flock, released when the process ends, is what decides.
+        let pid = format!("pid {}", std::process::id());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::FileExt;
+            let _ = file.write_all_at(pid.as_bytes(), 0).and_then(|()| file.set_len(pid.len() as u64));
+        }
+        #[cfg(not(unix))]
+        let _ = std::fs::write(&path, &pid);
+        Ok(Self { _file: file })
     }
 }
