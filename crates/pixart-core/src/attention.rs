@@ -9,21 +9,65 @@ use crate::fast_math::contiguous_f32;
 /// in query blocks so a 4096-token self-attention never holds the whole `H × N × N` matrix.
 const SCORE_BUDGET_BYTES: usize = 256 << 20;
 
+/// Which keys each batch row attends to: the additive bias on the scores (f32 `[B, 1, 1, L]`,
+/// 0 for a kept key, −10000 for a masked one) and, when every row keeps a prefix of its keys,
+/// the length of each prefix, known on the host. The lengths let a GPU kernel skip the masked
+/// keys without reading the bias back from the device at every call.
+#[derive(Debug, Clone)]
+pub struct KeyMask {
+    bias: Tensor,
+    prefix_lengths: Option<Vec<usize>>,
+}
+
+impl KeyMask {
+    /// The mask of `rows` (`[B][L]`, 1 = key kept, 0 = masked; other values are weights the
+    /// bias `(m − 1)·10000` expresses but no prefix does), built on `device`.
+    pub fn from_rows(rows: &[Vec<f32>], device: &candle_core::Device) -> candle_core::Result<Self> {
+        let b = rows.len();
+        let l = rows.first().map_or(0, Vec::len);
+        if rows.iter().any(|r| r.len() != l) {
+            candle_core::bail!("key mask rows differ in length")
+        }
+        let bias: Vec<f32> = rows.iter().flatten().map(|&m| (m - 1.0) * 10000.0).collect();
+        let bias = Tensor::from_vec(bias, (b, 1, 1, l), device)?;
+        let prefix = |row: &Vec<f32>| {
+            let kept = row.iter().take_while(|&&m| m == 1.0).count();
+            (kept > 0 && row[kept..].iter().all(|&m| m == 0.0)).then_some(kept)
+        };
+        Ok(Self { bias, prefix_lengths: rows.iter().map(prefix).collect() })
+    }
+
+    /// The bias added to the scores, f32 `[B, 1, 1, L]`.
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+
+    /// Per batch row, how many leading keys are kept (the rest masked); `None` when some row is
+    /// not such a prefix.
+    pub fn prefix_lengths(&self) -> Option<&[usize]> {
+        self.prefix_lengths.as_deref()
+    }
+}
+
 /// `softmax(q kᵀ · scale + bias) v` on `[B, H, N, d]` tensors; the softmax runs in f32.
-/// `bias` (f32, broadcastable to `[B, H, N, L]`) is added to the scores.
+/// `mask` adds its bias to the scores. The inputs may be strided views (e.g. heads split from a
+/// `[B, N, H·d]` projection without a copy) as long as the last dimension is contiguous: flash
+/// attention reads them in place, the other paths copy them once.
 pub fn scaled_dot_product_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    bias: Option<&Tensor>,
+    mask: Option<&KeyMask>,
     scale: f64,
 ) -> candle_core::Result<Tensor> {
     #[cfg(feature = "flash-attn")]
     if q.device().is_cuda() && matches!(q.dtype(), DType::BF16 | DType::F16) {
-        if let Some(out) = flash::attention(q, k, v, bias, scale)? {
+        if let Some(out) = flash::attention(q, k, v, mask, scale)? {
             return Ok(out);
         }
     }
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let bias = mask.map(KeyMask::bias);
     let (b, h, n, _) = q.dims4()?;
     let l = k.dim(2)?;
     let rows_per_chunk = (SCORE_BUDGET_BYTES / (4 * b * h * l).max(1)).clamp(1, n);
@@ -34,7 +78,7 @@ pub fn scaled_dot_product_attention(
         let q_chunk = q.narrow(2, start, len)?;
         let scores = q_chunk.matmul(&kt)?.to_dtype(DType::F32)?;
         let probs = scaled_softmax(&scores, scale, bias)?.to_dtype(v.dtype())?;
-        outputs.push(probs.matmul(v)?);
+        outputs.push(probs.matmul(&v)?);
     }
     if outputs.len() == 1 {
         return Ok(outputs.remove(0));
@@ -42,48 +86,57 @@ pub fn scaled_dot_product_attention(
     Tensor::cat(&outputs, 2)
 }
 
-/// Flash attention (FA2, candle-flash-attn) on CUDA in bf16/f16: no score matrix at all.
+/// Flash attention (FA2, candle-flash-attn) on CUDA in bf16/f16: no score matrix at all, no
+/// copy of the inputs, no read from the device.
 #[cfg(feature = "flash-attn")]
 mod flash {
-    use candle_core::{DType, Tensor};
+    use candle_core::Tensor;
 
-    /// `softmax(q kᵀ · scale + bias) v` on `[B, H, N, d]` tensors, or `None` when the bias is not
-    /// a key mask flash attention can express. A bias must be the caption mask (0 for kept keys,
-    /// very negative for padding, kept keys first, as the transformer builds it): each batch row
-    /// then attends to its kept keys only, which is what the masked softmax computes (masked keys
-    /// get weight exp(-10000) = 0 in f32 there).
+    use super::KeyMask;
+
+    /// `softmax(q kᵀ · scale + bias) v` on `[B, H, N, d]` tensors, or `None` when the mask is not
+    /// a prefix per row (flash attention has no additive bias). With prefix lengths each batch
+    /// row attends to its kept keys only, which is what the masked softmax computes (masked
+    /// keys get weight exp(−10000) = 0 in f32 there). Rows with equal lengths share one call.
     pub fn attention(
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        bias: Option<&Tensor>,
+        mask: Option<&KeyMask>,
         scale: f64,
     ) -> candle_core::Result<Option<Tensor>> {
-        // candle-flash-attn takes `[B, N, H, d]`.
-        let bnhd = |t: &Tensor| t.transpose(1, 2)?.contiguous();
-        let (qn, kn, vn) = (bnhd(q)?, bnhd(k)?, bnhd(v)?);
+        // candle-flash-attn takes `[B, N, H, d]` with any strides but the last: views, no copy.
+        let (qn, kn, vn) = (q.transpose(1, 2)?, k.transpose(1, 2)?, v.transpose(1, 2)?);
         let scale = scale as f32;
-        let out = match bias {
-            None => candle_flash_attn::flash_attn(&qn, &kn, &vn, scale, false)?,
-            Some(bias) => {
-                let (b, l) = (q.dim(0)?, k.dim(2)?);
-                // The kept length of each row: one small read from the device per call (the
-                // lengths could come with the prepared caption instead).
-                let rows: Vec<Vec<f32>> =
-                    bias.broadcast_as((b, 1, 1, l))?.reshape((b, l))?.to_dtype(DType::F32)?.to_vec2()?;
-                let mut outputs = Vec::with_capacity(b);
-                for (i, row) in rows.iter().enumerate() {
-                    let kept = row.iter().take_while(|x| **x > -1.0).count();
-                    if kept == 0 || row[kept..].iter().any(|x| *x > -1.0) || row[..kept].iter().any(|x| *x != 0.0) {
-                        return Ok(None); // not a prefix mask: the plain path handles it
-                    }
-                    let k_row = kn.narrow(0, i, 1)?.narrow(1, 0, kept)?.contiguous()?;
-                    let v_row = vn.narrow(0, i, 1)?.narrow(1, 0, kept)?.contiguous()?;
-                    outputs.push(candle_flash_attn::flash_attn(&qn.narrow(0, i, 1)?, &k_row, &v_row, scale, false)?);
-                }
-                Tensor::cat(&outputs, 0)?
-            }
+        let lengths = match mask {
+            None => None,
+            Some(mask) => match mask.prefix_lengths() {
+                Some(lengths) => Some(lengths),
+                None => return Ok(None),
+            },
         };
+        let out = match lengths {
+            Some(lengths) if lengths.iter().any(|&n| n != kn.dim(1).unwrap_or(0)) => {
+                let mut outputs = Vec::new();
+                let mut first = 0;
+                while first < lengths.len() {
+                    // A run of rows with one length: one call.
+                    let kept = lengths[first];
+                    let run = lengths[first..].iter().take_while(|&&n| n == kept).count();
+                    let rows = |t: &Tensor| t.narrow(0, first, run);
+                    let (k_rows, v_rows) = (rows(&kn)?.narrow(1, 0, kept)?, rows(&vn)?.narrow(1, 0, kept)?);
+                    outputs.push(candle_flash_attn::flash_attn(&rows(&qn)?, &k_rows, &v_rows, scale, false)?);
+                    first += run;
+                }
+                if outputs.len() == 1 {
+                    outputs.remove(0)
+                } else {
+                    Tensor::cat(&outputs, 0)?
+                }
+            }
+            _ => candle_flash_attn::flash_attn(&qn, &kn, &vn, scale, false)?,
+        };
+        // Contiguous `[B, N, H, d]` seen as `[B, H, N, d]`.
         Ok(Some(out.transpose(1, 2)?))
     }
 }
@@ -171,6 +224,44 @@ impl CustomOp2 for ScaledSoftmaxCpu {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn key_masks_know_their_prefixes_on_the_host() {
+        let dev = Device::Cpu;
+        let mask = KeyMask::from_rows(&[vec![1.0, 1.0, 0.0, 0.0], vec![1.0, 1.0, 1.0, 1.0]], &dev).unwrap();
+        assert_eq!(mask.prefix_lengths(), Some(&[2, 4][..]));
+        let bias = mask.bias().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(bias, [0.0, 0.0, -10000.0, -10000.0, 0.0, 0.0, 0.0, 0.0]);
+        assert_eq!(mask.bias().dims(), [2, 1, 1, 4]);
+        // A hole, an empty row or a fractional weight is no prefix: the bias alone expresses it.
+        for rows in [vec![vec![1.0, 0.0, 1.0]], vec![vec![0.0, 0.0, 0.0]], vec![vec![1.0, 0.5, 0.0]]] {
+            assert_eq!(KeyMask::from_rows(&rows, &dev).unwrap().prefix_lengths(), None, "{rows:?}");
+        }
+        assert!(KeyMask::from_rows(&[vec![1.0], vec![1.0, 1.0]], &dev).is_err());
+    }
+
+    #[test]
+    fn attention_takes_strided_views_and_masks_keys() {
+        let dev = Device::Cpu;
+        // Heads split from a `[B, N, H·d]` projection without a copy, as the transformer does.
+        let split = |t: Tensor| t.reshape((2, t.dim(1).unwrap(), 3, 8)).unwrap().transpose(1, 2).unwrap();
+        let q = split(Tensor::randn(0f32, 1.0, (2, 5, 24), &dev).unwrap());
+        let k = split(Tensor::randn(0f32, 1.0, (2, 4, 24), &dev).unwrap());
+        let v = split(Tensor::randn(0f32, 1.0, (2, 4, 24), &dev).unwrap());
+        assert!(!q.is_contiguous());
+        let mask = KeyMask::from_rows(&[vec![1.0, 1.0, 0.0, 0.0], vec![1.0; 4]], &dev).unwrap();
+        let ours = scaled_dot_product_attention(&q, &k, &v, Some(&mask), 0.5).unwrap();
+        // Row 0 attends to its first two keys only; row 1 to all four.
+        let row = |i: usize, keys: usize| {
+            let (q, k, v) = [&q, &k, &v].map(|t| t.narrow(0, i, 1).unwrap().contiguous().unwrap()).into();
+            let (k, v) = (k.narrow(2, 0, keys).unwrap(), v.narrow(2, 0, keys).unwrap());
+            let scores = (q.matmul(&k.t().unwrap()).unwrap() * 0.5).unwrap();
+            candle_nn::ops::softmax_last_dim(&scores).unwrap().matmul(&v).unwrap()
+        };
+        let want = Tensor::cat(&[row(0, 2), row(1, 4)], 0).unwrap();
+        let diff = (&ours - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5, "{diff}");
+    }
 
     #[test]
     fn scaled_softmax_equals_the_plain_ops() {

@@ -2,7 +2,7 @@
 
 use candle_core::{Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
-use pixart_core::attention::scaled_dot_product_attention;
+use pixart_core::attention::{scaled_dot_product_attention, KeyMask};
 
 /// Self- or cross-attention with biased `to_q/to_k/to_v` and `to_out.0`.
 #[derive(Debug, Clone)]
@@ -37,16 +37,20 @@ impl Attention {
         })
     }
 
-    /// `x`: `[B, N, D]`; `context`: `[B, L, C]` (None: self-attention); `bias`: f32 scores bias.
-    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        let (k, v) = self.keys_values(context.unwrap_or(x))?;
-        self.forward_with_keys_values(x, &k, &v, bias)
+    /// `x`: `[B, N, D]`; `context`: `[B, L, C]` (None: self-attention); `mask`: the keys each
+    /// row attends to (None: all).
+    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>, mask: Option<&KeyMask>) -> candle_core::Result<Tensor> {
+        let context = context.unwrap_or(x);
+        let (k, v) = (self.split_heads(self.to_k.forward(context)?)?, self.split_heads(self.to_v.forward(context)?)?);
+        self.forward_with_keys_values(x, &k, &v, mask)
     }
 
     /// Keys and values of `context` `[B, L, C]`, each `[B, heads, L, head_dim]`: computed once for
     /// a context that does not change between calls (the caption across denoising steps).
+    /// They are made contiguous: kept for many calls, they are not copied at each.
     pub fn keys_values(&self, context: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
-        Ok((self.split_heads(self.to_k.forward(context)?)?, self.split_heads(self.to_v.forward(context)?)?))
+        let heads = |t| self.split_heads(t)?.contiguous();
+        Ok((heads(self.to_k.forward(context)?)?, heads(self.to_v.forward(context)?)?))
     }
 
     /// Attention of `x` `[B, N, D]` to keys and values from [`Self::keys_values`].
@@ -55,17 +59,18 @@ impl Attention {
         x: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        bias: Option<&Tensor>,
+        mask: Option<&KeyMask>,
     ) -> candle_core::Result<Tensor> {
         let q = self.split_heads(self.to_q.forward(x)?)?;
-        let out = scaled_dot_product_attention(&q, k, v, bias, 1.0 / (self.head_dim as f64).sqrt())?;
+        let out = scaled_dot_product_attention(&q, k, v, mask, 1.0 / (self.head_dim as f64).sqrt())?;
         let (b, _, n, _) = out.dims4()?;
         self.to_out.forward(&out.transpose(1, 2)?.reshape((b, n, self.heads * self.head_dim))?)
     }
 
-    /// `[B, N, heads·head_dim]` → `[B, heads, N, head_dim]`, contiguous.
+    /// `[B, N, heads·head_dim]` → `[B, heads, N, head_dim]`, a view (no copy): flash attention
+    /// reads it in place, the other attention paths copy it.
     fn split_heads(&self, t: Tensor) -> candle_core::Result<Tensor> {
         let (b, n, _) = t.dims3()?;
-        t.reshape((b, n, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous()
+        t.reshape((b, n, self.heads, self.head_dim))?.transpose(1, 2)
     }
 }

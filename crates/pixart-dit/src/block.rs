@@ -4,6 +4,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use pixart_core::activation::gelu_tanh;
+use pixart_core::attention::KeyMask;
 
 use crate::attention::Attention;
 use crate::config::DitConfig;
@@ -43,13 +44,13 @@ impl TransformerBlock {
     }
 
     /// `x`: `[B, N, D]`; `t6`: `[B or 1, 6D]`; `caption_kv`: from [`Self::caption_keys_values`];
-    /// `caption_bias`: f32 `[B, 1, 1, L]` (0 for tokens, −10000 for padding).
+    /// `caption_mask`: the caption tokens each row attends to.
     pub fn forward(
         &self,
         x: &Tensor,
         t6: &Tensor,
         caption_kv: &(Tensor, Tensor),
-        caption_bias: Option<&Tensor>,
+        caption_mask: Option<&KeyMask>,
     ) -> candle_core::Result<Tensor> {
         let d = x.dim(2)?;
         let rows = t6.dim(0)?; // one timestep per batch row, or one for the whole batch
@@ -62,7 +63,7 @@ impl TransformerBlock {
         let h = layer_norm(x, self.eps)?.broadcast_mul(&(scale_msa + 1.0)?)?.broadcast_add(&shift_msa)?;
         let x = (x + self.attn1.forward(&h, None, None)?.broadcast_mul(&gate_msa)?)?;
         let (caption_k, caption_v) = caption_kv;
-        let x = (&x + self.attn2.forward_with_keys_values(&x, caption_k, caption_v, caption_bias)?)?;
+        let x = (&x + self.attn2.forward_with_keys_values(&x, caption_k, caption_v, caption_mask)?)?;
         let h = layer_norm(&x, self.eps)?.broadcast_mul(&(scale_mlp + 1.0)?)?.broadcast_add(&shift_mlp)?;
         let ff = self.ff_out.forward(&gelu_tanh(&self.ff_in.forward(&h)?)?)?;
         x + ff.broadcast_mul(&gate_mlp)?

@@ -4,6 +4,7 @@ use std::path::Path;
 
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
+use pixart_core::attention::KeyMask;
 use pixart_core::{UnsupportedConfig, WeightsError};
 
 use crate::block::TransformerBlock;
@@ -35,8 +36,9 @@ pub struct PreparedCaption {
     states: Tensor,
     /// Per block: keys and values `[B, heads, L, head_dim]`.
     keys_values: Vec<(Tensor, Tensor)>,
-    /// f32 `[B, 1, 1, L]`: 0 for tokens, −10000 for padding; `None` without a mask.
-    bias: Option<Tensor>,
+    /// Which caption tokens each row attends to (bias 0 for tokens, −10000 for padding, and
+    /// the token counts); `None` without a mask.
+    mask: Option<KeyMask>,
 }
 
 /// The adaLN-single outputs of one timestep, shared by every row of a batch (or one per row).
@@ -202,11 +204,11 @@ impl PixArtTransformer {
         caption: &Tensor,
         caption_mask: Option<&Tensor>,
     ) -> Result<PreparedCaption, DitError> {
-        let (caption, bias) = self.caption_and_bias(caption, caption_mask)?;
+        let (caption, mask) = self.caption_and_mask(caption, caption_mask)?;
         let states = self.caption_projection.forward(&caption.to_dtype(self.dtype)?)?;
         let keys_values =
             self.blocks.iter().map(|block| block.caption_keys_values(&states)).collect::<candle_core::Result<_>>()?;
-        Ok(PreparedCaption { states, keys_values, bias })
+        Ok(PreparedCaption { states, keys_values, mask })
     }
 
     /// [`Self::forward`] with the timestep's and the caption's parts prepared by
@@ -244,12 +246,12 @@ impl PixArtTransformer {
             )));
         }
         let (t6, embedded) = (&timestep.t6, &timestep.embedded);
-        let bias = prepared.bias.as_ref();
+        let mask = prepared.mask.as_ref();
         let x = self.pos_embed.forward(&latents.to_dtype(self.dtype)?)?;
         let mut tokens = x.clone();
         let mut block_outputs = Vec::new();
         for (block, caption_kv) in self.blocks.iter().zip(&prepared.keys_values) {
-            tokens = block.forward(&tokens, t6, caption_kv, bias)?;
+            tokens = block.forward(&tokens, t6, caption_kv, mask)?;
             if trace {
                 block_outputs.push(tokens.clone());
             }
@@ -274,8 +276,9 @@ impl PixArtTransformer {
     }
 
     /// Trims caption positions that are padding in every row (their keys get weight exactly 0
-    /// under the −10000 bias), and builds the bias `(1 − mask)·(−10000)` for the rest.
-    fn caption_and_bias(&self, caption: &Tensor, mask: Option<&Tensor>) -> Result<(Tensor, Option<Tensor>), DitError> {
+    /// under the −10000 bias), and builds the key mask (bias `(1 − mask)·(−10000)`) for the rest.
+    /// The mask is read to the host here, once per caption, never inside a denoising step.
+    fn caption_and_mask(&self, caption: &Tensor, mask: Option<&Tensor>) -> Result<(Tensor, Option<KeyMask>), DitError> {
         let caption_channels = self.config.caption_channels;
         let well_formed = matches!(caption.dims(), &[_, _, c] if c == caption_channels);
         if !well_formed {
@@ -298,7 +301,13 @@ impl PixArtTransformer {
         let used =
             rows.iter().map(|r| r.iter().rposition(|&m| m != 0.0).map_or(0, |i| i + 1)).max().unwrap_or(0).max(1);
         let caption = caption.narrow(1, 0, used)?;
-        let bias = ((mask.narrow(1, 0, used)?.to_dtype(DType::F32)? - 1.0)? * 10000.0)?.reshape((b, 1, 1, used))?;
-        Ok((caption, Some(bias)))
+        let rows: Vec<Vec<f32>> = rows
+            .into_iter()
+            .map(|mut r| {
+                r.truncate(used);
+                r
+            })
+            .collect();
+        Ok((caption, Some(KeyMask::from_rows(&rows, mask.device())?)))
     }
 }
