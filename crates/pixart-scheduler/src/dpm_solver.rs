@@ -13,7 +13,7 @@ use candle_core::Tensor;
 use pixart_core::UnsupportedConfig;
 
 use crate::config::SchedulerConfig;
-use crate::noise_schedule::{data_prediction, inference_schedule, AlphaSigma};
+use crate::noise_schedule::{inference_schedule, AlphaSigma, DataPrediction};
 use crate::{begin_step, scale, NoiseSource, Scheduler, SchedulerError};
 
 /// DPM-Solver++ multistep, second order.
@@ -22,6 +22,8 @@ pub struct DpmSolverMultistep {
     timesteps: Vec<u32>,
     /// Schedule sigmas at each timestep, then the final 0.
     sigmas: Vec<f32>,
+    /// `x0` from each step's model output.
+    data_prediction: DataPrediction,
     /// The previous data prediction, once one step has run.
     previous: Option<Tensor>,
     step_index: usize,
@@ -44,7 +46,8 @@ impl DpmSolverMultistep {
             return Err(UnsupportedConfig::new("final_sigmas_type", &config.final_sigmas_type, "zero").into());
         }
         let (timesteps, sigmas) = inference_schedule(config, steps, true)?;
-        Ok(Self { timesteps, sigmas, previous: None, step_index: 0 })
+        let data_prediction = DataPrediction::new(&sigmas);
+        Ok(Self { timesteps, sigmas, data_prediction, previous: None, step_index: 0 })
     }
 }
 
@@ -63,7 +66,7 @@ impl Scheduler for DpmSolverMultistep {
         let (eps, sample, out_dtype) = begin_step(k, n, model_output, sample)?;
         let s0 = AlphaSigma::new(self.sigmas[k]);
         let t = AlphaSigma::new(self.sigmas[k + 1]);
-        let x0 = data_prediction(&eps, &sample, s0)?;
+        let x0 = self.data_prediction.at(k, &eps, &sample)?;
         // With a zero final sigma diffusers always takes the last step at first order;
         // `lower_order_final` and `euler_at_final` change nothing else at order 2.
         let last = k == n - 1;

@@ -77,11 +77,6 @@ pub(crate) fn scale(x: &Tensor, a: f32) -> candle_core::Result<Tensor> {
     x.affine(f64::from(a), 0.0)
 }
 
-/// `x / a` for a scalar `a`, as an elementwise division (not a multiplication by `1/a`).
-pub(crate) fn divide(x: &Tensor, a: f32) -> candle_core::Result<Tensor> {
-    x.broadcast_div(&Tensor::new(a, x.device())?.to_dtype(x.dtype())?)
-}
-
 /// The common start of a step: refuses a step past the last timestep, and returns the model
 /// output and sample in f32 with the dtype to return the next sample in.
 pub(crate) fn begin_step(

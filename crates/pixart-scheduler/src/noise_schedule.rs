@@ -56,13 +56,44 @@ pub fn inference_schedule(
     Ok((timesteps, sigmas))
 }
 
-/// The data prediction `x0 = (x − σ_t ε) / α_t` in f32, as diffusers' `convert_model_output`.
-pub fn data_prediction(
-    eps: &candle_core::Tensor,
-    sample: &candle_core::Tensor,
-    at: AlphaSigma,
-) -> candle_core::Result<candle_core::Tensor> {
-    crate::divide(&(sample - crate::scale(eps, at.sigma)?)?, at.alpha)
+/// The data prediction `x0 = (x − σ_k ε) / α_k` at each step `k` of a run, in f32 as diffusers'
+/// `convert_model_output`. The division stays an elementwise division (a multiplication by
+/// `1/α` rounds differently); its divisors, every step's α, go to the device once, at the first
+/// step, instead of a scalar upload at each.
+#[derive(Debug, Clone)]
+pub struct DataPrediction {
+    steps: Vec<AlphaSigma>,
+    /// f32 `[steps]`: every α_k, on the device of the first sample seen.
+    alphas: Option<candle_core::Tensor>,
+}
+
+impl DataPrediction {
+    /// For a run over the schedule `sigmas` (one per step; extra trailing ones are ignored by
+    /// callers that never reach them).
+    pub fn new(sigmas: &[f32]) -> Self {
+        Self { steps: sigmas.iter().map(|&s| AlphaSigma::new(s)).collect(), alphas: None }
+    }
+
+    /// `x0` of step `k` from the model's `eps` and the `sample`, both f32.
+    pub fn at(
+        &mut self,
+        k: usize,
+        eps: &candle_core::Tensor,
+        sample: &candle_core::Tensor,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        let Some(at) = self.steps.get(k).copied() else {
+            candle_core::bail!("data prediction: no step {k} in a schedule of {}", self.steps.len())
+        };
+        let alphas = match &self.alphas {
+            Some(alphas) if alphas.device().same_device(sample.device()) => alphas,
+            _ => {
+                let values: Vec<f32> = self.steps.iter().map(|s| s.alpha).collect();
+                self.alphas.insert(candle_core::Tensor::new(values.as_slice(), sample.device())?)
+            }
+        };
+        let alpha = alphas.narrow(0, k, 1)?.to_dtype(sample.dtype())?;
+        (sample - crate::scale(eps, at.sigma)?)?.broadcast_div(&alpha)
+    }
 }
 
 /// `α_t = 1/√(σ²+1)` and `σ_t = σ·α_t` of diffusers' `_sigma_to_alpha_sigma_t`, and

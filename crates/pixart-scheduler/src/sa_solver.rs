@@ -7,7 +7,7 @@
 use candle_core::{DType, Tensor};
 
 use crate::config::SchedulerConfig;
-use crate::noise_schedule::{data_prediction, inference_schedule, AlphaSigma};
+use crate::noise_schedule::{inference_schedule, AlphaSigma, DataPrediction};
 use crate::{begin_step, scale, NoiseSource, Scheduler, SchedulerError};
 
 /// Predictor and corrector order of the demo configuration.
@@ -49,6 +49,8 @@ pub struct SaSolver {
     timesteps: Vec<u32>,
     /// Schedule sigmas at each timestep, then σ_min.
     sigmas: Vec<f32>,
+    /// `x0` from each step's model output.
+    data_prediction: DataPrediction,
     lower_order_final: bool,
     /// Data predictions of the last two steps, oldest first.
     model_outputs: [Option<Tensor>; ORDER],
@@ -69,6 +71,7 @@ impl SaSolver {
         let (timesteps, sigmas) = inference_schedule(config, steps, false)?;
         Ok(Self {
             timesteps,
+            data_prediction: DataPrediction::new(&sigmas),
             sigmas,
             lower_order_final: config.lower_order_final,
             model_outputs: [None, None],
@@ -177,7 +180,7 @@ impl Scheduler for SaSolver {
     ) -> Result<Tensor, SchedulerError> {
         let (k, n) = (self.step_index, self.timesteps.len());
         let (eps, mut sample, out_dtype) = begin_step(k, n, model_output, sample)?;
-        let x0 = data_prediction(&eps, &sample, AlphaSigma::new(self.sigmas[k]))?;
+        let x0 = self.data_prediction.at(k, &eps, &sample)?;
         if let (true, Some(_), Some(previous_t)) = (k > 0, &self.last_sample, self.timestep_list[ORDER - 1]) {
             sample = self.correct(&x0, self.this_corrector_order, demo_tau(previous_t))?;
         }
