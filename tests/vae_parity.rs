@@ -46,6 +46,22 @@ fn bf16_stays_finite_on_large_latents() {
 }
 
 #[test]
+fn f16_is_upcast_as_force_upcast_says() {
+    let dir = model_dir("tiny-sigma-256").join("vae");
+    let g = load_goldens("tiny-sigma-256/vae.safetensors");
+    let z = golden(&g, "latents");
+    // The fixture's config has diffusers' `force_upcast: true`: asked for f16, the VAE runs in f32.
+    let asked_f16 = VaeDecoder::load(&dir, DType::F16, &Device::Cpu).unwrap();
+    assert!(asked_f16.config().force_upcast);
+    assert_eq!(asked_f16.decode(&z).unwrap().dtype(), DType::F32);
+    // Without it, f16 is kept (bf16 always is: it has f32's range).
+    let mut config = asked_f16.config().clone();
+    config.force_upcast = false;
+    assert_eq!(config.compute_dtype(DType::F16), DType::F16);
+    assert_eq!(config.compute_dtype(DType::BF16), DType::BF16);
+}
+
+#[test]
 fn wrong_latent_channels_are_an_error() {
     let vae = VaeDecoder::load(&model_dir("tiny-sigma-256").join("vae"), DType::F32, &Device::Cpu).unwrap();
     let z = Tensor::zeros((1, 3, 4, 4), DType::F32, &Device::Cpu).unwrap();

@@ -28,8 +28,8 @@ use crate::PipelineError;
 pub struct LoadOptions {
     /// Where to run.
     pub device: Device,
-    /// Compute dtype: f32, bf16 or f16. In f16 the VAE runs in f32 (the SDXL VAE overflows in
-    /// f16, which is why diffusers' config sets `force_upcast`) and T5 keeps its `wo` in f32.
+    /// Compute dtype: f32, bf16 or f16. In f16 the VAE runs in f32 when its config sets
+    /// `force_upcast` (the SDXL VAE's does: it overflows in f16) and T5 keeps its `wo` in f32.
     pub dtype: DType,
     /// Hub resolution for repo ids.
     pub hub: HubOptions,
@@ -258,7 +258,6 @@ impl Pipeline {
     pub fn load(model: &str, options: &LoadOptions) -> Result<Self, PipelineError> {
         let dir = resolve_model(model, &options.hub)?;
         let dtype = options.dtype;
-        let vae_dtype = if dtype == DType::F16 { DType::F32 } else { dtype };
         let transformer = PixArtTransformer::load(&dir.join("transformer"), dtype, &options.device)?;
         let text_device = options.text_encoder_device.clone().unwrap_or_else(|| options.device.clone());
         let bins = AspectRatioBins::for_sample_size(transformer.config().sample_size);
@@ -266,7 +265,7 @@ impl Pipeline {
         let scheduler_config = read_scheduler_config(&dir.join("scheduler/scheduler_config.json"))?;
         let tokenizer = T5Tokenizer::from_dir(&dir.join("tokenizer"))?;
         let text_encoder = TextEncoderSlot::load(&dir, &options.text_encoder, dtype, &text_device)?;
-        let vae = VaeDecoder::load(&dir.join("vae"), vae_dtype, &options.device)?;
+        let vae = VaeDecoder::load(&dir.join("vae"), dtype, &options.device)?;
         check_parts_fit(&dir, &tokenizer, text_encoder.config(), &transformer, &vae)?;
         let safety_checker = match &options.safety_checker {
             None => None,

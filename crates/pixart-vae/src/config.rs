@@ -41,6 +41,11 @@ pub struct VaeConfig {
     /// Must all be `UpDecoderBlock2D`.
     #[serde(default)]
     pub up_block_types: Vec<String>,
+    /// Whether the VAE must run in f32 when f16 is asked for (diffusers' `force_upcast`, true by
+    /// default and in the SDXL VAE, whose activations overflow f16). bf16 has f32's range and
+    /// is kept.
+    #[serde(default = "yes")]
+    pub force_upcast: bool,
 }
 
 fn two() -> usize {
@@ -69,6 +74,16 @@ impl VaeConfig {
     /// The spatial factor between latents and pixels, `2^(levels − 1)` (8 for SDXL).
     pub fn scale_factor(&self) -> usize {
         1 << (self.block_out_channels.len().saturating_sub(1))
+    }
+
+    /// The dtype the VAE computes in when `requested` is asked for: f32 instead of f16 under
+    /// [`Self::force_upcast`], `requested` otherwise.
+    pub fn compute_dtype(&self, requested: candle_core::DType) -> candle_core::DType {
+        if self.force_upcast && requested == candle_core::DType::F16 {
+            candle_core::DType::F32
+        } else {
+            requested
+        }
     }
 
     /// Refuses configs this decoder does not compute, naming the first field at fault.
