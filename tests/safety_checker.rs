@@ -86,6 +86,21 @@ fn preprocessing_equals_vit_image_processor_and_logits_match_transformers() {
     }
 }
 
+#[test]
+fn the_checker_runs_in_bf16_on_the_cpu_close_to_f32() {
+    // `pixart generate --dtype bf16` loads the checker in bf16; candle has no bf16 convolution
+    // on the CPU, so the patch embedding goes through pixart-core's `Conv`.
+    let goldens = load_goldens("safety/checker.safetensors");
+    let checker = SafetyChecker::load(&checker_dir(), DType::BF16, &Device::Cpu).unwrap();
+    for (name, image) in images().iter().filter(|(name, _)| name != "portrait_300x450") {
+        let logits = checker.logits(&[view(image)]).unwrap();
+        let want = golden(&goldens, &format!("{name}/logits"));
+        // bf16 keeps 8 bits of mantissa through 2 layers: a few hundredths on logits of order 1.
+        let diff = pixart_suite::max_abs_diff(&logits, want);
+        assert!(diff < 0.1 * pixart_suite::max_abs(want).max(1.0), "{name}: bf16 logits differ by {diff}");
+    }
+}
+
 /// A copy of the tiny checker whose classifier bias is `bias` (normal, nsfw).
 fn checker_with_bias(tag: &str, bias: [f32; 2]) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("pixart-safety-{tag}-{}", std::process::id()));

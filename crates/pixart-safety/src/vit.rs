@@ -9,7 +9,8 @@
 //! ```
 
 use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, LayerNorm, Linear, VarBuilder};
+use pixart_core::conv::Conv;
 
 use crate::config::{Activation, VitConfig};
 use crate::error::SafetyError;
@@ -17,7 +18,8 @@ use crate::error::SafetyError;
 /// Patch projection, CLS token and position embeddings.
 #[derive(Debug, Clone)]
 struct Embeddings {
-    patch: Conv2d,
+    /// Through [`Conv`]: candle has no bf16 convolution on the CPU.
+    patch: Conv,
     cls: Tensor,
     position: Tensor,
     patch_size: usize,
@@ -29,7 +31,13 @@ impl Embeddings {
         let conv = Conv2dConfig { stride: cfg.patch_size, ..Default::default() };
         let patches = (cfg.image_size / cfg.patch_size).pow(2);
         Ok(Self {
-            patch: candle_nn::conv2d(cfg.num_channels, h, cfg.patch_size, conv, vb.pp("patch_embeddings.projection"))?,
+            patch: Conv(candle_nn::conv2d(
+                cfg.num_channels,
+                h,
+                cfg.patch_size,
+                conv,
+                vb.pp("patch_embeddings.projection"),
+            )?),
             cls: vb.get((1, 1, h), "cls_token")?,
             position: vb.get((1, patches + 1, h), "position_embeddings")?,
             patch_size: cfg.patch_size,
