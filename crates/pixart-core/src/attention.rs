@@ -95,7 +95,8 @@ mod flash {
     use super::KeyMask;
 
     /// `softmax(q kᵀ · scale + bias) v` on `[B, H, N, d]` tensors, or `None` when the mask is not
-    /// a prefix per row (flash attention has no additive bias). With prefix lengths each batch
+    /// a prefix per row (flash attention has no additive bias) or no kernel takes the head
+    /// size (FA2: multiples of 8 up to 512). With prefix lengths each batch
     /// row attends to its kept keys only, which is what the masked softmax computes (masked
     /// keys get weight exp(−10000) = 0 in f32 there). Rows with equal lengths share one call.
     pub fn attention(
@@ -105,6 +106,10 @@ mod flash {
         mask: Option<&KeyMask>,
         scale: f64,
     ) -> candle_core::Result<Option<Tensor>> {
+        let head_dim = q.dim(3)?;
+        if head_dim % 8 != 0 || head_dim > 512 || k.dtype() != q.dtype() || v.dtype() != q.dtype() {
+            return Ok(None); // no FA2 kernel for it
+        }
         // candle-flash-attn takes `[B, N, H, d]` with any strides but the last: views, no copy.
         let (qn, kn, vn) = (q.transpose(1, 2)?, k.transpose(1, 2)?, v.transpose(1, 2)?);
         let scale = scale as f32;
