@@ -86,6 +86,52 @@ pub fn scaled_dot_product_attention(
     Tensor::cat(&outputs, 2)
 }
 
+/// Attention through a kernel that takes `[B, N, H, d]` tensors (any strides but the last) and
+/// no mask, as flash attention does; returns `[B, H, N, d]`, or `None` when `mask` is not a
+/// prefix of kept keys per row (a kernel without an additive bias cannot express it). With
+/// prefix lengths each batch row attends to its kept keys only, which is what the masked
+/// softmax computes (masked keys get weight exp(−10000) = 0 in f32 there); rows with equal
+/// lengths share one kernel call. The inputs are passed as views: no copy.
+#[cfg(any(test, feature = "flash-attn"))]
+fn attention_over_kept_keys(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&KeyMask>,
+    kernel: impl Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Option<Tensor>> {
+    let (qn, kn, vn) = (q.transpose(1, 2)?, k.transpose(1, 2)?, v.transpose(1, 2)?);
+    let keys = kn.dim(1)?;
+    let lengths = match mask.map(KeyMask::prefix_lengths) {
+        None => None,
+        Some(Some(lengths)) => Some(lengths),
+        Some(None) => return Ok(None),
+    };
+    let out = match lengths {
+        Some(lengths) if lengths.iter().any(|&n| n != keys) => {
+            let mut outputs = Vec::new();
+            let mut first = 0;
+            while first < lengths.len() {
+                // A run of rows with one length: one call.
+                let kept = lengths[first];
+                let run = lengths[first..].iter().take_while(|&&n| n == kept).count();
+                let rows = |t: &Tensor| t.narrow(0, first, run);
+                let (k_rows, v_rows) = (rows(&kn)?.narrow(1, 0, kept)?, rows(&vn)?.narrow(1, 0, kept)?);
+                outputs.push(kernel(&rows(&qn)?, &k_rows, &v_rows)?);
+                first += run;
+            }
+            if outputs.len() == 1 {
+                outputs.remove(0)
+            } else {
+                Tensor::cat(&outputs, 0)?
+            }
+        }
+        _ => kernel(&qn, &kn, &vn)?,
+    };
+    // `[B, N, H, d]` seen as `[B, H, N, d]`.
+    Ok(Some(out.transpose(1, 2)?))
+}
+
 /// Flash attention (FA2, candle-flash-attn) on CUDA in bf16/f16: no score matrix at all, no
 /// copy of the inputs, no read from the device.
 #[cfg(feature = "flash-attn")]
@@ -94,11 +140,8 @@ mod flash {
 
     use super::KeyMask;
 
-    /// `softmax(q kᵀ · scale + bias) v` on `[B, H, N, d]` tensors, or `None` when the mask is not
-    /// a prefix per row (flash attention has no additive bias) or no kernel takes the head
-    /// size (FA2: multiples of 8 up to 512). With prefix lengths each batch
-    /// row attends to its kept keys only, which is what the masked softmax computes (masked
-    /// keys get weight exp(−10000) = 0 in f32 there). Rows with equal lengths share one call.
+    /// [`super::attention_over_kept_keys`] with FA2's kernel, or `None` where FA2 has no kernel
+    /// (head sizes: multiples of 8 up to 512) or the mask is not a prefix per row.
     pub fn attention(
         q: &Tensor,
         k: &Tensor,
@@ -108,41 +151,10 @@ mod flash {
     ) -> candle_core::Result<Option<Tensor>> {
         let head_dim = q.dim(3)?;
         if head_dim % 8 != 0 || head_dim > 512 || k.dtype() != q.dtype() || v.dtype() != q.dtype() {
-            return Ok(None); // no FA2 kernel for it
+            return Ok(None);
         }
-        // candle-flash-attn takes `[B, N, H, d]` with any strides but the last: views, no copy.
-        let (qn, kn, vn) = (q.transpose(1, 2)?, k.transpose(1, 2)?, v.transpose(1, 2)?);
         let scale = scale as f32;
-        let lengths = match mask {
-            None => None,
-            Some(mask) => match mask.prefix_lengths() {
-                Some(lengths) => Some(lengths),
-                None => return Ok(None),
-            },
-        };
-        let out = match lengths {
-            Some(lengths) if lengths.iter().any(|&n| n != kn.dim(1).unwrap_or(0)) => {
-                let mut outputs = Vec::new();
-                let mut first = 0;
-                while first < lengths.len() {
-                    // A run of rows with one length: one call.
-                    let kept = lengths[first];
-                    let run = lengths[first..].iter().take_while(|&&n| n == kept).count();
-                    let rows = |t: &Tensor| t.narrow(0, first, run);
-                    let (k_rows, v_rows) = (rows(&kn)?.narrow(1, 0, kept)?, rows(&vn)?.narrow(1, 0, kept)?);
-                    outputs.push(candle_flash_attn::flash_attn(&rows(&qn)?, &k_rows, &v_rows, scale, false)?);
-                    first += run;
-                }
-                if outputs.len() == 1 {
-                    outputs.remove(0)
-                } else {
-                    Tensor::cat(&outputs, 0)?
-                }
-            }
-            _ => candle_flash_attn::flash_attn(&qn, &kn, &vn, scale, false)?,
-        };
-        // Contiguous `[B, N, H, d]` seen as `[B, H, N, d]`.
-        Ok(Some(out.transpose(1, 2)?))
+        super::attention_over_kept_keys(q, k, v, mask, |q, k, v| candle_flash_attn::flash_attn(q, k, v, scale, false))
     }
 }
 
@@ -266,6 +278,45 @@ mod tests {
         let want = Tensor::cat(&[row(0, 2), row(1, 4)], 0).unwrap();
         let diff = (&ours - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-5, "{diff}");
+    }
+
+    #[test]
+    fn trimming_keys_per_row_equals_the_masked_softmax() {
+        let dev = Device::Cpu;
+        let (b, h, n, l, d) = (3, 2, 5, 4, 8);
+        let q = Tensor::randn(0f32, 1.0, (b, h, n, d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (b, h, l, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (b, h, l, d), &dev).unwrap();
+        // A plain kernel in flash attention's layout, checking what it is given.
+        let calls = std::cell::Cell::new(0);
+        let kernel = |q: &Tensor, k: &Tensor, v: &Tensor| {
+            calls.set(calls.get() + 1);
+            for t in [q, k, v] {
+                assert_eq!(t.stride().last(), Some(&1), "the last dimension must be contiguous");
+            }
+            let [q, k, v] = [q, k, v].map(|t| t.transpose(1, 2).unwrap().contiguous().unwrap());
+            let scores = (q.matmul(&k.t()?)? * 0.3)?;
+            candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?.transpose(1, 2)
+        };
+        let row = |kept: usize| [vec![1.0; kept], vec![0.0; l - kept]].concat();
+        for (lengths, want_calls) in [(vec![2, 2, 4], 2), (vec![4, 4, 4], 1), (vec![1, 3, 1], 3)] {
+            let rows: Vec<Vec<f32>> = lengths.iter().map(|&n| row(n)).collect();
+            let mask = KeyMask::from_rows(&rows, &dev).unwrap();
+            calls.set(0);
+            let ours = attention_over_kept_keys(&q, &k, &v, Some(&mask), kernel).unwrap().unwrap();
+            assert_eq!(calls.get(), want_calls, "{lengths:?}");
+            let want = scaled_dot_product_attention(&q, &k, &v, Some(&mask), 0.3).unwrap();
+            assert_eq!(ours.dims(), want.dims());
+            let diff = (&ours - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-5, "{lengths:?}: {diff}");
+        }
+        let unmasked = attention_over_kept_keys(&q, &k, &v, None, kernel).unwrap().unwrap();
+        let want = scaled_dot_product_attention(&q, &k, &v, None, 0.3).unwrap();
+        let diff = (&unmasked - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5, "no mask: {diff}");
+        // A mask with a hole is left to the plain path.
+        let holed = KeyMask::from_rows(&[vec![1.0, 0.0, 1.0, 0.0], row(4), row(4)], &dev).unwrap();
+        assert!(attention_over_kept_keys(&q, &k, &v, Some(&holed), kernel).unwrap().is_none());
     }
 
     #[test]
