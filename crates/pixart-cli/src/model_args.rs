@@ -12,15 +12,37 @@ use pixart_pipeline::{
     DEFAULT_SAFETY_CHECKER,
 };
 
-/// Where to run.
-#[derive(Debug, Clone, Copy, ValueEnum)]
+/// Where to run: `cpu`, `cuda` / `cuda:N` (GPU N, from 0) or `metal` / `metal:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceArg {
     /// The CPU (always available).
     Cpu,
-    /// The first CUDA GPU (build with `--features cuda`).
-    Cuda,
-    /// The Metal GPU (build with `--features metal`).
-    Metal,
+    /// CUDA GPU N (build with `--features cuda`).
+    Cuda(usize),
+    /// Metal GPU N (build with `--features metal`).
+    Metal(usize),
+}
+
+impl std::str::FromStr for DeviceArg {
+    type Err = String;
+
+    fn from_str(text: &str) -> std::result::Result<Self, String> {
+        let (kind, index) = match text.split_once(':') {
+            Some((kind, index)) => {
+                let index = index
+                    .parse::<usize>()
+                    .map_err(|_| format!("{text:?}: the GPU index after ':' must be a number from 0"))?;
+                (kind, index)
+            }
+            None => (text, 0),
+        };
+        match kind {
+            "cpu" if index == 0 && !text.contains(':') => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(index)),
+            "metal" => Ok(Self::Metal(index)),
+            _ => Err(format!("{text:?}: expected cpu, cuda, cuda:N, metal or metal:N")),
+        }
+    }
 }
 
 /// Compute precision.
@@ -40,8 +62,8 @@ pub struct ModelArgs {
     /// Model: a diffusers-layout folder or a Hugging Face repo id.
     #[arg(long, env = "PIXART_MODEL", default_value = DEFAULT_MODEL)]
     pub model: String,
-    /// Device to run on.
-    #[arg(long, env = "PIXART_DEVICE", value_enum, default_value = "cpu")]
+    /// Device to run on: cpu, cuda (GPU 0), cuda:N, metal or metal:N.
+    #[arg(long, env = "PIXART_DEVICE", default_value = "cpu")]
     pub device: DeviceArg,
     /// Compute dtype (default: f32 on the CPU, bf16 on a GPU).
     #[arg(long, env = "PIXART_DTYPE", value_enum)]
@@ -91,12 +113,12 @@ impl ModelArgs {
     pub fn device(&self) -> Result<Device> {
         match self.device {
             DeviceArg::Cpu => Ok(Device::Cpu),
-            DeviceArg::Cuda => {
-                Device::new_cuda(0).context("cannot use CUDA (this build needs `--features cuda` and an NVIDIA driver)")
-            }
-            DeviceArg::Metal => {
-                Device::new_metal(0).context("cannot use Metal (this build needs `--features metal` on macOS)")
-            }
+            DeviceArg::Cuda(n) => Device::new_cuda(n).with_context(|| {
+                format!("--device cuda:{n}: cannot use CUDA GPU {n} (this build needs `--features cuda`, an NVIDIA driver and that GPU)")
+            }),
+            DeviceArg::Metal(n) => Device::new_metal(n).with_context(|| {
+                format!("--device metal:{n}: cannot use Metal GPU {n} (this build needs `--features metal` on macOS)")
+            }),
         }
     }
 
@@ -156,5 +178,23 @@ impl ModelArgs {
             device,
             ..LoadOptions::default()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DeviceArg;
+
+    #[test]
+    fn devices_are_named_with_an_optional_gpu_index() {
+        let parse = |text: &str| text.parse::<DeviceArg>();
+        assert_eq!(parse("cpu"), Ok(DeviceArg::Cpu));
+        assert_eq!(parse("cuda"), Ok(DeviceArg::Cuda(0)));
+        assert_eq!(parse("cuda:3"), Ok(DeviceArg::Cuda(3)));
+        assert_eq!(parse("metal:1"), Ok(DeviceArg::Metal(1)));
+        for bad in ["gpu", "cuda:", "cuda:-1", "cuda:x", "cpu:0", "CUDA"] {
+            let error = parse(bad).expect_err(bad);
+            assert!(error.contains(bad), "{error}");
+        }
     }
 }

@@ -590,3 +590,16 @@ fn schema_states_the_defaults_and_ranges() {
     assert_eq!(schema["properties"]["guidance_scale"]["maximum"], 20.0);
     assert_eq!(schema["properties"]["style"]["enum"].as_array().unwrap().len(), 10);
 }
+
+#[test]
+fn devices_are_chosen_by_name_and_gpu_index() {
+    let model = fixtures().join("tiny-sigma-256");
+    let model = model.to_str().unwrap();
+    // GPU 7 exists nowhere here: refused by name before anything is generated.
+    let output = pixart(&["generate", "--model", model, "--prompt", "x", "--device", "cuda:7"], &[]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--device cuda:7: cannot use CUDA GPU 7"));
+    let output = pixart(&["generate", "--model", model, "--prompt", "x", "--device", "gpu"], &[]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("expected cpu, cuda, cuda:N, metal or metal:N"));
+}
