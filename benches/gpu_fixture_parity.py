@@ -51,6 +51,8 @@ def run_case(binary: str, case: Path, device: str, dtype: str, out: Path) -> dic
         if ours.shape != theirs.shape:
             return {"ok": False, "error": f"image {i}: size {ours.shape} vs diffusers' {theirs.shape}", "seconds": seconds}
         diffs.append(int(np.abs(ours - theirs).max()))
+    if not diffs:
+        return {"ok": False, "error": "no image in the response", "seconds": seconds}
     ok = dtype != "f32" or max(diffs) <= F32_BOUND
     return {"ok": ok, "max_pixel_diff": diffs, "seconds": round(seconds, 2)}
 
@@ -70,7 +72,10 @@ def main() -> None:
         for dtype in args.dtypes.split(","):
             for case in cases:
                 out = Path(tmp) / f"{dtype}-{case.name}"
-                result = run_case(args.pixart, case, args.device, dtype, out)
+                try:
+                    result = run_case(args.pixart, case, args.device, dtype, out)
+                except Exception as error:  # noqa: BLE001 - every case gets a line in the report
+                    result = {"ok": False, "error": f"{type(error).__name__}: {error}"}
                 report["cases"][f"{dtype}/{case.name}"] = result
                 print(f"{dtype:5} {case.name:20} {json.dumps(result)}", flush=True)
     report["ok"] = all(r["ok"] for r in report["cases"].values())

@@ -36,12 +36,13 @@ if [[ $FEATURES == *flash-attn* ]]; then
   mkdir -p "$HOME/.cache/candle-flash-attn"
   export CANDLE_FLASH_ATTN_BUILD_DIR=$HOME/.cache/candle-flash-attn CUDAFORGE_THREADS=${CUDAFORGE_THREADS:-$(nproc)}
 fi
+BIN=${CARGO_TARGET_DIR:-target-cuda}/release/pixart
 started=$(date +%s)
 "$XBUILD" build --release -p pixart-cli --features "$FEATURES"
-echo "gpu_prepare: built in $(( $(date +%s) - started )) s: $(stat -c %s target-cuda/release/pixart) bytes"
+echo "gpu_prepare: built in $(( $(date +%s) - started )) s: $(stat -c %s "$BIN") bytes"
 
-mkdir -p .gpu/whl
-xz -T0 -9 -c target-cuda/release/pixart > .gpu/pixart.xz
+rm -rf .gpu && mkdir -p .gpu/whl
+xz -T0 -9 -c "$BIN" > .gpu/pixart.xz
 echo "$FEATURES" > .gpu/features
 git rev-parse HEAD > .gpu/commit
 # diffusers (the reference) and its one requirement the machine's image lacks, for its Python 3.12.
@@ -49,3 +50,8 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d .gpu/whl diffusers==0.42.1 importlib_metadata==8.7.0 zipp==3.23.0
 du -sh .gpu .gpu/*
+# The device tool carries the tracked tree, untracked files and .gpu: at most 64 MiB in all.
+tree=$(git ls-files -co --exclude-standard -z | du -cb --files0-from=- | tail -n 1 | cut -f1)
+total=$(( tree + $(du -sb .gpu | cut -f1) ))
+echo "gpu_prepare: $total bytes would travel (limit 67108864)"
+[ "$total" -lt $(( 62 * 1024 * 1024 )) ] || { echo "gpu_prepare: too large to carry" >&2; exit 1; }

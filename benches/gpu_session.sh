@@ -10,9 +10,10 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/pixart-gpu}
 mkdir -p "$OUT"
-exec > >(tee "$OUT/log.txt") 2>&1
 STAGES=${STAGES:-fixtures bf16 f32}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl || exit 1
+
+main() {
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl || return 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 # The CUDA libraries (cudart, cublas, curand, cudnn) come with the machine's PyTorch wheels.
 LD_LIBRARY_PATH=$(python3 - <<'PY'
@@ -26,15 +27,16 @@ print(":".join(dirs))
 PY
 )${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export LD_LIBRARY_PATH
-python3 -c 'import lzma, shutil; shutil.copyfileobj(lzma.open(".gpu/pixart.xz"), open("/tmp/pixart", "wb"))' && chmod +x /tmp/pixart
+python3 -c 'import lzma, shutil; shutil.copyfileobj(lzma.open(".gpu/pixart.xz"), open("/tmp/pixart", "wb"))' || return 1
+chmod +x /tmp/pixart
 {
   echo "features: $(cat .gpu/features) commit: $(cat .gpu/commit)"
   nvidia-smi
   ldd /tmp/pixart
   python3 -c 'import torch, diffusers, transformers; print("torch", torch.__version__, "diffusers", diffusers.__version__, "transformers", transformers.__version__)'
 } > "$OUT/environment.txt" 2>&1
-if ldd /tmp/pixart | grep -q "not found"; then
-  echo "gpu_session: libraries missing:"; ldd /tmp/pixart | grep "not found"; exit 1
+if ldd /tmp/pixart | grep "not found" >/dev/null; then
+  echo "gpu_session: libraries missing:"; ldd /tmp/pixart | grep "not found"; return 1
 fi
 status=0
 for stage in $STAGES; do
@@ -47,4 +49,8 @@ for stage in $STAGES; do
   esac
 done
 echo "== done $(date +%T) status $status"
-exit $status
+return $status
+}
+
+# The log is written through tee in the pipeline itself, so it is complete when the script ends.
+main 2>&1 | tee "$OUT/log.txt"

@@ -183,6 +183,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--size", type=int)
     args = parser.parse_args()
+    dtypes = {"bf16": torch.bfloat16, "f32": torch.float32}
+    unknown = set(args.dtypes.split(",")) - dtypes.keys()
+    if unknown:
+        parser.error(f"--dtypes: {sorted(unknown)} not among {sorted(dtypes)}")
 
     device = "cpu" if args.dry_run else "cuda"
     steps = args.steps or (3 if args.dry_run else 20)
@@ -202,10 +206,6 @@ def main() -> None:
             make_full_size_model(model)
         results = {"command": " ".join([sys.executable, *sys.argv]), "device": device, "size": size, "steps": steps,
                    "seed": seed, "environment": environment(device), "runs": {}}
-        dtypes = {"bf16": torch.bfloat16, "f32": torch.float32}
-        unknown = set(args.dtypes.split(",")) - dtypes.keys()
-        if unknown:
-            parser.error(f"--dtypes: {sorted(unknown)} not among {sorted(dtypes)}")
         for dtype_name in args.dtypes.split(","):
             torch_dtype = dtypes[dtype_name]
             theirs = run_diffusers(model, device, torch_dtype, size, steps, seed)

@@ -29,7 +29,8 @@ pub struct LoadOptions {
     /// Where to run.
     pub device: Device,
     /// Compute dtype: f32, bf16 or f16. In f16 the VAE runs in f32 when its config sets
-    /// `force_upcast` (the SDXL VAE's does: it overflows in f16) and T5 keeps its `wo` in f32.
+    /// `force_upcast` (the SDXL VAE's does: it overflows in f16; diffusers' PixArt pipeline
+    /// ignores the flag, see `pixart_vae::VaeConfig::force_upcast`) and T5 keeps its `wo` in f32.
     pub dtype: DType,
     /// Hub resolution for repo ids.
     pub hub: HubOptions,

@@ -246,7 +246,8 @@ impl StorageLock {
             let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
             if !locked {
                 let holder = std::fs::read_to_string(&path).unwrap_or_default();
-                let holder = if holder.trim().is_empty() { "pid not written yet" } else { holder.trim() };
+                let holder = holder.split_whitespace().collect::<Vec<_>>().join(" ");
+                let holder = if holder.is_empty() { "pid not written yet".to_string() } else { holder };
                 return Err(ServerError::Config(format!(
                     "storage folder {} is in use by another pixart serve ({}); give each server its own --storage-dir",
                     root.display(),
@@ -257,7 +258,8 @@ impl StorageLock {
         // The holder's pid, written in place: the file is never empty while a holder runs
         // (a refused server reads it at any moment). A stale pid left behind is harmless:
         // the flock, released when the process ends, is what decides.
-        let pid = format!("pid {}", std::process::id());
+        // Fixed width: a shorter pid over a longer stale one leaves no stray digits.
+        let pid = format!("pid {:>10}", std::process::id());
         #[cfg(unix)]
         {
             use std::os::unix::fs::FileExt;

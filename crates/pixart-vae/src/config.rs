@@ -43,7 +43,9 @@ pub struct VaeConfig {
     pub up_block_types: Vec<String>,
     /// Whether the VAE must run in f32 when f16 is asked for (diffusers' `force_upcast`, true by
     /// default and in the SDXL VAE, whose activations overflow f16). bf16 has f32's range and
-    /// is kept.
+    /// is kept. A deliberate difference: diffusers' SDXL pipelines honour this flag, its
+    /// `PixArtSigmaPipeline` does not (it decodes in the pipeline's dtype, so f16 can overflow
+    /// to NaN there); here an f16 request gets a finite image.
     #[serde(default = "yes")]
     pub force_upcast: bool,
 }
