@@ -104,8 +104,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
         ..args.jobs.config(storage)
     };
     // Bad settings, or a folder another server holds, fail now, not after loading gigabytes of
-    // weights.
-    pixart_server::check_storage(&config)?;
+    // weights; the folder stays held from here.
+    let claim = pixart_server::check_storage(&config)?;
     if args.workers == 0 && config.queue == QueueBackend::Embedded {
         anyhow::bail!("--workers 0 needs a shared queue (--queue redis://HOST:PORT): nothing would run the jobs");
     }
@@ -127,7 +127,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
         tracing::info!(app = %config.app_id, "listening on http://{address}");
         crate::emit(&format!("pixart serve: listening on http://{address}"))?;
         let report =
-            pixart_server::serve(pipeline, args.model.model.clone(), config, listener, shutdown_signal()).await?;
+            pixart_server::serve(pipeline, args.model.model.clone(), config, Some(claim), listener, shutdown_signal())
+                .await?;
         tracing::info!(requests = ?report.counters, "server stopped");
         Ok(())
     })

@@ -23,7 +23,8 @@ pub struct WorkerArgs {
 /// Runs `pixart worker` until Ctrl-C or SIGTERM.
 pub fn run(args: WorkerArgs) -> Result<()> {
     let config = ServerConfig { queue: queue_backend(Some(&args.queue)), ..args.jobs.config(None) };
-    pixart_server::check_storage(&config)?;
+    // A worker holds no folder lock (the queue is shared): this checks the settings.
+    drop(pixart_server::check_storage(&config)?);
     init_logging();
     let options = args.jobs.load_options(&args.model)?;
     runtime()?.block_on(async move {

@@ -32,14 +32,16 @@
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use pixart_pipeline::{LoadOptions, Pipeline};
-//! use pixart_server::{serve, ServerConfig};
+//! use pixart_server::{check_storage, serve, ServerConfig};
 //!
+//! let config = ServerConfig { api_key: Some("secret".into()), ..ServerConfig::default() }; // storage: per-user data folder
+//! // Settings checked and the storage folder held before the long model load.
+//! let claim = check_storage(&config)?;
 //! let pipeline = Pipeline::load("PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", &LoadOptions::default())?;
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:8000").await?;
-//! let config = ServerConfig { api_key: Some("secret".into()), ..ServerConfig::default() }; // storage: per-user data folder
 //! // Serves until the future resolves, then shuts down gracefully.
 //! let stop = tokio::time::sleep(std::time::Duration::from_secs(3600));
-//! let report = serve(Some(pipeline), "PixArt-Sigma-XL-2-1024-MS".into(), config, listener, stop).await?;
+//! let report = serve(Some(pipeline), "PixArt-Sigma-XL-2-1024-MS".into(), config, Some(claim), listener, stop).await?;
 //! println!("{:?}", report.counters);
 //! # Ok(())
 //! # }
@@ -54,7 +56,7 @@ mod state;
 pub use crate::core::webhook_target;
 pub use crate::core::Counters;
 pub use config::{QueueBackend, ServerConfig, Storage};
-pub use server::{check_storage, serve, work, ServeReport};
+pub use server::{check_storage, serve, work, ServeReport, StorageClaim};
 
 /// Errors that stop the server from starting or running.
 #[derive(Debug, thiserror::Error)]

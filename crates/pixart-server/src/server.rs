@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,15 +42,19 @@ pub struct ServeReport {
 /// after the next start (or on another worker), as do requests that were running when a
 /// previous server was killed. With [`crate::Storage::Temporary`] they fail with
 /// `ServerShutdown` instead.
+///
+/// `claim` is [`check_storage`]'s for this `config` (taken before the model was loaded); `None`
+/// claims the folder here.
 pub async fn serve(
     pipeline: Option<Pipeline>,
     model: String,
     config: ServerConfig,
+    claim: Option<StorageClaim>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<ServeReport, ServerError> {
     let local_addr = listener.local_addr()?;
-    run(pipeline, model, config, Some(listener), local_addr, shutdown).await
+    run(pipeline, model, config, claim, Some(listener), local_addr, shutdown).await
 }
 
 /// Works jobs of a shared queue ([`crate::QueueBackend::Redis`]) without serving HTTP, until
@@ -67,7 +71,7 @@ pub async fn work(
             "queue: a worker without HTTP needs a shared queue (--queue redis://HOST:PORT)".into(),
         ));
     }
-    run(Some(pipeline), model, config, None, SocketAddr::from(([0, 0, 0, 0], 0)), shutdown).await
+    run(Some(pipeline), model, config, None, None, SocketAddr::from(([0, 0, 0, 0], 0)), shutdown).await
 }
 
 /// How long a webhook delivery may take, all attempts and pauses included, before another
@@ -81,6 +85,7 @@ async fn run(
     pipeline: Option<Pipeline>,
     model: String,
     config: ServerConfig,
+    claim: Option<StorageClaim>,
     listener: Option<TcpListener>,
     local_addr: SocketAddr,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -89,7 +94,10 @@ async fn run(
     let root = config.storage.create()?;
     let (store, lock): (Arc<dyn JobStore>, Option<StorageLock>) = match &config.queue {
         QueueBackend::Embedded => {
-            let lock = StorageLock::acquire(&root)?;
+            let lock = match claim.and_then(|claim| claim.lock) {
+                Some(lock) if lock.root == root => lock,
+                _ => StorageLock::acquire(&root)?,
+            };
             (Arc::new(SqliteStore::open(&root.join("jobs.sqlite3"))?), Some(lock))
         }
         QueueBackend::Redis(url) => {
@@ -212,14 +220,23 @@ async fn run(
 
 /// Checks, before a long model load, that [`serve`] will be able to open its storage: the
 /// settings are valid, the folder can be created and, with the embedded queue, no other server
-/// holds it. (The lock is taken again, for good, by [`serve`].)
-pub fn check_storage(config: &ServerConfig) -> Result<(), ServerError> {
+/// holds it. The folder is then held from here: pass the claim to [`serve`], which keeps it
+/// until it stops (another server started meanwhile is refused at once, not after its load).
+pub fn check_storage(config: &ServerConfig) -> Result<StorageClaim, ServerError> {
     config.validate()?;
     config.storage.resolve()?;
-    if config.queue == QueueBackend::Embedded && config.storage.is_durable() {
-        drop(StorageLock::acquire(&config.storage.create()?)?);
-    }
-    Ok(())
+    let lock = if config.queue == QueueBackend::Embedded && config.storage.is_durable() {
+        Some(StorageLock::acquire(&config.storage.create()?)?)
+    } else {
+        None
+    };
+    Ok(StorageClaim { lock })
+}
+
+/// A storage folder held by this process, from [`check_storage`] to the end of [`serve`].
+#[derive(Debug)]
+pub struct StorageClaim {
+    lock: Option<StorageLock>,
 }
 
 /// An exclusive lock on a storage folder: two servers on one folder would both take its
@@ -227,6 +244,7 @@ pub fn check_storage(config: &ServerConfig) -> Result<(), ServerError> {
 #[derive(Debug)]
 struct StorageLock {
     _file: std::fs::File,
+    root: PathBuf,
 }
 
 impl StorageLock {
@@ -267,6 +285,6 @@ impl StorageLock {
         }
         #[cfg(not(unix))]
         let _ = std::fs::write(&path, &pid);
-        Ok(Self { _file: file })
+        Ok(Self { _file: file, root: root.to_path_buf() })
     }
 }
