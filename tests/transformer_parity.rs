@@ -82,9 +82,6 @@ fn prepared_steps_equal_diffusers() {
         let dit = PixArtTransformer::load(&model_dir(model).join("transformer"), DType::F32, &Device::Cpu).unwrap();
         let latents = golden(&g, "hidden_states");
         let t = timesteps(golden(&g, "timestep"));
-        let caption = dit
-            .prepare_caption(golden(&g, "encoder_hidden_states"), Some(golden(&g, "encoder_attention_mask")))
-            .unwrap();
         // The golden batch has one timestep per row; prepare each row's timestep among others.
         let all = dit.prepare_timesteps(&[999.0, t[0], 3.0, t[1]], &Device::Cpu).unwrap();
         assert_eq!(all.len(), 4);
