@@ -107,7 +107,8 @@ fn attention_over_kept_keys(
         Some(Some(lengths)) => Some(lengths),
         Some(None) => return Ok(None),
     };
-    if lengths.is_some_and(|lengths| lengths.len() != qn.dim(0).unwrap_or(0)) {
+    let batch = qn.dim(0)?;
+    if lengths.is_some_and(|lengths| lengths.len() != batch) {
         return Ok(None); // a mask for another batch: the plain path reports it
     }
     let out = match lengths {

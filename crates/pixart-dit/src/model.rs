@@ -301,13 +301,7 @@ impl PixArtTransformer {
         let used =
             rows.iter().map(|r| r.iter().rposition(|&m| m != 0.0).map_or(0, |i| i + 1)).max().unwrap_or(0).max(1);
         let caption = caption.narrow(1, 0, used)?;
-        let rows: Vec<Vec<f32>> = rows
-            .into_iter()
-            .map(|mut r| {
-                r.truncate(used);
-                r
-            })
-            .collect();
+        let rows: Vec<Vec<f32>> = rows.iter().map(|r| r.iter().take(used).copied().collect()).collect();
         Ok((caption, Some(KeyMask::from_rows(&rows, mask.device())?)))
     }
 }
