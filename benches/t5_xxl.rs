@@ -20,7 +20,8 @@ use std::time::Instant;
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
-use pixart_pipeline::{GenerateRequest, LoadOptions, Pipeline, TextEncoderOptions};
+use pixart_fal::GenerateRequest;
+use pixart_pipeline::{LoadOptions, Pipeline, TextEncoderOptions};
 use pixart_t5::{llama_cpp_name, QuantType, T5Config, T5Encoder, T5LoadOptions, T5WeightsFile};
 use serde_json::{json, Value};
 
@@ -158,9 +159,10 @@ fn fixture_images(root: &Path) -> Vec<Value> {
     cases
         .into_iter()
         .map(|(name, text_encoder)| {
-            let options = LoadOptions { text_encoder, ..LoadOptions::default() };
+            let mut options = LoadOptions::default();
+            options.text_encoder = text_encoder;
             let pipeline = Pipeline::load(model.to_str().unwrap(), &options).unwrap();
-            let image = &pipeline.generate(&request).unwrap().images[0];
+            let image = &pipeline.generate(&request.to_params()).unwrap().images[0];
             let diff = pixart_suite::max_pixel_diff(&image.pixels, &case.join("image_0.png"));
             json!({ "text_encoder": name, "weights": pipeline.text_encoder_weights().to_string(), "max_pixel_diff": diff })
         })

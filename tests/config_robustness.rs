@@ -6,19 +6,20 @@
 use std::path::Path;
 
 use candle_core::{DType, Device};
-use pixart_pipeline::{Dimensions, GenerateRequest, GuidanceScale, ImageSize, LoadOptions, Pipeline, Steps};
+use pixart_pipeline::{GenerationParams, LoadOptions, Pipeline};
 use pixart_suite::fixture_copy;
 use serde_json::{json, Value};
 
 fn load_and_run(model: &Path) -> Result<(), String> {
-    let options = LoadOptions { device: Device::Cpu, dtype: DType::F32, ..LoadOptions::default() };
+    let options = LoadOptions::on(Device::Cpu, DType::F32);
     let pipeline = Pipeline::load(model.to_str().unwrap(), &options).map_err(|e| pixart_pipeline::error_report(&e))?;
-    let mut request = GenerateRequest::new("a cat");
-    request.image_size = ImageSize::Custom(Dimensions::new(32, 48).map_err(|e| e.to_string())?);
-    request.num_inference_steps = Steps::new(2).map_err(|e| e.to_string())?;
-    request.guidance_scale = GuidanceScale::new(2.0).map_err(|e| e.to_string())?;
-    request.seed = Some(1);
-    let generation = pipeline.generate(&request).map_err(|e| pixart_pipeline::error_report(&e))?;
+    let params = GenerationParams::new("a cat")
+        .with_size(32, 48)
+        .map_err(|e| e.to_string())?
+        .with_steps(2)
+        .with_guidance_scale(2.0)
+        .with_seed(1);
+    let generation = pipeline.generate(&params).map_err(|e| pixart_pipeline::error_report(&e))?;
     assert_eq!((generation.images[0].width, generation.images[0].height), (32, 48));
     Ok(())
 }

@@ -2,12 +2,13 @@
 //! (≤ 2/255 per pixel), and the pipeline's intermediate values equal the hooked diffusers run.
 
 use candle_core::{DType, Device};
-use pixart_pipeline::{GenerateRequest, LoadOptions, Pipeline, TorchGenerator};
+use pixart_fal::GenerateRequest;
+use pixart_pipeline::{GenerationParams, LoadOptions, Pipeline, TorchGenerator};
 use pixart_suite::{assert_close, golden, goldens_dir, load_goldens, max_pixel_diff, model_dir};
 
 fn load(model: &str) -> Pipeline {
-    let options =
-        LoadOptions { device: Device::Cpu, dtype: DType::F32, hub: Default::default(), ..LoadOptions::default() };
+    let mut options = LoadOptions::on(Device::Cpu, DType::F32);
+    options.hub = Default::default();
     Pipeline::load(model_dir(model).to_str().unwrap(), &options).unwrap()
 }
 
@@ -22,7 +23,7 @@ fn fal_requests_reproduce_diffusers_images() {
         let model = std::fs::read_to_string(case.join("model.txt")).unwrap().trim().to_string();
         let pipeline = pipelines.entry(model.clone()).or_insert_with(|| load(&model));
         let request = GenerateRequest::from_json(&std::fs::read_to_string(case.join("request.json")).unwrap()).unwrap();
-        let generation = pipeline.generate(&request).unwrap();
+        let generation = pipeline.generate(&request.to_params()).unwrap();
         assert_eq!(generation.images.len(), request.num_images.get() as usize);
         assert_eq!(generation.seed, request.seed.unwrap());
         for (i, image) in generation.images.iter().enumerate() {
@@ -53,11 +54,9 @@ fn intermediate_values_equal_the_hooked_diffusers_run() {
 #[test]
 fn cancelling_from_the_step_callback_stops_the_run() {
     let pipeline = load("tiny-sigma-256");
-    let mut request = GenerateRequest::new("a cat");
-    request.image_size = pixart_pipeline::ImageSize::Custom(pixart_pipeline::Dimensions::new(64, 64).unwrap());
-    request.num_inference_steps = pixart_pipeline::Steps::new(10).unwrap();
+    let params = GenerationParams::new("a cat").with_size(64, 64).unwrap().with_steps(10);
     let mut seen = 0;
-    let result = pipeline.generate_with_progress(&request, |p| {
+    let result = pipeline.generate_with_progress(&params, |p| {
         seen = p.step;
         if p.step == 3 {
             std::ops::ControlFlow::Break(())

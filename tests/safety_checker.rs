@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use pixart_pipeline::{GenerateRequest, LoadOptions, Pipeline, PipelineError};
+use pixart_pipeline::{GenerationParams, LoadOptions, Pipeline, PipelineError};
 use pixart_safety::{pil_bilinear_resize, RgbView, SafetyChecker, NSFW_THRESHOLD};
 use pixart_suite::{assert_close, fixtures_dir, golden, goldens_dir, load_goldens, model_dir};
 
@@ -116,23 +116,19 @@ fn checker_with_bias(tag: &str, bias: [f32; 2]) -> PathBuf {
 }
 
 fn pipeline(checker: Option<&Path>) -> Pipeline {
-    let options = LoadOptions {
-        device: Device::Cpu,
-        dtype: DType::F32,
-        hub: Default::default(),
-        safety_checker: checker.map(|p| p.to_str().unwrap().to_string()),
-        ..LoadOptions::default()
-    };
+    let mut options = LoadOptions::on(Device::Cpu, DType::F32);
+    options.hub = Default::default();
+    options.safety_checker = checker.map(|p| p.to_str().unwrap().to_string());
     Pipeline::load(model_dir("tiny-sigma-256").to_str().unwrap(), &options).unwrap()
 }
 
-fn request(num_images: u32) -> GenerateRequest {
-    let mut r = GenerateRequest::new("a red fox in the snow");
-    r.image_size = pixart_pipeline::ImageSize::Custom(pixart_pipeline::Dimensions::new(96, 64).unwrap());
-    r.num_inference_steps = pixart_pipeline::Steps::new(2).unwrap();
-    r.num_images = pixart_pipeline::NumImages::new(num_images).unwrap();
-    r.seed = Some(3);
-    r
+fn request(num_images: u32) -> GenerationParams {
+    GenerationParams::new("a red fox in the snow")
+        .with_size(96, 64)
+        .unwrap()
+        .with_steps(2)
+        .with_num_images(num_images)
+        .with_seed(3)
 }
 
 #[test]
@@ -149,7 +145,8 @@ fn flagged_images_become_black_and_are_reported() {
         assert_eq!((image.width, image.height), (original.width, original.height), "same size");
         assert!(image.pixels.iter().all(|&p| p == 0), "a flagged image is black");
     }
-    let response = flagged.into_response(|_, _| Ok("file:///x.png".into())).unwrap();
+    let fal_request = pixart_fal::GenerateRequest::new("a red fox in the snow");
+    let response = pixart_fal::respond(&fal_request, &flagged, |_, _| Ok("file:///x.png".into())).unwrap();
     assert_eq!(response.has_nsfw_concepts, [true, true]);
 
     let passed = pipeline(Some(&never)).generate(&request(2)).unwrap();
@@ -157,8 +154,7 @@ fn flagged_images_become_black_and_are_reported() {
     assert_eq!(passed.images, unchecked.images, "an image that passes is untouched");
 
     // The request can turn the check off.
-    let mut off = request(1);
-    off.enable_safety_checker = Some(false);
+    let off = request(1).with_safety_check(false);
     let generation = pipeline(Some(&always)).generate(&off).unwrap();
     assert!(!generation.safety_checked && generation.has_nsfw_concepts == [false]);
     assert!(generation.images[0].pixels.iter().any(|&p| p != 0));
@@ -187,11 +183,13 @@ fn the_threshold_is_p_nsfw_above_one_half() {
 
 #[test]
 fn asking_for_the_check_without_a_checker_is_refused_naming_the_field() {
-    let mut r = request(1);
-    r.enable_safety_checker = Some(true);
+    let r = request(1).with_safety_check(true);
     match pipeline(None).generate(&r) {
-        Err(PipelineError::Invalid(errors)) => {
-            assert_eq!(errors[0].field, "enable_safety_checker", "{errors:?}");
+        Err(PipelineError::InvalidParameter(invalid)) => {
+            assert_eq!(invalid.parameter, "safety_check", "{invalid:?}");
+            // In a fal request it is the field `enable_safety_checker`.
+            let field = pixart_fal::FieldError::from(invalid);
+            assert_eq!(field.field, "enable_safety_checker", "{field:?}");
         }
         other => panic!("expected a refusal, got {other:?}"),
     }
@@ -199,11 +197,9 @@ fn asking_for_the_check_without_a_checker_is_refused_naming_the_field() {
 
 #[test]
 fn a_checker_that_cannot_be_loaded_fails_the_load() {
-    let options = LoadOptions {
-        safety_checker: Some("/nonexistent/checker".into()),
-        hub: pixart_pipeline::HubOptions { offline: true, ..Default::default() },
-        ..LoadOptions::default()
-    };
+    let mut options = LoadOptions::default();
+    options.safety_checker = Some("/nonexistent/checker".into());
+    options.hub = pixart_pipeline::HubOptions { offline: true, ..Default::default() };
     let err = Pipeline::load(model_dir("tiny-sigma-256").to_str().unwrap(), &options).unwrap_err();
     assert!(matches!(err, PipelineError::SafetyCheckerUnavailable { .. }), "{err:?}");
     let report = pixart_pipeline::error_report(&err);
@@ -216,7 +212,8 @@ fn a_checker_that_cannot_be_loaded_fails_the_load() {
     }
     let config = std::fs::read_to_string(checker_dir().join("config.json")).unwrap().replace("\"nsfw\"", "\"racy\"");
     std::fs::write(dir.join("config.json"), config).unwrap();
-    let options = LoadOptions { safety_checker: Some(dir.to_str().unwrap().into()), ..LoadOptions::default() };
+    let mut options = LoadOptions::default();
+    options.safety_checker = Some(dir.to_str().unwrap().into());
     let err = Pipeline::load(model_dir("tiny-sigma-256").to_str().unwrap(), &options).unwrap_err();
     let report = pixart_pipeline::error_report(&err);
     assert!(report.contains("nsfw") && report.contains("racy"), "{report}");

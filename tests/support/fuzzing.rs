@@ -4,8 +4,9 @@
 
 use std::sync::OnceLock;
 
+use pixart_fal::{ErrorKind, GenerateRequest, PartialRequest, FIELDS};
 use pixart_pipeline::sizes::AspectRatioBins;
-use pixart_pipeline::{GenerateRequest, GuidanceScale, ImageSize, NumImages, PartialRequest, SizePlan, Steps};
+use pixart_pipeline::SizePlan;
 use pixart_t5::spiece::SentencePieceModel;
 use pixart_t5::{T5Tokenizer, MAX_SEQUENCE_LENGTH};
 
@@ -30,22 +31,19 @@ pub fn request_json(data: &[u8]) {
         Err(errors) => {
             assert!(!errors.is_empty());
             for error in &errors {
-                assert!(!error.message.is_empty() && !error.kind.is_empty(), "{error:?}");
+                assert!(!error.message.is_empty(), "{error:?}");
                 // Only a body that is not JSON, or not an object, has no field to name (and an
                 // unknown field whose name is the empty string).
-                let whole_body = error.kind == "json_invalid" || error.message.contains("JSON object");
-                assert!(!error.field.is_empty() || whole_body || error.kind == "extra_forbidden", "{error:?}");
+                let whole_body = error.kind == ErrorKind::JsonInvalid || error.message.contains("JSON object");
+                assert!(!error.field.is_empty() || whole_body || error.kind == ErrorKind::ExtraForbidden, "{error:?}");
             }
         }
     }
     let _ = PartialRequest::from_json(text);
-    // The command line's parsers of the same fields.
-    let _ = text.parse::<ImageSize>();
-    let _ = text.parse::<Steps>();
-    let _ = text.parse::<NumImages>();
-    let _ = text.parse::<GuidanceScale>();
-    let _ = text.parse::<pixart_pipeline::Style>();
-    let _ = text.parse::<pixart_pipeline::SchedulerKind>();
+    // The command line's parser of every field, on the same text.
+    for field in FIELDS {
+        let _ = PartialRequest::default().set_text(field.name, text);
+    }
 }
 
 fn fixture_tokenizer() -> &'static T5Tokenizer {

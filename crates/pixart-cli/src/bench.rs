@@ -6,9 +6,8 @@ use anyhow::{Context, Result};
 use candle_core::Device;
 use clap::builder::FalseyValueParser;
 use clap::Args;
-use pixart_pipeline::{
-    Dimensions, GenerateRequest, GuidanceScale, ImageSize, SchedulerKind, Stage, StageTimings, Steps,
-};
+use pixart_fal::{GuidanceScale, ImageSize, SchedulerKind, Steps};
+use pixart_pipeline::{GenerationParams, Pipeline, StageTimings, WeightSummary};
 use serde_json::{json, Value};
 
 use crate::model_args::ModelArgs;
@@ -110,16 +109,6 @@ impl StageMemory {
     }
 }
 
-fn stage_name(stage: Stage) -> &'static str {
-    match stage {
-        Stage::TextEncoder => "text_encoder",
-        Stage::Denoise => "denoise",
-        Stage::Vae => "vae",
-        Stage::Postprocess => "postprocess",
-        Stage::SafetyChecker => "safety_checker",
-    }
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -131,19 +120,155 @@ fn summary(values: &[f64]) -> Value {
     json!({ "mean_ms": mean, "min_ms": sorted.first().copied().unwrap_or(0.0), "median_ms": sorted.get(sorted.len() / 2).copied().unwrap_or(0.0) })
 }
 
+/// The parameters every run uses.
+fn params(args: &BenchArgs) -> GenerationParams {
+    let mut params = GenerationParams::new(args.prompt.clone())
+        .with_steps(args.steps.get())
+        .with_sampler(args.scheduler.sampler())
+        .with_guidance_scale(args.guidance_scale.get())
+        .with_seed(args.seed);
+    params.size = args.size.dimensions();
+    params
+}
+
+/// Runs the warm-up and measured generations; returns the measured runs' timings.
+fn measure(
+    pipeline: &Pipeline,
+    params: &GenerationParams,
+    args: &BenchArgs,
+    memory: &mut StageMemory,
+) -> Result<Vec<StageTimings>> {
+    let mut runs = Vec::with_capacity(args.runs);
+    for i in 0..args.warmup + args.runs {
+        let memory = std::cell::RefCell::new(&mut *memory);
+        let generation = pipeline.generate_with_stages(
+            params,
+            |stage| memory.borrow_mut().enter(stage.name()),
+            |_| {
+                memory.borrow_mut().sample();
+                std::ops::ControlFlow::Continue(())
+            },
+        )?;
+        memory.borrow_mut().finish();
+        if i >= args.warmup {
+            runs.push(generation.timings);
+        }
+    }
+    Ok(runs)
+}
+
+/// What was measured, as `--json` prints it.
+struct Measured<'a> {
+    load: Duration,
+    runs: &'a [StageTimings],
+    memory: &'a StageMemory,
+    baseline: Option<u64>,
+    peak: Option<u64>,
+    text_encoder: &'a WeightSummary,
+}
+
+/// The stages of the report, in order.
+const STAGES: [&str; 9] = [
+    "tokenize",
+    "text_encoder_load",
+    "text_encoder",
+    "transformer_step",
+    "denoise_total",
+    "vae",
+    "postprocess",
+    "safety_checker",
+    "total",
+];
+
+fn report_json(args: &BenchArgs, device: &Device, dtype: candle_core::DType, measured: &Measured<'_>) -> Value {
+    let runs = measured.runs;
+    let per_run = |f: &dyn Fn(&StageTimings) -> Duration| runs.iter().map(|r| ms(f(r))).collect::<Vec<_>>();
+    let steps: Vec<f64> = runs.iter().flat_map(|r| r.steps.iter().map(|d| ms(*d))).collect();
+    let memory = measured.memory;
+    let by_stage: serde_json::Map<String, Value> =
+        memory.peaks.iter().map(|(stage, bytes)| ((*stage).to_string(), json!(bytes))).collect();
+    let size = args.size.dimensions();
+    let stage_measure = if device.is_cpu() && !memory.resets {
+        "cumulative process peak (VmHWM could not be reset)"
+    } else if device.is_cpu() {
+        "process peak resident set within the stage (VmHWM reset at its start)"
+    } else {
+        "device memory in use, sampled at the stage's start, after every step and at its end"
+    };
+    json!({
+        "model": args.model.model,
+        "device": format!("{:?}", device.location()),
+        "dtype": format!("{dtype:?}").to_lowercase(),
+        "size": size.to_string(),
+        "steps": args.steps.get(),
+        "scheduler": args.scheduler.name(),
+        "guidance_scale": args.guidance_scale.get(),
+        "runs": args.runs,
+        "load_s": measured.load.as_secs_f64(),
+        "stages": {
+            "tokenize": summary(&per_run(&|r| r.tokenize)),
+            "text_encoder_load": summary(&per_run(&|r| r.text_encoder_load)),
+            "text_encoder": summary(&per_run(&|r| r.text_encoder)),
+            "transformer_step": summary(&steps),
+            "denoise_total": summary(&per_run(&StageTimings::denoise)),
+            "vae": summary(&per_run(&|r| r.vae)),
+            "postprocess": summary(&per_run(&|r| r.postprocess)),
+            "safety_checker": summary(&per_run(&|r| r.safety_checker)),
+            "total": summary(&per_run(&|r| r.total)),
+        },
+        "peak_memory_bytes": measured.peak,
+        "peak_memory_by_stage_bytes": by_stage,
+        "peak_memory_by_stage_measure": stage_measure,
+        "text_encoder_weights": {
+            "bytes": measured.text_encoder.total_bytes(),
+            "summary": measured.text_encoder.to_string(),
+            "offload": args.model.offload.name(),
+        },
+        "memory_before_load_bytes": measured.baseline,
+        "memory_measure": if device.is_cpu() { "process peak resident set (VmHWM)" } else { "device memory in use, sampled after every step" },
+    })
+}
+
+fn report_table(args: &BenchArgs, report: &Value, measured: &Measured<'_>) -> Result<String> {
+    use std::fmt::Write as _;
+    let text = |key: &str| report[key].as_str().unwrap_or("").to_string();
+    let mut out = String::new();
+    writeln!(
+        out,
+        "pixart bench · {} · {} {} · {} · {} steps {} · {} runs",
+        args.model.model,
+        text("device"),
+        text("dtype"),
+        text("size"),
+        args.steps,
+        args.scheduler,
+        args.runs
+    )?;
+    writeln!(out, "{:<18} {:>12} {:>12} {:>12}", "stage", "mean ms", "median ms", "min ms")?;
+    for stage in STAGES {
+        let s = &report["stages"][stage];
+        let value = |key: &str| s[key].as_f64().unwrap_or(0.0);
+        writeln!(out, "{stage:<18} {:>12.2} {:>12.2} {:>12.2}", value("mean_ms"), value("median_ms"), value("min_ms"))?;
+    }
+    writeln!(out, "{:<18} {:>12.2} s", "model load", measured.load.as_secs_f64())?;
+    writeln!(out, "{:<18} {}", "text encoder", measured.text_encoder)?;
+    let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+    for (stage, bytes) in &measured.memory.peaks {
+        writeln!(out, "{:<18} {:>12.1} MiB", format!("peak · {stage}"), mib(*bytes))?;
+    }
+    match measured.peak {
+        Some(bytes) => writeln!(out, "{:<18} {:>12.1} MiB ({})", "peak memory", mib(bytes), text("memory_measure")),
+        None => writeln!(out, "{:<18} {:>12}", "peak memory", "unavailable"),
+    }?;
+    Ok(out.trim_end().to_string())
+}
+
 /// Runs `pixart bench`.
 pub fn run(args: BenchArgs) -> Result<()> {
-    let mut request = GenerateRequest::new(args.prompt.clone());
-    request.image_size = args.size;
-    request.num_inference_steps = args.steps;
-    request.scheduler = args.scheduler;
-    request.guidance_scale = args.guidance_scale;
-    request.seed = Some(args.seed);
-    request.sync_mode = true;
+    let params = params(&args);
     let mut options = args.model.load_options()?;
     options.prompt_cache_size = 0; // every run encodes its prompt, so T5 is timed too
-    let device = options.device.clone();
-    let dtype = options.dtype;
+    let (device, dtype) = (options.device.clone(), options.dtype);
     let baseline = memory_in_use(&device);
     let mut memory = StageMemory::new(&device);
 
@@ -152,117 +277,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let pipeline = args.model.load_pipeline(&options).context("loading the model")?;
     let load = load_started.elapsed();
     memory.finish();
-    let text_encoder_weights = pipeline.text_encoder_weights().clone();
 
-    let mut runs: Vec<StageTimings> = Vec::new();
-    for i in 0..args.warmup + args.runs {
-        let memory = std::cell::RefCell::new(&mut memory);
-        let generation = pipeline.generate_with_stages(
-            &request,
-            |stage| memory.borrow_mut().enter(stage_name(stage)),
-            |_| {
-                memory.borrow_mut().sample();
-                std::ops::ControlFlow::Continue(())
-            },
-        )?;
-        memory.borrow_mut().finish();
-        if i >= args.warmup {
-            runs.push(generation.stages);
-        }
-    }
+    let runs = measure(&pipeline, &params, &args, &mut memory)?;
     let peak = memory.peaks.iter().map(|(_, b)| *b).max().max(memory_in_use(&device).filter(|_| !device.is_cpu()));
-    let by_stage: serde_json::Map<String, Value> =
-        memory.peaks.iter().map(|(stage, bytes)| ((*stage).to_string(), json!(bytes))).collect();
-
-    let per_run = |f: &dyn Fn(&StageTimings) -> Duration| runs.iter().map(|r| ms(f(r))).collect::<Vec<_>>();
-    let steps: Vec<f64> = runs.iter().flat_map(|r| r.steps.iter().map(|d| ms(*d))).collect();
-    let size: Dimensions = request.image_size.dimensions();
-    let (width, height) = (size.width(), size.height());
-    let report = json!({
-        "model": args.model.model,
-        "device": format!("{:?}", device.location()),
-        "dtype": format!("{dtype:?}").to_lowercase(),
-        "size": format!("{width}x{height}"),
-        "steps": args.steps.get(),
-        "scheduler": args.scheduler.name(),
-        "guidance_scale": args.guidance_scale.get(),
-        "runs": args.runs,
-        "load_s": load.as_secs_f64(),
-        "stages": {
-            "tokenize": summary(&per_run(&|r| r.tokenize)),
-            "text_encoder_load": summary(&per_run(&|r| r.text_encoder_load)),
-            "text_encoder": summary(&per_run(&|r| r.text_encoder)),
-            "transformer_step": summary(&steps),
-            "denoise_total": summary(&per_run(&|r| r.steps.iter().sum())),
-            "vae": summary(&per_run(&|r| r.vae)),
-            "postprocess": summary(&per_run(&|r| r.postprocess)),
-            "safety_checker": summary(&per_run(&|r| r.safety_checker)),
-            "total": summary(&per_run(&|r| r.total)),
-        },
-        "peak_memory_bytes": peak,
-        "peak_memory_by_stage_bytes": by_stage,
-        "peak_memory_by_stage_measure": if device.is_cpu() && !memory.resets { "cumulative process peak (VmHWM could not be reset)" } else if device.is_cpu() { "process peak resident set within the stage (VmHWM reset at its start)" } else { "device memory in use, sampled at the stage's start, after every step and at its end" },
-        "text_encoder_weights": {
-            "bytes": text_encoder_weights.total_bytes(),
-            "summary": text_encoder_weights.to_string(),
-            "offload": args.model.offload.name(),
-        },
-        "memory_before_load_bytes": baseline,
-        "memory_measure": if device.is_cpu() { "process peak resident set (VmHWM)" } else { "device memory in use, sampled after every step" },
-    });
+    let text_encoder = pipeline.text_encoder_weights().clone();
+    let measured = Measured { load, runs: &runs, memory: &memory, baseline, peak, text_encoder: &text_encoder };
+    let report = report_json(&args, &device, dtype, &measured);
     if args.json {
         return crate::emit(&serde_json::to_string_pretty(&report)?);
     }
-    use std::fmt::Write as _;
-    let mut out = String::new();
-    writeln!(
-        out,
-        "pixart bench · {} · {} {} · {}x{} · {} steps {} · {} runs",
-        args.model.model,
-        report["device"].as_str().unwrap_or(""),
-        report["dtype"].as_str().unwrap_or(""),
-        width,
-        height,
-        args.steps,
-        args.scheduler,
-        args.runs
-    )?;
-    writeln!(out, "{:<18} {:>12} {:>12} {:>12}", "stage", "mean ms", "median ms", "min ms")?;
-    for stage in [
-        "tokenize",
-        "text_encoder_load",
-        "text_encoder",
-        "transformer_step",
-        "denoise_total",
-        "vae",
-        "postprocess",
-        "safety_checker",
-        "total",
-    ] {
-        let s = &report["stages"][stage];
-        writeln!(
-            out,
-            "{:<18} {:>12.2} {:>12.2} {:>12.2}",
-            stage,
-            s["mean_ms"].as_f64().unwrap_or(0.0),
-            s["median_ms"].as_f64().unwrap_or(0.0),
-            s["min_ms"].as_f64().unwrap_or(0.0)
-        )?;
-    }
-    writeln!(out, "{:<18} {:>12.2} s", "model load", load.as_secs_f64())?;
-    writeln!(out, "{:<18} {}", "text encoder", text_encoder_weights)?;
-    for (stage, bytes) in &memory.peaks {
-        writeln!(out, "{:<18} {:>12.1} MiB", format!("peak · {stage}"), *bytes as f64 / (1024.0 * 1024.0))?;
-    }
-    match peak {
-        Some(bytes) => writeln!(
-            out,
-            "{:<18} {:>12.1} MiB ({})",
-            "peak memory",
-            bytes as f64 / (1024.0 * 1024.0),
-            report["memory_measure"].as_str().unwrap_or("")
-        ),
-        None => writeln!(out, "{:<18} {:>12}", "peak memory", "unavailable"),
-    }?;
-    crate::emit(out.trim_end())
+    crate::emit(&report_table(&args, &report, &measured)?)
 }

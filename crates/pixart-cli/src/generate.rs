@@ -5,14 +5,13 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use clap::builder::{BoolishValueParser, FalseyValueParser};
+use clap::builder::FalseyValueParser;
 use clap::Args;
-use pixart_pipeline::{
-    GenerateRequest, GuidanceScale, ImageSize, NumImages, PartialRequest, PipelineError, SchedulerKind, SizePreset,
-    Steps, Style,
-};
+use pixart_fal::{GenerateRequest, InvalidRequest, PartialRequest};
+use pixart_pipeline::{Generation, Pipeline, PipelineError};
 
 use crate::model_args::ModelArgs;
+use crate::request_flags::RequestFlags;
 
 /// Arguments of `pixart generate`. Plain flags override the fields of `--request`.
 ///
@@ -38,94 +37,64 @@ pub struct GenerateArgs {
     quiet: bool,
 }
 
-/// The request fields as flags, each parsed into the request's own type (so a bad value is
-/// refused by the same rule, with the same message, as in a JSON request).
-#[derive(Debug, Args)]
-pub struct RequestFlags {
-    /// The prompt.
-    #[arg(long, env = "PIXART_PROMPT")]
-    prompt: Option<String>,
-    /// The negative prompt.
-    #[arg(long, env = "PIXART_NEGATIVE_PROMPT")]
-    negative_prompt: Option<String>,
-    /// Seed of the generator (random when absent; returned in the response).
-    #[arg(long, env = "PIXART_SEED")]
-    seed: Option<u64>,
-    #[arg(long, env = "PIXART_STEPS", help = format!(
-        "Denoising steps ({} to {}; default {})", Steps::MIN, Steps::MAX, Steps::DEFAULT))]
-    steps: Option<Steps>,
-    #[arg(long, env = "PIXART_GUIDANCE_SCALE", help = format!(
-        "Classifier-free guidance scale ({} to {}; default {}; ≤ 1 disables guidance)",
-        GuidanceScale::MIN, GuidanceScale::MAX, GuidanceScale::DEFAULT))]
-    guidance_scale: Option<GuidanceScale>,
-    #[arg(long, env = "PIXART_SCHEDULER", help = format!(
-        "{} (default) or {}", SchedulerKind::DpmSolver, SchedulerKind::SaSolver))]
-    scheduler: Option<SchedulerKind>,
-    #[arg(long, env = "PIXART_STYLE", help = format!("A style: {} (default {:?})", Style::names(), Style::default().name()))]
-    style: Option<Style>,
-    #[arg(long, env = "PIXART_IMAGE_SIZE", help = format!(
-        "WIDTHxHEIGHT (each side {} to {}; the output has exactly this size) or a preset: {} (default {})",
-        pixart_pipeline::Dimensions::MIN, pixart_pipeline::Dimensions::MAX, SizePreset::names(), ImageSize::default()))]
-    image_size: Option<ImageSize>,
-    #[arg(long, env = "PIXART_NUM_IMAGES", help = format!(
-        "Images per request ({} to {}; default {}), drawn as one noise batch",
-        NumImages::MIN, NumImages::MAX, NumImages::DEFAULT))]
-    num_images: Option<NumImages>,
-    /// Return images as data URIs in the JSON instead of writing files (`--sync-mode false`
-    /// turns off a request file's `sync_mode`).
-    #[arg(long, env = "PIXART_SYNC_MODE", num_args = 0..=1, default_missing_value = "true",
-          value_parser = BoolishValueParser::new())]
-    sync_mode: Option<bool>,
-    /// Run the safety checker on the images (default: yes, unless --no-safety-checker); flagged
-    /// images are written black and marked in has_nsfw_concepts.
-    #[arg(long, env = "PIXART_ENABLE_SAFETY_CHECKER", num_args = 0..=1, default_missing_value = "true",
-          value_parser = BoolishValueParser::new())]
-    enable_safety_checker: Option<bool>,
-}
-
-impl RequestFlags {
-    /// The fields these flags set.
-    fn partial(&self) -> PartialRequest {
-        PartialRequest {
-            prompt: self.prompt.clone(),
-            negative_prompt: self.negative_prompt.clone(),
-            style: self.style,
-            image_size: self.image_size,
-            num_inference_steps: self.steps,
-            scheduler: self.scheduler,
-            guidance_scale: self.guidance_scale,
-            seed: self.seed,
-            sync_mode: self.sync_mode,
-            num_images: self.num_images,
-            enable_safety_checker: self.enable_safety_checker,
-        }
+/// Reads the `--request` JSON: a file, or standard input for `-`.
+fn read_request_text(source: &str) -> Result<String> {
+    if source == "-" {
+        let mut text = String::new();
+        std::io::stdin().read_to_string(&mut text).context("cannot read the request from standard input")?;
+        return Ok(text);
     }
+    std::fs::read_to_string(source).with_context(|| format!("cannot read the request file {source}"))
 }
 
 /// Builds the request: the `--request` JSON, then each plain flag set on top.
 fn build_request(args: &GenerateArgs) -> Result<GenerateRequest> {
-    let flags = args.fields.partial();
+    let flags = args.fields.partial()?;
     let request = match &args.request {
         None => flags,
         Some(source) => {
-            let text = if source == "-" {
-                let mut text = String::new();
-                std::io::stdin().read_to_string(&mut text).context("cannot read the request from standard input")?;
-                text
-            } else {
-                std::fs::read_to_string(source).with_context(|| format!("cannot read the request file {source}"))?
-            };
+            let text = read_request_text(source)?;
             // A field the flags replace may be wrong in the file: only the others must be valid.
             PartialRequest::from_json_with_overrides(&text, flags)
-                .map_err(PipelineError::Invalid)
+                .map_err(InvalidRequest)
                 .with_context(|| format!("in the request {source}"))?
         }
     };
-    Ok(request.into_request().map_err(PipelineError::Invalid)?)
+    Ok(request.into_request().map_err(InvalidRequest)?)
 }
 
-fn file_url(path: &Path) -> std::io::Result<String> {
-    Ok(format!("file://{}", std::path::absolute(path)?.display()))
+/// A progress bar on stderr when it is a terminal and not `--quiet`.
+fn progress_bar(quiet: bool, steps: u32) -> indicatif::ProgressBar {
+    if quiet || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(u64::from(steps));
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{bar:40} step {pos}/{len} · {per_sec} · ETA {eta}") {
+        bar.set_style(style);
+    }
+    bar
+}
+
+/// Runs the request; the engine's refusals come back in the request's own field names.
+fn generate(pipeline: &Pipeline, request: &GenerateRequest, quiet: bool) -> Result<Generation> {
+    let bar = progress_bar(quiet, request.num_inference_steps.get());
+    let generation = pipeline.generate_with_progress(&request.to_params(), |progress| {
+        bar.set_position(progress.step as u64);
+        ControlFlow::Continue(())
+    });
+    bar.finish_and_clear();
+    generation.map_err(|e: PipelineError| match pixart_fal::invalid_fields(&e) {
+        Some(fields) => InvalidRequest(fields).into(),
+        None => anyhow::Error::new(e),
+    })
+}
+
+/// A `file://` URL of a written image.
+fn file_url(path: &Path) -> Result<String> {
+    let absolute = std::path::absolute(path).with_context(|| format!("cannot resolve {}", path.display()))?;
+    url::Url::from_file_path(&absolute)
+        .map(String::from)
+        .map_err(|()| anyhow::anyhow!("{} has no file URL", absolute.display()))
 }
 
 /// Runs `pixart generate`.
@@ -138,32 +107,15 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             .with_context(|| format!("cannot create the output folder {}", args.out_dir.display()))?;
     }
     let pipeline = args.model.load_pipeline(&options)?;
-
-    let bar = if args.quiet || !std::io::stderr().is_terminal() {
-        indicatif::ProgressBar::hidden()
-    } else {
-        let bar = indicatif::ProgressBar::new(u64::from(request.num_inference_steps.get()));
-        if let Ok(style) = indicatif::ProgressStyle::with_template("{bar:40} step {pos}/{len} · {per_sec} · ETA {eta}")
-        {
-            bar.set_style(style);
-        }
-        bar
-    };
-    let generation = pipeline.generate_with_progress(&request, |progress| {
-        bar.set_position(progress.step as u64);
-        ControlFlow::Continue(())
-    })?;
-    bar.finish_and_clear();
+    let generation = generate(&pipeline, &request, args.quiet)?;
     if let Some(path) = &args.save_latents {
         generation
             .latents
             .save_safetensors("latents", path)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
-
-    let out_dir = args.out_dir.clone();
-    let response = generation.into_response(|file_name, png| {
-        let path = out_dir.join(file_name);
+    let response = pixart_fal::respond(&request, &generation, |file_name, png| {
+        let path = args.out_dir.join(file_name);
         std::fs::write(&path, png).with_context(|| format!("cannot write {}", path.display()))?;
         Ok(file_url(&path)?)
     })?;

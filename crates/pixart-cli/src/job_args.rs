@@ -52,14 +52,13 @@ impl JobArgs {
     /// A server configuration with these settings (`storage` overrides the folder flag).
     pub fn config(&self, storage: Option<Storage>) -> ServerConfig {
         let folder = self.storage_dir.clone().map_or(Storage::UserData, Storage::Dir);
-        ServerConfig {
-            shutdown_grace: self.shutdown_grace,
-            storage: storage.unwrap_or(folder),
-            webhook_timeout: self.webhook_timeout,
-            allow_private_webhooks: self.allow_private_webhooks,
-            visibility_timeout: self.visibility_timeout,
-            ..ServerConfig::default()
-        }
+        let mut config = ServerConfig::default();
+        config.shutdown_grace = self.shutdown_grace;
+        config.storage = storage.unwrap_or(folder);
+        config.webhook_timeout = self.webhook_timeout;
+        config.allow_private_webhooks = self.allow_private_webhooks;
+        config.visibility_timeout = self.visibility_timeout;
+        config
     }
 }
 
@@ -74,21 +73,13 @@ pub fn parse_retention(text: &str) -> Result<Retention, String> {
     }
 }
 
-/// `90`, `90s`, `30m`, `24h`, `7d`, `500ms`.
+/// A duration: `90` (seconds), `90s`, `30m`, `24h`, `7d`, `500ms`, `1h 30m` (humantime's forms).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number.parse().map_err(|_| format!("{text:?} is not a duration (e.g. 30s, 10m, 24h, 7d)"))?;
-    let scale = match unit {
-        "ms" => 1e-3,
-        "" | "s" => 1.0,
-        "m" => 60.0,
-        "h" => 3600.0,
-        "d" => 86400.0,
-        _ => return Err(format!("{text:?}: unknown unit {unit:?} (use ms, s, m, h or d)")),
-    };
-    Duration::try_from_secs_f64(value * scale).map_err(|e| format!("{text:?}: {e}"))
+    if let Ok(seconds) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(seconds));
+    }
+    humantime::parse_duration(text).map_err(|e| format!("{text:?} is not a duration (e.g. 30s, 10m, 24h, 7d): {e}"))
 }
 
 #[cfg(test)]
@@ -99,9 +90,9 @@ mod tests {
     fn durations_parse_with_units() {
         assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("1.5m").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("1m 30s").unwrap(), Duration::from_secs(90));
         assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(7 * 86400));
-        assert!(parse_duration("3 weeks").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("3 fortnights").unwrap_err().contains("not a duration"));
         assert!(parse_duration("-1s").is_err());
         assert!(parse_retention("forever").unwrap().0.is_none());
     }

@@ -4,6 +4,7 @@ mod bench;
 mod generate;
 mod job_args;
 mod model_args;
+mod request_flags;
 mod serve;
 mod worker;
 
@@ -48,7 +49,15 @@ enum Command {
     Worker(worker::WorkerArgs),
     /// Print the JSON Schema of a generation request (fal's input schema, with the ranges,
     /// choices and defaults this build applies).
-    Schema,
+    Schema(SchemaArgs),
+}
+
+/// Arguments of `pixart schema`.
+#[derive(Debug, clap::Args)]
+struct SchemaArgs {
+    /// Print the request fields as a Markdown table (field, flag, default, allowed, what) instead.
+    #[arg(long, env = "PIXART_MARKDOWN", value_parser = clap::builder::FalseyValueParser::new())]
+    markdown: bool,
 }
 
 /// Prints `text` and a newline on stdout; a closed pipe (`pixart … | head`) is not an error.
@@ -59,22 +68,6 @@ pub fn emit(text: &str) -> anyhow::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         other => Ok(other?),
     }
-}
-
-/// The error and its causes on one line, each cause once (messages that already end with their
-/// cause's text do not repeat it).
-fn report(err: &anyhow::Error) -> String {
-    let mut text = String::new();
-    for cause in err.chain() {
-        let line = cause.to_string();
-        if !text.ends_with(&line) {
-            if !text.is_empty() {
-                text.push_str(": ");
-            }
-            text.push_str(&line);
-        }
-    }
-    text
 }
 
 /// Keeps freed memory for reuse instead of handing it back to the kernel (glibc only).
@@ -102,20 +95,30 @@ fn main() -> std::process::ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Worker(args) => worker::run(args),
-        Command::Schema => serde_json::to_string_pretty(&pixart_pipeline::input_schema())
+        Command::Schema(args) if args.markdown => emit(pixart_fal::fields_table().trim_end()),
+        Command::Schema(_) => serde_json::to_string_pretty(&pixart_fal::input_schema())
             .map_err(anyhow::Error::from)
             .and_then(|text| emit(&text)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {}", report(&err));
-            // 2 for requests that fail validation (like clap's usage errors), 1 otherwise.
-            let invalid = err
-                .downcast_ref::<pixart_pipeline::PipelineError>()
-                .is_some_and(|e| matches!(e, pixart_pipeline::PipelineError::Invalid(_)));
-            std::process::ExitCode::from(if invalid { 2 } else { 1 })
+            eprintln!("error: {}", pixart_pipeline::error_report(err.as_ref()));
+            std::process::ExitCode::from(exit_code(&err))
         }
+    }
+}
+
+/// 2 for requests and parameters that fail validation (like clap's usage errors), 1 otherwise.
+fn exit_code(err: &anyhow::Error) -> u8 {
+    let invalid_request = err.downcast_ref::<pixart_fal::InvalidRequest>().is_some();
+    let invalid_parameter = err
+        .downcast_ref::<pixart_pipeline::PipelineError>()
+        .is_some_and(|e| matches!(e, pixart_pipeline::PipelineError::InvalidParameter(_)));
+    if invalid_request || invalid_parameter {
+        2
+    } else {
+        1
     }
 }
 

@@ -163,21 +163,18 @@ impl ModelArgs {
     /// The library's load options for these flags (the prompt cache at its default).
     pub fn load_options(&self) -> Result<LoadOptions> {
         let device = self.device()?;
-        Ok(LoadOptions {
-            dtype: self.dtype_for(&device),
-            text_encoder_device: self.text_encoder_on_cpu.then_some(Device::Cpu),
-            text_encoder: TextEncoderOptions {
-                weights: self.text_encoder.clone(),
-                quant: self.text_encoder_quant,
-                offload: self.offload,
-                cpu_repack: self.text_encoder_repack,
-            },
-            hub: self.hub(),
-            clean_caption: self.clean_caption,
-            safety_checker: (!self.no_safety_checker).then(|| self.safety_checker.clone()),
-            device,
-            ..LoadOptions::default()
-        })
+        let mut options = LoadOptions::on(device.clone(), self.dtype_for(&device));
+        options.text_encoder_device = self.text_encoder_on_cpu.then_some(Device::Cpu);
+        options.text_encoder = TextEncoderOptions {
+            weights: self.text_encoder.clone(),
+            quant: self.text_encoder_quant,
+            offload: self.offload,
+            cpu_repack: self.text_encoder_repack,
+        };
+        options.hub = self.hub();
+        options.clean_caption = self.clean_caption;
+        options.safety_checker = (!self.no_safety_checker).then(|| self.safety_checker.clone());
+        Ok(options)
     }
 }
 

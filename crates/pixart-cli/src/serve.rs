@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use pixart_server::{QueueBackend, ServerConfig, Storage};
+use pixart_server::{QueueBackend, Storage};
 
 use crate::job_args::{parse_duration, parse_retention, JobArgs, Retention};
 use crate::model_args::ModelArgs;
@@ -90,19 +90,17 @@ pub fn init_logging() {
 /// Runs `pixart serve` until Ctrl-C or SIGTERM.
 pub fn run(args: ServeArgs) -> Result<()> {
     let storage = if args.temporary_storage { Some(Storage::Temporary) } else { None };
-    let config = ServerConfig {
-        app_id: args.app_id.clone(),
-        max_queue: args.max_queue,
-        max_request_bytes: args.max_request_bytes,
-        max_upload_bytes: args.max_upload_bytes,
-        api_key: args.api_key.clone(),
-        cors_origins: args.cors_origin.clone(),
-        header_read_timeout: args.header_read_timeout,
-        idle_timeout: args.idle_timeout,
-        queue: queue_backend(args.queue.as_deref()),
-        retention: args.result_retention.0,
-        ..args.jobs.config(storage)
-    };
+    let mut config = args.jobs.config(storage);
+    config.app_id.clone_from(&args.app_id);
+    config.max_queue = args.max_queue;
+    config.max_request_bytes = args.max_request_bytes;
+    config.max_upload_bytes = args.max_upload_bytes;
+    config.api_key.clone_from(&args.api_key);
+    config.cors_origins.clone_from(&args.cors_origin);
+    config.header_read_timeout = args.header_read_timeout;
+    config.idle_timeout = args.idle_timeout;
+    config.queue = queue_backend(args.queue.as_deref());
+    config.retention = args.result_retention.0;
     // Bad settings, or a folder another server holds, fail now, not after loading gigabytes of
     // weights; the folder stays held from here.
     let claim = pixart_server::check_storage(&config)?;

@@ -2,7 +2,6 @@
 
 use anyhow::Result;
 use clap::Args;
-use pixart_server::ServerConfig;
 
 use crate::job_args::JobArgs;
 use crate::model_args::ModelArgs;
@@ -22,7 +21,8 @@ pub struct WorkerArgs {
 
 /// Runs `pixart worker` until Ctrl-C or SIGTERM.
 pub fn run(args: WorkerArgs) -> Result<()> {
-    let config = ServerConfig { queue: queue_backend(Some(&args.queue)), ..args.jobs.config(None) };
+    let mut config = args.jobs.config(None);
+    config.queue = queue_backend(Some(&args.queue));
     // A worker holds no folder lock (the queue is shared): this checks the settings.
     drop(pixart_server::check_storage(&config)?);
     init_logging();

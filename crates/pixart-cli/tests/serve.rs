@@ -393,9 +393,9 @@ fn bad_server_settings_are_refused_by_name() {
         .unwrap();
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains(&format!("cannot listen on 127.0.0.1:{port}")));
-    let output = run(&["--result-retention", "3 weeks"]);
+    let output = run(&["--result-retention", "3 fortnights"]);
     assert_eq!(output.status.code(), Some(2), "clap usage error");
-    assert!(String::from_utf8_lossy(&output.stderr).contains("unknown unit"));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("not a duration"));
 }
 
 /// A `redis-server` on a free loopback port with append-only persistence in its own folder;

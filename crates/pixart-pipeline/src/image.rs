@@ -6,7 +6,7 @@ use candle_core::{DType, Tensor};
 use crate::sizes::SizePlan;
 use crate::PipelineError;
 
-/// One generated picture: 8-bit RGB, row-major.
+/// One generated picture: 8-bit RGB, row-major (`pixels[(y·width + x)·3 + c]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RgbImage {
     /// Width in pixels.
@@ -15,21 +15,6 @@ pub struct RgbImage {
     pub height: u32,
     /// `width × height × 3` bytes.
     pub pixels: Vec<u8>,
-}
-
-impl RgbImage {
-    /// Encodes the picture as PNG.
-    pub fn to_png(&self) -> Result<Vec<u8>, PipelineError> {
-        use image::ImageEncoder;
-        let mut out = Vec::new();
-        image::codecs::png::PngEncoder::new(&mut out).write_image(
-            &self.pixels,
-            self.width,
-            self.height,
-            image::ExtendedColorType::Rgb8,
-        )?;
-        Ok(out)
-    }
 }
 
 /// Bilinear resampling of one `[h, w]` plane to `[oh, ow]` as torch's `upsample_bilinear2d`

@@ -1,62 +1,65 @@
-//! PixArt-Σ text-to-image generation with fal's `fal-ai/pixart-sigma` request and response
-//! schema, reproducing diffusers' `PixArtSigmaPipeline` seed for seed.
+//! The PixArt-Σ engine: loads a diffusers-layout model (or a Hugging Face repo id) and generates
+//! images from [`GenerationParams`], step for step and seed for seed as diffusers'
+//! `PixArtSigmaPipeline`.
+//!
+//! It takes typed parameters and returns pictures ([`RgbImage`]), the safety checker's flags,
+//! the seed and timings: no request format, no file format, no URLs. fal's schema (JSON
+//! requests, styles, responses, PNG/data-URI encoding) is the `pixart-fal` crate's; fal's HTTP
+//! API is `pixart-server`'s.
 //!
 //! ```no_run
-//! use pixart_pipeline::{GenerateRequest, LoadOptions, Pipeline, PipelineError, Steps};
+//! use pixart_pipeline::{GenerationParams, LoadOptions, Pipeline};
 //!
-//! # fn main() -> Result<(), pixart_pipeline::PipelineError> {
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! // A local diffusers folder or a Hugging Face repo id.
 //! let pipeline = Pipeline::load("PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", &LoadOptions::default())?;
-//! let mut request = GenerateRequest::new("a small cactus with a happy face in the sahara desert");
-//! request.seed = Some(42);
-//! request.num_inference_steps = Steps::new(20).map_err(|e| PipelineError::Invalid(vec![e]))?;
-//! let generation = pipeline.generate_with_progress(&request, |p| {
+//! let params = GenerationParams::new("a small cactus with a happy face in the sahara desert")
+//!     .with_steps(20)
+//!     .with_seed(42);
+//! let generation = pipeline.generate_with_progress(&params, |p| {
 //!     eprintln!("step {}/{}", p.step, p.total);
 //!     std::ops::ControlFlow::Continue(())
 //! })?;
-//! if let Some(image) = generation.images.first() {
-//!     let file_name = "cactus.png".to_string();
-//!     std::fs::write(&file_name, image.to_png()?).map_err(|e| PipelineError::Store { file_name, source: e.into() })?;
-//! }
+//! let image = &generation.images[0]; // 8-bit RGB, 1024×1024
+//! println!("seed {}: {}x{} in {:?}", generation.seed, image.width, image.height, generation.timings.total);
 //! # Ok(()) }
 //! ```
 
 #![warn(missing_docs)]
 
 pub mod caption;
-pub mod field_error;
+pub mod generation;
 pub mod image;
+pub mod load_options;
 pub mod model_source;
+pub mod params;
 pub mod pipeline;
-pub mod request;
-pub mod response;
+mod prompt_cache;
 pub mod rng;
 pub mod sizes;
-pub mod styles;
 pub mod text;
 pub mod text_encoder;
 
 pub use caption::CaptionError;
+pub use generation::{Generation, Stage, StageTimings, StepProgress};
 pub use image::RgbImage;
+pub use load_options::LoadOptions;
 pub use model_source::{resolve_classifier, resolve_model, HubOptions, ModelError, DEFAULT_MODEL};
-pub use pipeline::{Generation, LoadOptions, Pipeline, Stage, StageTimings, StepProgress};
+pub use params::{GenerationParams, InvalidParameter, Sampler};
+pub use pipeline::Pipeline;
 pub use pixart_safety::{SafetyChecker, DEFAULT_SAFETY_CHECKER};
 pub use pixart_t5::{QuantType, WeightSummary};
-pub use request::{
-    input_schema, Dimensions, FieldError, GenerateRequest, GuidanceScale, ImageSize, NumImages, PartialRequest,
-    SchedulerKind, SizePreset, Steps, Style,
-};
-pub use response::{data_uri, GenerateResponse, ImageOutput, Timings};
 pub use rng::TorchGenerator;
-pub use sizes::{PixelSize, SizePlan};
+pub use sizes::{Dimensions, PixelSize, SizePlan};
 pub use text_encoder::{Offload, TextEncoderOptions};
 
 /// Errors from loading a model or generating.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum PipelineError {
-    /// The request is invalid; each entry names a field and what it allows.
-    #[error("invalid request:{}", .0.iter().map(|e| format!("\n  - {e}")).collect::<String>())]
-    Invalid(Vec<FieldError>),
+    /// A parameter this model cannot run with; nothing was computed.
+    #[error("invalid parameter {0}")]
+    InvalidParameter(#[from] InvalidParameter),
     /// The model could not be found or fetched.
     #[error(transparent)]
     Model(#[from] ModelError),
@@ -91,17 +94,6 @@ pub enum PipelineError {
     /// The scheduler config is unsupported or stepping failed.
     #[error(transparent)]
     Scheduler(#[from] pixart_scheduler::SchedulerError),
-    /// Encoding a PNG failed.
-    #[error("cannot encode the image as PNG")]
-    Png(#[from] ::image::ImageError),
-    /// The caller's store callback could not keep an image.
-    #[error("cannot store {file_name}")]
-    Store {
-        /// The image's file name.
-        file_name: String,
-        /// What the callback reported.
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
     /// An internal invariant does not hold (a bug: please report it).
     #[error("internal error: {0}")]
     Internal(String),
@@ -113,9 +105,10 @@ pub enum PipelineError {
     Candle(#[from] candle_core::Error),
 }
 
-/// An error and its chain of causes on one line (`outer: cause: root cause`), for logs and
-/// responses where `{:#}` formatting is not available.
-pub fn error_report(error: &dyn std::error::Error) -> String {
+/// An error and its chain of causes on one line (`outer: cause: root cause`, a cause whose text
+/// its parent already ends with said once), for logs and responses where `{:#}` formatting is
+/// not available.
+pub fn error_report(error: &(dyn std::error::Error + 'static)) -> String {
     let mut report = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

@@ -1,4 +1,4 @@
-//! Image sizes: validated dimensions, fal's presets, diffusers' aspect-ratio bins
+//! Image sizes: validated dimensions, diffusers' aspect-ratio bins
 //! (`ASPECT_RATIO_*_BIN`), and the plan that turns a requested size into a generated one and back.
 //!
 //! The size rule: the output is always exactly the requested width × height.
@@ -14,55 +14,37 @@
 //!   centre; sizes that are already multiples are generated as they are, as diffusers does with
 //!   binning off.
 
-use serde::{Deserialize, Serialize};
+use crate::params::InvalidParameter;
 
-use crate::field_error::FieldError;
-
-/// Pixel dimensions a request may ask for: each side from [`Dimensions::MIN`] to
+/// An output size a generation may ask for: each side from [`Dimensions::MIN`] to
 /// [`Dimensions::MAX`]. Built only through [`Dimensions::new`], so a value is always valid.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(try_from = "RawDimensions")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Dimensions {
     width: u32,
     height: u32,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawDimensions {
-    width: u32,
-    height: u32,
-}
-
-impl TryFrom<RawDimensions> for Dimensions {
-    type Error = FieldError;
-    fn try_from(raw: RawDimensions) -> Result<Self, FieldError> {
-        Self::new(raw.width, raw.height)
-    }
-}
-
 impl Dimensions {
     /// The smallest side, in pixels.
     pub const MIN: u32 = 16;
-    /// The largest side, in pixels.
+    /// The largest side, in pixels (the size rule is checked up to it).
     pub const MAX: u32 = 4096;
+    /// 1024×1024, the published checkpoints' native size.
+    pub const DEFAULT: Self = Self { width: 1024, height: 1024 };
 
-    /// Checks both sides; the error names `image_size.width` or `image_size.height`.
-    pub fn new(width: u32, height: u32) -> Result<Self, FieldError> {
+    /// Checks both sides; the error names `width` or `height` and the range.
+    pub fn new(width: u32, height: u32) -> Result<Self, InvalidParameter> {
         for (name, side) in [("width", width), ("height", height)] {
             if !(Self::MIN..=Self::MAX).contains(&side) {
-                return Err(Self::side_error(name));
+                return Err(InvalidParameter::new(name, Self::range()));
             }
         }
         Ok(Self { width, height })
     }
 
-    pub(crate) fn side_error(side: &str) -> FieldError {
-        FieldError::new(
-            format!("image_size.{side}"),
-            "value_error",
-            format!("must be an integer from {} to {}", Self::MIN, Self::MAX),
-        )
+    /// What a side allows, for messages.
+    pub fn range() -> String {
+        format!("must be an integer from {} to {}", Self::MIN, Self::MAX)
     }
 
     /// Width in pixels.
@@ -79,65 +61,6 @@ impl Dimensions {
 impl std::fmt::Display for Dimensions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}x{}", self.width, self.height)
-    }
-}
-
-/// fal's size presets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum SizePreset {
-    /// 1024×1024 (the default).
-    #[default]
-    SquareHd,
-    /// 512×512.
-    Square,
-    /// 768×1024.
-    Portrait4x3,
-    /// 576×1024.
-    Portrait16x9,
-    /// 1024×768.
-    Landscape4x3,
-    /// 1024×576.
-    Landscape16x9,
-}
-
-impl SizePreset {
-    /// Every preset, in fal's order.
-    pub const ALL: [Self; 6] =
-        [Self::SquareHd, Self::Square, Self::Portrait4x3, Self::Portrait16x9, Self::Landscape4x3, Self::Landscape16x9];
-
-    /// The name as fal spells it (`square_hd`, …).
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::SquareHd => "square_hd",
-            Self::Square => "square",
-            Self::Portrait4x3 => "portrait_4_3",
-            Self::Portrait16x9 => "portrait_16_9",
-            Self::Landscape4x3 => "landscape_4_3",
-            Self::Landscape16x9 => "landscape_16_9",
-        }
-    }
-
-    /// The preset's pixel size.
-    pub fn dimensions(self) -> Dimensions {
-        let (width, height) = match self {
-            Self::SquareHd => (1024, 1024),
-            Self::Square => (512, 512),
-            Self::Portrait4x3 => (768, 1024),
-            Self::Portrait16x9 => (576, 1024),
-            Self::Landscape4x3 => (1024, 768),
-            Self::Landscape16x9 => (1024, 576),
-        };
-        Dimensions { width, height }
-    }
-
-    /// Looks a preset up by its exact name.
-    pub fn by_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|p| p.name() == name)
-    }
-
-    /// The preset names, for error messages and help.
-    pub fn names() -> String {
-        Self::ALL.map(Self::name).join(", ")
     }
 }
 

@@ -120,11 +120,10 @@ fn a_repo_downloads_into_the_cache_and_generates() {
     }
     // Offline afterwards: everything comes from the cache.
     let offline = HubOptions { offline: true, ..hub("http://127.0.0.1:1", &cache) };
-    let options = pixart_pipeline::LoadOptions { hub: offline, ..Default::default() };
+    let mut options = pixart_pipeline::LoadOptions::default();
+    options.hub = offline;
     let pipeline = pixart_pipeline::Pipeline::load("org/tiny", &options).unwrap();
-    let mut request = pixart_pipeline::GenerateRequest::new("a cat");
-    request.image_size = pixart_pipeline::ImageSize::Custom(pixart_pipeline::Dimensions::new(32, 32).unwrap());
-    request.num_inference_steps = pixart_pipeline::Steps::new(1).unwrap();
+    let request = pixart_pipeline::GenerationParams::new("a cat").with_size(32, 32).unwrap().with_steps(1);
     assert_eq!(pipeline.generate(&request).unwrap().images.len(), 1);
     std::fs::remove_dir_all(cache).unwrap();
 }

@@ -61,8 +61,10 @@ pub enum QueueBackend {
     Redis(String),
 }
 
-/// Settings of one server. [`ServerConfig::default`] is what `pixart serve` uses without flags.
+/// Settings of one server. [`ServerConfig::default`] is what `pixart serve` uses without flags;
+/// change its fields to set others.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ServerConfig {
     /// The app id the server answers to (`owner/alias`), e.g. `fal-ai/pixart-sigma`.
     pub app_id: String,

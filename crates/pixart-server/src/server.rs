@@ -134,7 +134,12 @@ async fn run(
         Some(pipeline) => {
             let state = state.clone();
             Some(std::thread::Builder::new().name("pixart-worker".into()).spawn(move || {
-                let context = WorkerContext { queue: &state.queue, files: &state.files, durable };
+                let context = WorkerContext {
+                    queue: &state.queue,
+                    files: &state.files,
+                    file_url: crate::http::file_url_path,
+                    durable,
+                };
                 crate::core::worker::run(&pipeline, context)
             })?)
         }

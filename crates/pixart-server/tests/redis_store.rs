@@ -5,7 +5,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-use pixart_pipeline::GenerateRequest;
+use pixart_fal::GenerateRequest;
 use pixart_server::core::{
     CancelResult, FailureKind, JobKind, JobState, JobStore, NewJob, Outcome, Priority, RedisStore,
 };
@@ -144,9 +144,9 @@ fn a_dead_workers_job_is_run_again_then_failed_after_its_attempts() {
         other => panic!("{other:?}"),
     }
     // A presumed-dead worker finishing late changes nothing.
-    let response = pixart_pipeline::GenerateResponse {
+    let response = pixart_fal::GenerateResponse {
         images: Vec::new(),
-        timings: pixart_pipeline::Timings { inference: 1.0 },
+        timings: pixart_fal::Timings { inference: 1.0 },
         seed: 1,
         has_nsfw_concepts: Vec::new(),
         prompt: "a cat".into(),

@@ -42,22 +42,7 @@ pub fn failure_body(failure: &Failure) -> Value {
     if failure.kind != FailureKind::InvalidInput {
         return json!({"detail": failure.message, "error_type": error_type(failure.kind)});
     }
-    let detail: Vec<Value> = failure
-        .fields
-        .iter()
-        .map(|f| {
-            let mut loc = vec![Value::from("body")];
-            loc.extend(f.field.split('.').filter(|s| !s.is_empty()).map(Value::from));
-            let kind = match f.kind.as_str() {
-                "missing" => "value_error.missing",
-                "extra_forbidden" => "value_error.extra",
-                "json_invalid" => "value_error.jsondecode",
-                other => other,
-            };
-            json!({"loc": loc, "msg": f.message, "type": kind})
-        })
-        .collect();
-    json!({"detail": detail})
+    pixart_fal::validation_body("body", &failure.fields)
 }
 
 /// fal's webhook body: `{request_id, gateway_request_id, status: OK|ERROR, payload, error}`.
@@ -79,13 +64,13 @@ pub fn log_line(line: &LogLine) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pixart_pipeline::FieldError;
+    use pixart_fal::FieldError;
 
     #[test]
     fn invalid_input_is_fals_422_detail_list() {
         let failure = Failure::invalid(&[
-            FieldError::new("image_size.width", "value_error", "must be 16..=4096"),
-            FieldError::new("prompt", "missing", "field required"),
+            FieldError::value("image_size.width", "must be 16..=4096"),
+            FieldError::missing("prompt"),
         ]);
         let body = failure_body(&failure);
         assert_eq!(body["detail"][0]["loc"], json!(["body", "image_size", "width"]));

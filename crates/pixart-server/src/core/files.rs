@@ -41,8 +41,8 @@ impl FileStore {
         self.root.join(sanitize_name(key))
     }
 
-    /// Writes a file (through a temporary name, so a reader never sees half of it); returns its
-    /// URL path (`/files/{key}/{name}`).
+    /// Writes a file (through a temporary name, so a reader never sees half of it); returns the
+    /// name it is stored (and served) under.
     pub fn put(&self, key: &str, name: &str, content_type: &str, bytes: &[u8]) -> io::Result<String> {
         let (name, partial) = self.prepare(key, name, content_type)?;
         std::fs::write(&partial, bytes)?;
@@ -66,7 +66,7 @@ impl FileStore {
 
     fn commit(&self, key: &str, name: &str, partial: &Path) -> io::Result<String> {
         std::fs::rename(partial, self.key_dir(key).join(name))?;
-        Ok(url_path(key, name))
+        Ok(name.to_string())
     }
 
     /// A stored file.
@@ -112,11 +112,6 @@ impl FileStore {
     }
 }
 
-/// `/files/{key}/{name}`.
-pub fn url_path(key: &str, name: &str) -> String {
-    format!("/files/{key}/{name}")
-}
-
 /// A file name safe in a path segment and a URL: ASCII letters, digits, `.`, `-`, `_`; other
 /// characters become `_`; no leading dot; at most 128 characters; never empty.
 pub fn sanitize_name(name: &str) -> String {
@@ -151,8 +146,8 @@ mod tests {
     fn stored_files_are_found_and_removed() {
         let dir = std::env::temp_dir().join(format!("pixart-files-{}", uuid::Uuid::new_v4()));
         let store = FileStore::open(&dir).unwrap();
-        let url = store.put("req-1", "a b.png", "image/png", b"png").unwrap();
-        assert_eq!(url, "/files/req-1/a_b.png");
+        let name = store.put("req-1", "a b.png", "image/png", b"png").unwrap();
+        assert_eq!(name, "a_b.png");
         let file = store.get("req-1", "a_b.png").unwrap();
         assert_eq!(std::fs::read(&file.path).unwrap(), b"png");
         assert_eq!(file.content_type, "image/png");

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use pixart_pipeline::{FieldError, GenerateRequest, GenerateResponse};
+use pixart_fal::{FieldError, GenerateRequest, GenerateResponse};
 use serde::{Deserialize, Serialize};
 
 /// How a job was submitted.
@@ -98,17 +98,6 @@ pub enum FailureKind {
     Internal,
 }
 
-/// One invalid input field (the serialisable form of a [`FieldError`]).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct InvalidField {
-    /// `image_size.width`; empty for the whole body.
-    pub field: String,
-    /// `missing`, `type_error`, `value_error`, `extra_forbidden`, `json_invalid`.
-    pub kind: String,
-    /// What is wrong and what is allowed.
-    pub message: String,
-}
-
 /// How a failed job failed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Failure {
@@ -118,7 +107,7 @@ pub struct Failure {
     pub message: String,
     /// For [`FailureKind::InvalidInput`]: each field.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub fields: Vec<InvalidField>,
+    pub fields: Vec<FieldError>,
 }
 
 impl Failure {
@@ -129,10 +118,7 @@ impl Failure {
 
     /// The failure of invalid input.
     pub fn invalid(errors: &[FieldError]) -> Self {
-        let fields = errors
-            .iter()
-            .map(|e| InvalidField { field: e.field.clone(), kind: e.kind.to_string(), message: e.message.clone() })
-            .collect();
+        let fields = errors.to_vec();
         let message = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
         Self { kind: FailureKind::InvalidInput, message, fields }
     }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use pixart_pipeline::GenerateRequest;
+use pixart_fal::GenerateRequest;
 use tokio::sync::watch;
 
 use super::counters::Counters;

@@ -445,7 +445,7 @@ fn position(conn: &Connection, priority: i64, seq: i64) -> Result<usize, StoreEr
 mod tests {
     use super::*;
     use crate::core::job::{JobKind, Priority};
-    use pixart_pipeline::GenerateRequest;
+    use pixart_fal::GenerateRequest;
     use std::time::Duration;
 
     struct Db {
@@ -554,7 +554,7 @@ mod tests {
             JobKind::Queued,
             "x/y",
             "http://h",
-            Err(Failure::invalid(&[pixart_pipeline::FieldError::new("prompt", "missing", "field required")])),
+            Err(Failure::invalid(&[pixart_fal::FieldError::missing("prompt")])),
         );
         let id = invalid.id.clone();
         let submitted = s.submit(invalid, 1).unwrap();
@@ -598,9 +598,9 @@ mod tests {
         assert_eq!(first.id, done);
         db.store.append_log(&done, &first.token, &LogLine::new("INFO", "Done")).unwrap();
         db.store.append_log(&done, "not the holder", &LogLine::new("INFO", "dropped")).unwrap();
-        let response = pixart_pipeline::GenerateResponse {
+        let response = pixart_fal::GenerateResponse {
             images: Vec::new(),
-            timings: pixart_pipeline::Timings { inference: 0.5 },
+            timings: pixart_fal::Timings { inference: 0.5 },
             seed: 7,
             has_nsfw_concepts: Vec::new(),
             prompt: "a cat".into(),

@@ -6,7 +6,7 @@
 
 use std::time::SystemTime;
 
-use pixart_pipeline::GenerateRequest;
+use pixart_fal::GenerateRequest;
 
 use super::job::{Failure, JobView, NewJob, Outcome};
 

@@ -4,7 +4,8 @@
 use std::ops::ControlFlow;
 use std::panic::AssertUnwindSafe;
 
-use pixart_pipeline::{GenerateRequest, Generation, Pipeline, PipelineError};
+use pixart_fal::GenerateRequest;
+use pixart_pipeline::{Generation, Pipeline, PipelineError};
 
 use super::files::FileStore;
 use super::job::{Failure, FailureKind, LogLine, Outcome, StopReason};
@@ -17,6 +18,8 @@ pub struct WorkerContext<'a> {
     pub queue: &'a Queue,
     /// Where images are written.
     pub files: &'a FileStore,
+    /// The URL path a stored file is served at, from its key and name (the HTTP layer's route).
+    pub file_url: fn(&str, &str) -> String,
     /// Whether the job store outlives the process: a job stopped by a shutdown is then given
     /// back to the queue (it runs after the restart) instead of failing.
     pub durable: bool,
@@ -65,7 +68,7 @@ fn generate(pipeline: &Pipeline, context: WorkerContext<'_>, item: &WorkItem) ->
     let queue = context.queue;
     let request = &item.request;
     queue.log(item, LogLine::new("INFO", describe(request)));
-    let result = pipeline.generate_with_progress(request, |progress| {
+    let result = pipeline.generate_with_progress(&request.to_params(), |progress| {
         let line = format!(
             "Step {}/{} (timestep {}) {:.0} ms",
             progress.step,
@@ -83,7 +86,7 @@ fn generate(pipeline: &Pipeline, context: WorkerContext<'_>, item: &WorkItem) ->
     let failure = match result {
         Ok(generation) => {
             queue.log(item, LogLine::new("INFO", summarize(&generation)));
-            return Some(store(context, item, generation));
+            return Some(store(context, item, &generation));
         }
         Err(PipelineError::Cancelled) => {
             let reason = item.stop.reason();
@@ -93,10 +96,13 @@ fn generate(pipeline: &Pipeline, context: WorkerContext<'_>, item: &WorkItem) ->
             }
             Failure::stopped(reason, true)
         }
-        Err(PipelineError::Invalid(errors)) => Failure::invalid(&errors),
-        Err(e) => {
-            Failure::new(FailureKind::Generation, format!("generation failed: {}", pixart_pipeline::error_report(&e)))
-        }
+        Err(e) => match pixart_fal::invalid_fields(&e) {
+            Some(fields) => Failure::invalid(&fields),
+            None => Failure::new(
+                FailureKind::Generation,
+                format!("generation failed: {}", pixart_pipeline::error_report(&e)),
+            ),
+        },
     };
     let level = if failure.kind == FailureKind::Cancelled { "WARN" } else { "ERROR" };
     queue.log(item, LogLine::new(level, failure.message.clone()));
@@ -104,10 +110,13 @@ fn generate(pipeline: &Pipeline, context: WorkerContext<'_>, item: &WorkItem) ->
 }
 
 /// Turns the pictures into fal's response: data URIs in sync mode, stored files otherwise.
-fn store(context: WorkerContext<'_>, item: &WorkItem, generation: Generation) -> Outcome {
+fn store(context: WorkerContext<'_>, item: &WorkItem, generation: &Generation) -> Outcome {
     let id = item.id.as_str();
-    let inference_time = generation.inference_seconds;
-    let response = generation.into_response(|file_name, png| Ok(context.files.put(id, file_name, "image/png", png)?));
+    let inference_time = generation.timings.total.as_secs_f64();
+    let response = pixart_fal::respond(&item.request, generation, |file_name, png| {
+        let name = context.files.put(id, file_name, "image/png", png)?;
+        Ok((context.file_url)(id, &name))
+    });
     match response {
         Ok(response) => Outcome::Succeeded { response, inference_time },
         Err(e) => {
@@ -129,8 +138,8 @@ fn describe(request: &GenerateRequest) -> String {
 }
 
 fn summarize(generation: &Generation) -> String {
-    let stages = &generation.stages;
-    let denoise: f64 = stages.steps.iter().map(|d| d.as_secs_f64()).sum();
+    let stages = &generation.timings;
+    let denoise = stages.denoise().as_secs_f64();
     format!(
         "Done (seed {}): text encoder {:.3} s, denoising {:.3} s, VAE {:.3} s, total {:.3} s",
         generation.seed,

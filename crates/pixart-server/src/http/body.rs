@@ -127,6 +127,7 @@ pub async fn json_object(headers: &HeaderMap, body: Body) -> Result<serde_json::
         return Ok(serde_json::json!({}));
     }
     serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::Unprocessable(vec![(vec!["body".into()], format!("malformed JSON: {e}"), "value_error.jsondecode")])
+        let error = pixart_fal::FieldError::new("", pixart_fal::ErrorKind::JsonInvalid, format!("malformed JSON: {e}"));
+        ApiError::Unprocessable { location: "body", errors: vec![error] }
     })
 }

@@ -3,6 +3,7 @@
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use pixart_fal::FieldError;
 use serde_json::{json, Value};
 
 use crate::core::{FailureKind, Outcome, RefusedSubmit, StoreError, SubmitError};
@@ -31,8 +32,14 @@ pub enum ApiError {
     },
     /// 415: not JSON.
     NotJson(String),
-    /// 422 with fal's validation list: `(loc, msg, type)` of each problem.
-    Unprocessable(Vec<(Vec<String>, String, &'static str)>),
+    /// 422 with fal's validation list: the fields found invalid in a part of the call (`body`,
+    /// `query`, `header`).
+    Unprocessable {
+        /// Where the fields are.
+        location: &'static str,
+        /// Each invalid field.
+        errors: Vec<FieldError>,
+    },
     /// 429: the queue is full.
     QueueFull(usize),
     /// 503: shutting down.
@@ -44,9 +51,9 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    /// A 422 for one field of the query or headers, e.g. `(["query", "fal_webhook"], …)`.
-    pub fn field(loc: [&str; 2], message: impl Into<String>) -> Self {
-        Self::Unprocessable(vec![(loc.iter().map(|s| s.to_string()).collect(), message.into(), "value_error")])
+    /// A 422 for one field of the query or headers, e.g. `("query", "fal_webhook", …)`.
+    pub fn field(location: &'static str, field: &str, message: impl Into<String>) -> Self {
+        Self::Unprocessable { location, errors: vec![FieldError::value(field, message)] }
     }
 }
 
@@ -91,12 +98,8 @@ impl IntoResponse for ApiError {
                 json!({"detail": format!("request body is larger than {limit} bytes ({setting})")}),
             ),
             Self::NotJson(m) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, json!({"detail": m})),
-            Self::Unprocessable(problems) => {
-                let detail: Vec<Value> = problems
-                    .into_iter()
-                    .map(|(loc, msg, kind)| json!({"loc": loc, "msg": msg, "type": kind}))
-                    .collect();
-                (StatusCode::UNPROCESSABLE_ENTITY, json!({"detail": detail}))
+            Self::Unprocessable { location, errors } => {
+                (StatusCode::UNPROCESSABLE_ENTITY, pixart_fal::validation_body(location, &errors))
             }
             Self::QueueFull(n) => (
                 StatusCode::TOO_MANY_REQUESTS,

@@ -24,6 +24,14 @@ use tower_http::cors::{AllowHeaders, AllowMethods, AllowOrigin, CorsLayer};
 use crate::state::AppState;
 use errors::ApiError;
 
+/// The route of stored files (generated images, uploads).
+const FILES_ROUTE: &str = "/files/{key}/{name}";
+
+/// The URL path [`FILES_ROUTE`] serves a stored file at.
+pub fn file_url_path(key: &str, name: &str) -> String {
+    FILES_ROUTE.replace("{key}", key).replace("{name}", name)
+}
+
 /// The server's routes:
 ///
 /// | route | what |
@@ -42,7 +50,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let routes = Router::new()
         .route("/health", get(ops_routes::health))
         .route("/metrics", get(ops_routes::metrics))
-        .route("/files/{key}/{name}", get(storage_routes::serve_file))
+        .route(FILES_ROUTE, get(storage_routes::serve_file))
         .route(
             "/files/{key}/{name}/multipart/{upload}/{part}",
             put(storage_routes::cdn_multipart_part).post(storage_routes::cdn_multipart_complete),

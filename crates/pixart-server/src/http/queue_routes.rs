@@ -9,7 +9,7 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use pixart_pipeline::{FieldError, GenerateRequest};
+use pixart_fal::{ErrorKind, FieldError, GenerateRequest};
 use serde_json::{json, Value};
 
 use super::body::{read_all, require_json};
@@ -36,7 +36,7 @@ async fn new_job(
         GenerateRequest::from_value(&json!({}))
     } else {
         std::str::from_utf8(&body)
-            .map_err(|_| vec![FieldError::new("", "json_invalid", "body is not UTF-8")])
+            .map_err(|_| vec![FieldError::new("", ErrorKind::JsonInvalid, "body is not UTF-8")])
             .and_then(GenerateRequest::from_json)
     };
     let mut job = NewJob::new(kind, app, base, parsed.map_err(|errors| Failure::invalid(&errors)));
@@ -45,7 +45,7 @@ async fn new_job(
         url::Url::parse(&hook)
             .map_err(|_| format!("must be an http(s) URL, got {hook:?}"))
             .and_then(|url| crate::core::webhook_target::check_url(&url, allow_private))
-            .map_err(|message| ApiError::field(["query", "fal_webhook"], message))?;
+            .map_err(|message| ApiError::field("query", "fal_webhook", message))?;
         job.webhook = Some(hook);
     }
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
@@ -54,7 +54,8 @@ async fn new_job(
         Some("low") => job.priority = Priority::Low,
         Some(other) => {
             return Err(ApiError::field(
-                ["header", "x-fal-queue-priority"],
+                "header",
+                "x-fal-queue-priority",
                 format!("must be normal or low, got {other:?}"),
             ))
         }
@@ -66,7 +67,8 @@ async fn new_job(
             }
             _ => {
                 return Err(ApiError::field(
-                    ["header", "x-fal-request-timeout"],
+                    "header",
+                    "x-fal-request-timeout",
                     format!("must be a positive number of seconds, got {timeout:?}"),
                 ))
             }

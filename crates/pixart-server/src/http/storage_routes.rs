@@ -12,8 +12,8 @@ use serde_json::{json, Value};
 
 use super::body::{json_object, spool, upload_error};
 use super::errors::{json_response, ApiError};
+use super::file_url_path as url_path;
 use super::request_info::BaseUrl;
-use crate::core::files::url_path;
 use crate::core::uploads::SpoolFile;
 use crate::state::AppState;
 
@@ -102,7 +102,9 @@ fn store(state: &AppState, base: &str, target: (&str, &str, &str), file: SpoolFi
     if stored.is_err() {
         let _ = std::fs::remove_file(&path);
     }
-    stored.map(|url| format!("{base}{url}")).map_err(|e| ApiError::Internal(format!("storing the upload: {e}")))
+    stored
+        .map(|name| format!("{base}{}", url_path(key, &name)))
+        .map_err(|e| ApiError::Internal(format!("storing the upload: {e}")))
 }
 
 /// The body of an upload call, spooled to disk within `--max-upload-bytes`.
@@ -271,7 +273,7 @@ async fn complete(
     let (upload, joined) = state.uploads.complete(id, &parts).map_err(upload_error)?;
     let stored = state.files.put_file(&upload.key, &upload.name, &upload.content_type, &joined);
     state.uploads.discard(&joined);
-    let url = stored.map_err(|e| ApiError::Internal(format!("storing the upload: {e}")))?;
-    let url = format!("{base}{url}");
+    let name = stored.map_err(|e| ApiError::Internal(format!("storing the upload: {e}")))?;
+    let url = format!("{base}{}", url_path(&upload.key, &name));
     Ok(json_response(StatusCode::OK, json!({"file_url": url, "access_url": url})))
 }

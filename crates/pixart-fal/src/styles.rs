@@ -1,13 +1,10 @@
 //! fal's style templates: a prompt template with `{prompt}` and a negative prompt that is
 //! prepended to the user's negative prompt.
 
-use serde::{Deserialize, Serialize};
-
 use crate::field_error::FieldError;
 
 /// One of the style presets fal's `pixart-sigma` endpoint accepts (the request's `style`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "&'static str")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Style {
     /// `(No style)`: the prompt as it is (the default).
     #[default]
@@ -143,7 +140,7 @@ impl std::fmt::Display for Style {
 impl Style {
     /// The error for a name that is not a style.
     pub(crate) fn error() -> FieldError {
-        FieldError::new("style", "value_error", format!("must be one of {}", Self::names()))
+        FieldError::value("style", format!("must be one of {}", Self::names()))
     }
 }
 
@@ -151,19 +148,6 @@ impl std::str::FromStr for Style {
     type Err = FieldError;
     fn from_str(name: &str) -> Result<Self, FieldError> {
         Self::by_name(name).ok_or_else(Self::error)
-    }
-}
-
-impl TryFrom<String> for Style {
-    type Error = FieldError;
-    fn try_from(name: String) -> Result<Self, FieldError> {
-        name.parse()
-    }
-}
-
-impl From<Style> for &'static str {
-    fn from(style: Style) -> Self {
-        style.name()
     }
 }
 

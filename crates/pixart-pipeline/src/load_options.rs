@@ -1,0 +1,59 @@
+//! How a model is loaded: device, precision, hub access, the text encoder's form and the safety
+//! checker.
+
+use candle_core::{DType, Device};
+
+use crate::model_source::HubOptions;
+use crate::text_encoder::TextEncoderOptions;
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct LoadOptions {
+    /// Where to run.
+    pub device: Device,
+    /// Compute dtype: f32, bf16 or f16. In f16 the VAE runs in f32 when its config sets
+    /// `force_upcast` (the SDXL VAE's does: it overflows in f16; diffusers' PixArt pipeline
+    /// ignores the flag, see `pixart_vae::VaeConfig::force_upcast`) and T5 keeps its `wo` in f32.
+    pub dtype: DType,
+    /// Hub resolution for repo ids.
+    pub hub: HubOptions,
+    /// Clean prompts as diffusers does with `clean_caption=True` ([`crate::caption`]) instead of
+    /// only lowercasing and stripping them (`clean_caption=False`, the default here).
+    pub clean_caption: bool,
+    /// Where T5 runs (`None`: on `device`). `Some(Device::Cpu)` keeps its ~9.5 GB (bf16) off the
+    /// GPU; only the prompt states travel to the device.
+    pub text_encoder_device: Option<Device>,
+    /// The text encoder's weights (GGUF or another folder), quantization and residency.
+    pub text_encoder: TextEncoderOptions,
+    /// How many recent prompts' T5 states to keep (0 disables the cache).
+    pub prompt_cache_size: usize,
+    /// The safety checker: a transformers image-classifier folder or hub repo id with an `nsfw`
+    /// label (fal's is [`pixart_safety::DEFAULT_SAFETY_CHECKER`]). It is loaded with the model
+    /// and a failure to load it fails [`Pipeline::load`]. `None` (the library's default): no
+    /// checker; requests then run unchecked unless they ask for the check explicitly, which is
+    /// refused.
+    pub safety_checker: Option<String>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            dtype: DType::F32,
+            hub: HubOptions::from_env(),
+            clean_caption: false,
+            text_encoder_device: None,
+            text_encoder: TextEncoderOptions::default(),
+            prompt_cache_size: 16,
+            safety_checker: None,
+        }
+    }
+}
+
+impl LoadOptions {
+    /// On `device` in `dtype`, everything else at its default.
+    pub fn on(device: Device, dtype: DType) -> Self {
+        Self { device, dtype, ..Self::default() }
+    }
+}

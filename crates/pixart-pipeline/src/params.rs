@@ -1,0 +1,161 @@
+//! What one generation is asked to do: typed parameters with diffusers' `PixArtSigmaPipeline`
+//! defaults, and the error that names a parameter a model cannot run.
+
+use crate::sizes::Dimensions;
+
+/// The sampler of the denoising loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Sampler {
+    /// DPM-Solver++ 2M, the model repo's `scheduler_config.json` (the default).
+    #[default]
+    DpmSolver,
+    /// SA-Solver as the official PixArt-Σ demo configures it (on the same config).
+    SaSolver,
+}
+
+/// The parameters of one generation. Build with [`GenerationParams::new`] and the `with_*`
+/// methods; every field is public to read and change.
+///
+/// ```
+/// use pixart_pipeline::{GenerationParams, Sampler};
+/// let params = GenerationParams::new("a red fox").with_size(768, 512)?.with_steps(20).with_seed(7)
+///     .with_sampler(Sampler::SaSolver);
+/// assert_eq!((params.size.width(), params.steps), (768, 20));
+/// # Ok::<(), pixart_pipeline::InvalidParameter>(())
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct GenerationParams {
+    /// The prompt, as the text encoder gets it (a style template is the caller's business).
+    pub prompt: String,
+    /// What to steer away from (the unconditional half of classifier-free guidance).
+    pub negative_prompt: String,
+    /// The output size; the output always has exactly this size (see [`crate::sizes`]).
+    pub size: Dimensions,
+    /// Denoising steps: from 1 to the scheduler's training timesteps (1000 for the published
+    /// checkpoints). Default 20, as diffusers.
+    pub steps: u32,
+    /// The sampler.
+    pub sampler: Sampler,
+    /// Classifier-free guidance scale, a finite number ≥ 0; ≤ 1 turns guidance off (as diffusers
+    /// decides). Default 4.5.
+    pub guidance_scale: f64,
+    /// Seed of the CPU generator the noise is drawn from (torch's); random when `None`, and
+    /// returned in [`crate::Generation::seed`].
+    pub seed: Option<u64>,
+    /// Images, drawn as one noise batch (at least 1). Default 1.
+    pub num_images: u32,
+    /// Whether the safety checker runs: `None` runs it when one was loaded; `Some(true)` without
+    /// one loaded is refused ([`InvalidParameter`] naming `safety_check`).
+    pub safety_check: Option<bool>,
+}
+
+impl GenerationParams {
+    /// diffusers' default number of steps.
+    pub const DEFAULT_STEPS: u32 = 20;
+    /// diffusers' default guidance scale.
+    pub const DEFAULT_GUIDANCE_SCALE: f64 = 4.5;
+
+    /// The prompt with every other parameter at its default: 1024×1024, 20 steps of
+    /// DPM-Solver++, guidance 4.5, a random seed, one image, checked when a checker is loaded.
+    pub fn new(prompt: impl Into<String>) -> Self {
+        Self {
+            prompt: prompt.into(),
+            negative_prompt: String::new(),
+            size: Dimensions::DEFAULT,
+            steps: Self::DEFAULT_STEPS,
+            sampler: Sampler::default(),
+            guidance_scale: Self::DEFAULT_GUIDANCE_SCALE,
+            seed: None,
+            num_images: 1,
+            safety_check: None,
+        }
+    }
+
+    /// With this negative prompt.
+    pub fn with_negative_prompt(mut self, negative_prompt: impl Into<String>) -> Self {
+        self.negative_prompt = negative_prompt.into();
+        self
+    }
+
+    /// With this output size; each side from [`Dimensions::MIN`] to [`Dimensions::MAX`].
+    pub fn with_size(mut self, width: u32, height: u32) -> Result<Self, InvalidParameter> {
+        self.size = Dimensions::new(width, height)?;
+        Ok(self)
+    }
+
+    /// With this many denoising steps.
+    pub fn with_steps(mut self, steps: u32) -> Self {
+        self.steps = steps;
+        self
+    }
+
+    /// With this sampler.
+    pub fn with_sampler(mut self, sampler: Sampler) -> Self {
+        self.sampler = sampler;
+        self
+    }
+
+    /// With this guidance scale.
+    pub fn with_guidance_scale(mut self, guidance_scale: f64) -> Self {
+        self.guidance_scale = guidance_scale;
+        self
+    }
+
+    /// With this seed.
+    pub fn with_seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// With this many images.
+    pub fn with_num_images(mut self, num_images: u32) -> Self {
+        self.num_images = num_images;
+        self
+    }
+
+    /// Running the safety checker (`true`) or not (`false`).
+    pub fn with_safety_check(mut self, check: bool) -> Self {
+        self.safety_check = Some(check);
+        self
+    }
+
+    /// Whether classifier-free guidance runs (scale > 1), as diffusers decides.
+    pub fn guides(&self) -> bool {
+        self.guidance_scale > 1.0
+    }
+
+    /// Refuses what no model runs; what depends on the model is checked by the pipeline.
+    pub(crate) fn check(&self) -> Result<(), InvalidParameter> {
+        if self.steps == 0 {
+            return Err(InvalidParameter::new("steps", "must be at least 1"));
+        }
+        if !(self.guidance_scale.is_finite() && self.guidance_scale >= 0.0) {
+            return Err(InvalidParameter::new("guidance_scale", "must be a finite number ≥ 0"));
+        }
+        if self.num_images == 0 {
+            return Err(InvalidParameter::new("num_images", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+/// A parameter this model cannot run with: which ([`GenerationParams`]' field name, or `width` /
+/// `height` for one side of [`GenerationParams::size`]) and what it allows.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{parameter}: {message}")]
+pub struct InvalidParameter {
+    /// The parameter: `prompt`, `negative_prompt`, `size`, `width`, `height`, `steps`,
+    /// `guidance_scale`, `num_images` or `safety_check`.
+    pub parameter: &'static str,
+    /// What is wrong and what is allowed.
+    pub message: String,
+}
+
+impl InvalidParameter {
+    /// An error naming `parameter`.
+    pub fn new(parameter: &'static str, message: impl Into<String>) -> Self {
+        Self { parameter, message: message.into() }
+    }
+}
