@@ -19,6 +19,7 @@ What is written:
   fixtures/goldens/<model>/pipeline_<case>.{json,safetensors}  hooked PixArtSigmaPipeline runs
   fixtures/gguf/, fixtures/t5-256/, fixtures/goldens/gguf/  GGUF and quantized T5 (gguf_fixtures.py)
   fixtures/tiny-safety-checker/, fixtures/goldens/safety/  the NSFW classifier (safety_fixtures.py)
+  fixtures/goldens/sizes.json  diffusers' aspect-ratio bins and resize/crop sizes (size_fixtures.py)
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from transformers.models.t5.modeling_t5 import T5Attention
 
 from gguf_fixtures import write_gguf_fixtures
 from safety_fixtures import write_safety_fixtures
+from size_fixtures import write_size_fixtures
 
 TESTS = Path(__file__).resolve().parents[1]
 FIXTURES = TESTS / "fixtures"
@@ -759,6 +761,7 @@ def main() -> None:
         run_fal_case(pipes[model], name, model, request)
     write_gguf_fixtures(FIXTURES, GOLDENS, pipes["tiny-sigma-256"], run_fal_case)
     write_safety_fixtures(FIXTURES, GOLDENS)
+    write_size_fixtures(GOLDENS)
     total = sum(p.stat().st_size for p in FIXTURES.rglob("*") if p.is_file())
     print(f"fixtures written under {FIXTURES}: {total / 1e6:.2f} MB")
 

@@ -505,10 +505,11 @@ fn png_size(json: &Value, i: usize) -> (u32, u32) {
 }
 
 #[test]
-fn the_requested_size_comes_out_exactly_where_diffusers_is_one_pixel_short() {
+fn the_requested_size_comes_out_exactly_where_diffusers_truncates_a_side() {
     let model = fixtures().join("tiny-sigma-256");
     let m = model.to_str().unwrap();
-    // On the 256 table diffusers returns 64×117 here; the request says 64×118.
+    // On the 256 table diffusers resizes to 64×117 here and returns a 64×1 strip; the request
+    // says 64×118.
     for size in ["64x118", "59x16", "104x48"] {
         let json = response(&pixart(
             &["generate", "--model", m, "--prompt", "x", "--image-size", size, "--steps", "1", "--sync-mode"],

@@ -6,9 +6,10 @@
 //!   nearest aspect-ratio bin, scale by `max(h/H, w/W)` with bilinear resampling to
 //!   `(⌊H·ratio⌋, ⌊W·ratio⌋)`, and crop the centre. Where that truncation lands one pixel short of
 //!   the request (1.9% of all 16–4096 × 16–4096 sizes on the 256/512/1024 tables, 1.8% on the 2048
-//!   one; e.g. 64×118 on the 256 table), diffusers returns an image one row or column short; here
-//!   that side is resized to the requested length instead, so the crop always has the requested
-//!   size. Everywhere else the result is diffusers' to the pixel.
+//!   one; e.g. 64×118 on the 256 table), diffusers' crop starts at −1 and returns a single row or
+//!   column on that side (64×1 for 64×118); here that side is resized to the requested length
+//!   instead, so the output always has the requested size. Everywhere else the result is
+//!   diffusers' to the pixel.
 //! * Without a bin table: generate at the requested size rounded up to a multiple of the latent
 //!   patch in pixels (VAE scale × patch size: 16 for the SDXL VAE and patch size 2) and crop the
 //!   centre; sizes that are already multiples are generated as they are, as diffusers does with
@@ -117,16 +118,20 @@ impl SizePlan {
         Self { generated, resized, crop_offset, output: requested }
     }
 
-    /// What diffusers' `resize_and_crop_tensor` would return for this plan: `None` when it
-    /// returns the requested size (then [`Self::resized`] is diffusers' resize exactly), else the
-    /// one-pixel-short size it gives.
+    /// What diffusers' `resize_and_crop_tensor` returns for this plan when that is not the
+    /// requested size: where `⌊side·ratio⌋` truncates one pixel short of the request, its centre
+    /// crop starts at −1 and Python's slice keeps a single row or column on that side. `None`
+    /// when diffusers returns the requested size (then [`Self::resized`] is diffusers' resize
+    /// exactly).
     pub fn diffusers_output(&self) -> Option<PixelSize> {
         if self.generated == self.resized {
             return None;
         }
         let (w, h) = (self.output.width, self.output.height);
         let d = diffusers_resize(self.generated, self.output);
-        (d.width < w || d.height < h).then_some(PixelSize { width: d.width.min(w), height: d.height.min(h) })
+        let (short_w, short_h) = (d.width < w, d.height < h);
+        (short_w || short_h)
+            .then_some(PixelSize { width: if short_w { 1 } else { w }, height: if short_h { 1 } else { h } })
     }
 }
 
