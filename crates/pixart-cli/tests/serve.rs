@@ -377,7 +377,13 @@ fn bad_server_settings_are_refused_by_name() {
     };
     let output = run(&["--max-queue", "0", "--port", "0"]);
     assert_eq!(output.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("max_queue: must be at least 1"));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("max_queue: must be from 1 to 1000000"));
+    // Durations and counts are bounded: a huge one is refused by name, not an overflow later.
+    let output = run(&["--header-read-timeout", "9223372036854775807", "--port", "0"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("header_read_timeout: must be from 1ms to 1h"));
+    let output = run(&["--webhook-timeout", "100000000s", "--port", "0"]);
+    assert!(String::from_utf8_lossy(&output.stderr).contains("webhook_timeout: must be from 1ms to 10m"));
     let output = run(&["--app-id", "pixart", "--port", "0"]);
     assert!(String::from_utf8_lossy(&output.stderr).contains("app_id: must be `owner/alias`"));
     let output = run(&["--cors-origin", "https://app.example.com/path", "--port", "0"]);
@@ -494,6 +500,26 @@ fn python_client_against_a_front_with_two_workers_on_redis() {
 fn js_client_against_a_front_with_two_workers_on_redis() {
     let (_redis, _storage, front, _workers) = scale_out(&["--cors-origin", "http://localhost:3000"]);
     check("@fal-ai/client, front + 2 workers on redis", node(&front, JS_SCENARIOS), JS_SCENARIOS);
+}
+
+#[test]
+fn a_paused_redis_holds_no_call_and_loses_no_request() {
+    install_clients();
+    drop(Redis::start());
+    let output = Command::new(clients_dir().join("python/.venv/bin/python"))
+        .arg(clients_dir().join("python/redis_stall.py"))
+        .args(["--pixart", env!("CARGO_BIN_EXE_pixart"), "--model"])
+        .arg(repo_root().join("tests/fixtures/tiny-sigma-256"))
+        .output()
+        .expect("running tests/clients/python/redis_stall.py");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "redis stall failed:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("redis_stall.py prints its JSON report");
+    assert_eq!(report["check"], "passed");
+    for route in ["health", "status"] {
+        assert!(report[route]["slowest_seconds"].as_f64().unwrap() < 1.0, "{route}: {}", report[route]);
+    }
+    println!("{stdout}");
 }
 
 #[test]

@@ -23,9 +23,8 @@ impl Storage {
             Storage::Dir(dir) => Ok(dir.clone()),
             Storage::Temporary => Ok(std::env::temp_dir().join(format!("pixart-serve-{}", uuid::Uuid::new_v4()))),
             Storage::UserData => {
-                let from_env = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
-                let base = from_env("XDG_DATA_HOME").or_else(|| from_env("HOME").map(|h| h.join(".local/share")));
-                base.map(|b| b.join("pixart").join("serve")).ok_or_else(|| {
+                // $XDG_DATA_HOME, else ~/.local/share on Linux; the platform's data folder elsewhere.
+                dirs::data_dir().map(|b| b.join("pixart").join("serve")).ok_or_else(|| {
                     crate::ServerError::Config(
                         "storage: no per-user data folder (neither XDG_DATA_HOME nor HOME is set); pass \
                          --storage-dir DIR, or --temporary-storage to keep nothing across restarts"
@@ -90,7 +89,7 @@ pub struct ServerConfig {
     /// With a shared queue: a running job whose worker has not shown signs of life for this long
     /// is given to another worker (its worker extends it every third of this while it works).
     pub visibility_timeout: Duration,
-    /// Attempts per webhook delivery (1 s, 2 s, 4 s… apart).
+    /// Tries per webhook delivery, 1 to 10 (1 s, 2 s, 4 s… apart; see [`crate::core::retry`]).
     pub webhook_attempts: u32,
     /// Timeout of one webhook POST.
     pub webhook_timeout: Duration,
@@ -139,47 +138,36 @@ impl ServerConfig {
         if parts.len() != 2 || parts.iter().any(|p| p.is_empty() || !p.chars().all(is_id_char)) {
             return bad("app_id", "must be `owner/alias` (letters, digits, `-`, `_`, `.`), e.g. fal-ai/pixart-sigma");
         }
-        if self.max_queue == 0 {
-            return bad("max_queue", "must be at least 1");
-        }
-        if self.max_request_bytes < 1024 {
-            return bad("max_request_bytes", "must be at least 1024");
-        }
-        if self.max_upload_bytes == 0 {
-            return bad("max_upload_bytes", "must be at least 1");
-        }
-        if self.webhook_attempts == 0 {
-            return bad("webhook_attempts", "must be at least 1");
-        }
-        if self.header_read_timeout.is_zero() {
-            return bad("header_read_timeout", "must be longer than 0");
-        }
-        if self.idle_timeout.is_zero() {
-            return bad("idle_timeout", "must be longer than 0");
-        }
-        if self.webhook_timeout.is_zero() {
-            return bad("webhook_timeout", "must be longer than 0");
-        }
-        for origin in &self.cors_origins {
-            let valid = origin == "*"
-                || url::Url::parse(origin).is_ok_and(|u| {
-                    matches!(u.scheme(), "http" | "https")
-                        && u.host().is_some()
-                        && u.path() == "/"
-                        && !origin.ends_with('/')
-                        && u.query().is_none()
-                        && u.username().is_empty()
-                });
-            if !valid {
-                return bad(
-                    "cors_origins",
-                    &format!("{origin:?} is not an origin: use scheme://host[:port] (no path), or * for any"),
-                );
+        let counts: [(&str, usize, usize, usize); 3] = [
+            ("max_queue", self.max_queue, 1, 1_000_000),
+            ("max_request_bytes", self.max_request_bytes, 1024, 1 << 30),
+            ("max_upload_bytes", self.max_upload_bytes, 1, 1 << 40),
+        ];
+        for (field, value, min, max) in counts {
+            if !(min..=max).contains(&value) {
+                return bad(field, &format!("must be from {min} to {max}"));
             }
         }
-        if self.visibility_timeout < Duration::from_secs(1) {
-            return bad("visibility_timeout", "must be at least 1s");
+        let attempts = 1..=crate::core::retry::RetryPolicy::MAX_WEBHOOK_ATTEMPTS;
+        if !attempts.contains(&self.webhook_attempts) {
+            return bad("webhook_attempts", &format!("must be from {} to {}", attempts.start(), attempts.end()));
         }
+        let hour = Duration::from_secs(3600);
+        let durations = [
+            ("header_read_timeout", self.header_read_timeout, Duration::from_millis(1), hour),
+            ("idle_timeout", self.idle_timeout, Duration::from_millis(1), hour),
+            ("webhook_timeout", self.webhook_timeout, Duration::from_millis(1), Duration::from_secs(600)),
+            ("shutdown_grace", self.shutdown_grace, Duration::ZERO, 24 * hour),
+            ("visibility_timeout", self.visibility_timeout, Duration::from_secs(1), hour),
+            ("retention", self.retention.unwrap_or_default(), Duration::ZERO, 100 * 365 * 24 * hour),
+        ];
+        for (field, value, min, max) in durations {
+            if value < min || value > max {
+                let (min, max) = (humantime::format_duration(min), humantime::format_duration(max));
+                return bad(field, &format!("must be from {min} to {max}"));
+            }
+        }
+        self.validate_origins()?;
         if let QueueBackend::Redis(url) = &self.queue {
             if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
                 return bad("queue", &format!("{url:?}: use redis://HOST:PORT[/DB] (or rediss:// for TLS)"));
@@ -193,6 +181,26 @@ impl ServerConfig {
         }
         if self.api_key.as_deref().is_some_and(str::is_empty) {
             return bad("api_key", "must not be empty (leave it unset to serve without a key)");
+        }
+        Ok(())
+    }
+
+    fn validate_origins(&self) -> Result<(), crate::ServerError> {
+        for origin in &self.cors_origins {
+            let valid = origin == "*"
+                || url::Url::parse(origin).is_ok_and(|u| {
+                    matches!(u.scheme(), "http" | "https")
+                        && u.host().is_some()
+                        && u.path() == "/"
+                        && !origin.ends_with('/')
+                        && u.query().is_none()
+                        && u.username().is_empty()
+                });
+            if !valid {
+                return Err(crate::ServerError::Config(format!(
+                    "cors_origins: {origin:?} is not an origin: use scheme://host[:port] (no path), or * for any"
+                )));
+            }
         }
         Ok(())
     }

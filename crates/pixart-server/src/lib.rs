@@ -34,7 +34,8 @@
 //! use pixart_pipeline::{LoadOptions, Pipeline};
 //! use pixart_server::{check_storage, serve, ServerConfig};
 //!
-//! let config = ServerConfig { api_key: Some("secret".into()), ..ServerConfig::default() }; // storage: per-user data folder
+//! let mut config = ServerConfig::default(); // storage: the per-user data folder
+//! config.api_key = Some("secret".into());
 //! // Settings checked and the storage folder held before the long model load.
 //! let claim = check_storage(&config)?;
 //! let pipeline = Pipeline::load("PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", &LoadOptions::default())?;

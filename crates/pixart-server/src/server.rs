@@ -4,21 +4,22 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pixart_pipeline::Pipeline;
 use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::config::{QueueBackend, ServerConfig};
 use crate::core::cdn_tokens::CdnTokens;
 use crate::core::files::FileStore;
+use crate::core::retry::RetryPolicy;
 use crate::core::sweeper::Sweeper;
 use crate::core::uploads::Uploads;
-use crate::core::webhook::WebhookSender;
+use crate::core::webhook::{WebhookSender, WebhookThreads};
 use crate::core::worker::WorkerContext;
-use crate::core::{Counters, JobStore, Queue, Recovery, RedisStore, SqliteStore, StopReason};
+use crate::core::{Counters, JobStore, Progress, Queue, Recovery, RedisStore, SqliteStore, StopReason};
 use crate::state::AppState;
 use crate::ServerError;
 
@@ -77,113 +78,124 @@ pub async fn work(
 /// How long a webhook delivery may take, all attempts and pauses included, before another
 /// process may take it over.
 fn webhook_lease(config: &ServerConfig) -> Duration {
-    let pauses: u64 = (0..config.webhook_attempts.saturating_sub(1)).map(|i| 1u64 << i.min(10)).sum();
-    config.webhook_timeout * config.webhook_attempts + Duration::from_secs(pauses + 5)
+    let retries = RetryPolicy::webhook(config.webhook_attempts);
+    config.webhook_timeout * (retries.retries as u32 + 1) + retries.total_pause() + Duration::from_secs(5)
 }
 
-async fn run(
-    pipeline: Option<Pipeline>,
-    model: String,
-    config: ServerConfig,
+/// The storage folder, the job store on it (or on Redis) and, for the embedded store, the
+/// folder's lock.
+async fn open_store(
+    config: &ServerConfig,
     claim: Option<StorageClaim>,
-    listener: Option<TcpListener>,
-    local_addr: SocketAddr,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<ServeReport, ServerError> {
-    config.validate()?;
+) -> Result<(PathBuf, Arc<dyn JobStore>, Option<StorageLock>), ServerError> {
     let root = config.storage.create()?;
-    let (store, lock): (Arc<dyn JobStore>, Option<StorageLock>) = match &config.queue {
+    match &config.queue {
         QueueBackend::Embedded => {
             let lock = match claim.and_then(|claim| claim.lock) {
                 Some(lock) if lock.root == root => lock,
                 _ => StorageLock::acquire(&root)?,
             };
-            (Arc::new(SqliteStore::open(&root.join("jobs.sqlite3"))?), Some(lock))
+            let path = root.join("jobs.sqlite3");
+            let store = crate::state::blocking(move || SqliteStore::open(&path)).await??;
+            Ok((root, Arc::new(store), Some(lock)))
         }
         QueueBackend::Redis(url) => {
-            (Arc::new(RedisStore::open(url, config.visibility_timeout, webhook_lease(&config))?), None)
+            let store = RedisStore::open(url, config.visibility_timeout, webhook_lease(config)).await?;
+            Ok((root, Arc::new(store), None))
         }
-    };
-    // Whether queued and interrupted jobs outlive this process.
+    }
+}
+
+/// The server's shared state over its store, with what the last run left recovered, and the
+/// webhook sender's threads.
+async fn start_state(
+    config: ServerConfig,
+    model: String,
+    root: &Path,
+    store: Arc<dyn JobStore>,
+    local_addr: SocketAddr,
+) -> Result<(Arc<AppState>, mpsc::UnboundedReceiver<Progress>, Recovery, WebhookThreads), ServerError> {
     let durable = config.storage.is_durable() || config.queue != QueueBackend::Embedded;
     let files = FileStore::open(&root.join("files"))?;
     tracing::info!(folder = %root.display(), queue = ?config.queue, durable, "storing requests, generated images and uploads");
-    let (webhooks, webhook_threads) = WebhookSender::start(
-        store.clone(),
-        config.webhook_attempts,
-        config.webhook_timeout,
-        config.allow_private_webhooks,
-    )?;
-    let queue = Queue::new(store, config.max_queue, webhooks);
-    let recovery = queue.recover()?;
+    let retries = RetryPolicy::webhook(config.webhook_attempts);
+    let (webhooks, threads) =
+        WebhookSender::start(store.clone(), retries, config.webhook_timeout, config.allow_private_webhooks)?;
+    let (queue, progress) = Queue::new(store, config.max_queue, webhooks);
+    let recovery = queue.recover().await?;
     if recovery != Recovery::default() {
         tracing::info!(?recovery, "resuming what was left");
     }
     let state = Arc::new(AppState {
         local_addr,
-        uploads: Uploads::new(root.join(".upload-parts")),
-        cdn_tokens: CdnTokens::new(root.join(".cdn-tokens")),
+        uploads: Arc::new(Uploads::new(root.join(".upload-parts"))),
+        cdn_tokens: Arc::new(CdnTokens::new(root.join(".cdn-tokens"))),
         config,
         model,
-        queue,
-        files,
+        queue: Arc::new(queue),
+        files: Arc::new(files),
         started: Instant::now(),
     });
+    Ok((state, progress, recovery, threads))
+}
 
-    let worker = match pipeline {
-        Some(pipeline) => {
-            let state = state.clone();
-            Some(std::thread::Builder::new().name("pixart-worker".into()).spawn(move || {
-                let context = WorkerContext {
-                    queue: &state.queue,
-                    files: &state.files,
-                    file_url: crate::http::file_url_path,
-                    durable,
-                };
-                crate::core::worker::run(&pipeline, context)
-            })?)
-        }
-        None => None,
+/// The generation worker, on a thread of its own (the pipeline is blocking compute).
+fn spawn_worker(pipeline: Pipeline, state: &Arc<AppState>) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let durable = state.config.storage.is_durable() || state.config.queue != QueueBackend::Embedded;
+    let (state, runtime) = (state.clone(), tokio::runtime::Handle::current());
+    std::thread::Builder::new().name("pixart-worker".into()).spawn(move || {
+        let context = WorkerContext {
+            runtime,
+            queue: &state.queue,
+            files: &state.files,
+            file_url: crate::http::file_url_path,
+            durable,
+        };
+        crate::core::worker::run(&pipeline, &context);
+    })
+}
+
+/// The sweeper task; an HTTP front also sweeps uploads and tokens, and expires results.
+fn spawn_sweeper(state: &Arc<AppState>, http: bool, stop: Arc<Notify>) -> tokio::task::JoinHandle<()> {
+    let sweeper = Sweeper {
+        queue: state.queue.clone(),
+        files: state.files.clone(),
+        uploads: http.then(|| (state.uploads.clone(), state.cdn_tokens.clone())),
+        // Fronts expire results (and their images) for everyone: one retention, theirs.
+        retention: if http { state.config.retention } else { None },
+        maintain_every: (state.config.visibility_timeout / 3).max(Duration::from_millis(300)),
     };
-    let stop_sweeping = Arc::new(AtomicBool::new(false));
-    let sweeper = {
-        let (state, stop) = (state.clone(), stop_sweeping.clone());
-        // A worker without HTTP has no uploads or tokens to sweep.
-        let http = listener.is_some();
-        std::thread::Builder::new().name("pixart-sweeper".into()).spawn(move || {
-            Sweeper {
-                queue: &state.queue,
-                files: &state.files,
-                uploads: http.then_some(&state.uploads),
-                cdn_tokens: http.then_some(&state.cdn_tokens),
-                // Fronts expire results (and their images) for everyone: one retention, theirs.
-                retention: if http { state.config.retention } else { None },
-                maintain_every: (state.config.visibility_timeout / 3).max(Duration::from_millis(300)),
-            }
-            .run(&stop)
-        })?
+    tokio::spawn(sweeper.run(stop))
+}
+
+/// Serves HTTP on `listener` until the returned sender is used (or dropped).
+fn spawn_http(listener: TcpListener, state: &Arc<AppState>) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    let (stop_http, http_stopped) = oneshot::channel::<()>();
+    let router = crate::http::router(state.clone());
+    let limits = crate::http::connections::ConnectionLimits { header_read_timeout: state.config.header_read_timeout };
+    let stopped = async move {
+        let _ = http_stopped.await;
     };
+    let task =
+        tokio::spawn(crate::http::connections::serve(listener, router, limits, stopped, Duration::from_secs(10)));
+    (stop_http, task)
+}
 
-    let http = listener.map(|listener| {
-        let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
-        let router = crate::http::router(state.clone());
-        let limits =
-            crate::http::connections::ConnectionLimits { header_read_timeout: state.config.header_read_timeout };
-        let task = tokio::spawn(crate::http::connections::serve(
-            listener,
-            router,
-            limits,
-            async move {
-                let _ = http_stopped.await;
-            },
-            Duration::from_secs(10),
-        ));
-        (stop_http, task)
-    });
+/// What runs until the shutdown: the worker thread, the sweeper and HTTP tasks, the webhook
+/// threads.
+struct Running {
+    worker: Option<std::thread::JoinHandle<()>>,
+    sweeper: tokio::task::JoinHandle<()>,
+    stop_sweeping: Arc<Notify>,
+    webhooks: WebhookThreads,
+    http: Option<(oneshot::Sender<()>, tokio::task::JoinHandle<()>)>,
+}
 
-    shutdown.await;
+/// The graceful shutdown: refuse new requests, let the running one finish within the grace
+/// period (else stop it), stop the sweeper, deliver every webhook due, close HTTP.
+async fn shut_down(state: &AppState, running: Running, durable: bool) {
     tracing::info!(durable, "shutting down: refusing new requests");
-    if let Err(e) = state.queue.close(!durable) {
+    if let Err(e) = state.queue.close(!durable).await {
         tracing::error!(error = %e, "failing the queued requests");
     }
     // Wait for the running request on the queue's change notifications, up to the grace period.
@@ -199,25 +211,60 @@ async fn run(
         tracing::warn!("the running request did not finish within the grace period: stopping it");
         state.queue.stop_running(StopReason::Shutdown);
     }
-    if let Some(worker) = worker {
+    if let Some(worker) = running.worker {
         let _ = tokio::task::spawn_blocking(move || worker.join()).await;
     }
-    stop_sweeping.store(true, Ordering::SeqCst);
-    let _ = tokio::task::spawn_blocking(move || sweeper.join()).await;
+    running.stop_sweeping.notify_one();
+    let _ = running.sweeper.await;
     // Close the webhook queue and wait until every delivery was attempted.
     drop(state.queue.stop_webhooks());
-    let _ = tokio::task::spawn_blocking(move || webhook_threads.join()).await;
-
-    if let Some((stop_http, task)) = http {
+    let webhooks = running.webhooks;
+    let _ = tokio::task::spawn_blocking(move || webhooks.join()).await;
+    if let Some((stop_http, task)) = running.http {
         let _ = stop_http.send(());
         // `connections::serve` waits at most 10 s for open connections itself.
         let _ = task.await;
     }
+}
+
+async fn run(
+    pipeline: Option<Pipeline>,
+    model: String,
+    config: ServerConfig,
+    claim: Option<StorageClaim>,
+    listener: Option<TcpListener>,
+    local_addr: SocketAddr,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<ServeReport, ServerError> {
+    config.validate()?;
+    let (root, store, lock) = open_store(&config, claim).await?;
+    // Whether queued and interrupted jobs outlive this process.
+    let durable = config.storage.is_durable() || config.queue != QueueBackend::Embedded;
+    let (state, progress, recovery, webhooks) = start_state(config, model, &root, store, local_addr).await?;
+    let writer = {
+        let queue = state.queue.clone();
+        tokio::spawn(async move { queue.write_progress(progress).await })
+    };
+    let stop_sweeping = Arc::new(Notify::new());
+    let running = Running {
+        worker: pipeline.map(|pipeline| spawn_worker(pipeline, &state)).transpose()?,
+        sweeper: spawn_sweeper(&state, listener.is_some(), stop_sweeping.clone()),
+        stop_sweeping,
+        webhooks,
+        http: listener.map(|listener| spawn_http(listener, &state)),
+    };
+    shutdown.await;
+    shut_down(&state, running, durable).await;
+    writer.abort();
     let counters = state.queue.local_counters();
     drop(lock);
     if !state.config.storage.is_durable() {
-        state.uploads.cleanup();
-        let _ = std::fs::remove_dir_all(&root);
+        let (uploads, root) = (state.uploads.clone(), root.clone());
+        let _ = crate::state::blocking(move || {
+            uploads.cleanup();
+            let _ = std::fs::remove_dir_all(&root);
+        })
+        .await;
     }
     tracing::info!(?counters, "stopped");
     Ok(ServeReport { counters, recovery })
@@ -262,12 +309,10 @@ impl StorageLock {
             .write(true)
             .open(&path)
             .map_err(|e| ServerError::Config(format!("storage folder {}: {e}", root.display())))?;
-        #[cfg(unix)]
-        {
-            use std::os::fd::AsRawFd;
-            // SAFETY: flock on a descriptor this function owns; no memory is passed.
-            let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
-            if !locked {
+        // An advisory lock (flock on Unix, LockFileEx on Windows), released when the process ends.
+        match fs4::FileExt::try_lock(&file) {
+            Ok(()) => {}
+            Err(fs4::TryLockError::WouldBlock) => {
                 let holder = std::fs::read_to_string(&path).unwrap_or_default();
                 let holder = holder.split_whitespace().collect::<Vec<_>>().join(" ");
                 let holder = if holder.is_empty() { "pid not written yet".to_string() } else { holder };
@@ -277,19 +322,23 @@ impl StorageLock {
                     holder
                 )));
             }
+            Err(fs4::TryLockError::Error(e)) => {
+                return Err(ServerError::Config(format!("storage folder {}: cannot lock it: {e}", root.display())));
+            }
         }
         // The holder's pid, written in place: the file is never empty while a holder runs
         // (a refused server reads it at any moment). A stale pid left behind is harmless:
-        // the flock, released when the process ends, is what decides.
+        // the lock, released when the process ends, is what decides.
         // Fixed width: a shorter pid over a longer stale one leaves no stray digits.
         let pid = format!("pid {:>10}", std::process::id());
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::FileExt;
-            let _ = file.write_all_at(pid.as_bytes(), 0).and_then(|()| file.set_len(pid.len() as u64));
-        }
-        #[cfg(not(unix))]
-        let _ = std::fs::write(&path, &pid);
+        let write = || -> std::io::Result<()> {
+            use std::io::{Seek, Write};
+            let mut handle = &file;
+            handle.seek(std::io::SeekFrom::Start(0))?;
+            handle.write_all(pid.as_bytes())?;
+            file.set_len(pid.len() as u64)
+        };
+        let _ = write();
         Ok(Self { _file: file, root: root.to_path_buf() })
     }
 }

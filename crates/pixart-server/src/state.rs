@@ -1,6 +1,7 @@
 //! What the HTTP layer, the worker and the sweeper share.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::config::ServerConfig;
@@ -8,6 +9,11 @@ use crate::core::cdn_tokens::CdnTokens;
 use crate::core::files::FileStore;
 use crate::core::uploads::Uploads;
 use crate::core::Queue;
+
+/// Runs blocking file work (the storage folder) on the blocking pool, never on the runtime.
+pub async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(work).await.map_err(std::io::Error::other)
+}
 
 /// The state of one server.
 #[derive(Debug)]
@@ -19,13 +25,13 @@ pub struct AppState {
     /// The address the server listens on (base URL when a request has no Host header).
     pub local_addr: SocketAddr,
     /// The jobs.
-    pub queue: Queue,
+    pub queue: Arc<Queue>,
     /// Served files.
-    pub files: FileStore,
+    pub files: Arc<FileStore>,
     /// Uploads in flight.
-    pub uploads: Uploads,
+    pub uploads: Arc<Uploads>,
     /// CDN upload tokens handed out by `/rest/storage/auth/token`.
-    pub cdn_tokens: CdnTokens,
+    pub cdn_tokens: Arc<CdnTokens>,
     /// When the server started.
     pub started: Instant,
 }

@@ -28,8 +28,8 @@ impl Redis {
         Self(child, port)
     }
 
-    fn store(&self, lease: Duration) -> RedisStore {
-        RedisStore::open(&format!("redis://127.0.0.1:{}", self.1), lease, Duration::from_millis(300)).unwrap()
+    async fn store(&self, lease: Duration) -> RedisStore {
+        RedisStore::open(&format!("redis://127.0.0.1:{}", self.1), lease, Duration::from_millis(300)).await.unwrap()
     }
 }
 
@@ -40,102 +40,102 @@ impl Drop for Redis {
     }
 }
 
-fn submit(store: &RedisStore, priority: Priority, webhook: bool) -> String {
+async fn submit(store: &RedisStore, priority: Priority, webhook: bool) -> String {
     let mut job = NewJob::new(JobKind::Queued, "fal-ai/pixart-sigma", "http://h", Ok(GenerateRequest::new("a cat")));
     job.priority = priority;
     job.webhook = webhook.then(|| "https://hooks.example.com/x".to_string());
     let id = job.id.clone();
-    store.submit(job, 10).unwrap();
+    store.submit(job, 10).await.unwrap();
     id
 }
 
-fn state(store: &RedisStore, id: &str) -> JobState {
-    store.view(id, 0).unwrap().unwrap().state
+async fn state(store: &RedisStore, id: &str) -> JobState {
+    store.view(id, 0).await.unwrap().unwrap().state
 }
 
-#[test]
-fn positions_priorities_cancel_and_deadlines_match_the_embedded_store() {
+#[tokio::test]
+async fn positions_priorities_cancel_and_deadlines_match_the_embedded_store() {
     let redis = Redis::start();
-    let s = redis.store(Duration::from_secs(30));
-    let low = submit(&s, Priority::Low, false);
-    let a = submit(&s, Priority::Normal, false);
-    let b = submit(&s, Priority::Normal, true);
-    assert_eq!(state(&s, &a), JobState::Queued { position: 0 });
-    assert_eq!(state(&s, &b), JobState::Queued { position: 1 });
-    assert_eq!(state(&s, &low), JobState::Queued { position: 2 });
-    let claimed = s.claim(SystemTime::now()).unwrap().unwrap();
+    let s = redis.store(Duration::from_secs(30)).await;
+    let low = submit(&s, Priority::Low, false).await;
+    let a = submit(&s, Priority::Normal, false).await;
+    let b = submit(&s, Priority::Normal, true).await;
+    assert_eq!(state(&s, &a).await, JobState::Queued { position: 0 });
+    assert_eq!(state(&s, &b).await, JobState::Queued { position: 1 });
+    assert_eq!(state(&s, &low).await, JobState::Queued { position: 2 });
+    let claimed = s.claim(SystemTime::now()).await.unwrap().unwrap();
     assert_eq!((claimed.id.as_str(), claimed.attempt), (a.as_str(), 1));
     assert_eq!(claimed.request, GenerateRequest::new("a cat"));
-    assert_eq!(state(&s, &low), JobState::Queued { position: 1 });
-    match s.cancel(&b).unwrap() {
+    assert_eq!(state(&s, &low).await, JobState::Queued { position: 1 });
+    match s.cancel(&b).await.unwrap() {
         CancelResult::Dequeued(Some(hook)) => {
             let payload: serde_json::Value = serde_json::from_str(&hook.payload).unwrap();
             assert_eq!(payload["payload"]["error_type"], "RequestCancelled");
         }
         other => panic!("{other:?}"),
     }
-    assert!(!s.stop_requested(&a, &claimed.token).unwrap());
-    assert!(matches!(s.cancel(&a).unwrap(), CancelResult::StopRequested));
-    assert!(s.stop_requested(&a, &claimed.token).unwrap());
-    assert!(matches!(s.cancel("nope").unwrap(), CancelResult::NotFound));
+    assert!(!s.stop_requested(&a, &claimed.token).await.unwrap());
+    assert!(matches!(s.cancel(&a).await.unwrap(), CancelResult::StopRequested));
+    assert!(s.stop_requested(&a, &claimed.token).await.unwrap());
+    assert!(matches!(s.cancel("nope").await.unwrap(), CancelResult::NotFound));
     let stopped =
         Outcome::Failed(pixart_server::core::Failure::stopped(pixart_server::core::StopReason::Cancelled, true));
-    assert!(!s.finish(&a, "another worker", &stopped).unwrap().applied, "only the claim's holder ends it");
-    assert!(s.finish(&a, &claimed.token, &stopped).unwrap().applied);
-    assert!(matches!(s.cancel(&a).unwrap(), CancelResult::AlreadyCompleted));
+    assert!(!s.finish(&a, "another worker", &stopped).await.unwrap().applied, "only the claim's holder ends it");
+    assert!(s.finish(&a, &claimed.token, &stopped).await.unwrap().applied);
+    assert!(matches!(s.cancel(&a).await.unwrap(), CancelResult::AlreadyCompleted));
     // A deadline passes while queued: the sweep ends it with a user timeout.
     let mut late = NewJob::new(JobKind::Queued, "x/y", "http://h", Ok(GenerateRequest::new("late")));
     late.start_deadline = Some(SystemTime::now());
     let late_id = late.id.clone();
-    s.submit(late, 10).unwrap();
-    let ended = s.expire_deadlines(SystemTime::now() + Duration::from_millis(1)).unwrap();
+    s.submit(late, 10).await.unwrap();
+    let ended = s.expire_deadlines(SystemTime::now() + Duration::from_millis(1)).await.unwrap();
     assert_eq!(ended.count, 1);
-    match state(&s, &late_id) {
+    match state(&s, &late_id).await {
         JobState::Completed(outcome) => assert_eq!(outcome.failure().unwrap().kind, FailureKind::Timeout),
         other => panic!("{other:?}"),
     }
-    assert_eq!(s.stats().unwrap().queued, 1, "only the low-priority job waits");
+    assert_eq!(s.stats().await.unwrap().queued, 1, "only the low-priority job waits");
     // The queue limit counts waiting jobs only.
     let full = NewJob::new(JobKind::Queued, "x/y", "http://h", Ok(GenerateRequest::new("c")));
-    assert!(s.submit(full, 1).is_err());
+    assert!(s.submit(full, 1).await.is_err());
 }
 
-#[test]
-fn a_dead_workers_job_is_run_again_then_failed_after_its_attempts() {
+#[tokio::test]
+async fn a_dead_workers_job_is_run_again_then_failed_after_its_attempts() {
     let redis = Redis::start();
-    let worker = redis.store(Duration::from_millis(400));
-    let other = redis.store(Duration::from_millis(400));
-    let id = submit(&worker, Priority::Normal, true);
+    let worker = redis.store(Duration::from_millis(400)).await;
+    let other = redis.store(Duration::from_millis(400)).await;
+    let id = submit(&worker, Priority::Normal, true).await;
     let mut tokens = Vec::new();
     for attempt in 1..=3 {
-        let claimed = worker.claim(SystemTime::now()).unwrap().unwrap();
+        let claimed = worker.claim(SystemTime::now()).await.unwrap().unwrap();
         assert_eq!((claimed.id.as_str(), claimed.attempt), (id.as_str(), attempt));
         let lease = (id.clone(), claimed.token.clone());
         // A live worker's heartbeat keeps the job; an earlier holder's does nothing.
-        std::thread::sleep(Duration::from_millis(240));
-        worker.heartbeat(std::slice::from_ref(&lease)).unwrap();
-        std::thread::sleep(Duration::from_millis(240));
+        tokio::time::sleep(Duration::from_millis(240)).await;
+        worker.heartbeat(std::slice::from_ref(&lease)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(240)).await;
         if let Some(old) = tokens.last() {
             let stale = (id.clone(), String::clone(old));
-            worker.heartbeat(std::slice::from_ref(&stale)).unwrap();
-            assert!(worker.stop_requested(&id, old).unwrap(), "the earlier holder is told to stop");
-            worker.release(&id, old).unwrap();
+            worker.heartbeat(std::slice::from_ref(&stale)).await.unwrap();
+            assert!(worker.stop_requested(&id, old).await.unwrap(), "the earlier holder is told to stop");
+            worker.release(&id, old).await.unwrap();
         }
         tokens.push(claimed.token);
-        assert_eq!(other.reap(3).unwrap().count, 0);
-        assert_eq!(state(&other, &id), JobState::Running);
+        assert_eq!(other.reap(3).await.unwrap().count, 0);
+        assert_eq!(state(&other, &id).await, JobState::Running);
         // Then it dies: the lease runs out and the job goes back (or fails on the last attempt).
-        std::thread::sleep(Duration::from_millis(500));
-        let ended = other.reap(3).unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let ended = other.reap(3).await.unwrap();
         if attempt < 3 {
             assert_eq!(ended.count, 0);
-            assert_eq!(state(&other, &id), JobState::Queued { position: 0 });
+            assert_eq!(state(&other, &id).await, JobState::Queued { position: 0 });
         } else {
             assert_eq!(ended.count, 1);
             assert_eq!(ended.webhooks.len(), 1);
         }
     }
-    match state(&worker, &id) {
+    match state(&worker, &id).await {
         JobState::Completed(outcome) => {
             let failure = outcome.failure().unwrap();
             assert_eq!(failure.kind, FailureKind::Interrupted);
@@ -151,50 +151,53 @@ fn a_dead_workers_job_is_run_again_then_failed_after_its_attempts() {
         has_nsfw_concepts: Vec::new(),
         prompt: "a cat".into(),
     };
-    let late = worker.finish(&id, &tokens[0], &Outcome::Succeeded { response, inference_time: 1.0 }).unwrap();
+    let late = worker.finish(&id, &tokens[0], &Outcome::Succeeded { response, inference_time: 1.0 }).await.unwrap();
     assert!(!late.applied && late.webhook.is_none());
-    assert!(matches!(state(&worker, &id), JobState::Completed(Outcome::Failed(_))));
+    assert!(matches!(state(&worker, &id).await, JobState::Completed(Outcome::Failed(_))));
 }
 
-#[test]
-fn a_pending_webhook_is_claimed_by_one_process_then_by_another_when_its_sender_died() {
+#[tokio::test]
+async fn a_pending_webhook_is_claimed_by_one_process_then_by_another_when_its_sender_died() {
     let redis = Redis::start();
-    let a = redis.store(Duration::from_secs(30));
-    let b = redis.store(Duration::from_secs(30));
-    let id = submit(&a, Priority::Normal, true);
-    let claimed = a.claim(SystemTime::now()).unwrap().unwrap();
+    let a = redis.store(Duration::from_secs(30)).await;
+    let b = redis.store(Duration::from_secs(30)).await;
+    let id = submit(&a, Priority::Normal, true).await;
+    let claimed = a.claim(SystemTime::now()).await.unwrap().unwrap();
     let failed = Outcome::Failed(pixart_server::core::Failure::timed_out());
-    let hook = a.finish(&id, &claimed.token, &failed).unwrap().webhook.unwrap();
+    let hook = a.finish(&id, &claimed.token, &failed).await.unwrap().webhook.unwrap();
     // Its creator holds it for the webhook lease (300 ms here): nobody else takes it.
-    assert!(b.orphaned_webhooks().unwrap().is_empty());
-    std::thread::sleep(Duration::from_millis(350));
-    let taken = b.orphaned_webhooks().unwrap();
+    assert!(b.orphaned_webhooks().await.unwrap().is_empty());
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let taken = b.orphaned_webhooks().await.unwrap();
     assert_eq!(taken.len(), 1);
     assert_eq!(taken[0].delivery_id, hook.delivery_id);
-    assert!(a.orphaned_webhooks().unwrap().is_empty(), "claimed by b now");
-    b.webhook_done(hook.delivery_id).unwrap();
-    std::thread::sleep(Duration::from_millis(350));
-    assert!(a.orphaned_webhooks().unwrap().is_empty(), "delivered: gone");
+    assert!(a.orphaned_webhooks().await.unwrap().is_empty(), "claimed by b now");
+    b.webhook_done(hook.delivery_id).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert!(a.orphaned_webhooks().await.unwrap().is_empty(), "delivered: gone");
 }
 
-#[test]
-fn counters_and_logs_are_shared() {
+#[tokio::test]
+async fn counters_and_logs_are_shared() {
     let redis = Redis::start();
-    let a = redis.store(Duration::from_secs(30));
-    let b = redis.store(Duration::from_secs(30));
-    a.add_counts(&pixart_server::Counters { accepted: 2, started: 1, ..Default::default() }).unwrap();
-    b.add_counts(&pixart_server::Counters { accepted: 1, ..Default::default() }).unwrap();
-    let counters = b.counters().unwrap().unwrap();
+    let a = redis.store(Duration::from_secs(30)).await;
+    let b = redis.store(Duration::from_secs(30)).await;
+    a.add_counts(&pixart_server::Counters { accepted: 2, started: 1, ..Default::default() }).await.unwrap();
+    b.add_counts(&pixart_server::Counters { accepted: 1, ..Default::default() }).await.unwrap();
+    let counters = b.counters().await.unwrap().unwrap();
     assert_eq!((counters.accepted, counters.started), (3, 1));
-    let id = submit(&a, Priority::Normal, false);
-    let token = a.claim(SystemTime::now()).unwrap().unwrap().token;
-    a.append_log(&id, &token, &pixart_server::core::LogLine::new("INFO", "one")).unwrap();
-    b.append_log(&id, &token, &pixart_server::core::LogLine::new("INFO", "two")).unwrap();
-    b.append_log(&id, "not the holder", &pixart_server::core::LogLine::new("INFO", "dropped")).unwrap();
-    let view = b.view(&id, 1).unwrap().unwrap();
+    let id = submit(&a, Priority::Normal, false).await;
+    let token = a.claim(SystemTime::now()).await.unwrap().unwrap().token;
+    let line = |text: &str| pixart_server::core::LogLine::new("INFO", text);
+    a.append_logs(&id, &token, 0, &[line("one")]).await.unwrap();
+    b.append_logs(&id, &token, 1, &[line("two")]).await.unwrap();
+    // A retried batch (its first try reached Redis) adds nothing twice; a stale holder adds nothing.
+    b.append_logs(&id, &token, 0, &[line("one"), line("two")]).await.unwrap();
+    b.append_logs(&id, "not the holder", 2, &[line("dropped")]).await.unwrap();
+    let view = b.view(&id, 1).await.unwrap().unwrap();
     assert_eq!((view.log_count, view.logs.len(), view.logs[0].message.as_str()), (2, 1, "two"));
-    b.forget(&id).unwrap();
-    assert!(a.stop_requested(&id, &token).unwrap(), "a forgotten job is wanted by no one");
-    a.append_log(&id, &token, &pixart_server::core::LogLine::new("INFO", "late")).unwrap();
-    assert!(a.view(&id, 0).unwrap().is_none());
+    b.forget(&id).await.unwrap();
+    assert!(a.stop_requested(&id, &token).await.unwrap(), "a forgotten job is wanted by no one");
+    a.append_logs(&id, &token, 2, &[line("late")]).await.unwrap();
+    assert!(a.view(&id, 0).await.unwrap().is_none());
 }

@@ -88,11 +88,12 @@ impl FileStore {
         let _ = std::fs::remove_dir_all(self.key_dir(key));
     }
 
-    /// Deletes the files of keys last written more than `retention` ago that are not a live
-    /// request (`is_live`), across restarts (file times are on disk).
-    pub fn expire(&self, retention: Duration, is_live: impl Fn(&str) -> bool) {
-        let Ok(entries) = std::fs::read_dir(&self.root) else { return };
+    /// The keys last written more than `retention` ago (file times are on disk, so this holds
+    /// across restarts); the caller deletes those that are no live request's.
+    pub fn old_keys(&self, retention: Duration) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(&self.root) else { return Vec::new() };
         let now = SystemTime::now();
+        let mut old_keys = Vec::new();
         for entry in entries.flatten() {
             let Some(key) = entry.file_name().to_str().map(str::to_string) else { continue };
             if key.starts_with('.') || !entry.path().is_dir() {
@@ -104,11 +105,11 @@ impl FileStore {
                 .flatten()
                 .filter_map(|f| f.metadata().ok()?.modified().ok())
                 .max();
-            let old = newest.is_none_or(|t| now.duration_since(t).unwrap_or_default() >= retention);
-            if old && !is_live(&key) {
-                self.remove_key(&key);
+            if newest.is_none_or(|t| now.duration_since(t).unwrap_or_default() >= retention) {
+                old_keys.push(key);
             }
         }
+        old_keys
     }
 }
 
@@ -156,9 +157,9 @@ mod tests {
         let reopened = FileStore::open(&dir).unwrap();
         assert_eq!(reopened.get("req-1", "a_b.png").unwrap().content_type, "image/png");
         assert!(reopened.get("req-1", ".types").is_none() && reopened.get("..", "req-1").is_none());
-        store.expire(Duration::ZERO, |key| key == "req-1");
-        assert!(store.get("req-1", "a_b.png").is_some(), "a live request keeps its files");
-        store.expire(Duration::ZERO, |_| false);
+        assert!(store.old_keys(Duration::from_secs(3600)).is_empty(), "written just now");
+        assert_eq!(store.old_keys(Duration::ZERO), ["req-1"]);
+        store.remove_key("req-1");
         assert!(store.get("req-1", "a_b.png").is_none());
         assert!(!file.path.exists());
         std::fs::remove_dir_all(&dir).unwrap();

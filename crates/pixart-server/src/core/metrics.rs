@@ -1,7 +1,6 @@
-//! Latency histograms (step and request durations), rendered in Prometheus' text format
-//! (version 0.0.4) for `GET /metrics`.
+//! Latency histograms (step and request durations): cumulative counts over fixed bounds, kept by
+//! each process or in a shared store (`GET /metrics` renders them).
 
-use std::fmt::Write as _;
 use std::time::Duration;
 
 /// A cumulative histogram with fixed upper bounds, in seconds.
@@ -50,17 +49,19 @@ impl Histogram {
         Self { bounds, counts, sum, count }
     }
 
-    /// Appends it to `out` in Prometheus' text format as `name`.
-    pub fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (bound, count) in self.bounds.iter().zip(&self.counts) {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {count}");
-        }
-        let _ = writeln!(
-            out,
-            "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}",
-            self.count, self.sum, self.count
-        );
+    /// Observations at or below each bound (cumulative), bound by bound.
+    pub fn cumulative_counts(&self) -> &[u64] {
+        &self.counts
+    }
+
+    /// The sum of the observations, in seconds.
+    pub fn sum(&self) -> f64 {
+        self.sum
+    }
+
+    /// How many observations.
+    pub fn count(&self) -> u64 {
+        self.count
     }
 }
 
@@ -121,16 +122,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn histograms_are_cumulative_and_render_in_prometheus_format() {
+    fn histograms_are_cumulative() {
         let mut h = Histogram::new(&[0.1, 1.0]);
         h.observe(Duration::from_millis(50));
         h.observe(Duration::from_millis(500));
         h.observe(Duration::from_secs(5));
-        let mut out = String::new();
-        h.render(&mut out, "x_seconds", "X.");
-        assert!(out.contains("x_seconds_bucket{le=\"0.1\"} 1\n"), "{out}");
-        assert!(out.contains("x_seconds_bucket{le=\"1\"} 2\n"), "{out}");
-        assert!(out.contains("x_seconds_bucket{le=\"+Inf\"} 3\n"), "{out}");
-        assert!(out.contains("x_seconds_count 3\n") && out.contains("x_seconds_sum 5.55"), "{out}");
+        assert_eq!(h.cumulative_counts(), [1, 2]);
+        assert_eq!(h.count(), 3);
+        assert!((h.sum() - 5.55).abs() < 1e-9);
     }
 }

@@ -1,9 +1,12 @@
 //! The queue core: jobs and their store, the worker, files, uploads and webhook delivery.
-//! Nothing here knows about HTTP (no status codes, no axum); the `http` module maps it to fal's
-//! API.
+//! Nothing here knows about HTTP (no status codes, no axum, no routes); the `http` module maps
+//! it to fal's API. It speaks fal's formats where they are stored: results and webhook payloads
+//! ([`fal_format`]). No call here blocks the async runtime: store calls are async, file work
+//! runs on the blocking pool, and the worker is a thread of its own.
 //!
 //! Dependencies point one way: `job` ← `fal_format` ← `store` ← `sqlite`/`redis_store`/`queue` ← `worker`;
-//! `files`, `uploads`, `cdn_tokens`, `metrics` and `webhook_target` stand alone.
+//! `retry` ← `webhook` ← `queue`; `files`, `uploads`, `cdn_tokens`, `metrics` and
+//! `webhook_target` stand alone.
 
 pub mod cdn_tokens;
 pub mod counters;
@@ -13,6 +16,7 @@ pub mod job;
 pub mod metrics;
 pub mod queue;
 pub mod redis_store;
+pub mod retry;
 pub mod sqlite;
 pub mod store;
 pub mod sweeper;
@@ -23,7 +27,7 @@ pub mod worker;
 
 pub use counters::Counters;
 pub use job::{Failure, FailureKind, JobKind, JobState, JobView, LogLine, NewJob, Outcome, Priority, StopReason};
-pub use queue::{Queue, RefusedSubmit};
+pub use queue::{Progress, Queue, RefusedSubmit};
 pub use redis_store::RedisStore;
 pub use sqlite::SqliteStore;
 pub use store::{CancelResult, JobStore, PendingWebhook, QueueStats, Recovery, StoreError, SubmitError};

@@ -1,24 +1,34 @@
 //! [`Queue`]: the job store plus what belongs to one process: wake-ups for the worker and for
-//! status streams, the stop flags of the jobs this process runs, counters, latency histograms
-//! and the webhook sender.
+//! status streams, the stop flags of the jobs this process runs, counters, latency histograms,
+//! the webhook sender, and the progress of running jobs on its way to the store.
+//!
+//! Every store call is async. The worker's step loop never waits on the store: its log lines and
+//! step durations go through a channel to [`Queue::write_progress`], a task that writes them in
+//! batches (and retries them through a store outage), and a cancel made elsewhere reaches its stop
+//! flag through a watcher task, so a GPU never waits on Redis between steps.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
+use backon::Retryable;
 use pixart_fal::GenerateRequest;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use super::counters::Counters;
 use super::job::{Failure, JobView, LogLine, NewJob, Outcome, StopFlag, StopReason};
 use super::metrics::{Latencies, Latency};
+use super::retry::RetryPolicy;
 use super::store::{CancelResult, JobStore, PendingWebhook, QueueStats, Recovery, StoreError, SubmitError};
 use super::webhook::WebhookSender;
 
 /// Starts allowed for a job that keeps being interrupted (server killed while running it)
 /// before it fails with [`super::job::FailureKind::Interrupted`].
 pub const MAX_ATTEMPTS: u32 = 3;
+
+/// How often a job running here asks a shared store whether it was cancelled elsewhere.
+const STOP_POLL: Duration = Duration::from_millis(500);
 
 /// Why a submit was refused.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +57,37 @@ pub struct WorkItem {
     submitted: SystemTime,
 }
 
+/// What the compute thread reports, written to the store by [`Queue::write_progress`].
+#[derive(Debug)]
+pub enum Progress {
+    /// A job started here; its next log line has number `next_line`.
+    Started {
+        /// The request id.
+        id: String,
+        /// The claim's token.
+        token: String,
+        /// Lines it already has.
+        next_line: usize,
+    },
+    /// A log line of a job running here.
+    Log {
+        /// The request id.
+        id: String,
+        /// The line.
+        line: LogLine,
+    },
+    /// A latency observation.
+    Observe(Latency, Duration),
+    /// Answered once everything sent before it for the job is stored (or given up on); the
+    /// job's log is then closed.
+    Flush {
+        /// The request id.
+        id: String,
+        /// Answered when done.
+        done: oneshot::Sender<()>,
+    },
+}
+
 #[derive(Debug, Default)]
 struct Local {
     counters: Counters,
@@ -62,26 +103,33 @@ pub struct Queue {
     max_queue: usize,
     closed: AtomicBool,
     local: Mutex<Local>,
-    wakeups: Mutex<u64>,
-    work: Condvar,
+    work: Notify,
     changes: watch::Sender<u64>,
     webhooks: Mutex<Option<WebhookSender>>,
+    progress: mpsc::UnboundedSender<Progress>,
 }
 
 impl Queue {
     /// A queue over `store` whose webhooks go out through `webhooks`; at most `max_queue` jobs
-    /// wait. Call [`Queue::recover`] once before serving.
-    pub fn new(store: Arc<dyn JobStore>, max_queue: usize, webhooks: WebhookSender) -> Self {
-        Self {
+    /// wait. The receiver is for [`Queue::write_progress`], which must run for as long as jobs
+    /// do. Call [`Queue::recover`] once before serving.
+    pub fn new(
+        store: Arc<dyn JobStore>,
+        max_queue: usize,
+        webhooks: WebhookSender,
+    ) -> (Self, mpsc::UnboundedReceiver<Progress>) {
+        let (progress, reports) = mpsc::unbounded_channel();
+        let queue = Self {
             store,
             max_queue,
             closed: AtomicBool::new(false),
             local: Mutex::new(Local::default()),
-            wakeups: Mutex::new(0),
-            work: Condvar::new(),
+            work: Notify::new(),
             changes: watch::channel(0).0,
             webhooks: Mutex::new(Some(webhooks)),
-        }
+            progress,
+        };
+        (queue, reports)
     }
 
     fn local(&self) -> MutexGuard<'_, Local> {
@@ -90,12 +138,17 @@ impl Queue {
 
     /// Requeues or fails what was running when the store was last used, and resends the
     /// webhooks that were not delivered.
-    pub fn recover(&self) -> Result<Recovery, StoreError> {
-        let recovery = self.store.recover(MAX_ATTEMPTS)?;
-        for hook in self.store.pending_webhooks()? {
+    pub async fn recover(&self) -> Result<Recovery, StoreError> {
+        let recovery = self.store.recover(MAX_ATTEMPTS).await?;
+        for hook in self.store.pending_webhooks().await? {
             self.send_webhook(hook);
         }
         Ok(recovery)
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn JobStore> {
+        &self.store
     }
 
     /// A receiver that sees every change of any job.
@@ -116,43 +169,55 @@ impl Queue {
     }
 
     /// Accepts a job; returns its queue position (`None`: ended at once, invalid input).
-    pub fn submit(&self, job: NewJob) -> Result<Option<usize>, RefusedSubmit> {
+    pub async fn submit(&self, job: NewJob) -> Result<Option<usize>, RefusedSubmit> {
         if self.is_closed() {
             return Err(RefusedSubmit::ShuttingDown);
         }
         let invalid = job.input.as_ref().err().cloned();
-        let submitted = self.store.submit(job, self.max_queue)?;
-        {
-            let mut delta = Counters { accepted: 1, ..Counters::default() };
-            if let Some(failure) = invalid {
-                delta.add(&Counters::ended(&Outcome::Failed(failure)));
-            }
-            self.count(&delta);
+        let submitted = self.store.submit(job, self.max_queue).await?;
+        let mut delta = Counters { accepted: 1, ..Counters::default() };
+        if let Some(failure) = invalid {
+            delta.add(&Counters::ended(&Outcome::Failed(failure)));
         }
+        self.count(&delta).await;
         if let Some(hook) = submitted.webhook {
             self.send_webhook(hook);
         }
-        self.wake_worker();
+        self.work.notify_one();
         self.changed();
         Ok(submitted.position)
     }
 
-    /// Blocks until a job can start (returns it) or the queue is closed (`None`). Also looks
+    /// Waits until a job can start (returns it) or the queue is closed (`None`). Also looks
     /// every 250 ms, for jobs that other processes sharing the store queued.
-    pub fn next_work(&self) -> Option<WorkItem> {
+    pub async fn next_work(&self) -> Option<WorkItem> {
         loop {
             if self.is_closed() {
                 return None;
             }
-            // Taken before looking, so a submit that lands while the store is being asked (the
-            // lock is not held then: a shared store is a network round trip away) still wakes us.
-            let seen = *self.wakeups.lock().unwrap_or_else(|e| e.into_inner());
-            match self.store.claim(SystemTime::now()) {
+            // Registered before looking, so a submit that lands while the store is being asked
+            // still wakes us.
+            let woken = self.work.notified();
+            match self.store.claim(SystemTime::now()).await {
                 Ok(Some(claimed)) => {
                     let stop = Arc::new(StopFlag::default());
                     self.local().running.insert(claimed.id.clone(), (stop.clone(), claimed.token.clone()));
-                    self.count(&Counters { started: 1, ..Counters::default() });
+                    let started = Progress::Started {
+                        id: claimed.id.clone(),
+                        token: claimed.token.clone(),
+                        next_line: claimed.log_count,
+                    };
+                    let _ = self.progress.send(started);
+                    self.count(&Counters { started: 1, ..Counters::default() }).await;
                     self.changed();
+                    if self.store.is_shared() {
+                        tokio::spawn(watch_stop(
+                            self.store.clone(),
+                            claimed.id.clone(),
+                            claimed.token.clone(),
+                            stop.clone(),
+                        ));
+                    }
                     return Some(WorkItem {
                         id: claimed.id,
                         token: claimed.token,
@@ -165,60 +230,102 @@ impl Queue {
                 Ok(None) => {}
                 Err(e) => tracing::error!(error = %e, "taking the next request failed; retrying"),
             }
-            let wakeups = self.wakeups.lock().unwrap_or_else(|e| e.into_inner());
-            if *wakeups == seen && !self.is_closed() {
-                drop(self.work.wait_timeout(wakeups, Duration::from_millis(250)).unwrap_or_else(|e| e.into_inner()));
+            if !self.is_closed() {
+                let _ = tokio::time::timeout(Duration::from_millis(250), woken).await;
             }
         }
     }
 
-    /// Wakes the worker waiting in [`Queue::next_work`].
-    fn wake_worker(&self) {
-        *self.wakeups.lock().unwrap_or_else(|e| e.into_inner()) += 1;
-        self.work.notify_all();
-    }
-
-    /// Appends a log line to a job this process runs (a store failure is logged, not fatal to
-    /// the generation).
+    /// Adds a log line to a job this process runs. Never waits: the line is stored by
+    /// [`Queue::write_progress`].
     pub fn log(&self, item: &WorkItem, line: LogLine) {
-        if let Err(e) = retry_while_unavailable(|| self.store.append_log(&item.id, &item.token, &line)) {
-            tracing::warn!(request_id = %item.id, error = %e, "log line not stored");
-        }
-        self.changed();
+        let _ = self.progress.send(Progress::Log { id: item.id.clone(), line });
     }
 
-    /// Records the duration of one denoising step.
+    /// Records the duration of one denoising step. Never waits.
     pub fn observe_step(&self, duration: Duration) {
-        self.observe(Latency::Step, duration);
+        self.local().latencies.observe(Latency::Step, duration);
+        if self.store.is_shared() {
+            let _ = self.progress.send(Progress::Observe(Latency::Step, duration));
+        }
     }
 
-    fn observe(&self, which: Latency, value: Duration) {
-        self.local().latencies.observe(which, value);
-        if let Err(e) = self.store.observe(which, value) {
-            tracing::warn!(error = %e, "shared latency not recorded");
+    /// Writes what running jobs report (log lines in batches, latencies) to the store until the
+    /// queue is dropped. A batch the store refuses while unavailable is retried through the
+    /// outage ([`RetryPolicy::store_outage`]); log lines carry their numbers, so a retried batch
+    /// adds no line twice.
+    pub async fn write_progress(&self, mut reports: mpsc::UnboundedReceiver<Progress>) {
+        // Per running job: claim token, number of the next line to store, lines not yet stored.
+        let mut logs: HashMap<String, (String, usize, Vec<LogLine>)> = HashMap::new();
+        while let Some(first) = reports.recv().await {
+            let mut batch = vec![first];
+            while let Ok(more) = reports.try_recv() {
+                batch.push(more);
+            }
+            let mut flushed = Vec::new();
+            for report in batch {
+                match report {
+                    Progress::Started { id, token, next_line } => {
+                        logs.insert(id, (token, next_line, Vec::new()));
+                    }
+                    Progress::Log { id, line } => {
+                        if let Some((_, _, pending)) = logs.get_mut(&id) {
+                            pending.push(line);
+                        }
+                    }
+                    Progress::Observe(which, value) => {
+                        if let Err(e) = self.store.observe(which, value).await {
+                            tracing::warn!(error = %e, "shared latency not recorded");
+                        }
+                    }
+                    Progress::Flush { id, done } => flushed.push((id, done)),
+                }
+            }
+            for (id, (token, next, pending)) in &mut logs {
+                if pending.is_empty() {
+                    continue;
+                }
+                let write = || self.store.append_logs(id, token, *next, pending);
+                let stored = write
+                    .retry(RetryPolicy::store_outage().backoff())
+                    .when(|e| matches!(e, StoreError::Unavailable(_)))
+                    .await;
+                if let Err(e) = stored {
+                    tracing::warn!(request_id = %id, error = %e, lines = pending.len(), "log lines not stored");
+                }
+                *next += pending.len();
+                pending.clear();
+            }
+            for (id, done) in flushed {
+                logs.remove(&id);
+                let _ = done.send(());
+            }
+            self.changed();
+        }
+    }
+
+    /// Waits until every line a job running here has reported is stored.
+    async fn flush(&self, id: &str) {
+        let (done, stored) = oneshot::channel();
+        if self.progress.send(Progress::Flush { id: id.to_string(), done }).is_ok() {
+            let _ = stored.await;
         }
     }
 
     /// Whether the job should stop after this step: cancelled here or through the store (by
-    /// another front), or the server is stopping.
+    /// another front, seen by the job's watcher), or the server is stopping. Never waits.
     pub fn stop_reason(&self, item: &WorkItem) -> StopReason {
-        let reason = item.stop.reason();
-        if reason != StopReason::None {
-            return reason;
-        }
-        // A cancel handled by this process set the flag already; only a shared store can carry
-        // one from elsewhere.
-        if self.store.is_shared() && self.store.stop_requested(&item.id, &item.token).unwrap_or(false) {
-            item.stop.request(StopReason::Cancelled);
-        }
         item.stop.reason()
     }
 
-    /// Records how a job this process ran ended and sends its webhook.
-    pub fn finish(&self, item: &WorkItem, outcome: Outcome) -> Result<(), StoreError> {
+    /// Records how a job this process ran ended (after its log lines) and sends its webhook.
+    pub async fn finish(&self, item: &WorkItem, outcome: Outcome) -> Result<(), StoreError> {
+        self.flush(&item.id).await;
         // A store that is down for a moment (Redis restarting) must not lose a finished
         // generation.
-        let finished = retry_while_unavailable(|| self.store.finish(&item.id, &item.token, &outcome));
+        let finish = || self.store.finish(&item.id, &item.token, &outcome);
+        let finished =
+            finish.retry(RetryPolicy::store_outage().backoff()).when(|e| matches!(e, StoreError::Unavailable(_))).await;
         self.local().running.remove(&item.id);
         self.changed();
         let finished = finished?;
@@ -228,29 +335,36 @@ impl Queue {
             tracing::warn!(request_id = %item.id, "the request had already ended elsewhere; this result is dropped");
             return Ok(());
         }
-        self.observe(Latency::Request, SystemTime::now().duration_since(item.submitted).unwrap_or_default());
-        self.count(&Counters::ended(&outcome));
+        self.observe(Latency::Request, SystemTime::now().duration_since(item.submitted).unwrap_or_default()).await;
+        self.count(&Counters::ended(&outcome)).await;
         if let Some(hook) = finished.webhook {
             self.send_webhook(hook);
         }
         Ok(())
     }
 
+    async fn observe(&self, which: Latency, value: Duration) {
+        self.local().latencies.observe(which, value);
+        if let Err(e) = self.store.observe(which, value).await {
+            tracing::warn!(error = %e, "shared latency not recorded");
+        }
+    }
+
     /// Keeps this process' claims alive and picks up what dead processes left (stores shared
     /// by several processes): extends the leases of the jobs running here, gives back or fails
     /// jobs whose worker stopped answering, and sends webhooks whose sender died. Call it more
     /// often than the lease (the visibility timeout) runs out.
-    pub fn maintain(&self) -> Result<(), StoreError> {
+    pub async fn maintain(&self) -> Result<(), StoreError> {
         let running: Vec<(String, String)> =
             self.local().running.iter().map(|(id, (_, token))| (id.clone(), token.clone())).collect();
-        self.store.heartbeat(&running)?;
-        let ended = self.store.reap(MAX_ATTEMPTS)?;
+        self.store.heartbeat(&running).await?;
+        let ended = self.store.reap(MAX_ATTEMPTS).await?;
         if ended.count > 0 {
             let cancelled = ended.cancelled as u64;
-            self.count(&Counters { cancelled, ..Counters::failed(ended.count - ended.cancelled) });
+            self.count(&Counters { cancelled, ..Counters::failed(ended.count - ended.cancelled) }).await;
             self.changed();
         }
-        for hook in ended.webhooks.into_iter().chain(self.store.orphaned_webhooks()?) {
+        for hook in ended.webhooks.into_iter().chain(self.store.orphaned_webhooks().await?) {
             self.send_webhook(hook);
         }
         Ok(())
@@ -258,18 +372,19 @@ impl Queue {
 
     /// Gives a job this process was running back to the queue (graceful shutdown of a durable
     /// server: it runs again after the restart).
-    pub fn release(&self, item: &WorkItem) -> Result<(), StoreError> {
+    pub async fn release(&self, item: &WorkItem) -> Result<(), StoreError> {
+        self.flush(&item.id).await;
         self.local().running.remove(&item.id);
         self.changed();
-        self.store.release(&item.id, &item.token)
+        self.store.release(&item.id, &item.token).await
     }
 
     /// Cancels a job: a queued one ends at once, a running one stops after its current step.
-    pub fn cancel(&self, id: &str) -> Result<CancelResult, StoreError> {
-        let result = self.store.cancel(id)?;
+    pub async fn cancel(&self, id: &str) -> Result<CancelResult, StoreError> {
+        let result = self.store.cancel(id).await?;
         match &result {
             CancelResult::Dequeued(hook) => {
-                self.count(&Counters { cancelled: 1, ..Counters::default() });
+                self.count(&Counters { cancelled: 1, ..Counters::default() }).await;
                 if let Some(hook) = hook.clone() {
                     self.send_webhook(hook);
                 }
@@ -286,32 +401,27 @@ impl Queue {
     }
 
     /// A job with its log lines from `logs_from` on.
-    pub fn view(&self, id: &str, logs_from: usize) -> Result<Option<JobView>, StoreError> {
-        self.store.view(id, logs_from)
-    }
-
-    /// A job's base URL.
-    pub fn base_url(&self, id: &str) -> Result<Option<String>, StoreError> {
-        self.store.base_url(id)
+    pub async fn view(&self, id: &str, logs_from: usize) -> Result<Option<JobView>, StoreError> {
+        self.store.view(id, logs_from).await
     }
 
     /// Forgets a job (a synchronous one, once answered).
-    pub fn forget(&self, id: &str) -> Result<(), StoreError> {
-        self.store.forget(id)
+    pub async fn forget(&self, id: &str) -> Result<(), StoreError> {
+        self.store.forget(id).await
     }
 
     /// Whether a job is known.
-    pub fn contains(&self, id: &str) -> Result<bool, StoreError> {
-        self.store.contains(id)
+    pub async fn contains(&self, id: &str) -> Result<bool, StoreError> {
+        self.store.contains(id).await
     }
 
     /// Fails queued jobs past their start deadline (their slots free up, their webhooks go).
-    pub fn expire_deadlines(&self) -> Result<usize, StoreError> {
-        let ended = self.store.expire_deadlines(SystemTime::now())?;
+    pub async fn expire_deadlines(&self) -> Result<usize, StoreError> {
+        let ended = self.store.expire_deadlines(SystemTime::now()).await?;
         if ended.count == 0 {
             return Ok(0);
         }
-        self.count(&Counters::failed(ended.count));
+        self.count(&Counters::failed(ended.count)).await;
         for hook in ended.webhooks {
             self.send_webhook(hook);
         }
@@ -320,27 +430,32 @@ impl Queue {
     }
 
     /// Forgets jobs that ended more than `retention` ago; returns their ids.
-    pub fn expire_finished(&self, retention: Duration) -> Result<Vec<String>, StoreError> {
+    pub async fn expire_finished(&self, retention: Duration) -> Result<Vec<String>, StoreError> {
         let cutoff = SystemTime::now().checked_sub(retention).unwrap_or(SystemTime::UNIX_EPOCH);
-        self.store.expire_finished(cutoff)
+        self.store.expire_finished(cutoff).await
     }
 
     /// Refuses new jobs from now on. With `fail_queued` (storage that does not outlive the
     /// process) every queued job fails with [`super::job::FailureKind::Shutdown`]; otherwise they stay
     /// queued for the next start.
-    pub fn close(&self, fail_queued: bool) -> Result<(), StoreError> {
+    pub async fn close(&self, fail_queued: bool) -> Result<(), StoreError> {
         self.closed.store(true, Ordering::SeqCst);
+        self.work.notify_waiters();
         let result = if fail_queued {
-            self.store.fail_queued(&Failure::stopped(StopReason::Shutdown, false)).map(|ended| {
-                self.count(&Counters::failed(ended.count));
-                for hook in ended.webhooks {
-                    self.send_webhook(hook);
+            match self.store.fail_queued(&Failure::stopped(StopReason::Shutdown, false)).await {
+                Ok(ended) => {
+                    self.count(&Counters::failed(ended.count)).await;
+                    for hook in ended.webhooks {
+                        self.send_webhook(hook);
+                    }
+                    Ok(())
                 }
-            })
+                Err(e) => Err(e),
+            }
         } else {
             Ok(())
         };
-        self.wake_worker();
+        self.work.notify_waiters();
         self.changed();
         result
     }
@@ -368,20 +483,17 @@ impl Queue {
     }
 
     /// Counts events here and, for a shared store, where every process sees them.
-    fn count(&self, delta: &Counters) {
+    async fn count(&self, delta: &Counters) {
         self.local().counters.add(delta);
-        if let Err(e) = self.store.add_counts(delta) {
+        if let Err(e) = self.store.add_counts(delta).await {
             tracing::warn!(error = %e, "shared counters not updated");
         }
     }
 
     /// Counters: of every process sharing the store (since the store was created) when it keeps
     /// them, else of this process since it started.
-    pub fn counters(&self) -> Counters {
-        match self.store.counters() {
-            Ok(Some(shared)) => shared,
-            _ => self.local().counters,
-        }
+    pub async fn counters(&self) -> Result<Counters, StoreError> {
+        Ok(self.store.counters().await?.unwrap_or_else(|| self.local().counters))
     }
 
     /// This process' counters since it started.
@@ -391,31 +503,24 @@ impl Queue {
 
     /// Latency histograms: of every process sharing the store when it keeps them, else of
     /// this process.
-    pub fn latencies(&self) -> Latencies {
-        match self.store.latencies() {
-            Ok(Some(shared)) => shared,
-            _ => self.local().latencies.clone(),
-        }
+    pub async fn latencies(&self) -> Result<Latencies, StoreError> {
+        Ok(self.store.latencies().await?.unwrap_or_else(|| self.local().latencies.clone()))
     }
 
     /// Queue length and running jobs (every process sharing the store).
-    pub fn stats(&self) -> Result<QueueStats, StoreError> {
-        self.store.stats()
+    pub async fn stats(&self) -> Result<QueueStats, StoreError> {
+        self.store.stats().await
     }
 }
 
-/// Runs `call` again while the store is unavailable (Redis restarting), for up to a minute, so
-/// a short outage loses neither a finished generation nor its log lines: the worker waits.
-fn retry_while_unavailable<T>(mut call: impl FnMut() -> Result<T, StoreError>) -> Result<T, StoreError> {
-    let until = std::time::Instant::now() + Duration::from_secs(60);
-    let mut wait = Duration::from_millis(100);
-    loop {
-        match call() {
-            Err(StoreError::Unavailable(_)) if std::time::Instant::now() < until => {
-                std::thread::sleep(wait);
-                wait = (wait * 2).min(Duration::from_secs(2));
-            }
-            other => return other,
+/// Until its job ends here, asks a shared store every [`STOP_POLL`] whether it should stop (a
+/// cancel handled by another front, or the job taken over), and sets its stop flag.
+async fn watch_stop(store: Arc<dyn JobStore>, id: String, token: String, stop: Arc<StopFlag>) {
+    // The flag's only holders are the worker and this task: alone, the job ended here.
+    while Arc::strong_count(&stop) > 1 && stop.reason() == StopReason::None {
+        tokio::time::sleep(STOP_POLL).await;
+        if let Ok(true) = store.stop_requested(&id, &token).await {
+            stop.request(StopReason::Cancelled);
         }
     }
 }

@@ -21,10 +21,10 @@
 //! Needs a standalone Redis (or one behind Sentinel), not Redis Cluster: the scripts build key
 //! names. Run it with persistence (`appendonly yes`) so a Redis restart loses nothing.
 
-use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use redis::{Connection, Script, Value as RedisValue};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{FromRedisValue, Script, Value as RedisValue};
 
 use super::counters::Counters;
 use super::fal_format::webhook_payload;
@@ -98,7 +98,8 @@ for _, id in ipairs(ids) do
     redis.call('ZADD', p .. 'running', redis_now() + lease, id)
     redis.call('HSET', key, 'state', 'running', 'owner', token)
     local attempts = redis.call('HINCRBY', key, 'attempts', 1)
-    return {id, redis.call('HGET', key, 'request') or '', attempts, redis.call('HGET', key, 'submitted_ms')}
+    return {id, redis.call('HGET', key, 'request') or '', attempts, redis.call('HGET', key, 'submitted_ms'),
+            redis.call('LLEN', p .. 'logs:' .. id)}
   end
 end
 return false
@@ -165,9 +166,14 @@ end
 return {'dequeued', complete(p, id, 'queued', ARGV[3], ARGV[4], ARGV[5], ARGV[6])}
 ";
 
-const APPEND_LOG: &str = r"
-if redis.call('HGET', ARGV[1] .. 'job:' .. ARGV[2], 'owner') == ARGV[4] then
-  redis.call('RPUSH', ARGV[1] .. 'logs:' .. ARGV[2], ARGV[3])
+/// Appends lines numbered from `ARGV[4]` to a job its caller holds; lines already stored (a
+/// retried call whose first try reached Redis) are not added again.
+const APPEND_LOGS: &str = r"
+local p, id, token, from = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+if redis.call('HGET', p .. 'job:' .. id, 'owner') ~= token then return 0 end
+local have = redis.call('LLEN', p .. 'logs:' .. id)
+for i = 5, #ARGV do
+  if from + (i - 5) >= have then redis.call('RPUSH', p .. 'logs:' .. id, ARGV[i]) end
 end
 return 0
 ";
@@ -201,10 +207,11 @@ redis.call('ZADD', ARGV[1] .. 'webhooks', 'XX', redis_now() + tonumber(ARGV[3]),
 return 0
 ";
 
-/// Jobs in Redis.
+/// Jobs in Redis, reached through one multiplexed async connection (redis' connection manager
+/// reconnects it in the background).
 pub struct RedisStore {
-    client: redis::Client,
-    pool: Mutex<Vec<Connection>>,
+    url: String,
+    conn: ConnectionManager,
     lease: Duration,
     webhook_lease: Duration,
 }
@@ -212,12 +219,16 @@ pub struct RedisStore {
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
-            .field("client", &self.client)
+            .field("url", &self.url)
             .field("lease", &self.lease)
             .field("webhook_lease", &self.webhook_lease)
             .finish_non_exhaustive()
     }
 }
+
+/// How long one Redis call may take: a stalled Redis makes calls fail (a 503 for clients, a
+/// retry for workers) instead of holding them.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
 fn counter_fields(c: &Counters) -> [(&'static str, u64); 5] {
     [
@@ -266,43 +277,50 @@ impl RedisStore {
     /// Connects to `url` (`redis://HOST:PORT[/DB]`, `rediss://` for TLS). `lease` is the
     /// visibility timeout of a running job; `webhook_lease` how long a delivery may take before
     /// another process may send it.
-    pub fn open(url: &str, lease: Duration, webhook_lease: Duration) -> Result<Self, StoreError> {
+    pub async fn open(url: &str, lease: Duration, webhook_lease: Duration) -> Result<Self, StoreError> {
         let client = redis::Client::open(url).map_err(|e| StoreError::Redis(format!("{url}: {e}")))?;
-        let store = Self { client, pool: Mutex::new(Vec::new()), lease, webhook_lease };
-        // Fail at start when Redis cannot be reached, not at the first request.
-        store.with(|c| redis::cmd("PING").query::<String>(c))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(CALL_TIMEOUT))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(1));
+        // Fails at start when Redis cannot be reached, not at the first request.
+        let conn = ConnectionManager::new_with_config(client, config).await.map_err(error)?;
+        let store = Self { url: url.to_string(), conn, lease, webhook_lease };
+        store.query::<String>(&redis::cmd("PING")).await?;
         Ok(store)
     }
 
-    /// Runs `f` on a pooled connection (a new one when none is free; a broken one is dropped).
-    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> redis::RedisResult<T>) -> Result<T, StoreError> {
-        let pooled = self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let mut conn = match pooled {
-            Some(conn) => conn,
-            None => {
-                let conn = self.client.get_connection_with_timeout(Duration::from_secs(1)).map_err(error)?;
-                conn.set_read_timeout(Some(Duration::from_secs(5))).map_err(error)?;
-                conn.set_write_timeout(Some(Duration::from_secs(5))).map_err(error)?;
-                conn
-            }
-        };
-        let result = f(&mut conn).map_err(error);
-        if !matches!(result, Err(StoreError::Unavailable(_))) {
-            self.pool.lock().unwrap_or_else(|e| e.into_inner()).push(conn);
-        }
-        result
+    /// Runs one command.
+    async fn query<T: FromRedisValue>(&self, command: &redis::Cmd) -> Result<T, StoreError> {
+        let mut conn = self.conn.clone();
+        command.query_async(&mut conn).await.map_err(error)
     }
 
-    fn script(&self, body: &str, args: &[String]) -> Result<RedisValue, StoreError> {
+    /// A shared latency histogram.
+    async fn histogram(&self, which: Latency) -> Result<Histogram, StoreError> {
+        let key = format!("{PREFIX}latency:{}", which.name());
+        let fields: std::collections::HashMap<String, String> = self.query(redis::cmd("HGETALL").arg(&key)).await?;
+        let get = |name: &str| fields.get(name).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        let counts = (0..which.bounds().len()).map(|i| get(&format!("b{i}")) as u64).collect();
+        Ok(Histogram::from_parts(which.bounds(), counts, get("sum"), get("count") as u64))
+    }
+
+    /// Runs a pipeline.
+    async fn pipeline<T: FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T, StoreError> {
+        let mut conn = self.conn.clone();
+        pipe.query_async(&mut conn).await.map_err(error)
+    }
+
+    async fn script(&self, body: &str, args: &[String]) -> Result<RedisValue, StoreError> {
         let source = format!("{COMPLETE}\n{REQUEUE_FN}\n{body}");
         let script = Script::new(&source);
-        self.with(|c| {
-            let mut invocation = script.prepare_invoke();
-            for arg in args {
-                invocation.arg(arg);
-            }
-            invocation.invoke::<RedisValue>(c)
-        })
+        let mut invocation = script.prepare_invoke();
+        for arg in args {
+            invocation.arg(arg);
+        }
+        let mut conn = self.conn.clone();
+        invocation.invoke_async::<RedisValue>(&mut conn).await.map_err(error)
     }
 
     fn now_ms() -> i64 {
@@ -310,18 +328,18 @@ impl RedisStore {
     }
 
     /// `base_url` and `webhook` of a job, for its webhook payload.
-    fn hook_fields(&self, id: &str) -> Result<(String, String), StoreError> {
+    async fn hook_fields(&self, id: &str) -> Result<(String, String), StoreError> {
         let key = format!("{PREFIX}job:{id}");
         let fields: Vec<Option<String>> =
-            self.with(|c| redis::cmd("HMGET").arg(&key).arg("base_url").arg("webhook").query(c))?;
+            self.query(redis::cmd("HMGET").arg(&key).arg("base_url").arg("webhook")).await?;
         let get = |i: usize| fields.get(i).cloned().flatten().unwrap_or_default();
         Ok((get(0), get(1)))
     }
 
     /// The stored outcome and the webhook payload of ending `id` with `outcome`, with the
     /// job's webhook URL.
-    fn ending(&self, id: &str, outcome: &Outcome) -> Result<(String, String, String), StoreError> {
-        let (base_url, webhook) = self.hook_fields(id)?;
+    async fn ending(&self, id: &str, outcome: &Outcome) -> Result<(String, String, String), StoreError> {
+        let (base_url, webhook) = self.hook_fields(id).await?;
         let payload =
             if webhook.is_empty() { String::new() } else { webhook_payload(id, &base_url, outcome).to_string() };
         let text = serde_json::to_string(outcome).map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -330,14 +348,14 @@ impl RedisStore {
 
     /// Ends `id` with `outcome` if it is in state `want` (any unended state when empty) and,
     /// with a `token`, held by it. `None`: left as it was.
-    fn complete(
+    async fn complete(
         &self,
         id: &str,
         want: &str,
         token: &str,
         outcome: &Outcome,
     ) -> Result<Option<Option<PendingWebhook>>, StoreError> {
-        let (outcome_text, payload, webhook) = self.ending(id, outcome)?;
+        let (outcome_text, payload, webhook) = self.ending(id, outcome).await?;
         let now = Self::now_ms();
         let args = [
             PREFIX.to_string(),
@@ -349,7 +367,7 @@ impl RedisStore {
             (now + ms(self.webhook_lease)).to_string(),
             token.to_string(),
         ];
-        let n = number(Some(&self.script(FINISH, &args)?)).ok_or_else(|| corrupt("finish answered no number"))?;
+        let n = number(Some(&self.script(FINISH, &args).await?)).ok_or_else(|| corrupt("finish answered no number"))?;
         Ok(match n {
             -1 => None,
             0 => Some(None),
@@ -357,14 +375,14 @@ impl RedisStore {
         })
     }
 
-    fn ids(&self, key: &str, max_score: i64) -> Result<Vec<String>, StoreError> {
-        self.with(|c| redis::cmd("ZRANGEBYSCORE").arg(format!("{PREFIX}{key}")).arg("-inf").arg(max_score).query(c))
+    async fn ids(&self, key: &str, max_score: i64) -> Result<Vec<String>, StoreError> {
+        self.query(redis::cmd("ZRANGEBYSCORE").arg(format!("{PREFIX}{key}")).arg("-inf").arg(max_score)).await
     }
 
-    fn end_all(&self, ids: Vec<String>, want: &str, outcome: &Outcome) -> Result<Ended, StoreError> {
+    async fn end_all(&self, ids: Vec<String>, want: &str, outcome: &Outcome) -> Result<Ended, StoreError> {
         let mut ended = Ended::default();
         for id in ids {
-            if let Some(hook) = self.complete(&id, want, "", outcome)? {
+            if let Some(hook) = self.complete(&id, want, "", outcome).await? {
                 ended.count += 1;
                 if outcome.failure().is_some_and(|f| f.kind == FailureKind::Cancelled) {
                     ended.cancelled += 1;
@@ -376,8 +394,9 @@ impl RedisStore {
     }
 }
 
+#[async_trait::async_trait]
 impl JobStore for RedisStore {
-    fn submit(&self, job: NewJob, max_queue: usize) -> Result<Submitted, SubmitError> {
+    async fn submit(&self, job: NewJob, max_queue: usize) -> Result<Submitted, SubmitError> {
         let request = match &job.input {
             Ok(request) => serde_json::to_string(request).map_err(|e| StoreError::Corrupt(e.to_string()))?,
             Err(_) => String::new(),
@@ -415,7 +434,7 @@ impl JobStore for RedisStore {
             payload.clone(),
             (now + ms(self.webhook_lease)).to_string(),
         ];
-        let RedisValue::Array(answer) = self.script(SUBMIT, &args)? else {
+        let RedisValue::Array(answer) = self.script(SUBMIT, &args).await? else {
             return Err(corrupt("submit answer").into());
         };
         let n = number(answer.get(1)).unwrap_or(0);
@@ -434,102 +453,111 @@ impl JobStore for RedisStore {
         }
     }
 
-    fn claim(&self, now: SystemTime) -> Result<Option<Claimed>, StoreError> {
+    async fn claim(&self, now: SystemTime) -> Result<Option<Claimed>, StoreError> {
         loop {
             let token = uuid::Uuid::new_v4().simple().to_string();
             let args = [PREFIX.to_string(), unix_ms(now).to_string(), ms(self.lease).to_string(), token.clone()];
-            let RedisValue::Array(fields) = self.script(CLAIM, &args)? else { return Ok(None) };
+            let RedisValue::Array(fields) = self.script(CLAIM, &args).await? else { return Ok(None) };
             let id = text(fields.first()).ok_or_else(|| corrupt("claim answered no id"))?;
             let request = text(fields.get(1)).unwrap_or_default();
             let attempt = number(fields.get(2)).and_then(|n| u32::try_from(n).ok()).unwrap_or(1);
             let submitted = from_unix_ms(number(fields.get(3)).unwrap_or(0));
+            let log_count = number(fields.get(4)).and_then(|n| usize::try_from(n).ok()).unwrap_or(0);
             match read_stored_request(Some(&request)) {
-                Ok(request) => return Ok(Some(Claimed { id, token, request, attempt, submitted })),
+                Ok(request) => return Ok(Some(Claimed { id, token, request, attempt, submitted, log_count })),
                 Err(failure) => {
-                    self.complete(&id, "running", &token, &Outcome::Failed(failure))?;
+                    self.complete(&id, "running", &token, &Outcome::Failed(failure)).await?;
                 }
             }
         }
     }
 
-    fn append_log(&self, id: &str, token: &str, line: &LogLine) -> Result<(), StoreError> {
-        let json = serde_json::to_string(line).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        self.script(APPEND_LOG, &[PREFIX.to_string(), id.to_string(), json, token.to_string()]).map(|_| ())
+    async fn append_logs(&self, id: &str, token: &str, from: usize, lines: &[LogLine]) -> Result<(), StoreError> {
+        let mut args = vec![PREFIX.to_string(), id.to_string(), token.to_string(), from.to_string()];
+        for line in lines {
+            args.push(serde_json::to_string(line).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+        }
+        self.script(APPEND_LOGS, &args).await.map(|_| ())
     }
 
-    fn finish(&self, id: &str, token: &str, outcome: &Outcome) -> Result<Finished, StoreError> {
-        Ok(match self.complete(id, "running", token, outcome)? {
+    async fn finish(&self, id: &str, token: &str, outcome: &Outcome) -> Result<Finished, StoreError> {
+        Ok(match self.complete(id, "running", token, outcome).await? {
             Some(webhook) => Finished { applied: true, webhook },
             None => Finished::default(),
         })
     }
 
-    fn release(&self, id: &str, token: &str) -> Result<(), StoreError> {
-        self.script(RELEASE, &[PREFIX.to_string(), id.to_string(), token.to_string()]).map(|_| ())
+    async fn release(&self, id: &str, token: &str) -> Result<(), StoreError> {
+        self.script(RELEASE, &[PREFIX.to_string(), id.to_string(), token.to_string()]).await.map(|_| ())
     }
 
-    fn cancel(&self, id: &str) -> Result<CancelResult, StoreError> {
-        let outcome = Outcome::Failed(Failure::stopped(StopReason::Cancelled, false));
-        let (outcome_text, payload, webhook) = self.ending(id, &outcome)?;
-        let now = Self::now_ms();
-        let args = [
-            PREFIX.to_string(),
-            id.to_string(),
-            outcome_text,
-            payload.clone(),
-            now.to_string(),
-            (now + ms(self.webhook_lease)).to_string(),
-        ];
-        let RedisValue::Array(answer) = self.script(CANCEL, &args)? else { return Err(corrupt("cancel answer")) };
-        Ok(match text(answer.first()).as_deref() {
-            Some("missing") => CancelResult::NotFound,
-            Some("completed") => CancelResult::AlreadyCompleted,
-            Some("stop") => CancelResult::StopRequested,
-            _ => match number(answer.get(1)) {
-                Some(n) if n > 0 => CancelResult::Dequeued(Some(PendingWebhook {
-                    delivery_id: n,
-                    job_id: id.to_string(),
-                    url: webhook,
-                    payload,
-                })),
-                // Claimed by a worker between the two reads: ask it to stop.
-                Some(-1) => return self.cancel(id),
-                _ => CancelResult::Dequeued(None),
-            },
-        })
+    async fn cancel(&self, id: &str) -> Result<CancelResult, StoreError> {
+        loop {
+            let outcome = Outcome::Failed(Failure::stopped(StopReason::Cancelled, false));
+            let (outcome_text, payload, webhook) = self.ending(id, &outcome).await?;
+            let now = Self::now_ms();
+            let args = [
+                PREFIX.to_string(),
+                id.to_string(),
+                outcome_text,
+                payload.clone(),
+                now.to_string(),
+                (now + ms(self.webhook_lease)).to_string(),
+            ];
+            let RedisValue::Array(answer) = self.script(CANCEL, &args).await? else {
+                return Err(corrupt("cancel answer"));
+            };
+            return Ok(match text(answer.first()).as_deref() {
+                Some("missing") => CancelResult::NotFound,
+                Some("completed") => CancelResult::AlreadyCompleted,
+                Some("stop") => CancelResult::StopRequested,
+                _ => match number(answer.get(1)) {
+                    Some(n) if n > 0 => CancelResult::Dequeued(Some(PendingWebhook {
+                        delivery_id: n,
+                        job_id: id.to_string(),
+                        url: webhook,
+                        payload,
+                    })),
+                    // Claimed by a worker between the two reads: ask again (it now stops it).
+                    Some(-1) => continue,
+                    _ => CancelResult::Dequeued(None),
+                },
+            });
+        }
     }
 
-    fn stop_requested(&self, id: &str, token: &str) -> Result<bool, StoreError> {
+    async fn stop_requested(&self, id: &str, token: &str) -> Result<bool, StoreError> {
         let key = format!("{PREFIX}job:{id}");
         let fields: Vec<Option<String>> =
-            self.with(|c| redis::cmd("HMGET").arg(&key).arg(&["stop_requested", "state", "owner"]).query(c))?;
+            self.query(redis::cmd("HMGET").arg(&key).arg(&["stop_requested", "state", "owner"])).await?;
         let get = |i: usize| fields.get(i).cloned().flatten();
         let held = get(1).as_deref() == Some("running") && get(2).as_deref() == Some(token);
         // Gone (forgotten), cancelled or taken over by another worker: stop.
         Ok(!held || get(0).as_deref() == Some("1"))
     }
 
-    fn view(&self, id: &str, logs_from: usize) -> Result<Option<JobView>, StoreError> {
+    async fn view(&self, id: &str, logs_from: usize) -> Result<Option<JobView>, StoreError> {
         let key = format!("{PREFIX}job:{id}");
         let logs_key = format!("{PREFIX}logs:{id}");
         let from = isize::try_from(logs_from).unwrap_or(isize::MAX);
         type Answer = (Vec<Option<String>>, Option<i64>, i64, Vec<String>);
-        let (fields, rank, log_count, lines): Answer = self.with(|c| {
-            redis::pipe()
-                .cmd("HMGET")
-                .arg(&key)
-                .arg(&["kind", "app", "state", "outcome"])
-                .cmd("ZRANK")
-                .arg(format!("{PREFIX}queue"))
-                .arg(id)
-                .cmd("LLEN")
-                .arg(&logs_key)
-                .cmd("LRANGE")
-                .arg(&logs_key)
-                .arg(from)
-                .arg(-1)
-                .query(c)
-        })?;
+        let (fields, rank, log_count, lines): Answer = self
+            .pipeline(
+                redis::pipe()
+                    .cmd("HMGET")
+                    .arg(&key)
+                    .arg(&["kind", "app", "state", "outcome"])
+                    .cmd("ZRANK")
+                    .arg(format!("{PREFIX}queue"))
+                    .arg(id)
+                    .cmd("LLEN")
+                    .arg(&logs_key)
+                    .cmd("LRANGE")
+                    .arg(&logs_key)
+                    .arg(from)
+                    .arg(-1),
+            )
+            .await?;
         let get = |i: usize| fields.get(i).cloned().flatten();
         let Some(state) = get(2) else { return Ok(None) };
         let state = match state.as_str() {
@@ -554,29 +582,28 @@ impl JobStore for RedisStore {
         }))
     }
 
-    fn base_url(&self, id: &str) -> Result<Option<String>, StoreError> {
+    async fn base_url(&self, id: &str) -> Result<Option<String>, StoreError> {
         let key = format!("{PREFIX}job:{id}");
-        self.with(|c| redis::cmd("HGET").arg(&key).arg("base_url").query(c))
+        self.query(redis::cmd("HGET").arg(&key).arg("base_url")).await
     }
 
-    fn expire_deadlines(&self, now: SystemTime) -> Result<Ended, StoreError> {
-        let late = self.ids("deadlines", unix_ms(now))?;
+    async fn expire_deadlines(&self, now: SystemTime) -> Result<Ended, StoreError> {
+        let late = self.ids("deadlines", unix_ms(now)).await?;
         if late.is_empty() {
             return Ok(Ended::default());
         }
-        self.end_all(late, "queued", &Outcome::Failed(Failure::timed_out()))
+        self.end_all(late, "queued", &Outcome::Failed(Failure::timed_out())).await
     }
 
-    fn fail_queued(&self, failure: &Failure) -> Result<Ended, StoreError> {
-        let queued: Vec<String> =
-            self.with(|c| redis::cmd("ZRANGE").arg(format!("{PREFIX}queue")).arg(0).arg(-1).query(c))?;
-        self.end_all(queued, "queued", &Outcome::Failed(failure.clone()))
+    async fn fail_queued(&self, failure: &Failure) -> Result<Ended, StoreError> {
+        let queued: Vec<String> = self.query(redis::cmd("ZRANGE").arg(format!("{PREFIX}queue")).arg(0).arg(-1)).await?;
+        self.end_all(queued, "queued", &Outcome::Failed(failure.clone())).await
     }
 
-    fn expire_finished(&self, cutoff: SystemTime) -> Result<Vec<String>, StoreError> {
-        let old = self.ids("finished", unix_ms(cutoff) - 1)?;
+    async fn expire_finished(&self, cutoff: SystemTime) -> Result<Vec<String>, StoreError> {
+        let old = self.ids("finished", unix_ms(cutoff) - 1).await?;
         for id in &old {
-            self.with(|c| {
+            self.pipeline::<()>(
                 redis::pipe()
                     .atomic()
                     .cmd("DEL")
@@ -584,62 +611,57 @@ impl JobStore for RedisStore {
                     .arg(format!("{PREFIX}logs:{id}"))
                     .cmd("ZREM")
                     .arg(format!("{PREFIX}finished"))
-                    .arg(id)
-                    .query::<()>(c)
-            })?;
+                    .arg(id),
+            )
+            .await?;
         }
         Ok(old)
     }
 
-    fn forget(&self, id: &str) -> Result<(), StoreError> {
-        self.with(|c| {
-            let mut pipe = redis::pipe();
-            pipe.atomic().cmd("DEL").arg(format!("{PREFIX}job:{id}")).arg(format!("{PREFIX}logs:{id}"));
-            for set in ["queue", "running", "deadlines", "finished"] {
-                pipe.cmd("ZREM").arg(format!("{PREFIX}{set}")).arg(id);
-            }
-            pipe.query::<()>(c)
-        })
+    async fn forget(&self, id: &str) -> Result<(), StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic().cmd("DEL").arg(format!("{PREFIX}job:{id}")).arg(format!("{PREFIX}logs:{id}"));
+        for set in ["queue", "running", "deadlines", "finished"] {
+            pipe.cmd("ZREM").arg(format!("{PREFIX}{set}")).arg(id);
+        }
+        self.pipeline::<()>(&pipe).await
     }
 
-    fn contains(&self, id: &str) -> Result<bool, StoreError> {
+    async fn contains(&self, id: &str) -> Result<bool, StoreError> {
         let key = format!("{PREFIX}job:{id}");
-        self.with(|c| redis::cmd("EXISTS").arg(&key).query::<i64>(c)).map(|n| n == 1)
+        self.query::<i64>(redis::cmd("EXISTS").arg(&key)).await.map(|n| n == 1)
     }
 
-    fn pending_webhooks(&self) -> Result<Vec<PendingWebhook>, StoreError> {
-        self.orphaned_webhooks()
+    async fn pending_webhooks(&self) -> Result<Vec<PendingWebhook>, StoreError> {
+        self.orphaned_webhooks().await
     }
 
-    fn webhook_done(&self, delivery_id: i64) -> Result<(), StoreError> {
-        self.with(|c| {
+    async fn webhook_done(&self, delivery_id: i64) -> Result<(), StoreError> {
+        self.pipeline::<()>(
             redis::pipe()
                 .atomic()
                 .cmd("DEL")
                 .arg(format!("{PREFIX}webhook:{delivery_id}"))
                 .cmd("ZREM")
                 .arg(format!("{PREFIX}webhooks"))
-                .arg(delivery_id)
-                .query::<()>(c)
-        })
+                .arg(delivery_id),
+        )
+        .await
     }
 
-    fn stats(&self) -> Result<QueueStats, StoreError> {
-        let (queued, running): (usize, usize) = self.with(|c| {
-            redis::pipe()
-                .cmd("ZCARD")
-                .arg(format!("{PREFIX}queue"))
-                .cmd("ZCARD")
-                .arg(format!("{PREFIX}running"))
-                .query(c)
-        })?;
+    async fn stats(&self) -> Result<QueueStats, StoreError> {
+        let (queued, running): (usize, usize) = self
+            .pipeline(
+                redis::pipe().cmd("ZCARD").arg(format!("{PREFIX}queue")).cmd("ZCARD").arg(format!("{PREFIX}running")),
+            )
+            .await?;
         Ok(QueueStats { queued, running })
     }
 
-    fn recover(&self, _max_attempts: u32) -> Result<Recovery, StoreError> {
+    async fn recover(&self, _max_attempts: u32) -> Result<Recovery, StoreError> {
         // Running jobs may belong to live workers: their leases decide (see `reap`).
-        let stats = self.stats()?;
-        let webhooks: usize = self.with(|c| redis::cmd("ZCARD").arg(format!("{PREFIX}webhooks")).query(c))?;
+        let stats = self.stats().await?;
+        let webhooks: usize = self.query(redis::cmd("ZCARD").arg(format!("{PREFIX}webhooks"))).await?;
         Ok(Recovery { queued: stats.queued, webhooks, ..Recovery::default() })
     }
 
@@ -647,7 +669,7 @@ impl JobStore for RedisStore {
         true
     }
 
-    fn heartbeat(&self, leases: &[(String, String)]) -> Result<(), StoreError> {
+    async fn heartbeat(&self, leases: &[(String, String)]) -> Result<(), StoreError> {
         if leases.is_empty() {
             return Ok(());
         }
@@ -656,23 +678,23 @@ impl JobStore for RedisStore {
             args.push(id.clone());
             args.push(token.clone());
         }
-        self.script(HEARTBEAT, &args).map(|_| ())
+        self.script(HEARTBEAT, &args).await.map(|_| ())
     }
 
-    fn reap(&self, max_attempts: u32) -> Result<Ended, StoreError> {
+    async fn reap(&self, max_attempts: u32) -> Result<Ended, StoreError> {
         let mut ended = Ended::default();
         // Candidates by this host's clock; the script decides on Redis' clock.
-        for id in self.ids("running", Self::now_ms() + 1000)? {
+        for id in self.ids("running", Self::now_ms() + 1000).await? {
             let key = format!("{PREFIX}job:{id}");
-            let attempts: Option<String> = self.with(|c| redis::cmd("HGET").arg(&key).arg("attempts").query(c))?;
+            let attempts: Option<String> = self.query(redis::cmd("HGET").arg(&key).arg("attempts")).await?;
             let Some(attempts) = attempts else { continue };
             let (cancel_text, cancel_payload, _) =
-                self.ending(&id, &Outcome::Failed(Failure::stopped(StopReason::Cancelled, true)))?;
+                self.ending(&id, &Outcome::Failed(Failure::stopped(StopReason::Cancelled, true))).await?;
             let failure = Failure::new(
                 FailureKind::Interrupted,
                 format!("the worker running this request stopped answering, {attempts} times; not retried again"),
             );
-            let (fail_text, fail_payload, webhook) = self.ending(&id, &Outcome::Failed(failure))?;
+            let (fail_text, fail_payload, webhook) = self.ending(&id, &Outcome::Failed(failure)).await?;
             let args = [
                 PREFIX.to_string(),
                 id.clone(),
@@ -684,7 +706,7 @@ impl JobStore for RedisStore {
                 fail_payload.clone(),
                 ms(self.webhook_lease).to_string(),
             ];
-            let RedisValue::Array(answer) = self.script(REAP, &args)? else { return Err(corrupt("reap answer")) };
+            let RedisValue::Array(answer) = self.script(REAP, &args).await? else { return Err(corrupt("reap answer")) };
             let delivery = number(answer.get(1)).unwrap_or(0);
             let payload = match text(answer.first()).as_deref() {
                 Some("requeued") => {
@@ -711,64 +733,55 @@ impl JobStore for RedisStore {
         Ok(ended)
     }
 
-    fn add_counts(&self, delta: &Counters) -> Result<(), StoreError> {
+    async fn add_counts(&self, delta: &Counters) -> Result<(), StoreError> {
         let key = format!("{PREFIX}counters");
-        self.with(|c| {
-            let mut pipe = redis::pipe();
-            for (field, n) in counter_fields(delta) {
-                if n > 0 {
-                    pipe.cmd("HINCRBY").arg(&key).arg(field).arg(n).ignore();
-                }
+        let mut pipe = redis::pipe();
+        for (field, n) in counter_fields(delta) {
+            if n > 0 {
+                pipe.cmd("HINCRBY").arg(&key).arg(field).arg(n).ignore();
             }
-            pipe.query::<()>(c)
-        })
+        }
+        self.pipeline::<()>(&pipe).await
     }
 
-    fn counters(&self) -> Result<Option<Counters>, StoreError> {
+    async fn counters(&self) -> Result<Option<Counters>, StoreError> {
         let key = format!("{PREFIX}counters");
-        let values: Vec<Option<u64>> = self.with(|c| {
-            redis::cmd("HMGET").arg(&key).arg(&["accepted", "succeeded", "failed", "cancelled", "started"]).query(c)
-        })?;
+        let values: Vec<Option<u64>> = self
+            .query(redis::cmd("HMGET").arg(&key).arg(&["accepted", "succeeded", "failed", "cancelled", "started"]))
+            .await?;
         let get = |i: usize| values.get(i).copied().flatten().unwrap_or(0);
         Ok(Some(Counters { accepted: get(0), succeeded: get(1), failed: get(2), cancelled: get(3), started: get(4) }))
     }
 
-    fn observe(&self, which: Latency, value: Duration) -> Result<(), StoreError> {
+    async fn observe(&self, which: Latency, value: Duration) -> Result<(), StoreError> {
         let key = format!("{PREFIX}latency:{}", which.name());
         let seconds = value.as_secs_f64();
-        self.with(|c| {
-            let mut pipe = redis::pipe();
-            for (i, bound) in which.bounds().iter().enumerate() {
-                if seconds <= *bound {
-                    pipe.cmd("HINCRBY").arg(&key).arg(format!("b{i}")).arg(1).ignore();
-                }
+        let mut pipe = redis::pipe();
+        for (i, bound) in which.bounds().iter().enumerate() {
+            if seconds <= *bound {
+                pipe.cmd("HINCRBY").arg(&key).arg(format!("b{i}")).arg(1).ignore();
             }
-            pipe.cmd("HINCRBY").arg(&key).arg("count").arg(1).ignore();
-            pipe.cmd("HINCRBYFLOAT").arg(&key).arg("sum").arg(seconds).ignore();
-            pipe.query::<()>(c)
-        })
+        }
+        pipe.cmd("HINCRBY").arg(&key).arg("count").arg(1).ignore();
+        pipe.cmd("HINCRBYFLOAT").arg(&key).arg("sum").arg(seconds).ignore();
+        self.pipeline::<()>(&pipe).await
     }
 
-    fn latencies(&self) -> Result<Option<Latencies>, StoreError> {
-        let read = |which: Latency| -> Result<Histogram, StoreError> {
-            let key = format!("{PREFIX}latency:{}", which.name());
-            let fields: std::collections::HashMap<String, String> =
-                self.with(|c| redis::cmd("HGETALL").arg(&key).query(c))?;
-            let get = |name: &str| fields.get(name).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-            let counts = (0..which.bounds().len()).map(|i| get(&format!("b{i}")) as u64).collect();
-            Ok(Histogram::from_parts(which.bounds(), counts, get("sum"), get("count") as u64))
-        };
-        Ok(Some(Latencies { step: read(Latency::Step)?, request: read(Latency::Request)? }))
+    async fn latencies(&self) -> Result<Option<Latencies>, StoreError> {
+        Ok(Some(Latencies {
+            step: self.histogram(Latency::Step).await?,
+            request: self.histogram(Latency::Request).await?,
+        }))
     }
 
-    fn webhook_started(&self, delivery_id: i64) -> Result<(), StoreError> {
+    async fn webhook_started(&self, delivery_id: i64) -> Result<(), StoreError> {
         let args = [PREFIX.to_string(), delivery_id.to_string(), ms(self.webhook_lease).to_string()];
-        self.script(WEBHOOK_STARTED, &args).map(|_| ())
+        self.script(WEBHOOK_STARTED, &args).await.map(|_| ())
     }
 
-    fn orphaned_webhooks(&self) -> Result<Vec<PendingWebhook>, StoreError> {
+    async fn orphaned_webhooks(&self) -> Result<Vec<PendingWebhook>, StoreError> {
         let args = [PREFIX.to_string(), Self::now_ms().to_string(), ms(self.webhook_lease).to_string()];
-        let RedisValue::Array(rows) = self.script(CLAIM_WEBHOOKS, &args)? else { return Ok(Vec::new()) };
+        let RedisValue::Array(rows) = self.script(CLAIM_WEBHOOKS, &args).await? else { return Ok(Vec::new()) };
         Ok(rows
             .iter()
             .filter_map(|row| {

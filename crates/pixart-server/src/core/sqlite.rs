@@ -4,9 +4,13 @@
 //! (`kill -9`) finds on restart every job it had accepted, in the state last committed. With
 //! `synchronous=NORMAL` a commit survives the process dying; only a power loss may take back the
 //! last commits.
+//!
+//! SQLite is a blocking library: each call runs on Tokio's blocking pool, never on the async
+//! runtime. Writes go through one connection; reads (status, health, streams) through a pool of
+//! read connections, which WAL lets run while a write is in progress.
 
-use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
@@ -58,34 +62,81 @@ CREATE TABLE IF NOT EXISTS webhooks (
 );
 ";
 
-/// Jobs in one SQLite database file.
-#[derive(Debug)]
+/// Jobs in one SQLite database file; cheap to clone (the clones share the database).
+#[derive(Debug, Clone)]
 pub struct SqliteStore {
-    conn: Mutex<Connection>,
+    db: Arc<Db>,
+}
+
+/// The database and its connections; every method blocks (the store runs them on the blocking
+/// pool).
+#[derive(Debug)]
+pub struct Db {
+    path: PathBuf,
+    writer: Mutex<Connection>,
+    readers: Mutex<Vec<Connection>>,
+}
+
+/// Opens a connection with the store's settings.
+fn connect(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(conn)
 }
 
 impl SqliteStore {
     /// Opens (or creates) the database at `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let conn = Connection::open(path)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        // WAL: readers never wait for the writer; NORMAL: a commit is in the OS once it returns.
+        let conn = connect(path)?;
+        // WAL: readers do not wait for the writer; NORMAL: a commit is in the OS once it returns.
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
         // A database made before claims carried a token.
         let has_owner = conn.prepare("SELECT 1 FROM pragma_table_info('jobs') WHERE name = 'owner'")?.exists([])?;
         if !has_owner {
             conn.execute_batch("ALTER TABLE jobs ADD COLUMN owner TEXT")?;
         }
-        Ok(Self { conn: Mutex::new(conn) })
+        let db = Db { path: path.to_path_buf(), writer: Mutex::new(conn), readers: Mutex::new(Vec::new()) };
+        Ok(Self { db: Arc::new(db) })
     }
 
+    /// The database, for blocking use (tests, tools).
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// Runs `call` on the blocking pool.
+    async fn run<T, E>(&self, call: impl FnOnce(&Db) -> Result<T, E> + Send + 'static) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || call(&db))
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Task(e.to_string()).into()))
+    }
+}
+
+impl Db {
     fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic elsewhere while holding the connection leaves no transaction open (rusqlite
         // rolls back on drop), so the connection stays usable.
-        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+        self.writer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs a read on a pooled read connection (a new one when none is free).
+    fn read<T>(&self, call: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let pooled = self.readers.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let conn = match pooled {
+            Some(conn) => conn,
+            None => connect(&self.path)?,
+        };
+        let result = call(&conn);
+        self.readers.lock().unwrap_or_else(|e| e.into_inner()).push(conn);
+        result
     }
 }
 
@@ -141,8 +192,9 @@ fn ids(tx: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<Vec<
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-impl JobStore for SqliteStore {
-    fn submit(&self, job: NewJob, max_queue: usize) -> Result<Submitted, SubmitError> {
+impl Db {
+    /// [`JobStore::submit`], blocking.
+    pub fn submit(&self, job: NewJob, max_queue: usize) -> Result<Submitted, SubmitError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(StoreError::from)?;
         let request = match &job.input {
@@ -181,7 +233,8 @@ impl JobStore for SqliteStore {
         Ok(submitted)
     }
 
-    fn claim(&self, now: SystemTime) -> Result<Option<Claimed>, StoreError> {
+    /// [`JobStore::claim`], blocking.
+    pub fn claim(&self, now: SystemTime) -> Result<Option<Claimed>, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         loop {
@@ -205,6 +258,8 @@ impl JobStore for SqliteStore {
                         "UPDATE jobs SET state = 'running', attempts = attempts + 1, owner = ?2 WHERE seq = ?1",
                         params![seq, token],
                     )?;
+                    let log_count: i64 =
+                        tx.query_row("SELECT COUNT(*) FROM logs WHERE job_id = ?1", [&id], |r| r.get(0))?;
                     tx.commit()?;
                     return Ok(Some(Claimed {
                         id,
@@ -212,6 +267,7 @@ impl JobStore for SqliteStore {
                         request,
                         attempt: attempts + 1,
                         submitted: from_unix_ms(submitted),
+                        log_count: usize::try_from(log_count).unwrap_or(0),
                     }));
                 }
                 Err(failure) => {
@@ -221,19 +277,28 @@ impl JobStore for SqliteStore {
         }
     }
 
-    fn append_log(&self, id: &str, token: &str, line: &LogLine) -> Result<(), StoreError> {
-        // A job forgotten meanwhile, or no longer the caller's, takes no more lines from it.
-        self.conn()
-            .prepare_cached(
-                "INSERT INTO logs (job_id, n, level, message, timestamp)
-                 SELECT ?1, (SELECT COALESCE(MAX(n) + 1, 0) FROM logs WHERE job_id = ?1), ?2, ?3, ?4
-                 FROM jobs WHERE id = ?1 AND owner = ?5",
-            )?
-            .execute(params![id, line.level, line.message, line.timestamp, token])?;
+    /// [`JobStore::append_logs`], blocking.
+    pub fn append_logs(&self, id: &str, token: &str, from: usize, lines: &[LogLine]) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        // A job forgotten meanwhile, or no longer the caller's, takes no more lines from it; a
+        // line already stored under its number (a retried call) is not added again.
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT OR IGNORE INTO logs (job_id, n, level, message, timestamp)
+                 SELECT ?1, ?2, ?3, ?4, ?5 FROM jobs WHERE id = ?1 AND owner = ?6",
+            )?;
+            for (i, line) in lines.iter().enumerate() {
+                let n = i64::try_from(from + i).unwrap_or(i64::MAX);
+                insert.execute(params![id, n, line.level, line.message, line.timestamp, token])?;
+            }
+        }
+        tx.commit()?;
         Ok(())
     }
 
-    fn finish(&self, id: &str, token: &str, outcome: &Outcome) -> Result<Finished, StoreError> {
+    /// [`JobStore::finish`], blocking.
+    pub fn finish(&self, id: &str, token: &str, outcome: &Outcome) -> Result<Finished, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let held = tx
@@ -247,7 +312,8 @@ impl JobStore for SqliteStore {
         Ok(Finished { applied: true, webhook })
     }
 
-    fn cancel(&self, id: &str) -> Result<CancelResult, StoreError> {
+    /// [`JobStore::cancel`], blocking.
+    pub fn cancel(&self, id: &str) -> Result<CancelResult, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let state: Option<String> =
@@ -268,7 +334,8 @@ impl JobStore for SqliteStore {
         Ok(result)
     }
 
-    fn release(&self, id: &str, token: &str) -> Result<(), StoreError> {
+    /// [`JobStore::release`], blocking.
+    pub fn release(&self, id: &str, token: &str) -> Result<(), StoreError> {
         self.conn().execute(
             "UPDATE jobs SET state = 'queued', attempts = MAX(attempts - 1, 0), owner = NULL
              WHERE id = ?1 AND state = 'running' AND owner = ?2",
@@ -277,57 +344,34 @@ impl JobStore for SqliteStore {
         Ok(())
     }
 
-    fn stop_requested(&self, id: &str, token: &str) -> Result<bool, StoreError> {
-        let held: Option<bool> = self
-            .conn()
-            .prepare_cached("SELECT stop_requested = 0 AND state = 'running' AND owner = ?2 FROM jobs WHERE id = ?1")?
-            .query_row(params![id, token], |r| r.get(0))
-            .optional()?;
+    /// [`JobStore::stop_requested`], blocking.
+    pub fn stop_requested(&self, id: &str, token: &str) -> Result<bool, StoreError> {
+        let held: Option<bool> = self.read(|conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT stop_requested = 0 AND state = 'running' AND owner = ?2 FROM jobs WHERE id = ?1",
+                )?
+                .query_row(params![id, token], |r| r.get(0))
+                .optional()?)
+        })?;
         // Gone (forgotten), cancelled or not the caller's any more: stop.
         Ok(!held.unwrap_or(false))
     }
 
-    fn view(&self, id: &str, logs_from: usize) -> Result<Option<JobView>, StoreError> {
-        let conn = self.conn();
-        type Row = (i64, String, String, String, i64, Option<String>);
-        let row: Option<Row> = conn
-            .prepare_cached("SELECT seq, kind, app, state, priority, outcome FROM jobs WHERE id = ?1")?
-            .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))
-            .optional()?;
-        let Some((seq, kind, app, state, priority, outcome)) = row else { return Ok(None) };
-        let state = match state.as_str() {
-            "queued" => JobState::Queued { position: position(&conn, priority, seq)? },
-            "running" => JobState::Running,
-            _ => {
-                let text = outcome.ok_or_else(|| StoreError::Corrupt(format!("job {id} ended without an outcome")))?;
-                JobState::Completed(serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(e.to_string()))?)
-            }
-        };
-        let log_count: i64 =
-            conn.prepare_cached("SELECT COUNT(*) FROM logs WHERE job_id = ?1")?.query_row([id], |r| r.get(0))?;
-        let mut statement =
-            conn.prepare_cached("SELECT level, message, timestamp FROM logs WHERE job_id = ?1 AND n >= ?2 ORDER BY n")?;
-        let logs = statement
-            .query_map(params![id, i64::try_from(logs_from).unwrap_or(i64::MAX)], |r| {
-                Ok(LogLine { level: r.get(0)?, message: r.get(1)?, timestamp: r.get(2)? })
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
-        let kind = if kind == "run" { JobKind::Run } else { JobKind::Queued };
-        Ok(Some(JobView {
-            id: id.to_string(),
-            kind,
-            app,
-            state,
-            logs,
-            log_count: usize::try_from(log_count).unwrap_or(0),
-        }))
+    /// [`JobStore::view`], blocking.
+    pub fn view(&self, id: &str, logs_from: usize) -> Result<Option<JobView>, StoreError> {
+        self.read(|conn| view(conn, id, logs_from))
     }
 
-    fn base_url(&self, id: &str) -> Result<Option<String>, StoreError> {
-        Ok(self.conn().query_row("SELECT base_url FROM jobs WHERE id = ?1", [id], |r| r.get(0)).optional()?)
+    /// [`JobStore::base_url`], blocking.
+    pub fn base_url(&self, id: &str) -> Result<Option<String>, StoreError> {
+        self.read(|conn| {
+            Ok(conn.query_row("SELECT base_url FROM jobs WHERE id = ?1", [id], |r| r.get(0)).optional()?)
+        })
     }
 
-    fn expire_deadlines(&self, now: SystemTime) -> Result<Ended, StoreError> {
+    /// [`JobStore::expire_deadlines`], blocking.
+    pub fn expire_deadlines(&self, now: SystemTime) -> Result<Ended, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let late = ids(
@@ -340,7 +384,8 @@ impl JobStore for SqliteStore {
         Ok(hooks)
     }
 
-    fn fail_queued(&self, failure: &Failure) -> Result<Ended, StoreError> {
+    /// [`JobStore::fail_queued`], blocking.
+    pub fn fail_queued(&self, failure: &Failure) -> Result<Ended, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let queued = ids(&tx, "SELECT id FROM jobs WHERE state = 'queued' ORDER BY priority, seq", [])?;
@@ -349,7 +394,8 @@ impl JobStore for SqliteStore {
         Ok(hooks)
     }
 
-    fn expire_finished(&self, cutoff: SystemTime) -> Result<Vec<String>, StoreError> {
+    /// [`JobStore::expire_finished`], blocking.
+    pub fn expire_finished(&self, cutoff: SystemTime) -> Result<Vec<String>, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let old = ids(&tx, "SELECT id FROM jobs WHERE state = 'completed' AND finished_ms < ?1", [unix_ms(cutoff)])?;
@@ -358,16 +404,19 @@ impl JobStore for SqliteStore {
         Ok(old)
     }
 
-    fn forget(&self, id: &str) -> Result<(), StoreError> {
+    /// [`JobStore::forget`], blocking.
+    pub fn forget(&self, id: &str) -> Result<(), StoreError> {
         self.conn().execute("DELETE FROM jobs WHERE id = ?1", [id])?;
         Ok(())
     }
 
-    fn contains(&self, id: &str) -> Result<bool, StoreError> {
-        Ok(self.conn().query_row("SELECT 1 FROM jobs WHERE id = ?1", [id], |_| Ok(())).optional()?.is_some())
+    /// [`JobStore::contains`], blocking.
+    pub fn contains(&self, id: &str) -> Result<bool, StoreError> {
+        self.read(|conn| Ok(conn.query_row("SELECT 1 FROM jobs WHERE id = ?1", [id], |_| Ok(())).optional()?.is_some()))
     }
 
-    fn pending_webhooks(&self) -> Result<Vec<PendingWebhook>, StoreError> {
+    /// [`JobStore::pending_webhooks`], blocking.
+    pub fn pending_webhooks(&self) -> Result<Vec<PendingWebhook>, StoreError> {
         let conn = self.conn();
         let mut statement = conn.prepare("SELECT id, job_id, url, payload FROM webhooks ORDER BY id")?;
         let rows = statement.query_map([], |r| {
@@ -376,21 +425,25 @@ impl JobStore for SqliteStore {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    fn webhook_done(&self, delivery_id: i64) -> Result<(), StoreError> {
+    /// [`JobStore::webhook_done`], blocking.
+    pub fn webhook_done(&self, delivery_id: i64) -> Result<(), StoreError> {
         self.conn().execute("DELETE FROM webhooks WHERE id = ?1", [delivery_id])?;
         Ok(())
     }
 
-    fn stats(&self) -> Result<QueueStats, StoreError> {
-        let conn = self.conn();
-        let count = |state: &str| -> Result<usize, StoreError> {
-            let n: i64 = conn.query_row("SELECT COUNT(*) FROM jobs WHERE state = ?1", [state], |r| r.get(0))?;
-            Ok(usize::try_from(n).unwrap_or(0))
-        };
-        Ok(QueueStats { queued: count("queued")?, running: count("running")? })
+    /// [`JobStore::stats`], blocking.
+    pub fn stats(&self) -> Result<QueueStats, StoreError> {
+        self.read(|conn| {
+            let count = |state: &str| -> Result<usize, StoreError> {
+                let n: i64 = conn.query_row("SELECT COUNT(*) FROM jobs WHERE state = ?1", [state], |r| r.get(0))?;
+                Ok(usize::try_from(n).unwrap_or(0))
+            };
+            Ok(QueueStats { queued: count("queued")?, running: count("running")? })
+        })
     }
 
-    fn recover(&self, max_attempts: u32) -> Result<Recovery, StoreError> {
+    /// [`JobStore::recover`], blocking.
+    pub fn recover(&self, max_attempts: u32) -> Result<Recovery, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         // A synchronous job's caller went away with the old process.
@@ -429,6 +482,127 @@ impl JobStore for SqliteStore {
         tx.commit()?;
         Ok(recovery)
     }
+}
+
+#[async_trait::async_trait]
+
+impl JobStore for SqliteStore {
+    async fn submit(&self, job: NewJob, max_queue: usize) -> Result<Submitted, SubmitError> {
+        self.run(move |db| db.submit(job, max_queue)).await
+    }
+
+    async fn claim(&self, now: SystemTime) -> Result<Option<Claimed>, StoreError> {
+        self.run(move |db| db.claim(now)).await
+    }
+
+    async fn append_logs(&self, id: &str, token: &str, from: usize, lines: &[LogLine]) -> Result<(), StoreError> {
+        let id = id.to_string();
+        let token = token.to_string();
+        let lines = lines.to_vec();
+        self.run(move |db| db.append_logs(&id, &token, from, &lines)).await
+    }
+
+    async fn finish(&self, id: &str, token: &str, outcome: &Outcome) -> Result<Finished, StoreError> {
+        let id = id.to_string();
+        let token = token.to_string();
+        let outcome = outcome.clone();
+        self.run(move |db| db.finish(&id, &token, &outcome)).await
+    }
+
+    async fn cancel(&self, id: &str) -> Result<CancelResult, StoreError> {
+        let id = id.to_string();
+        self.run(move |db| db.cancel(&id)).await
+    }
+
+    async fn release(&self, id: &str, token: &str) -> Result<(), StoreError> {
+        let id = id.to_string();
+        let token = token.to_string();
+        self.run(move |db| db.release(&id, &token)).await
+    }
+
+    async fn stop_requested(&self, id: &str, token: &str) -> Result<bool, StoreError> {
+        let id = id.to_string();
+        let token = token.to_string();
+        self.run(move |db| db.stop_requested(&id, &token)).await
+    }
+
+    async fn view(&self, id: &str, logs_from: usize) -> Result<Option<JobView>, StoreError> {
+        let id = id.to_string();
+        self.run(move |db| db.view(&id, logs_from)).await
+    }
+
+    async fn base_url(&self, id: &str) -> Result<Option<String>, StoreError> {
+        let id = id.to_string();
+        self.run(move |db| db.base_url(&id)).await
+    }
+
+    async fn expire_deadlines(&self, now: SystemTime) -> Result<Ended, StoreError> {
+        self.run(move |db| db.expire_deadlines(now)).await
+    }
+
+    async fn fail_queued(&self, failure: &Failure) -> Result<Ended, StoreError> {
+        let failure = failure.clone();
+        self.run(move |db| db.fail_queued(&failure)).await
+    }
+
+    async fn expire_finished(&self, cutoff: SystemTime) -> Result<Vec<String>, StoreError> {
+        self.run(move |db| db.expire_finished(cutoff)).await
+    }
+
+    async fn forget(&self, id: &str) -> Result<(), StoreError> {
+        let id = id.to_string();
+        self.run(move |db| db.forget(&id)).await
+    }
+
+    async fn contains(&self, id: &str) -> Result<bool, StoreError> {
+        let id = id.to_string();
+        self.run(move |db| db.contains(&id)).await
+    }
+
+    async fn pending_webhooks(&self) -> Result<Vec<PendingWebhook>, StoreError> {
+        self.run(move |db| db.pending_webhooks()).await
+    }
+
+    async fn webhook_done(&self, delivery_id: i64) -> Result<(), StoreError> {
+        self.run(move |db| db.webhook_done(delivery_id)).await
+    }
+
+    async fn stats(&self) -> Result<QueueStats, StoreError> {
+        self.run(move |db| db.stats()).await
+    }
+
+    async fn recover(&self, max_attempts: u32) -> Result<Recovery, StoreError> {
+        self.run(move |db| db.recover(max_attempts)).await
+    }
+}
+
+/// A job with its log lines from `logs_from` on (a read).
+fn view(conn: &Connection, id: &str, logs_from: usize) -> Result<Option<JobView>, StoreError> {
+    type Row = (i64, String, String, String, i64, Option<String>);
+    let row: Option<Row> = conn
+        .prepare_cached("SELECT seq, kind, app, state, priority, outcome FROM jobs WHERE id = ?1")?
+        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))
+        .optional()?;
+    let Some((seq, kind, app, state, priority, outcome)) = row else { return Ok(None) };
+    let state = match state.as_str() {
+        "queued" => JobState::Queued { position: position(conn, priority, seq)? },
+        "running" => JobState::Running,
+        _ => {
+            let text = outcome.ok_or_else(|| StoreError::Corrupt(format!("job {id} ended without an outcome")))?;
+            JobState::Completed(serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(e.to_string()))?)
+        }
+    };
+    let log_count: i64 =
+        conn.prepare_cached("SELECT COUNT(*) FROM logs WHERE job_id = ?1")?.query_row([id], |r| r.get(0))?;
+    let mut statement =
+        conn.prepare_cached("SELECT level, message, timestamp FROM logs WHERE job_id = ?1 AND n >= ?2 ORDER BY n")?;
+    let logs = statement
+        .query_map(params![id, i64::try_from(logs_from).unwrap_or(i64::MAX)], |r| {
+            Ok(LogLine { level: r.get(0)?, message: r.get(1)?, timestamp: r.get(2)? })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let kind = if kind == "run" { JobKind::Run } else { JobKind::Queued };
+    Ok(Some(JobView { id: id.to_string(), kind, app, state, logs, log_count: usize::try_from(log_count).unwrap_or(0) }))
 }
 
 /// Exact 0-based queue position of the queued job (`priority`, `seq`).
@@ -481,19 +655,19 @@ mod tests {
         job.priority = priority;
         job.webhook = webhook.then(|| "https://hooks.example.com/x".to_string());
         let id = job.id.clone();
-        store.submit(job, 10).unwrap();
+        store.db().submit(job, 10).unwrap();
         id
     }
 
     fn position(store: &SqliteStore, id: &str) -> Option<usize> {
-        match store.view(id, 0).unwrap()?.state {
+        match store.db().view(id, 0).unwrap()?.state {
             JobState::Queued { position } => Some(position),
             _ => None,
         }
     }
 
     fn outcome(store: &SqliteStore, id: &str) -> Option<Outcome> {
-        match store.view(id, 0).unwrap()?.state {
+        match store.db().view(id, 0).unwrap()?.state {
             JobState::Completed(outcome) => Some(outcome),
             _ => None,
         }
@@ -509,23 +683,23 @@ mod tests {
         // Normal requests go before the low-priority one.
         let positions = |ids: &[&String]| ids.iter().map(|id| position(s, id)).collect::<Vec<_>>();
         assert_eq!(positions(&[&a, &b, &low]), [Some(0), Some(1), Some(2)]);
-        let started = s.claim(SystemTime::now()).unwrap().unwrap();
+        let started = s.db().claim(SystemTime::now()).unwrap().unwrap();
         assert_eq!((started.id.as_str(), started.attempt), (a.as_str(), 1));
-        assert_eq!(s.stats().unwrap(), QueueStats { queued: 2, running: 1 });
+        assert_eq!(s.db().stats().unwrap(), QueueStats { queued: 2, running: 1 });
         assert_eq!(positions(&[&a, &b, &low]), [None, Some(0), Some(1)]);
-        assert!(matches!(s.cancel(&b).unwrap(), CancelResult::Dequeued(None)));
+        assert!(matches!(s.db().cancel(&b).unwrap(), CancelResult::Dequeued(None)));
         assert_eq!(positions(&[&low]), [Some(0)]);
         assert_eq!(outcome(s, &b).unwrap().failure().unwrap().kind, FailureKind::Cancelled);
         // A running job is flagged; it ends when its worker says so.
-        assert!(matches!(s.cancel(&a).unwrap(), CancelResult::StopRequested));
-        assert!(s.stop_requested(&a, &started.token).unwrap());
+        assert!(matches!(s.db().cancel(&a).unwrap(), CancelResult::StopRequested));
+        assert!(s.db().stop_requested(&a, &started.token).unwrap());
         assert!(outcome(s, &a).is_none());
         // Only the claim's holder may end it.
         let stopped = Outcome::Failed(Failure::stopped(StopReason::Cancelled, true));
-        assert!(!s.finish(&a, "another worker", &stopped).unwrap().applied);
-        assert!(s.finish(&a, &started.token, &stopped).unwrap().applied);
-        assert!(matches!(s.cancel(&a).unwrap(), CancelResult::AlreadyCompleted));
-        assert!(matches!(s.cancel("nope").unwrap(), CancelResult::NotFound));
+        assert!(!s.db().finish(&a, "another worker", &stopped).unwrap().applied);
+        assert!(s.db().finish(&a, &started.token, &stopped).unwrap().applied);
+        assert!(matches!(s.db().cancel(&a).unwrap(), CancelResult::AlreadyCompleted));
+        assert!(matches!(s.db().cancel("nope").unwrap(), CancelResult::NotFound));
     }
 
     #[test]
@@ -536,11 +710,11 @@ mod tests {
             "scheduler": "SA-SOLVER", "num_images": 2, "sync_mode": true, "enable_safety_checker": false}"#;
         let request = GenerateRequest::from_json(text).unwrap();
         let job = NewJob::new(JobKind::Queued, "x/y", "http://h", Ok(request.clone()));
-        db.store.submit(job, 1).unwrap();
-        assert_eq!(db.store.claim(SystemTime::now()).unwrap().unwrap().request, request);
+        db.store.db().submit(job, 1).unwrap();
+        assert_eq!(db.store.db().claim(SystemTime::now()).unwrap().unwrap().request, request);
         let preset = GenerateRequest::from_json(r#"{"prompt": "p", "image_size": "portrait_16_9"}"#).unwrap();
-        db.store.submit(NewJob::new(JobKind::Queued, "x/y", "http://h", Ok(preset.clone())), 1).unwrap();
-        assert_eq!(db.store.claim(SystemTime::now()).unwrap().unwrap().request, preset);
+        db.store.db().submit(NewJob::new(JobKind::Queued, "x/y", "http://h", Ok(preset.clone())), 1).unwrap();
+        assert_eq!(db.store.db().claim(SystemTime::now()).unwrap().unwrap().request, preset);
     }
 
     #[test]
@@ -549,7 +723,7 @@ mod tests {
         let s = &db.store;
         submit(s, Priority::Normal, false);
         let extra = NewJob::new(JobKind::Queued, "x/y", "http://h", Ok(GenerateRequest::new("c")));
-        assert!(matches!(s.submit(extra, 1), Err(SubmitError::QueueFull(1))));
+        assert!(matches!(s.db().submit(extra, 1), Err(SubmitError::QueueFull(1))));
         let invalid = NewJob::new(
             JobKind::Queued,
             "x/y",
@@ -557,10 +731,10 @@ mod tests {
             Err(Failure::invalid(&[pixart_fal::FieldError::missing("prompt")])),
         );
         let id = invalid.id.clone();
-        let submitted = s.submit(invalid, 1).unwrap();
+        let submitted = s.db().submit(invalid, 1).unwrap();
         assert!(submitted.position.is_none());
         assert_eq!(outcome(s, &id).unwrap().failure().unwrap().kind, FailureKind::InvalidInput);
-        assert_eq!(s.stats().unwrap().queued, 1);
+        assert_eq!(s.db().stats().unwrap().queued, 1);
     }
 
     #[test]
@@ -571,18 +745,18 @@ mod tests {
         late.webhook = Some("https://hooks.example.com/x".into());
         late.start_deadline = Some(SystemTime::now());
         let late_id = late.id.clone();
-        s.submit(late, 10).unwrap();
+        s.db().submit(late, 10).unwrap();
         let kept = submit(s, Priority::Normal, false);
         // Claim skips the late job (the sweep ends it).
-        assert_eq!(s.claim(SystemTime::now() + Duration::from_millis(1)).unwrap().unwrap().id, kept);
-        let ended = s.expire_deadlines(SystemTime::now() + Duration::from_millis(1)).unwrap();
+        assert_eq!(s.db().claim(SystemTime::now() + Duration::from_millis(1)).unwrap().unwrap().id, kept);
+        let ended = s.db().expire_deadlines(SystemTime::now() + Duration::from_millis(1)).unwrap();
         assert_eq!(ended.count, 1);
         assert_eq!(ended.webhooks[0].job_id, late_id);
         let payload: serde_json::Value = serde_json::from_str(&ended.webhooks[0].payload).unwrap();
         assert_eq!(payload["status"], "ERROR");
         assert_eq!(payload["payload"]["error_type"], "RequestTimeout");
         assert_eq!(outcome(s, &late_id).unwrap().failure().unwrap().kind, FailureKind::Timeout);
-        assert_eq!(s.expire_deadlines(SystemTime::now()).unwrap().count, 0);
+        assert_eq!(s.db().expire_deadlines(SystemTime::now()).unwrap().count, 0);
     }
 
     #[test]
@@ -593,11 +767,13 @@ mod tests {
         let queued = submit(&db.store, Priority::Low, false);
         let run = NewJob::new(JobKind::Run, "x/y", "http://h", Ok(GenerateRequest::new("sync")));
         let run_id = run.id.clone();
-        db.store.submit(run, 10).unwrap();
-        let first = db.store.claim(SystemTime::now()).unwrap().unwrap();
+        db.store.db().submit(run, 10).unwrap();
+        let first = db.store.db().claim(SystemTime::now()).unwrap().unwrap();
         assert_eq!(first.id, done);
-        db.store.append_log(&done, &first.token, &LogLine::new("INFO", "Done")).unwrap();
-        db.store.append_log(&done, "not the holder", &LogLine::new("INFO", "dropped")).unwrap();
+        db.store.db().append_logs(&done, &first.token, 0, &[LogLine::new("INFO", "Done")]).unwrap();
+        // A retried call adds nothing twice; a worker not holding the job adds nothing.
+        db.store.db().append_logs(&done, &first.token, 0, &[LogLine::new("INFO", "Done")]).unwrap();
+        db.store.db().append_logs(&done, "not the holder", 1, &[LogLine::new("INFO", "dropped")]).unwrap();
         let response = pixart_fal::GenerateResponse {
             images: Vec::new(),
             timings: pixart_fal::Timings { inference: 0.5 },
@@ -606,56 +782,56 @@ mod tests {
             prompt: "a cat".into(),
         };
         let succeeded = Outcome::Succeeded { response, inference_time: 0.5 };
-        let hook = db.store.finish(&done, &first.token, &succeeded).unwrap().webhook.unwrap();
-        assert_eq!(db.store.claim(SystemTime::now()).unwrap().unwrap().id, running);
+        let hook = db.store.db().finish(&done, &first.token, &succeeded).unwrap().webhook.unwrap();
+        assert_eq!(db.store.db().claim(SystemTime::now()).unwrap().unwrap().id, running);
         // Killed here: one job running, one queued, a run job queued, a webhook undelivered.
         let db = db.reopen();
-        let recovery = db.store.recover(3).unwrap();
+        let recovery = db.store.db().recover(3).unwrap();
         assert_eq!(recovery, Recovery { requeued: 1, failed: 0, dropped: 1, queued: 2, webhooks: 1 });
-        assert_eq!(db.store.pending_webhooks().unwrap(), [hook.clone()]);
-        db.store.webhook_done(hook.delivery_id).unwrap();
-        assert!(db.store.pending_webhooks().unwrap().is_empty());
-        let view = db.store.view(&done, 0).unwrap().unwrap();
+        assert_eq!(db.store.db().pending_webhooks().unwrap(), [hook.clone()]);
+        db.store.db().webhook_done(hook.delivery_id).unwrap();
+        assert!(db.store.db().pending_webhooks().unwrap().is_empty());
+        let view = db.store.db().view(&done, 0).unwrap().unwrap();
         assert!(matches!(view.state, JobState::Completed(Outcome::Succeeded { .. })));
         assert_eq!(view.logs.len(), 1, "a line from a worker not holding the job is dropped");
         assert_eq!(view.logs[0].message, "Done");
-        assert!(db.store.view(&run_id, 0).unwrap().is_none(), "a run job's caller is gone");
+        assert!(db.store.db().view(&run_id, 0).unwrap().is_none(), "a run job's caller is gone");
         assert_eq!(position(&db.store, &running), Some(0), "the interrupted job keeps its place");
         assert_eq!(position(&db.store, &queued), Some(1));
         // It is started again; interrupted twice more, it fails with a clear error and its webhook.
         let mut db = db;
         for attempt in 2..=3 {
-            let claimed = db.store.claim(SystemTime::now()).unwrap().unwrap();
+            let claimed = db.store.db().claim(SystemTime::now()).unwrap().unwrap();
             assert_eq!((claimed.id.as_str(), claimed.attempt), (running.as_str(), attempt));
             db = db.reopen();
-            db.store.recover(3).unwrap();
+            db.store.db().recover(3).unwrap();
         }
         let failure = outcome(&db.store, &running).unwrap().failure().unwrap().clone();
         assert_eq!(failure.kind, FailureKind::Interrupted);
         assert!(failure.message.contains("3 times"), "{}", failure.message);
-        assert_eq!(db.store.pending_webhooks().unwrap().len(), 1);
+        assert_eq!(db.store.db().pending_webhooks().unwrap().len(), 1);
         // A graceful stop gives the job back without counting the start.
-        let claimed = db.store.claim(SystemTime::now()).unwrap().unwrap();
+        let claimed = db.store.db().claim(SystemTime::now()).unwrap().unwrap();
         assert_eq!(claimed.id, queued);
-        db.store.release(&queued, "not the holder").unwrap();
+        db.store.db().release(&queued, "not the holder").unwrap();
         assert!(position(&db.store, &queued).is_none(), "only its holder gives a job back");
-        db.store.release(&queued, &claimed.token).unwrap();
-        assert_eq!(db.store.claim(SystemTime::now()).unwrap().unwrap().attempt, 1);
+        db.store.db().release(&queued, &claimed.token).unwrap();
+        assert_eq!(db.store.db().claim(SystemTime::now()).unwrap().unwrap().attempt, 1);
     }
 
     #[test]
     fn retention_forgets_ended_jobs_with_their_logs() {
         let db = Db::new();
         let id = submit(&db.store, Priority::Normal, false);
-        let claimed = db.store.claim(SystemTime::now()).unwrap().unwrap();
-        db.store.append_log(&id, &claimed.token, &LogLine::new("INFO", "x")).unwrap();
-        db.store.finish(&id, &claimed.token, &Outcome::Failed(Failure::timed_out())).unwrap();
-        assert!(db.store.expire_finished(SystemTime::now() - Duration::from_secs(60)).unwrap().is_empty());
-        assert_eq!(db.store.expire_finished(SystemTime::now() + Duration::from_secs(1)).unwrap(), [id.clone()]);
-        assert!(!db.store.contains(&id).unwrap());
-        let logs: i64 = db.store.conn().query_row("SELECT COUNT(*) FROM logs", [], |r| r.get(0)).unwrap();
+        let claimed = db.store.db().claim(SystemTime::now()).unwrap().unwrap();
+        db.store.db().append_logs(&id, &claimed.token, 0, &[LogLine::new("INFO", "x")]).unwrap();
+        db.store.db().finish(&id, &claimed.token, &Outcome::Failed(Failure::timed_out())).unwrap();
+        assert!(db.store.db().expire_finished(SystemTime::now() - Duration::from_secs(60)).unwrap().is_empty());
+        assert_eq!(db.store.db().expire_finished(SystemTime::now() + Duration::from_secs(1)).unwrap(), [id.clone()]);
+        assert!(!db.store.db().contains(&id).unwrap());
+        let logs: i64 = db.store.db().conn().query_row("SELECT COUNT(*) FROM logs", [], |r| r.get(0)).unwrap();
         assert_eq!(logs, 0, "logs go with their job");
-        db.store.append_log(&id, &claimed.token, &LogLine::new("INFO", "late")).unwrap();
-        assert!(db.store.stop_requested(&id, &claimed.token).unwrap(), "a forgotten job is wanted by no one");
+        db.store.db().append_logs(&id, &claimed.token, 1, &[LogLine::new("INFO", "late")]).unwrap();
+        assert!(db.store.db().stop_requested(&id, &claimed.token).unwrap(), "a forgotten job is wanted by no one");
     }
 }

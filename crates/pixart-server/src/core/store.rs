@@ -2,13 +2,16 @@
 //!
 //! A store is the queue's single source of truth; [`crate::core::Queue`] adds what belongs to one
 //! process (wake-ups, stop flags of the jobs it runs, counters). [`crate::core::SqliteStore`] is
-//! the embedded, durable implementation.
+//! the embedded, durable implementation, [`crate::core::RedisStore`] the shared one.
+//!
+//! Every method is async and never blocks the runtime: the SQLite store runs its transactions
+//! on the blocking pool, the Redis store talks through an async connection manager.
 
 use std::time::SystemTime;
 
 use pixart_fal::GenerateRequest;
 
-use super::job::{Failure, JobView, NewJob, Outcome};
+use super::job::{Failure, JobView, LogLine, NewJob, Outcome};
 
 /// A store failed (disk, database); the operation did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +31,9 @@ pub enum StoreError {
     /// Redis answered with an error.
     #[error("job store (redis): {0}")]
     Redis(String),
+    /// The task running a blocking store call failed (a bug: it panicked).
+    #[error("job store task failed: {0}")]
+    Task(String),
 }
 
 /// Why a submit was refused.
@@ -64,6 +70,8 @@ pub struct Claimed {
     pub attempt: u32,
     /// When it was submitted.
     pub submitted: SystemTime,
+    /// Log lines the job already has (from earlier attempts): the number of its next line.
+    pub log_count: usize,
 }
 
 /// The answer to a cancel.
@@ -139,72 +147,75 @@ pub struct QueueStats {
 
 /// Where jobs live. Every method is one atomic step; implementations are shared by the HTTP
 /// front, the workers and the sweeper (`Send + Sync`).
+#[async_trait::async_trait]
 pub trait JobStore: Send + Sync + std::fmt::Debug {
     /// Adds a job: queued behind every job of its priority or higher (refused when `max_queue`
     /// jobs wait), or, with invalid input, recorded as ended (never refused).
-    fn submit(&self, job: NewJob, max_queue: usize) -> Result<Submitted, SubmitError>;
+    async fn submit(&self, job: NewJob, max_queue: usize) -> Result<Submitted, SubmitError>;
 
     /// Takes the next job whose start deadline has not passed and marks it running; `None` when
     /// nothing waits. Jobs past their deadline are left for [`JobStore::expire_deadlines`].
-    fn claim(&self, now: SystemTime) -> Result<Option<Claimed>, StoreError>;
+    async fn claim(&self, now: SystemTime) -> Result<Option<Claimed>, StoreError>;
 
-    /// Appends a log line to a job the caller holds (claim `token`); dropped otherwise.
-    fn append_log(&self, id: &str, token: &str, line: &super::job::LogLine) -> Result<(), StoreError>;
+    /// Appends log lines to a job the caller holds (claim `token`), the first being line number
+    /// `from` of the job; lines the store already has (a retried call) are not added again, and
+    /// a job the caller does not hold takes none.
+    async fn append_logs(&self, id: &str, token: &str, from: usize, lines: &[LogLine]) -> Result<(), StoreError>;
 
     /// Records how a running job the caller holds (claim `token`) ended; returns whether it was
     /// recorded and its webhook (fal's payload, see [`crate::core::fal_format`]), now pending. A
     /// job that had ended, is unknown or went to another worker is left as it is.
-    fn finish(&self, id: &str, token: &str, outcome: &Outcome) -> Result<Finished, StoreError>;
+    async fn finish(&self, id: &str, token: &str, outcome: &Outcome) -> Result<Finished, StoreError>;
 
     /// Cancels a job: a queued one ends at once, a running one is flagged (see
     /// [`JobStore::stop_requested`]).
-    fn cancel(&self, id: &str) -> Result<CancelResult, StoreError>;
+    async fn cancel(&self, id: &str) -> Result<CancelResult, StoreError>;
 
     /// Puts a running job the caller holds back at its place in the queue without counting
     /// this start (a graceful shutdown of a server whose store outlives it).
-    fn release(&self, id: &str, token: &str) -> Result<(), StoreError>;
+    async fn release(&self, id: &str, token: &str) -> Result<(), StoreError>;
 
     /// Whether the worker holding `token` should stop: the job was cancelled (by a cancel
     /// handled anywhere), is gone, or is no longer its own.
-    fn stop_requested(&self, id: &str, token: &str) -> Result<bool, StoreError>;
+    async fn stop_requested(&self, id: &str, token: &str) -> Result<bool, StoreError>;
 
     /// A job with its log lines from `logs_from` on; `None` when unknown or expired.
-    fn view(&self, id: &str, logs_from: usize) -> Result<Option<JobView>, StoreError>;
+    async fn view(&self, id: &str, logs_from: usize) -> Result<Option<JobView>, StoreError>;
 
     /// A job's base URL (for result URLs), if known.
-    fn base_url(&self, id: &str) -> Result<Option<String>, StoreError>;
+    async fn base_url(&self, id: &str) -> Result<Option<String>, StoreError>;
 
     /// Ends (with [`Failure::timed_out`]) every queued job whose start deadline is before `now`;
     /// returns their webhooks.
-    fn expire_deadlines(&self, now: SystemTime) -> Result<Ended, StoreError>;
+    async fn expire_deadlines(&self, now: SystemTime) -> Result<Ended, StoreError>;
 
     /// Ends every queued job with `failure` (shutdown of a store that does not outlive the
     /// process); returns their webhooks.
-    fn fail_queued(&self, failure: &Failure) -> Result<Ended, StoreError>;
+    async fn fail_queued(&self, failure: &Failure) -> Result<Ended, StoreError>;
 
     /// Forgets jobs that ended before `cutoff` (their logs and outcomes); returns their ids so
     /// their files can be deleted.
-    fn expire_finished(&self, cutoff: SystemTime) -> Result<Vec<String>, StoreError>;
+    async fn expire_finished(&self, cutoff: SystemTime) -> Result<Vec<String>, StoreError>;
 
     /// Forgets one job (a synchronous job once answered).
-    fn forget(&self, id: &str) -> Result<(), StoreError>;
+    async fn forget(&self, id: &str) -> Result<(), StoreError>;
 
     /// Whether a job is known (files of unknown jobs may be deleted).
-    fn contains(&self, id: &str) -> Result<bool, StoreError>;
+    async fn contains(&self, id: &str) -> Result<bool, StoreError>;
 
     /// Webhooks not yet attempted to completion.
-    fn pending_webhooks(&self) -> Result<Vec<PendingWebhook>, StoreError>;
+    async fn pending_webhooks(&self) -> Result<Vec<PendingWebhook>, StoreError>;
 
     /// Marks a webhook as attempted (delivered, refused or out of tries).
-    fn webhook_done(&self, delivery_id: i64) -> Result<(), StoreError>;
+    async fn webhook_done(&self, delivery_id: i64) -> Result<(), StoreError>;
 
     /// Queue length and running jobs.
-    fn stats(&self) -> Result<QueueStats, StoreError>;
+    async fn stats(&self) -> Result<QueueStats, StoreError>;
 
     /// Called once when a server opens the store: jobs that were running when it last stopped
     /// are queued again, or failed after `max_attempts` starts (their webhooks become pending);
     /// synchronous jobs are dropped.
-    fn recover(&self, max_attempts: u32) -> Result<Recovery, StoreError>;
+    async fn recover(&self, max_attempts: u32) -> Result<Recovery, StoreError>;
 
     /// Whether other processes share this store (then a cancel may arrive through the store
     /// rather than this process' own stop flags).
@@ -214,48 +225,48 @@ pub trait JobStore: Send + Sync + std::fmt::Debug {
 
     /// Extends the leases of jobs this process is running (stores shared by several processes
     /// hand a job to another worker when its lease runs out). The embedded store has no leases.
-    fn heartbeat(&self, _leases: &[(String, String)]) -> Result<(), StoreError> {
+    async fn heartbeat(&self, _leases: &[(String, String)]) -> Result<(), StoreError> {
         Ok(())
     }
 
     /// Gives back to the queue the running jobs whose lease ran out (their worker died), or fails
     /// them after `max_attempts` starts (cancelled ones end cancelled). The embedded store does
     /// this once, in [`JobStore::recover`].
-    fn reap(&self, _max_attempts: u32) -> Result<Ended, StoreError> {
+    async fn reap(&self, _max_attempts: u32) -> Result<Ended, StoreError> {
         Ok(Ended::default())
     }
 
     /// Adds to the counters every process sharing the store sees (the embedded store has
     /// none: each process counts for itself).
-    fn add_counts(&self, _delta: &super::counters::Counters) -> Result<(), StoreError> {
+    async fn add_counts(&self, _delta: &super::counters::Counters) -> Result<(), StoreError> {
         Ok(())
     }
 
     /// The shared counters, if the store keeps them.
-    fn counters(&self) -> Result<Option<super::counters::Counters>, StoreError> {
+    async fn counters(&self) -> Result<Option<super::counters::Counters>, StoreError> {
         Ok(None)
     }
 
     /// Records a latency where every process sharing the store sees it (the embedded store
     /// keeps none: each process has its own histograms).
-    fn observe(&self, _which: super::metrics::Latency, _value: std::time::Duration) -> Result<(), StoreError> {
+    async fn observe(&self, _which: super::metrics::Latency, _value: std::time::Duration) -> Result<(), StoreError> {
         Ok(())
     }
 
     /// The shared latency histograms, if the store keeps them.
-    fn latencies(&self) -> Result<Option<super::metrics::Latencies>, StoreError> {
+    async fn latencies(&self) -> Result<Option<super::metrics::Latencies>, StoreError> {
         Ok(None)
     }
 
     /// Tells other processes that this one is sending the delivery now (its lease starts
     /// again), so one that waited in this process' queue is not taken over as orphaned.
-    fn webhook_started(&self, _delivery_id: i64) -> Result<(), StoreError> {
+    async fn webhook_started(&self, _delivery_id: i64) -> Result<(), StoreError> {
         Ok(())
     }
 
     /// Webhooks whose sender died before attempting them, now claimed by the caller. The
     /// embedded store hands every pending one over once, in [`JobStore::pending_webhooks`].
-    fn orphaned_webhooks(&self) -> Result<Vec<PendingWebhook>, StoreError> {
+    async fn orphaned_webhooks(&self) -> Result<Vec<PendingWebhook>, StoreError> {
         Ok(Vec::new())
     }
 }

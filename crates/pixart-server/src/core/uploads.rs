@@ -40,23 +40,33 @@ pub enum UploadError {
 }
 
 /// A file being received: bytes written to the spool folder as they arrive (never held in
-/// memory), counted and hashed for the part's ETag.
+/// memory, never a blocking write on the runtime), counted and hashed for the part's ETag.
 #[derive(Debug)]
 pub struct SpoolFile {
     path: PathBuf,
-    file: std::io::BufWriter<std::fs::File>,
+    file: tokio::io::BufWriter<tokio::fs::File>,
     len: usize,
     hash: u64,
     limit: usize,
 }
 
 impl SpoolFile {
+    /// A new spool file at `path` of at most `limit` bytes.
+    pub async fn create(path: PathBuf, limit: usize) -> Result<Self, UploadError> {
+        if let Some(parent) = path.parent() {
+            tokio::fs::create_dir_all(parent).await.map_err(io("spooling"))?;
+        }
+        let file = tokio::fs::File::create(&path).await.map_err(io("spooling"))?;
+        Ok(Self { path, file: tokio::io::BufWriter::new(file), len: 0, hash: FNV_OFFSET, limit })
+    }
+
     /// Appends a chunk; refuses to grow past the limit it was created with.
-    pub fn write(&mut self, chunk: &[u8]) -> Result<(), UploadError> {
+    pub async fn write(&mut self, chunk: &[u8]) -> Result<(), UploadError> {
+        use tokio::io::AsyncWriteExt;
         if self.len + chunk.len() > self.limit {
             return Err(UploadError::TooLarge(self.limit));
         }
-        std::io::Write::write_all(&mut self.file, chunk).map_err(|e| UploadError::Io(format!("spooling: {e}")))?;
+        self.file.write_all(chunk).await.map_err(io("spooling"))?;
         self.len += chunk.len();
         self.hash = fnv1a(self.hash, chunk);
         Ok(())
@@ -72,12 +82,24 @@ impl SpoolFile {
         self.len == 0
     }
 
-    /// Flushes it; returns its path, length and ETag.
-    pub fn finish(self) -> Result<(PathBuf, usize, String), UploadError> {
-        let Self { path, file, len, hash, .. } = self;
-        file.into_inner().map_err(|e| UploadError::Io(format!("spooling: {e}")))?;
-        Ok((path, len, format!("\"{hash:016x}\"")))
+    /// Flushes it; returns the finished file.
+    pub async fn finish(mut self) -> Result<Spooled, UploadError> {
+        use tokio::io::AsyncWriteExt;
+        self.file.flush().await.map_err(io("spooling"))?;
+        let Self { path, len, hash, .. } = self;
+        Ok(Spooled { path, len, etag: format!("\"{hash:016x}\"") })
     }
+}
+
+/// A received file, written to disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spooled {
+    /// Where it is.
+    pub path: PathBuf,
+    /// Its length in bytes.
+    pub len: usize,
+    /// Its ETag (a hash of its bytes).
+    pub etag: String,
 }
 
 /// Uploads in flight, kept in a spool folder: `{spool}/{id}/upload.json` (the target) and
@@ -104,11 +126,8 @@ impl Uploads {
     }
 
     /// A new spool file of at most `limit` bytes.
-    pub fn spool_file(&self, limit: usize) -> Result<SpoolFile, UploadError> {
-        std::fs::create_dir_all(&self.spool).map_err(io("spooling"))?;
-        let path = self.spool.join(format!("incoming-{}", uuid::Uuid::new_v4().simple()));
-        let file = std::fs::File::create(&path).map_err(io("spooling"))?;
-        Ok(SpoolFile { path, file: std::io::BufWriter::new(file), len: 0, hash: FNV_OFFSET, limit })
+    pub async fn spool_file(&self, limit: usize) -> Result<SpoolFile, UploadError> {
+        SpoolFile::create(self.spool.join(format!("incoming-{}", uuid::Uuid::new_v4().simple())), limit).await
     }
 
     /// Starts an upload; returns `(upload id, key, name)`.
@@ -173,13 +192,12 @@ impl Uploads {
 
     /// Adds one received part (a finished [`SpoolFile`]); returns its ETag. The upload's parts
     /// together may not exceed `limit` bytes.
-    pub fn add_part(&self, id: &str, number: u32, spooled: SpoolFile, limit: usize) -> Result<String, UploadError> {
-        let (incoming, len, etag) = spooled.finish()?;
-        let result = self.register_part(id, number, &incoming, len, &etag, limit);
+    pub fn add_part(&self, id: &str, number: u32, spooled: &Spooled, limit: usize) -> Result<String, UploadError> {
+        let result = self.register_part(id, number, &spooled.path, spooled.len, &spooled.etag, limit);
         if result.is_err() {
-            let _ = std::fs::remove_file(&incoming);
+            let _ = std::fs::remove_file(&spooled.path);
         }
-        result.map(|()| etag)
+        result.map(|()| spooled.etag.clone())
     }
 
     fn register_part(
@@ -289,9 +307,13 @@ mod tests {
     use super::*;
 
     fn part(uploads: &Uploads, id: &str, number: u32, bytes: &[u8], limit: usize) -> Result<String, UploadError> {
-        let mut file = uploads.spool_file(limit)?;
-        file.write(bytes)?;
-        uploads.add_part(id, number, file, limit)
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let spooled = runtime.block_on(async {
+            let mut file = uploads.spool_file(limit).await?;
+            file.write(bytes).await?;
+            file.finish().await
+        })?;
+        uploads.add_part(id, number, &spooled, limit)
     }
 
     #[test]
@@ -306,9 +328,11 @@ mod tests {
         assert_ne!(e1, e2);
         assert_eq!(std::fs::read(spool.join(&id).join("1")).unwrap(), b"hello ", "parts live on disk");
         assert_eq!(part(&uploads, &id, 3, &[0; 95], 100), Err(UploadError::TooLarge(100)));
-        let mut big = uploads.spool_file(10).unwrap();
-        assert_eq!(big.write(&[0; 11]), Err(UploadError::TooLarge(10)), "a spool file stops at its limit");
-        drop(big);
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        runtime.block_on(async {
+            let mut big = uploads.spool_file(10).await.unwrap();
+            assert_eq!(big.write(&[0; 11]).await, Err(UploadError::TooLarge(10)), "a spool file stops at its limit");
+        });
         let wrong = uploads.complete(&id, &[(1, e1.clone()), (2, e1.clone())]);
         assert!(matches!(wrong, Err(UploadError::BadParts(_))));
         assert!(uploads.target(&id).is_some(), "a refused complete leaves the upload as it was");

@@ -1,8 +1,9 @@
 //! Webhook delivery: a POST of fal's webhook payload when a request with `fal_webhook` ends.
 //!
-//! Deliveries run on a pool of threads (blocking HTTP, retried with backoff where that cannot
-//! duplicate them), so a slow receiver holds up neither generation nor other receivers; on
-//! shutdown the threads drain what is left before the server exits.
+//! Deliveries run on a pool of threads (blocking HTTP, retried with the server's
+//! [`RetryPolicy`] where that cannot duplicate them), so a slow receiver holds up neither
+//! generation nor other receivers; on shutdown the threads drain what is left before the server
+//! exits. They reach the store through the runtime's handle.
 
 use std::collections::HashSet;
 use std::sync::mpsc;
@@ -10,6 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use backon::BlockingRetryable;
+
+use super::retry::RetryPolicy;
 use super::store::{JobStore, PendingWebhook};
 use super::webhook_target::PolicyResolver;
 
@@ -46,30 +50,35 @@ impl WebhookSender {
     /// did not get to stays pending there and is sent by the next start.
     pub fn start(
         store: Arc<dyn JobStore>,
-        attempts: u32,
+        retries: RetryPolicy,
         timeout: Duration,
         allow_private: bool,
     ) -> std::io::Result<(Self, WebhookThreads)> {
+        let runtime = tokio::runtime::Handle::current();
         let (queue, deliveries) = mpsc::channel::<PendingWebhook>();
         let deliveries = Arc::new(Mutex::new(deliveries));
-        let agent =
-            ureq::AgentBuilder::new().timeout(timeout).redirects(0).resolver(PolicyResolver { allow_private }).build();
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(timeout)
+            .timeout(timeout)
+            .redirects(0)
+            .resolver(PolicyResolver { allow_private })
+            .build();
         let in_flight = Arc::new(Mutex::new(HashSet::new()));
         let mut threads = Vec::with_capacity(CONCURRENT_DELIVERIES);
         for i in 0..CONCURRENT_DELIVERIES {
             let (deliveries, agent, store) = (deliveries.clone(), agent.clone(), store.clone());
-            let in_flight = in_flight.clone();
+            let (in_flight, runtime) = (in_flight.clone(), runtime.clone());
             threads.push(std::thread::Builder::new().name(format!("pixart-webhooks-{i}")).spawn(move || loop {
                 // Hold the lock only to take the next delivery, not while sending it.
                 let next = deliveries.lock().unwrap_or_else(|e| e.into_inner()).recv();
                 match next {
                     Ok(delivery) => {
                         // It may have waited here a while: its lease starts now.
-                        if let Err(e) = store.webhook_started(delivery.delivery_id) {
+                        if let Err(e) = runtime.block_on(store.webhook_started(delivery.delivery_id)) {
                             tracing::warn!(request_id = %delivery.job_id, error = %e, "webhook lease not renewed");
                         }
-                        deliver(&agent, &delivery, attempts);
-                        if let Err(e) = store.webhook_done(delivery.delivery_id) {
+                        deliver(&agent, &delivery, retries);
+                        if let Err(e) = runtime.block_on(store.webhook_done(delivery.delivery_id)) {
                             tracing::warn!(request_id = %delivery.job_id, error = %e, "webhook not marked as sent; it may be sent again after a restart");
                         }
                         in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&delivery.delivery_id);
@@ -108,33 +117,31 @@ fn retryable(error: &ureq::Error) -> bool {
     }
 }
 
-fn deliver(agent: &ureq::Agent, delivery: &PendingWebhook, attempts: u32) {
-    let body = delivery.payload.as_str();
-    let mut wait = Duration::from_secs(1);
-    for attempt in 1..=attempts {
-        let sent = agent.post(&delivery.url).set("Content-Type", "application/json").send_string(body);
-        match sent {
-            Ok(response) if (300..400).contains(&response.status()) => {
-                // Following it would let the receiver point the server anywhere.
-                tracing::warn!(request_id = %delivery.job_id, status = response.status(), "webhook receiver answered a redirect; not followed");
-                return;
-            }
-            Ok(response) => {
-                tracing::info!(request_id = %delivery.job_id, status = response.status(), "webhook delivered");
-                return;
-            }
-            Err(e) if !retryable(&e) => {
-                tracing::warn!(request_id = %delivery.job_id, url = %delivery.url, error = %e, "webhook not delivered (not retried: the receiver refused it, timed out after receiving it, or the target is not allowed)");
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(request_id = %delivery.job_id, attempt, error = %e, "webhook delivery failed");
-                if attempt < attempts {
-                    std::thread::sleep(wait);
-                    wait *= 2;
-                }
-            }
+fn deliver(agent: &ureq::Agent, delivery: &PendingWebhook, retries: RetryPolicy) {
+    let post = || {
+        agent.post(&delivery.url).set("Content-Type", "application/json").send_string(&delivery.payload).map_err(Box::new)
+    };
+    let sent = post
+        .retry(retries.backoff())
+        .sleep(std::thread::sleep)
+        .when(|e| retryable(e))
+        .notify(|e, pause| {
+            tracing::warn!(request_id = %delivery.job_id, error = %e, ?pause, "webhook delivery failed; retrying");
+        })
+        .call();
+    match sent {
+        Ok(response) if (300..400).contains(&response.status()) => {
+            // Following it would let the receiver point the server anywhere.
+            tracing::warn!(request_id = %delivery.job_id, status = response.status(), "webhook receiver answered a redirect; not followed");
+        }
+        Ok(response) => {
+            tracing::info!(request_id = %delivery.job_id, status = response.status(), "webhook delivered");
+        }
+        Err(e) if !retryable(&e) => {
+            tracing::warn!(request_id = %delivery.job_id, url = %delivery.url, error = %e, "webhook not delivered (not retried: the receiver refused it, timed out after receiving it, or the target is not allowed)");
+        }
+        Err(e) => {
+            tracing::error!(request_id = %delivery.job_id, url = %delivery.url, error = %e, "webhook not delivered after {} attempts", retries.retries + 1);
         }
     }
-    tracing::error!(request_id = %delivery.job_id, url = %delivery.url, "webhook not delivered after {attempts} attempts");
 }

@@ -1,5 +1,7 @@
 //! The worker thread: takes requests from the queue one at a time and runs the pipeline,
-//! writing progress lines to the request's logs and checking its stop flag after every step.
+//! reporting progress lines to the request's logs and checking its stop flag after every step.
+//! It is a plain thread (the generation is blocking compute); it waits on the queue through the
+//! runtime's handle only between requests, never inside the step loop.
 
 use std::ops::ControlFlow;
 use std::panic::AssertUnwindSafe;
@@ -12,8 +14,10 @@ use super::job::{Failure, FailureKind, LogLine, Outcome, StopReason};
 use super::queue::{Queue, WorkItem};
 
 /// What the worker needs besides the pipeline.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct WorkerContext<'a> {
+    /// The async runtime the queue's store calls run on.
+    pub runtime: tokio::runtime::Handle,
     /// The jobs.
     pub queue: &'a Queue,
     /// Where images are written.
@@ -26,9 +30,9 @@ pub struct WorkerContext<'a> {
 }
 
 /// Runs queued jobs until the queue is closed.
-pub fn run(pipeline: &Pipeline, context: WorkerContext<'_>) {
+pub fn run(pipeline: &Pipeline, context: &WorkerContext<'_>) {
     let queue = context.queue;
-    while let Some(item) = queue.next_work() {
+    while let Some(item) = context.runtime.block_on(queue.next_work()) {
         if item.attempt > 1 {
             let line = format!("Started again (attempt {}): the server stopped while it was running", item.attempt);
             queue.log(&item, LogLine::new("WARN", line));
@@ -48,13 +52,13 @@ pub fn run(pipeline: &Pipeline, context: WorkerContext<'_>) {
         let recorded = match outcome {
             Some(outcome) => {
                 let ok = outcome.failure().is_none();
-                let done = queue.finish(&item, outcome);
+                let done = context.runtime.block_on(queue.finish(&item, outcome));
                 tracing::info!(request_id = %item.id, ok, "request finished");
                 done
             }
             None => {
                 tracing::info!(request_id = %item.id, "request given back to the queue for the next start");
-                queue.release(&item)
+                context.runtime.block_on(queue.release(&item))
             }
         };
         if let Err(e) = recorded {
@@ -64,7 +68,7 @@ pub fn run(pipeline: &Pipeline, context: WorkerContext<'_>) {
 }
 
 /// The outcome, or `None` when a durable server's shutdown stopped it (it runs again later).
-fn generate(pipeline: &Pipeline, context: WorkerContext<'_>, item: &WorkItem) -> Option<Outcome> {
+fn generate(pipeline: &Pipeline, context: &WorkerContext<'_>, item: &WorkItem) -> Option<Outcome> {
     let queue = context.queue;
     let request = &item.request;
     queue.log(item, LogLine::new("INFO", describe(request)));
@@ -110,7 +114,7 @@ fn generate(pipeline: &Pipeline, context: WorkerContext<'_>, item: &WorkItem) ->
 }
 
 /// Turns the pictures into fal's response: data URIs in sync mode, stored files otherwise.
-fn store(context: WorkerContext<'_>, item: &WorkItem, generation: &Generation) -> Outcome {
+fn store(context: &WorkerContext<'_>, item: &WorkItem, generation: &Generation) -> Outcome {
     let id = item.id.as_str();
     let inference_time = generation.timings.total.as_secs_f64();
     let response = pixart_fal::respond(&item.request, generation, |file_name, png| {

@@ -8,7 +8,7 @@ use axum::http::HeaderMap;
 use futures_util::StreamExt;
 
 use super::errors::ApiError;
-use crate::core::uploads::{SpoolFile, UploadError};
+use crate::core::uploads::{SpoolFile, Spooled, UploadError};
 
 /// Why a body stopped.
 #[derive(Debug, thiserror::Error)]
@@ -80,13 +80,13 @@ pub async fn read_all(body: Body) -> Result<Bytes, ApiError> {
     Ok(Bytes::from(out))
 }
 
-/// Writes a (limited) body to a spool file as it arrives.
-pub async fn spool(body: Body, mut file: SpoolFile) -> Result<SpoolFile, ApiError> {
+/// Writes a (limited) body to a spool file as it arrives; returns the finished file.
+pub async fn spool(body: Body, mut file: SpoolFile) -> Result<Spooled, ApiError> {
     let mut chunks = body.into_data_stream();
     while let Some(chunk) = chunks.next().await {
-        file.write(&chunk.map_err(|e| read_error(&e))?).map_err(upload_error)?;
+        file.write(&chunk.map_err(|e| read_error(&e))?).await.map_err(upload_error)?;
     }
-    Ok(file)
+    file.finish().await.map_err(upload_error)
 }
 
 /// The answer to an upload problem.

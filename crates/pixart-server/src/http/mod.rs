@@ -4,9 +4,11 @@
 
 mod body;
 pub mod connections;
+mod deadline;
 mod errors;
 mod middleware;
 mod ops_routes;
+mod prometheus;
 mod queue_routes;
 mod request_info;
 mod storage_routes;

@@ -100,7 +100,7 @@ pub async fn submit(
     let app = check_app(&state, &owner, &alias)?;
     let job = new_job(&state, app, JobKind::Queued, &base, query.as_deref(), &headers, body).await?;
     let id = job.id.clone();
-    let position = state.queue.submit(job)?;
+    let position = state.queue.submit(job).await?;
     tracing::info!(request_id = %id, ?position, "request queued");
     let (status_url, cancel_url, response_url) = request_urls(&base, app, &id);
     let mut response = json_response(
@@ -120,8 +120,8 @@ pub async fn submit(
 }
 
 /// A job of the queue API (`/run/` jobs are answered on their own connection only).
-fn queued_view(state: &AppState, id: &str, logs_from: usize) -> Result<JobView, ApiError> {
-    match state.queue.view(id, logs_from)? {
+async fn queued_view(state: &AppState, id: &str, logs_from: usize) -> Result<JobView, ApiError> {
+    match super::deadline::read(state.queue.view(id, logs_from)).await? {
         Some(view) if view.kind == JobKind::Queued => Ok(view),
         _ => Err(ApiError::RequestNotFound(id.to_string())),
     }
@@ -183,7 +183,7 @@ pub async fn status(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     check_app(&state, &owner, &alias)?;
-    let view = queued_view(&state, &id, 0)?;
+    let view = queued_view(&state, &id, 0).await?;
     let (code, body) = status_body(&view, &base, logs_param(query.as_deref()));
     Ok(json_response(code, body))
 }
@@ -208,7 +208,7 @@ pub async fn result(
     BaseUrl(base): BaseUrl,
 ) -> Result<Response, ApiError> {
     check_app(&state, &owner, &alias)?;
-    match queued_view(&state, &id, usize::MAX)?.state {
+    match queued_view(&state, &id, usize::MAX).await?.state {
         JobState::Completed(outcome) => Ok(outcome_response(&outcome, &base, &id)),
         _ => Err(ApiError::BadRequest("Request is still in progress".into())),
     }
@@ -220,8 +220,8 @@ pub async fn cancel(
     Path((owner, alias, id)): Path<(String, String, String)>,
 ) -> Result<Response, ApiError> {
     check_app(&state, &owner, &alias)?;
-    queued_view(&state, &id, usize::MAX)?;
-    Ok(match state.queue.cancel(&id)? {
+    queued_view(&state, &id, usize::MAX).await?;
+    Ok(match state.queue.cancel(&id).await? {
         CancelResult::NotFound => return Err(ApiError::RequestNotFound(id)),
         CancelResult::AlreadyCompleted => {
             json_response(StatusCode::BAD_REQUEST, json!({"status": "ALREADY_COMPLETED"}))
@@ -242,7 +242,7 @@ pub async fn stream(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     check_app(&state, &owner, &alias)?;
-    queued_view(&state, &id, usize::MAX)?;
+    queued_view(&state, &id, usize::MAX).await?;
     struct Cursor {
         state: Arc<AppState>,
         id: String,
@@ -268,7 +268,7 @@ pub async fn stream(
             return None;
         }
         loop {
-            let view = cursor.state.queue.view(&cursor.id, cursor.sent_logs).ok()??;
+            let view = cursor.state.queue.view(&cursor.id, cursor.sent_logs).await.ok()??;
             let completed = matches!(view.state, JobState::Completed(_));
             let (_, body) = status_body(&view, &cursor.base, cursor.logs);
             let mut key = body.clone();
@@ -290,6 +290,35 @@ pub async fn stream(
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response())
 }
 
+/// Once a `/run/` call ends (answered, or its caller gone): a finished job is forgotten, an
+/// unfinished one cancelled (its worker ends it at its next step; the record, which no API call
+/// can reach, goes with the retention sweep). Dropping it never blocks: the store calls run as a
+/// task of their own.
+struct ForgetRun {
+    queue: Arc<crate::core::Queue>,
+    id: String,
+}
+
+impl Drop for ForgetRun {
+    fn drop(&mut self) {
+        let (queue, id) = (self.queue.clone(), std::mem::take(&mut self.id));
+        tokio::spawn(async move {
+            let ended = queue
+                .view(&id, usize::MAX)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|v| matches!(v.state, JobState::Completed(_)));
+            if !ended {
+                tracing::info!(request_id = %id, "run caller went away: cancelling");
+                let _ = queue.cancel(&id).await;
+            } else if let Err(e) = queue.forget(&id).await {
+                tracing::warn!(request_id = %id, error = %e, "a finished run was not forgotten");
+            }
+        });
+    }
+}
+
 /// `POST /run/{owner}/{alias}`: queues the request like any other and answers on this
 /// connection. If the caller goes away first, the request is cancelled (and its record left to
 /// the retention sweep); once answered it is forgotten.
@@ -308,29 +337,10 @@ pub async fn run(
         return Ok(outcome_response(&Outcome::Failed(failure.clone()), &base, &id));
     }
     let mut changes = state.queue.subscribe();
-    state.queue.submit(job)?;
-    struct Forget<'a>(&'a AppState, &'a str);
-    impl Drop for Forget<'_> {
-        fn drop(&mut self) {
-            let queue = &self.0.queue;
-            let ended = queue
-                .view(self.1, usize::MAX)
-                .ok()
-                .flatten()
-                .is_some_and(|v| matches!(v.state, JobState::Completed(_)));
-            if !ended {
-                // Its worker ends it as cancelled at its next step; the record, which no API call
-                // can reach, goes with the retention sweep.
-                tracing::info!(request_id = %self.1, "run caller went away: cancelling");
-                let _ = queue.cancel(self.1);
-            } else if let Err(e) = queue.forget(self.1) {
-                tracing::warn!(request_id = %self.1, error = %e, "a finished run was not forgotten");
-            }
-        }
-    }
-    let _forget = Forget(&state, &id);
+    state.queue.submit(job).await?;
+    let _forget = ForgetRun { queue: state.queue.clone(), id: id.clone() };
     loop {
-        if let Some(view) = state.queue.view(&id, usize::MAX)? {
+        if let Some(view) = state.queue.view(&id, usize::MAX).await? {
             if let JobState::Completed(outcome) = view.state {
                 return Ok(outcome_response(&outcome, &base, &id));
             }

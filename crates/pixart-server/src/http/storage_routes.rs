@@ -5,66 +5,50 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use serde_json::{json, Value};
+use tower::ServiceExt;
+use tower_http::services::ServeFile;
 
 use super::body::{json_object, spool, upload_error};
 use super::errors::{json_response, ApiError};
 use super::file_url_path as url_path;
 use super::request_info::BaseUrl;
-use crate::core::uploads::SpoolFile;
-use crate::state::AppState;
+use crate::core::uploads::{Spooled, UploadError};
+use crate::state::{blocking, AppState};
 
-/// `GET` (or `HEAD`) `/files/{key}/{name}`.
+/// `GET` (or `HEAD`) `/files/{key}/{name}`: served by tower-http's `ServeFile` (streamed from
+/// disk, `Range` requests, `If-Modified-Since`/`Last-Modified`), with the stored content type.
 pub async fn serve_file(
     State(state): State<Arc<AppState>>,
     Path((key, name)): Path<(String, String)>,
+    request: Request,
 ) -> Result<Response, ApiError> {
-    let Some(file) = state.files.get(&key, &name) else {
+    let files = state.files.clone();
+    let (k, n) = (key.clone(), name.clone());
+    let Some(file) = blocking(move || files.get(&k, &n)).await.map_err(internal)? else {
         return Err(ApiError::NotFound(format!("no file {}", url_path(&key, &name))));
     };
-    let opened = tokio::fs::File::open(&file.path).await;
-    let file_handle = opened.map_err(|e| ApiError::NotFound(format!("file {} is gone: {e}", url_path(&key, &name))))?;
-    let length = file_handle.metadata().await.map(|m| m.len()).unwrap_or(0);
-    let content_type = HeaderValue::from_str(&file.content_type)
-        .unwrap_or_else(|_| HeaderValue::from_static("application/octet-stream"));
+    let mime: mime::Mime = file.content_type.parse().unwrap_or(mime::APPLICATION_OCTET_STREAM);
+    let served = ServeFile::new_with_mime(&file.path, &mime).oneshot(request).await.map_err(internal)?;
+    if served.status() == StatusCode::NOT_FOUND {
+        return Err(ApiError::NotFound(format!("file {} is gone", url_path(&key, &name))));
+    }
+    let mut response = served.map(Body::new);
     // Uploads carry the uploader's content type: on the API's origin a `text/html` or SVG file
     // would run as a page. Browsers must not sniff, and anything but a raster image downloads.
-    let disposition = if is_raster_image(&file.content_type) {
-        HeaderValue::from_static("inline")
-    } else {
-        HeaderValue::from_static("attachment")
-    };
-    let headers = [
-        (header::CONTENT_TYPE, content_type),
-        (header::CONTENT_LENGTH, HeaderValue::from(length)),
-        (header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=3600")),
-        (header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")),
-        (header::CONTENT_DISPOSITION, disposition),
-    ];
-    // Streamed from disk; HEAD gets the same headers and hyper leaves the body out.
-    let body = Body::from_stream(file_chunks(file_handle));
-    Ok((StatusCode::OK, headers, body).into_response())
+    let disposition = if is_raster_image(&file.content_type) { "inline" } else { "attachment" };
+    let headers = response.headers_mut();
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=3600"));
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(header::CONTENT_DISPOSITION, HeaderValue::from_static(disposition));
+    Ok(response)
 }
 
-/// A file read in 64 KiB chunks.
-fn file_chunks(
-    file: tokio::fs::File,
-) -> impl futures_util::Stream<Item = Result<axum::body::Bytes, std::io::Error>> + Send {
-    futures_util::stream::unfold(file, |mut file| async move {
-        use tokio::io::AsyncReadExt;
-        let mut buffer = vec![0u8; 64 << 10];
-        match file.read(&mut buffer).await {
-            Ok(0) => None,
-            Ok(n) => {
-                buffer.truncate(n);
-                Some((Ok(axum::body::Bytes::from(buffer)), file))
-            }
-            Err(e) => Some((Err(e), file)),
-        }
-    })
+fn internal(error: impl std::fmt::Display) -> ApiError {
+    ApiError::Internal(format!("storage: {error}"))
 }
 
 /// Image types a browser renders without running anything (SVG is a document, not one of them).
@@ -84,7 +68,9 @@ pub async fn initiate(
     let body = json_object(&headers, body).await?;
     let content_type = body.get("content_type").and_then(Value::as_str).unwrap_or("application/octet-stream");
     let file_name = body.get("file_name").and_then(Value::as_str).unwrap_or("upload.bin");
-    let (id, key, name) = state.uploads.begin(file_name, content_type).map_err(upload_error)?;
+    let (uploads, file_name, content_type) = (state.uploads.clone(), file_name.to_string(), content_type.to_string());
+    let (id, key, name) =
+        blocking(move || uploads.begin(&file_name, &content_type)).await.map_err(internal)?.map_err(upload_error)?;
     Ok(json_response(
         StatusCode::OK,
         json!({
@@ -95,22 +81,37 @@ pub async fn initiate(
 }
 
 /// Moves a finished spool file into the served files; returns its absolute URL.
-fn store(state: &AppState, base: &str, target: (&str, &str, &str), file: SpoolFile) -> Result<String, ApiError> {
-    let (key, name, content_type) = target;
-    let (path, _, _) = file.finish().map_err(upload_error)?;
-    let stored = state.files.put_file(key, name, content_type, &path);
-    if stored.is_err() {
-        let _ = std::fs::remove_file(&path);
-    }
+async fn store(state: &AppState, base: &str, target: (&str, &str, &str), file: Spooled) -> Result<String, ApiError> {
+    let (key, name, content_type) = (target.0.to_string(), target.1.to_string(), target.2.to_string());
+    let files = state.files.clone();
+    let k = key.clone();
+    let stored = blocking(move || {
+        let stored = files.put_file(&k, &name, &content_type, &file.path);
+        if stored.is_err() {
+            let _ = std::fs::remove_file(&file.path);
+        }
+        stored
+    })
+    .await
+    .map_err(internal)?;
     stored
-        .map(|name| format!("{base}{}", url_path(key, &name)))
+        .map(|name| format!("{base}{}", url_path(&key, &name)))
         .map_err(|e| ApiError::Internal(format!("storing the upload: {e}")))
 }
 
 /// The body of an upload call, spooled to disk within `--max-upload-bytes`.
-async fn spool_body(state: &AppState, body: Body) -> Result<SpoolFile, ApiError> {
-    let file = state.uploads.spool_file(state.config.max_upload_bytes).map_err(upload_error)?;
+async fn spool_body(state: &AppState, body: Body) -> Result<Spooled, ApiError> {
+    let file = state.uploads.spool_file(state.config.max_upload_bytes).await.map_err(upload_error)?;
     spool(body, file).await
+}
+
+/// `Uploads` work on the blocking pool.
+async fn uploads<T: Send + 'static>(
+    state: &AppState,
+    work: impl FnOnce(&crate::core::uploads::Uploads) -> Result<T, UploadError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let uploads = state.uploads.clone();
+    blocking(move || work(&uploads)).await.map_err(internal)?.map_err(upload_error)
 }
 
 /// `PUT /uploads/{id}`: the bytes of a single-part upload.
@@ -121,10 +122,10 @@ pub async fn put_upload(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let upload = state.uploads.take(&id).map_err(upload_error)?;
+    let upload = uploads(&state, move |u| u.take(&id)).await?;
     let file = spool_body(&state, body).await?;
     let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or(&upload.content_type);
-    let url = store(&state, &base, (&upload.key, &upload.name, content_type), file)?;
+    let url = store(&state, &base, (&upload.key, &upload.name, content_type), file).await?;
     Ok(json_response(StatusCode::OK, json!({"file_url": url})))
 }
 
@@ -150,7 +151,9 @@ pub async fn upload_complete(
 
 /// `POST /rest/storage/auth/token`: a short-lived token for the CDN upload routes.
 pub async fn cdn_token(State(state): State<Arc<AppState>>, BaseUrl(base): BaseUrl) -> Result<Response, ApiError> {
-    let token = state.cdn_tokens.issue().map_err(|e| ApiError::Internal(format!("issuing an upload token: {e}")))?;
+    let tokens = state.cdn_tokens.clone();
+    let issued = blocking(move || tokens.issue()).await.map_err(internal)?;
+    let token = issued.map_err(|e| ApiError::Internal(format!("issuing an upload token: {e}")))?;
     let expires = chrono::Utc::now() + crate::core::cdn_tokens::LIFETIME;
     Ok(json_response(
         StatusCode::OK,
@@ -183,7 +186,7 @@ pub async fn cdn_upload(
     let (content_type, name) = cdn_file(&headers);
     let file = spool_body(&state, body).await?;
     let key = uuid::Uuid::new_v4().simple().to_string();
-    let url = store(&state, &base, (&key, &name, &content_type), file)?;
+    let url = store(&state, &base, (&key, &name, &content_type), file).await?;
     Ok(json_response(StatusCode::OK, json!({"access_url": url})))
 }
 
@@ -194,18 +197,18 @@ pub async fn cdn_multipart_begin(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (content_type, name) = cdn_file(&headers);
-    let (id, key, name) = state.uploads.begin(&name, &content_type).map_err(upload_error)?;
+    let (id, key, name) = uploads(&state, move |u| u.begin(&name, &content_type)).await?;
     let url = format!("{base}{}", url_path(&key, &name));
     Ok(json_response(StatusCode::OK, json!({"access_url": url, "uploadId": id})))
 }
 
-fn check_target(state: &AppState, id: &str, key: &str, name: &str) -> Result<(), ApiError> {
-    let matches = state.uploads.target(id).is_some_and(|(k, n)| k == key && n == name);
-    if matches {
-        Ok(())
-    } else {
-        Err(upload_error(crate::core::uploads::UploadError::Unknown))
-    }
+async fn check_target(state: &AppState, id: &str, key: &str, name: &str) -> Result<(), ApiError> {
+    let (id, key, name) = (id.to_string(), key.to_string(), name.to_string());
+    uploads(state, move |u| match u.target(&id) {
+        Some((k, n)) if k == key && n == name => Ok(()),
+        _ => Err(UploadError::Unknown),
+    })
+    .await
 }
 
 /// `PUT /files/{key}/{name}/multipart/{id}/{n}` (Python's multipart parts).
@@ -214,7 +217,7 @@ pub async fn cdn_multipart_part(
     Path((key, name, id, part)): Path<(String, String, String, String)>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    check_target(&state, &id, &key, &name)?;
+    check_target(&state, &id, &key, &name).await?;
     add_part(&state, &id, &part, body).await
 }
 
@@ -226,7 +229,7 @@ pub async fn cdn_multipart_complete(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    check_target(&state, &id, &key, &name)?;
+    check_target(&state, &id, &key, &name).await?;
     complete(&state, &base, &id, &part, &headers, body).await
 }
 
@@ -236,9 +239,11 @@ async fn add_part(state: &AppState, id: &str, part: &str, body: Body) -> Result<
     };
     let limit = state.config.max_upload_bytes;
     // Unknown uploads are refused before their bytes are read.
-    state.uploads.target(id).ok_or_else(|| upload_error(crate::core::uploads::UploadError::Unknown))?;
+    let upload = id.to_string();
+    uploads(state, move |u| u.target(&upload).map(|_| ()).ok_or(UploadError::Unknown)).await?;
     let file = spool_body(state, body).await?;
-    let etag = state.uploads.add_part(id, number, file, limit).map_err(upload_error)?;
+    let upload = id.to_string();
+    let etag = uploads(state, move |u| u.add_part(&upload, number, &file, limit)).await?;
     let mut response = json_response(StatusCode::OK, json!({"partNumber": number, "etag": etag}));
     if let Ok(value) = HeaderValue::from_str(&etag) {
         response.headers_mut().insert(header::ETAG, value);
@@ -270,9 +275,16 @@ async fn complete(
     let Some(parts) = parts else {
         return Err(ApiError::BadRequest("body must be {\"parts\": [{\"partNumber\": n, \"etag\": \"…\"}]}".into()));
     };
-    let (upload, joined) = state.uploads.complete(id, &parts).map_err(upload_error)?;
-    let stored = state.files.put_file(&upload.key, &upload.name, &upload.content_type, &joined);
-    state.uploads.discard(&joined);
+    let upload_id = id.to_string();
+    let (upload, joined) = uploads(state, move |u| u.complete(&upload_id, &parts)).await?;
+    let (files, spool, target) = (state.files.clone(), state.uploads.clone(), upload.clone());
+    let stored = blocking(move || {
+        let stored = files.put_file(&target.key, &target.name, &target.content_type, &joined);
+        spool.discard(&joined);
+        stored
+    })
+    .await
+    .map_err(internal)?;
     let name = stored.map_err(|e| ApiError::Internal(format!("storing the upload: {e}")))?;
     let url = format!("{base}{}", url_path(&upload.key, &name));
     Ok(json_response(StatusCode::OK, json!({"file_url": url, "access_url": url})))
