@@ -40,11 +40,12 @@ pub fn sincos_position_embedding(
     Tensor::from_vec(out, (h * w, dim), device)
 }
 
-/// Position embeddings already computed, keyed by grid and where they live.
-type PositionCache = std::sync::Arc<std::sync::Mutex<Vec<((usize, usize, DType, DeviceLocation), Tensor)>>>;
+/// Position embeddings already computed, keyed by grid and where they live, least recently used
+/// out first.
+type PositionCache = std::sync::Arc<std::sync::Mutex<lru::LruCache<(usize, usize, DType, DeviceLocation), Tensor>>>;
 
 /// How many grids' position embeddings are kept (a server alternating a few sizes reuses them).
-const POSITION_CACHE_ENTRIES: usize = 4;
+const POSITION_CACHE_ENTRIES: std::num::NonZeroUsize = std::num::NonZeroUsize::MIN.saturating_add(3);
 
 /// Patchify (`conv p×p / stride p`) and add the position embedding: `[B,C,H,W] → [B, N, D]`.
 /// The embedding is computed once per (grid, dtype, device) and kept: it is the same at every
@@ -74,7 +75,7 @@ impl PatchEmbed {
             patch,
             base: sample_size / patch,
             interpolation_scale,
-            cache: PositionCache::default(),
+            cache: std::sync::Arc::new(std::sync::Mutex::new(lru::LruCache::new(POSITION_CACHE_ENTRIES))),
         })
     }
 
@@ -82,16 +83,13 @@ impl PatchEmbed {
     fn position_embedding(&self, dim: usize, h: usize, w: usize, x: &Tensor) -> candle_core::Result<Tensor> {
         let key = (h, w, x.dtype(), x.device().location());
         let mut cache = self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((_, pos)) = cache.iter().find(|(k, _)| *k == key) {
+        if let Some(pos) = cache.get(&key) {
             return Ok(pos.clone());
         }
         let pos = sincos_position_embedding(dim, h, w, self.base, self.interpolation_scale, x.device())?
             .to_dtype(x.dtype())?
             .unsqueeze(0)?;
-        if cache.len() >= POSITION_CACHE_ENTRIES {
-            cache.remove(0);
-        }
-        cache.push((key, pos.clone()));
+        cache.put(key, pos.clone());
         Ok(pos)
     }
 

@@ -163,23 +163,10 @@ fn apply(text: String, steps: &[Step]) -> Result<String, CaptionError> {
     steps.iter().try_fold(text, |text, step| step.replace_all(&text))
 }
 
-/// `urllib.parse.unquote_plus`: `+` to space, `%XX` decoded as UTF-8 (invalid bytes replaced).
+/// `urllib.parse.unquote_plus`: `+` to space, `%XX` decoded as UTF-8 (invalid bytes replaced,
+/// malformed escapes kept as they are).
 fn unquote_plus(text: &str) -> String {
-    let bytes = text.replace('+', " ").into_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Ok(v) = u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"), 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode_str(&text.replace('+', " ")).decode_utf8_lossy().into_owned()
 }
 
 /// Decodes common named and all numeric HTML entities.

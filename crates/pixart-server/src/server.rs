@@ -88,12 +88,16 @@ async fn open_store(
     config: &ServerConfig,
     claim: Option<StorageClaim>,
 ) -> Result<(PathBuf, Arc<dyn JobStore>, Option<StorageLock>), ServerError> {
-    let root = config.storage.create()?;
+    let storage = config.storage.clone();
+    let root = crate::state::blocking(move || storage.create()).await??;
     match &config.queue {
         QueueBackend::Embedded => {
             let lock = match claim.and_then(|claim| claim.lock) {
                 Some(lock) if lock.root == root => lock,
-                _ => StorageLock::acquire(&root)?,
+                _ => {
+                    let folder = root.clone();
+                    crate::state::blocking(move || StorageLock::acquire(&folder)).await??
+                }
             };
             let path = root.join("jobs.sqlite3");
             let store = crate::state::blocking(move || SqliteStore::open(&path)).await??;
@@ -116,7 +120,8 @@ async fn start_state(
     local_addr: SocketAddr,
 ) -> Result<(Arc<AppState>, mpsc::UnboundedReceiver<Progress>, Recovery, WebhookThreads), ServerError> {
     let durable = config.storage.is_durable() || config.queue != QueueBackend::Embedded;
-    let files = FileStore::open(&root.join("files"))?;
+    let folder = root.join("files");
+    let files = crate::state::blocking(move || FileStore::open(&folder)).await??;
     tracing::info!(folder = %root.display(), queue = ?config.queue, durable, "storing requests, generated images and uploads");
     let retries = RetryPolicy::webhook(config.webhook_attempts);
     let (webhooks, threads) =

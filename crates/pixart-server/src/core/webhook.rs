@@ -119,7 +119,11 @@ fn retryable(error: &ureq::Error) -> bool {
 
 fn deliver(agent: &ureq::Agent, delivery: &PendingWebhook, retries: RetryPolicy) {
     let post = || {
-        agent.post(&delivery.url).set("Content-Type", "application/json").send_string(&delivery.payload).map_err(Box::new)
+        agent
+            .post(&delivery.url)
+            .set("Content-Type", "application/json")
+            .send_string(&delivery.payload)
+            .map_err(Box::new)
     };
     let sent = post
         .retry(retries.backoff())
