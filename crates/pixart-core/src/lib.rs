@@ -2,8 +2,7 @@
 //!
 //! Every model part (T5 encoder, transformer, VAE) loads its weights the same way: from a
 //! diffusers-layout sub-folder holding either one `*.safetensors` file or several shards listed by
-//! a `*.safetensors.index.json`. [`weights`] finds and validates those files; [`dtype`] parses the
-//! user-facing dtype names.
+//! a `*.safetensors.index.json`. [`weights`] finds and validates those files and reads configs.
 
 #![warn(missing_docs)]
 
@@ -12,10 +11,8 @@ pub mod attention;
 pub mod config_error;
 pub mod conv;
 pub mod conv_cpu;
-pub mod dtype;
 pub mod fast_math;
 pub mod weights;
 
 pub use config_error::{ConfigCheck, UnsupportedConfig};
-pub use dtype::parse_dtype;
-pub use weights::{load_config, python_json, var_builder, ModelWeights, WeightsError};
+pub use weights::{load_checked_config, load_config, python_json, var_builder, ModelWeights, ShardIndex, WeightsError};

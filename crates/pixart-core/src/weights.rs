@@ -14,6 +14,8 @@ use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
+use crate::config_error::UnsupportedConfig;
+
 /// Errors raised while finding or opening a model's files. Each names the file at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
@@ -75,17 +77,28 @@ pub enum WeightsError {
         /// What candle reported (it names the tensor and the shapes).
         source: candle_core::Error,
     },
-    /// A dtype name that is not one of [`crate::dtype::SUPPORTED_DTYPES`].
-    #[error("unknown dtype {name:?}: allowed values are {}", crate::dtype::SUPPORTED_DTYPES)]
-    UnknownDtype {
-        /// The rejected name.
-        name: String,
-    },
 }
 
-#[derive(Deserialize)]
-struct SafetensorsIndex {
-    weight_map: HashMap<String, String>,
+impl WeightsError {
+    /// A tensor operation that failed while a model was built from the weights in `dir` (a
+    /// tensor missing, or of the wrong shape or dtype): the weights' fault, naming the folder.
+    pub fn tensor(dir: &Path, source: candle_core::Error) -> Self {
+        Self::Tensor { dir: dir.to_path_buf(), source }
+    }
+}
+
+/// A sharded checkpoint's `<stem>.safetensors.index.json`: which shard holds each tensor.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ShardIndex {
+    /// Tensor name → shard file name.
+    pub weight_map: HashMap<String, String>,
+}
+
+impl ShardIndex {
+    /// The shard files, each once, in a stable order.
+    pub fn shards(&self) -> BTreeSet<&String> {
+        self.weight_map.values().collect()
+    }
 }
 
 /// The validated safetensors files of one model component.
@@ -103,8 +116,8 @@ impl ModelWeights {
     pub fn find(dir: &Path, stem: &str) -> Result<Self, WeightsError> {
         let index = dir.join(format!("{stem}.safetensors.index.json"));
         if index.is_file() {
-            let parsed: SafetensorsIndex = read_json(&index)?;
-            let shards: BTreeSet<&String> = parsed.weight_map.values().collect();
+            let parsed: ShardIndex = read_json(&index)?;
+            let shards = parsed.shards();
             let mut files = Vec::with_capacity(shards.len());
             for shard in shards {
                 let path = dir.join(shard);
@@ -136,7 +149,7 @@ impl ModelWeights {
         let tensors = unsafe { MmapedSafetensors::multi(&self.files) }
             .map_err(|source| WeightsError::Corrupt { path: self.files[0].clone(), source })?;
         if let Some(index) = &self.index {
-            let parsed: SafetensorsIndex = read_json(index)?;
+            let parsed: ShardIndex = read_json(index)?;
             for (tensor, shard) in &parsed.weight_map {
                 if tensors.get(tensor).is_err() {
                     return Err(WeightsError::IndexMismatch {
@@ -170,6 +183,18 @@ pub fn load_config<T: DeserializeOwned>(path: &Path) -> Result<T, WeightsError> 
         return Err(WeightsError::MissingFile { path: path.to_path_buf(), referenced_by: None });
     }
     read_json(path)
+}
+
+/// A component's `config.json` (or another JSON config), read and checked by `check`: a
+/// malformed file names the file, a value out of range names the file and the field.
+pub fn load_checked_config<C, E>(path: &Path, check: impl FnOnce(&C) -> Result<(), UnsupportedConfig>) -> Result<C, E>
+where
+    C: DeserializeOwned,
+    E: From<WeightsError> + From<UnsupportedConfig>,
+{
+    let config: C = load_config(path)?;
+    check(&config).map_err(|e| e.in_file(path))?;
+    Ok(config)
 }
 
 fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, WeightsError> {

@@ -93,13 +93,12 @@ pub struct PixArtTransformer {
 impl PixArtTransformer {
     /// Loads `transformer/` (`config.json` + `diffusion_pytorch_model.safetensors`, or shards).
     pub fn load(dir: &Path, dtype: DType, device: &candle_core::Device) -> Result<Self, DitError> {
-        let config_path = dir.join("config.json");
-        let config: DitConfig = pixart_core::load_config(&config_path)?;
-        config.validate().map_err(|e| e.in_file(&config_path))?;
+        let config: DitConfig =
+            pixart_core::load_checked_config::<_, DitError>(&dir.join("config.json"), DitConfig::validate)?;
         let vb = pixart_core::var_builder(dir, "diffusion_pytorch_model", dtype, device)?;
         Self::new(&config, vb).map_err(|e| match e {
             DitError::Unsupported(e) => DitError::Unsupported(e.in_file(dir)),
-            DitError::Candle(source) => WeightsError::Tensor { dir: dir.to_path_buf(), source }.into(),
+            DitError::Candle(source) => WeightsError::tensor(dir, source).into(),
             other => other,
         })
     }

@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 
 use hf_hub::api::sync::ApiError;
 use hf_hub::{Cache, Repo};
-use serde::Deserialize;
 
 /// The published PixArt-Σ 1024 checkpoint, the default model.
 pub const DEFAULT_MODEL: &str = "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS";
@@ -193,11 +192,6 @@ fn classify(error: &ApiError) -> HubFailure {
     }
 }
 
-#[derive(Deserialize)]
-struct Index {
-    weight_map: std::collections::HashMap<String, String>,
-}
-
 fn looks_like_repo(name: &str) -> bool {
     name.split('/').count() == 2
         && name.split('/').all(|part| !part.is_empty())
@@ -320,9 +314,8 @@ impl Fetcher {
     fn weights(&self, folder: &str, stem: &str) -> Result<(), ModelError> {
         let prefix = if folder.is_empty() { String::new() } else { format!("{folder}/") };
         if let Some(index) = self.try_get(&format!("{prefix}{stem}.safetensors.index.json"))? {
-            let parsed: Index = pixart_core::load_config(&index)?;
-            let shards: std::collections::BTreeSet<String> = parsed.weight_map.into_values().collect();
-            for shard in shards {
+            let parsed: pixart_core::ShardIndex = pixart_core::load_config(&index)?;
+            for shard in parsed.shards() {
                 self.get(&format!("{prefix}{shard}"))?;
             }
             return Ok(());

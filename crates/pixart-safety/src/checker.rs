@@ -67,7 +67,7 @@ impl SafetyChecker {
         }
         let vb = pixart_core::var_builder(dir, "model", dtype, device)?;
         let model = VitForImageClassification::new(&config, vb).map_err(|e| match e {
-            SafetyError::Candle(source) => pixart_core::WeightsError::Tensor { dir: dir.to_path_buf(), source }.into(),
+            SafetyError::Candle(source) => pixart_core::WeightsError::tensor(dir, source).into(),
             other => other,
         })?;
         Ok(Self { model, preprocessor, nsfw_index, device: device.clone() })

@@ -76,9 +76,7 @@ pub enum Activation {
 impl VitConfig {
     /// Reads and validates `config.json`; errors name the file and field.
     pub fn load(path: &Path) -> Result<Self, SafetyError> {
-        let config: VitConfig = pixart_core::load_config(path)?;
-        config.validate().map_err(|e| SafetyError::Unsupported(e.in_file(path)))?;
-        Ok(config)
+        pixart_core::load_checked_config(path, Self::validate)
     }
 
     /// Refuses configs the classifier cannot run, naming the first field at fault.

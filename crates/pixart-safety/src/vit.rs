@@ -10,6 +10,7 @@
 
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{Conv2dConfig, LayerNorm, Linear, VarBuilder};
+use pixart_core::attention::scaled_dot_product_attention;
 use pixart_core::conv::Conv;
 
 use crate::config::{Activation, VitConfig};
@@ -91,14 +92,10 @@ impl Attention {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (b, l, h) = x.dims3()?;
         let d = h / self.heads;
-        let split = |t: Tensor| t.reshape((b, l, self.heads, d))?.transpose(1, 2)?.contiguous();
-        let q = split(self.q.forward(x)?)?;
-        let k = split(self.k.forward(x)?)?;
-        let v = split(self.v.forward(x)?)?;
-        let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
-        let context = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, h))?;
-        self.o.forward(&context)
+        let split = |t: Tensor| t.reshape((b, l, self.heads, d))?.transpose(1, 2);
+        let (q, k, v) = (split(self.q.forward(x)?)?, split(self.k.forward(x)?)?, split(self.v.forward(x)?)?);
+        let context = scaled_dot_product_attention(&q, &k, &v, None, 1.0 / (d as f64).sqrt())?;
+        self.o.forward(&context.transpose(1, 2)?.reshape((b, l, h))?)
     }
 }
 

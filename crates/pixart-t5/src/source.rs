@@ -166,69 +166,74 @@ fn gguf_error(path: &Path, source: GgufError) -> T5Error {
     T5Error::Gguf { path: path.to_path_buf(), source: Box::new(source) }
 }
 
+/// A little-endian `u32` of a GGUF header.
+fn u32_of(r: &mut impl Read) -> std::io::Result<u32> {
+    let mut b = [0u8; 4];
+    r.read_exact(&mut b)?;
+    Ok(u32::from_le_bytes(b))
+}
+
+/// A GGUF length: `u32` in version 1, `u64` after.
+fn len_of(r: &mut impl Read, v1: bool) -> std::io::Result<u64> {
+    if v1 {
+        return u32_of(r).map(u64::from);
+    }
+    let mut b = [0u8; 8];
+    r.read_exact(&mut b)?;
+    Ok(u64::from_le_bytes(b))
+}
+
+/// Reads a GGUF metadata value of `ty`; returns it when it is an integer, skips it otherwise.
+fn gguf_value(r: &mut (impl Read + Seek), ty: u32, v1: bool, depth: usize) -> std::io::Result<Option<u64>> {
+    fn fixed(n: usize, r: &mut impl Read) -> std::io::Result<Option<u64>> {
+        let mut b = [0u8; 8];
+        r.read_exact(&mut b[..n])?;
+        Ok(Some(u64::from_le_bytes(b)))
+    }
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed GGUF metadata");
+    match ty {
+        0 | 1 | 7 => fixed(1, r),
+        2 | 3 => fixed(2, r),
+        4 | 5 => fixed(4, r),
+        10 | 11 => fixed(8, r),
+        6 => fixed(4, r).map(|_| None),
+        12 => fixed(8, r).map(|_| None),
+        8 => {
+            let n = len_of(r, v1)?;
+            r.seek(SeekFrom::Current(i64::try_from(n).map_err(|_| bad())?))?;
+            Ok(None)
+        }
+        9 if depth < 4 => {
+            let inner = u32_of(r)?;
+            let n = len_of(r, v1)?;
+            let size = match inner {
+                0 | 1 | 7 => Some(1u64),
+                2 | 3 => Some(2),
+                4..=6 => Some(4),
+                10..=12 => Some(8),
+                _ => None,
+            };
+            match size {
+                Some(size) => {
+                    let bytes = n.checked_mul(size).and_then(|b| i64::try_from(b).ok()).ok_or_else(bad)?;
+                    r.seek(SeekFrom::Current(bytes))?;
+                }
+                None => {
+                    for _ in 0..n {
+                        gguf_value(r, inner, v1, depth + 1)?;
+                    }
+                }
+            }
+            Ok(None)
+        }
+        _ => Err(bad()),
+    }
+}
+
 /// Whether a GGUF header sets `general.alignment` to 0, which candle's reader would divide by.
 /// Walks the metadata entries only (the tensor data is never read); anything malformed is left
 /// to candle's reader, which reports it.
 fn zero_alignment(reader: &mut (impl Read + Seek)) -> std::io::Result<bool> {
-    fn u32_of(r: &mut impl Read) -> std::io::Result<u32> {
-        let mut b = [0u8; 4];
-        r.read_exact(&mut b)?;
-        Ok(u32::from_le_bytes(b))
-    }
-    fn len_of(r: &mut impl Read, v1: bool) -> std::io::Result<u64> {
-        if v1 {
-            return u32_of(r).map(u64::from);
-        }
-        let mut b = [0u8; 8];
-        r.read_exact(&mut b)?;
-        Ok(u64::from_le_bytes(b))
-    }
-    /// Reads a value of `ty`; returns it when it is an integer, skips it otherwise.
-    fn value(r: &mut (impl Read + Seek), ty: u32, v1: bool, depth: usize) -> std::io::Result<Option<u64>> {
-        fn fixed(n: usize, r: &mut impl Read) -> std::io::Result<Option<u64>> {
-            let mut b = [0u8; 8];
-            r.read_exact(&mut b[..n])?;
-            Ok(Some(u64::from_le_bytes(b)))
-        }
-        let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed GGUF metadata");
-        match ty {
-            0 | 1 | 7 => fixed(1, r),
-            2 | 3 => fixed(2, r),
-            4 | 5 => fixed(4, r),
-            10 | 11 => fixed(8, r),
-            6 => fixed(4, r).map(|_| None),
-            12 => fixed(8, r).map(|_| None),
-            8 => {
-                let n = len_of(r, v1)?;
-                r.seek(SeekFrom::Current(i64::try_from(n).map_err(|_| bad())?))?;
-                Ok(None)
-            }
-            9 if depth < 4 => {
-                let inner = u32_of(r)?;
-                let n = len_of(r, v1)?;
-                let size = match inner {
-                    0 | 1 | 7 => Some(1u64),
-                    2 | 3 => Some(2),
-                    4..=6 => Some(4),
-                    10..=12 => Some(8),
-                    _ => None,
-                };
-                match size {
-                    Some(size) => {
-                        let bytes = n.checked_mul(size).and_then(|b| i64::try_from(b).ok()).ok_or_else(bad)?;
-                        r.seek(SeekFrom::Current(bytes))?;
-                    }
-                    None => {
-                        for _ in 0..n {
-                            value(r, inner, v1, depth + 1)?;
-                        }
-                    }
-                }
-                Ok(None)
-            }
-            _ => Err(bad()),
-        }
-    }
     let magic = u32_of(reader)?;
     if magic != 0x4655_4747 && magic != 0x4747_5546 {
         return Ok(false);
@@ -244,7 +249,7 @@ fn zero_alignment(reader: &mut (impl Read + Seek)) -> std::io::Result<bool> {
         let mut key = vec![0u8; key_len as usize];
         reader.read_exact(&mut key)?;
         let ty = u32_of(reader)?;
-        let v = value(reader, ty, v1, 0)?;
+        let v = gguf_value(reader, ty, v1, 0)?;
         if key == b"general.alignment" {
             return Ok(v == Some(0));
         }
@@ -326,7 +331,7 @@ impl TensorSource {
 
     fn safetensors_error(dir: &Option<PathBuf>, source: candle_core::Error) -> T5Error {
         match dir {
-            Some(dir) => pixart_core::WeightsError::Tensor { dir: dir.clone(), source }.into(),
+            Some(dir) => pixart_core::WeightsError::tensor(dir, source).into(),
             None => source.into(),
         }
     }

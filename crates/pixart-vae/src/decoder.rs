@@ -132,13 +132,11 @@ impl VaeDecoder {
     /// weights are read, in [`VaeConfig::compute_dtype`] of `dtype` (f16 becomes f32 under
     /// `force_upcast`).
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self, VaeError> {
-        let config_path = dir.join("config.json");
-        let config: VaeConfig = pixart_core::load_config(&config_path)?;
-        config.validate().map_err(|e| e.in_file(&config_path))?;
-        let dtype = config.compute_dtype(dtype);
-        let vb = pixart_core::var_builder(dir, "diffusion_pytorch_model", dtype, device)?;
+        let config: VaeConfig =
+            pixart_core::load_checked_config::<_, VaeError>(&dir.join("config.json"), VaeConfig::validate)?;
+        let vb = pixart_core::var_builder(dir, "diffusion_pytorch_model", config.compute_dtype(dtype), device)?;
         Self::new(&config, vb).map_err(|e| match e {
-            VaeError::Candle(source) => WeightsError::Tensor { dir: dir.to_path_buf(), source }.into(),
+            VaeError::Candle(source) => WeightsError::tensor(dir, source).into(),
             other => other,
         })
     }
