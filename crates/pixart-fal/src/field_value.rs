@@ -84,14 +84,15 @@ impl FieldValue for bool {
     const IS_SWITCH: bool = true;
 }
 
-/// A switch whose absence means something of its own (left to the server's setup).
+/// A switch whose absence means something of its own (left to the server's setup); `null` is
+/// refused as for a plain switch.
 impl FieldValue for Option<bool> {
     fn from_json(field: &str, value: &Value) -> Result<Self, FieldError> {
         bool::from_json(field, value).map(Some)
     }
 
     fn from_text(field: &str, text: &str) -> Result<Self, FieldError> {
-        boolean_text(field, text).map(Some)
+        bool::from_text(field, text).map(Some)
     }
 
     fn to_json(&self) -> Value {
@@ -99,11 +100,11 @@ impl FieldValue for Option<bool> {
     }
 
     fn schema() -> Value {
-        json!({"type": "boolean"})
+        bool::schema()
     }
 
     fn allowed() -> String {
-        "true or false".into()
+        bool::allowed()
     }
 
     const IS_SWITCH: bool = true;

@@ -1,9 +1,10 @@
-"""Helpers shared by the multi-process client tests (restart.py, scale_out.py)."""
+"""Helpers shared by the multi-process client tests (restart.py, scale_out.py, redis_stall.py)."""
 
 import collections
 import http.server
 import json
 import socket
+import sys
 import threading
 import time
 
@@ -93,3 +94,12 @@ def missing_webhooks(hooks, handles, timeout):
     while time.monotonic() < until and any(hooks.counts[h.request_id] == 0 for h in handles.values()):
         time.sleep(0.05)
     return [i for i, h in handles.items() if hooks.counts[h.request_id] == 0]
+
+
+def finish(report, problems):
+    """Prints the JSON report (with `check`: "passed" or the problems) and exits 1 on problems."""
+    report["check"] = problems or "passed"
+    print(json.dumps(report, indent=2))
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
+        sys.exit(1)

@@ -17,11 +17,9 @@ Prints one JSON report; exits 1 on any problem.
 """
 
 import argparse
-import json
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -29,7 +27,7 @@ import fal_client
 import fal_client.client as fc
 import httpx
 
-from harness import APP, Hooks, check_all_completed, free_port, missing_webhooks
+from harness import APP, Hooks, check_all_completed, finish, free_port, missing_webhooks
 
 def start(binary, model, port, storage):
     process = subprocess.Popen(
@@ -115,12 +113,8 @@ def main():
         "health_after_restart": recovery_seen,
         "requests_started_again": restarted,
         "duplicate_webhooks": duplicates,
-        "check": problems or "passed",
     }
-    print(json.dumps(report, indent=2))
-    if problems:
-        print("\n".join(problems), file=sys.stderr)
-        sys.exit(1)
+    finish(report, problems)
 
 
 if __name__ == "__main__":

@@ -20,12 +20,10 @@ Prints one JSON report; exits 1 on any problem.
 """
 
 import argparse
-import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -33,7 +31,7 @@ import fal_client
 import fal_client.client as fc
 import httpx
 
-from harness import APP, Hooks, check_all_completed, free_port, missing_webhooks, wait_port
+from harness import APP, Hooks, check_all_completed, finish, free_port, missing_webhooks, wait_port
 
 def start_redis(port, folder):
     process = subprocess.Popen(
@@ -133,11 +131,7 @@ def main():
         redis.wait(timeout=30)
         shutil.rmtree(folder, ignore_errors=True)
 
-    report["check"] = problems or "passed"
-    print(json.dumps(report, indent=2))
-    if problems:
-        print("\n".join(problems), file=sys.stderr)
-        sys.exit(1)
+    finish(report, problems)
 
 
 if __name__ == "__main__":
