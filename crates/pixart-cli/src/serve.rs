@@ -45,7 +45,7 @@ pub struct ServeArgs {
     /// requests fail (ServerShutdown) instead of waiting for the next start.
     #[arg(long, env = "PIXART_TEMPORARY_STORAGE", value_parser = clap::builder::FalseyValueParser::new(), conflicts_with = "storage_dir")]
     temporary_storage: bool,
-    /// Browser origins allowed to call the API (CORS), e.g. https://app.example.com; repeat the
+    /// Browser origins allowed to call the API (CORS), e.g. `https://app.example.com`; repeat the
     /// flag or separate with commas; * allows any. Default: none (no CORS headers).
     #[arg(long, env = "PIXART_CORS_ORIGIN", value_delimiter = ',')]
     cors_origin: Vec<String>,

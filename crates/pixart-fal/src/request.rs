@@ -1,6 +1,6 @@
 //! fal's `fal-ai/pixart-sigma` input, declared once.
 //!
-//! The table at the bottom of this file ([`request_fields!`]) declares every request field once:
+//! The table at the bottom of this file (`request_fields!`) declares every request field once:
 //! its name, type, default, command-line flag and description. From it come the typed
 //! [`GenerateRequest`], [`PartialRequest`] (any subset of fields: a request file before flags are
 //! applied), the JSON parser (every invalid field reported at once, with pydantic's error kinds),

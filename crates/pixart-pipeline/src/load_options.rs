@@ -30,7 +30,7 @@ pub struct LoadOptions {
     pub prompt_cache_size: usize,
     /// The safety checker: a transformers image-classifier folder or hub repo id with an `nsfw`
     /// label (fal's is [`pixart_safety::DEFAULT_SAFETY_CHECKER`]). It is loaded with the model
-    /// and a failure to load it fails [`Pipeline::load`]. `None` (the library's default): no
+    /// and a failure to load it fails [`crate::Pipeline::load`]. `None` (the default here): no
     /// checker; requests then run unchecked unless they ask for the check explicitly, which is
     /// refused.
     pub safety_checker: Option<String>,

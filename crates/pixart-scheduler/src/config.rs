@@ -8,7 +8,7 @@ use crate::SchedulerError;
 
 /// The fields of a diffusers scheduler config that affect sampling. Unknown keys are ignored, as
 /// diffusers ignores them; every known key that would change the result is checked by
-/// [`SchedulerConfig::validate`].
+/// [`SchedulerConfig::validate_common`] and each sampler's constructor.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct SchedulerConfig {
