@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine, from the repo root there, with .gpu/ made by
-# benches/gpu_prepare.sh carried along (device tool):
-#   run(command="bash benches/gpu_session.sh", carry=[".gpu"], timeout_s=600)
-# STAGES picks what runs (default "fixtures bf16": one 10-minute call; then STAGES=f32 in a
-# second call, within 30 s so the machine is still warm and /tmp/sigma-1024 is reused):
+# The GPU run, on the GPU machine (an H100/H200 with PyTorch and transformers installed), from
+# the repo root there, with .gpu/ made by benches/gpu_prepare.sh copied along:
+#   bash benches/gpu_session.sh
+# STAGES picks what runs (default "fixtures bf16", about 10 minutes; STAGES=f32 adds f32 and
+# reuses the weights already made in /tmp/sigma-1024):
 #   fixtures  the seven end-to-end fixture requests on the GPU vs diffusers' PNGs (seconds);
 #   bf16, f32 benches/gpu_vs_diffusers.py at 1024², 20 steps in that dtype (random full-size weights).
-# Writes to $OUT (what the device tool brings back): environment.txt, fixture-parity.json,
+# Writes to $OUT (default /tmp/pixart-gpu; copy it to benches/results/<gpu>/): environment.txt, fixture-parity.json,
 # results-<dtype>/results.{json,md}, log.txt.
 set -uo pipefail
 OUT=${OUT:-/tmp/pixart-gpu}

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """pixart vs diffusers on the same weights, request and seed: speed, peak memory and parity.
 
-On a GPU machine (PyTorch + transformers installed, diffusers carried as a wheel), from the repo
-root, with a CUDA build of `pixart` (../shared/tools/cuda-xbuild.sh build --release -p pixart-cli
---features cuda):
+On a GPU machine (PyTorch, transformers and diffusers installed), from the repo root, with a CUDA
+build of `pixart` (`cargo build --release -p pixart-cli --features cuda`, see the README's GPU
+section; benches/gpu_prepare.sh and gpu_session.sh run it for a machine without Rust):
 
     python3 benches/gpu_vs_diffusers.py --pixart target-cuda/release/pixart --out benches/results/h100
 

@@ -122,34 +122,47 @@ pub fn run(args: ServeArgs) -> Result<()> {
             None
         };
         let address = listener.local_addr()?;
+        let stop = shutdown_signal();
         tracing::info!(app = %config.app_id, "listening on http://{address}");
         crate::emit(&format!("pixart serve: listening on http://{address}"))?;
         let report =
-            pixart_server::serve(pipeline, args.model.model.clone(), config, Some(claim), listener, shutdown_signal())
-                .await?;
+            pixart_server::serve(pipeline, args.model.model.clone(), config, Some(claim), listener, stop).await?;
         tracing::info!(requests = ?report.counters, "server stopped");
         Ok(())
     })
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Resolves on Ctrl-C or SIGTERM. The handlers are installed when this is called (not when the
+/// future is first polled), so call it before announcing readiness: a signal sent right after
+/// `listening on` stops the process gracefully rather than with the default action.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
+    let signals = {
+        use tokio::signal::unix::{signal, SignalKind};
+        (signal(SignalKind::interrupt()).ok(), signal(SignalKind::terminate()).ok())
     };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = terminate => {},
+    async move {
+        #[cfg(unix)]
+        {
+            let (mut interrupt, mut terminate) = signals;
+            let interrupted = async {
+                match interrupt.as_mut() {
+                    Some(s) => drop(s.recv().await),
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            let terminated = async {
+                match terminate.as_mut() {
+                    Some(s) => drop(s.recv().await),
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                () = interrupted => {},
+                () = terminated => {},
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
     }
 }

@@ -30,8 +30,9 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     runtime()?.block_on(async move {
         tracing::info!(model = %args.model.model, "loading the model");
         let pipeline = args.model.load_pipeline(&options)?;
+        let stop = shutdown_signal();
         crate::emit(&format!("pixart worker: working jobs of {}", args.queue))?;
-        let report = pixart_server::work(pipeline, args.model.model.clone(), config, shutdown_signal()).await?;
+        let report = pixart_server::work(pipeline, args.model.model.clone(), config, stop).await?;
         tracing::info!(requests = ?report.counters, "worker stopped");
         Ok(())
     })

@@ -1,6 +1,7 @@
 //! What one generation is asked to do: typed parameters with diffusers' `PixArtSigmaPipeline`
 //! defaults, and the error that names a parameter a model cannot run.
 
+use crate::invalid_parameter::InvalidParameter;
 use crate::sizes::Dimensions;
 
 /// The sampler of the denoising loop.
@@ -138,24 +139,5 @@ impl GenerationParams {
             return Err(InvalidParameter::new("num_images", "must be at least 1"));
         }
         Ok(())
-    }
-}
-
-/// A parameter this model cannot run with: which ([`GenerationParams`]' field name, or `width` /
-/// `height` for one side of [`GenerationParams::size`]) and what it allows.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{parameter}: {message}")]
-pub struct InvalidParameter {
-    /// The parameter: `prompt`, `negative_prompt`, `size`, `width`, `height`, `steps`,
-    /// `guidance_scale`, `num_images` or `safety_check`.
-    pub parameter: &'static str,
-    /// What is wrong and what is allowed.
-    pub message: String,
-}
-
-impl InvalidParameter {
-    /// An error naming `parameter`.
-    pub fn new(parameter: &'static str, message: impl Into<String>) -> Self {
-        Self { parameter, message: message.into() }
     }
 }

@@ -15,7 +15,7 @@
 //!   centre; sizes that are already multiples are generated as they are, as diffusers does with
 //!   binning off.
 
-use crate::params::InvalidParameter;
+use crate::invalid_parameter::InvalidParameter;
 
 /// An output size a generation may ask for: each side from [`Dimensions::MIN`] to
 /// [`Dimensions::MAX`]. Built only through [`Dimensions::new`], so a value is always valid.

@@ -1,7 +1,7 @@
 //! `pixart serve`: fal's queue API served locally over the PixArt-Σ pipeline, so the official
 //! clients (`@fal-ai/client`, `fal-client`) work unmodified against `http://HOST:PORT`.
 //!
-//! Routes (see `../shared/docs/fal-queue-protocol.md` for the protocol as the clients speak it):
+//! Routes (fal's queue protocol as its clients speak it):
 //!
 //! | route | what |
 //! |---|---|
@@ -19,10 +19,13 @@
 //! One worker thread per process runs the pipeline; the queue is bounded and `queue_position`
 //! is exact.
 //!
-//! Layout: [`core`] is the queue (jobs, the [`core::JobStore`] trait with its SQLite and Redis
-//! implementations, the worker, files, uploads, webhooks) and knows nothing of HTTP; `http` maps
-//! it to fal's routes; `server` wires them and runs a process's life ([`serve`] with HTTP,
-//! [`work`] without). Requests, results, logs, images and pending webhooks survive a restart,
+//! Layout: [`core`] is the queue (jobs, the async [`core::JobStore`] trait with its SQLite and
+//! Redis implementations, the worker thread, files, uploads, webhooks) and knows nothing of HTTP
+//! (no status codes, no routes); `http` maps it to fal's routes; `server` wires them and runs a
+//! process's life ([`serve`] with HTTP, [`work`] without). No call blocks the async runtime: store
+//! calls are async (SQLite on the blocking pool, Redis through an async connection), file work
+//! runs on the blocking pool, and the generation runs on a thread of its own whose step loop never
+//! waits on the store. Requests, results, logs, images and pending webhooks survive a restart,
 //! graceful or not: in the storage folder ([`Storage`]) with the embedded queue, in Redis and a
 //! shared storage folder with [`QueueBackend::Redis`], where any number of fronts and workers
 //! share one queue.
