@@ -20,6 +20,8 @@ What is written:
   fixtures/gguf/, fixtures/t5-256/, fixtures/goldens/gguf/  GGUF and quantized T5 (gguf_fixtures.py)
   fixtures/tiny-safety-checker/, fixtures/goldens/safety/  the NSFW classifier (safety_fixtures.py)
   fixtures/goldens/sizes.json  diffusers' aspect-ratio bins and resize/crop sizes (size_fixtures.py)
+  fixtures/lora/, fixtures/single-file/, fixtures/goldens/lora/  PEFT LoRAs in every layout, original-layout
+                               single-file transformers, LoRA-merged pipeline runs (lora_fixtures.py)
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from transformers import T5Config, T5EncoderModel, T5Tokenizer
 from transformers.models.t5.modeling_t5 import T5Attention
 
 from gguf_fixtures import write_gguf_fixtures
+from lora_fixtures import write_lora_fixtures
 from safety_fixtures import write_safety_fixtures
 from size_fixtures import write_size_fixtures
 
@@ -762,6 +765,7 @@ def main() -> None:
     write_gguf_fixtures(FIXTURES, GOLDENS, pipes["tiny-sigma-256"], run_fal_case)
     write_safety_fixtures(FIXTURES, GOLDENS)
     write_size_fixtures(GOLDENS)
+    write_lora_fixtures(FIXTURES, GOLDENS, run_fal_case)
     total = sum(p.stat().st_size for p in FIXTURES.rglob("*") if p.is_file())
     print(f"fixtures written under {FIXTURES}: {total / 1e6:.2f} MB")
 

@@ -44,6 +44,10 @@ pub struct BenchArgs {
     /// Print JSON instead of a table.
     #[arg(long, env = "PIXART_JSON", value_parser = FalseyValueParser::new())]
     json: bool,
+    /// A LoRA, PATH[:SCALE] (repeatable): the runs are measured without LoRA, then with them,
+    /// and the report gives the transformer step's ratio and the merge time.
+    #[arg(long = "lora", env = "PIXART_LORA", value_name = "PATH[:SCALE]", action = clap::ArgAction::Append)]
+    loras: Vec<String>,
 }
 
 /// Device memory in use now, in bytes: the CUDA device's used memory, or the process's peak
@@ -266,6 +270,7 @@ fn report_table(args: &BenchArgs, report: &Value, measured: &Measured<'_>) -> Re
 /// Runs `pixart bench`.
 pub fn run(args: BenchArgs) -> Result<()> {
     let params = params(&args);
+    let loras = read_loras(&args.loras)?;
     let mut options = args.model.load_options()?;
     options.prompt_cache_size = 0; // every run encodes its prompt, so T5 is timed too
     let (device, dtype) = (options.device.clone(), options.dtype);
@@ -279,12 +284,70 @@ pub fn run(args: BenchArgs) -> Result<()> {
     memory.finish();
 
     let runs = measure(&pipeline, &params, &args, &mut memory)?;
+    let lora =
+        if loras.is_empty() { None } else { Some(measure_loras(&pipeline, &params, loras, &args, &runs, &device)?) };
     let peak = memory.peaks.iter().map(|(_, b)| *b).max().max(memory_in_use(&device).filter(|_| !device.is_cpu()));
     let text_encoder = pipeline.text_encoder_weights().clone();
     let measured = Measured { load, runs: &runs, memory: &memory, baseline, peak, text_encoder: &text_encoder };
-    let report = report_json(&args, &device, dtype, &measured);
+    let mut report = report_json(&args, &device, dtype, &measured);
+    if let (Some(lora), Some(map)) = (&lora, report.as_object_mut()) {
+        map.insert("lora".into(), lora.clone());
+    }
     if args.json {
         return crate::emit(&serde_json::to_string_pretty(&report)?);
     }
-    crate::emit(&report_table(&args, &report, &measured)?)
+    let mut table = report_table(&args, &report, &measured)?;
+    if let Some(lora) = lora {
+        let value = |key: &str| lora[key].as_f64().unwrap_or(0.0);
+        table.push_str(&format!(
+            "\n{:<18} {:>12.2} ms with LoRA vs {:.2} ms without: ratio {:.3}; merge {:.1} ms",
+            "transformer_step",
+            value("transformer_step_median_ms"),
+            value("base_transformer_step_median_ms"),
+            value("step_ratio"),
+            value("merge_ms")
+        ));
+    }
+    crate::emit(&table)
+}
+
+/// `--lora` values read as the command line reads LoRAs (any local path or URL).
+fn read_loras(texts: &[String]) -> Result<Vec<pixart_pipeline::LoraUse>> {
+    use pixart_fal::FieldValue;
+    let mut weights = Vec::new();
+    for text in texts {
+        weights.extend(
+            Vec::<pixart_fal::LoraWeight>::from_text("loras", text).map_err(|e| pixart_fal::InvalidRequest(vec![e]))?,
+        );
+    }
+    crate::generate::read_lora_weights(&weights, true)
+}
+
+/// The same runs with the LoRAs: the transformer step against the base runs', and the merge.
+fn measure_loras(
+    pipeline: &Pipeline,
+    params: &GenerationParams,
+    loras: Vec<pixart_pipeline::LoraUse>,
+    args: &BenchArgs,
+    base: &[StageTimings],
+    device: &Device,
+) -> Result<Value> {
+    let mut with_loras = params.clone();
+    with_loras.loras = loras;
+    // The first run merges (the next ones reuse the merged model): timed on its own.
+    let merge = pipeline.generate(&with_loras)?.timings.lora_merge;
+    let mut memory = StageMemory::new(device);
+    let runs = measure(pipeline, &with_loras, args, &mut memory)?;
+    let median = |runs: &[StageTimings]| {
+        let steps: Vec<f64> = runs.iter().flat_map(|r| r.steps.iter().map(|d| ms(*d))).collect();
+        summary(&steps)["median_ms"].as_f64().unwrap_or(0.0)
+    };
+    let (lora, plain) = (median(&runs), median(base));
+    Ok(json!({
+        "files": args.loras,
+        "transformer_step_median_ms": lora,
+        "base_transformer_step_median_ms": plain,
+        "step_ratio": if plain > 0.0 { lora / plain } else { 0.0 },
+        "merge_ms": ms(merge),
+    }))
 }

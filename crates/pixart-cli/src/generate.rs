@@ -9,6 +9,7 @@ use clap::builder::FalseyValueParser;
 use clap::Args;
 use pixart_fal::{GenerateRequest, InvalidRequest, PartialRequest};
 use pixart_pipeline::{Generation, Pipeline, PipelineError};
+use pixart_server::core::lora_source::{LoraRules, LoraSource};
 
 use crate::model_args::ModelArgs;
 use crate::request_flags::RequestFlags;
@@ -75,10 +76,48 @@ fn progress_bar(quiet: bool, steps: u32) -> indicatif::ProgressBar {
     bar
 }
 
+/// The request's LoRAs, read from local files or URLs (this is the user's own machine: any
+/// path, any address).
+fn read_loras(request: &GenerateRequest, quiet: bool) -> Result<Vec<pixart_pipeline::LoraUse>> {
+    read_lora_weights(&request.loras, quiet)
+}
+
+/// LoRAs read as the command line reads them; a line per LoRA on stderr unless `quiet`.
+pub fn read_lora_weights(weights: &[pixart_fal::LoraWeight], quiet: bool) -> Result<Vec<pixart_pipeline::LoraUse>> {
+    let rules = LoraRules {
+        local_dir: None,
+        any_local_path: true,
+        allow_private: true,
+        max_bytes: 64 << 30,
+        timeout: std::time::Duration::from_secs(600),
+    };
+    let loras = LoraSource::new(rules, None, None).resolve(weights, None).map_err(InvalidRequest)?;
+    for (i, used) in loras.iter().enumerate() {
+        let lora = &used.lora;
+        if !quiet {
+            eprintln!("LoRA {i}: {} layers ({}), scale {}", lora.layer_count(), lora.layout(), used.scale);
+        }
+        if !lora.text_encoder_tensors().is_empty() {
+            eprintln!(
+                "warning: LoRA {i}: {} text-encoder tensors not applied (the transformer's are)",
+                lora.text_encoder_tensors().len()
+            );
+        }
+    }
+    Ok(loras)
+}
+
 /// Runs the request; the engine's refusals come back in the request's own field names.
-fn generate(pipeline: &Pipeline, request: &GenerateRequest, quiet: bool) -> Result<Generation> {
+fn generate(
+    pipeline: &Pipeline,
+    request: &GenerateRequest,
+    loras: Vec<pixart_pipeline::LoraUse>,
+    quiet: bool,
+) -> Result<Generation> {
+    let mut params = request.to_params();
+    params.loras = loras;
     let bar = progress_bar(quiet, request.num_inference_steps.get());
-    let generation = pipeline.generate_with_progress(&request.to_params(), |progress| {
+    let generation = pipeline.generate_with_progress(&params, |progress| {
         bar.set_position(progress.step as u64);
         ControlFlow::Continue(())
     });
@@ -101,13 +140,14 @@ fn file_url(path: &Path) -> Result<String> {
 pub fn run(args: GenerateArgs) -> Result<()> {
     // Validate everything the user typed before loading gigabytes of weights.
     let request = build_request(&args)?;
+    let loras = read_loras(&request, args.quiet)?;
     let options = args.model.load_options()?;
     if !request.sync_mode {
         std::fs::create_dir_all(&args.out_dir)
             .with_context(|| format!("cannot create the output folder {}", args.out_dir.display()))?;
     }
     let pipeline = args.model.load_pipeline(&options)?;
-    let generation = generate(&pipeline, &request, args.quiet)?;
+    let generation = generate(&pipeline, &request, loras, args.quiet)?;
     if let Some(path) = &args.save_latents {
         generation
             .latents

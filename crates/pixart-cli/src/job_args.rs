@@ -35,6 +35,16 @@ pub struct JobArgs {
     /// Prompt encodings kept in memory (repeated prompts skip T5).
     #[arg(long, env = "PIXART_PROMPT_CACHE", default_value_t = 16)]
     pub prompt_cache: usize,
+    /// The folder requests may name LoRAs in by path (relative to it, or absolute inside it);
+    /// without it, requests' LoRAs come by URL only (any other local path is refused).
+    #[arg(long, env = "PIXART_LORA_DIR")]
+    lora_dir: Option<PathBuf>,
+    /// The largest LoRA file a request may use, in bytes (downloads stop there).
+    #[arg(long, env = "PIXART_MAX_LORA_BYTES", default_value_t = 2 << 30)]
+    max_lora_bytes: u64,
+    /// The longest a LoRA download may take (e.g. 5m).
+    #[arg(long, env = "PIXART_LORA_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    lora_timeout: Duration,
     /// With a shared queue: a running job whose worker shows no sign of life for this long
     /// (killed, machine lost) is given to another worker; a worker extends it every third of it.
     #[arg(long, env = "PIXART_VISIBILITY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
@@ -58,6 +68,9 @@ impl JobArgs {
         config.webhook_timeout = self.webhook_timeout;
         config.allow_private_webhooks = self.allow_private_webhooks;
         config.visibility_timeout = self.visibility_timeout;
+        config.lora_dir.clone_from(&self.lora_dir);
+        config.max_lora_bytes = self.max_lora_bytes;
+        config.lora_timeout = self.lora_timeout;
         config
     }
 }

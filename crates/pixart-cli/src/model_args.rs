@@ -82,6 +82,11 @@ pub struct ModelArgs {
     /// t5-v1_1-xxl-encoder-gguf) or a safetensors folder. Config and tokenizer stay the model's.
     #[arg(long, env = "PIXART_TEXT_ENCODER")]
     pub text_encoder: Option<PathBuf>,
+    /// The transformer's weights from one file instead of the model's transformer/ folder: a
+    /// .safetensors or PyTorch .pth/.pt/.bin in diffusers' layout or the original PixArt
+    /// repository's (fine-tunes as shared); the rest of the model (T5, VAE…) from --model.
+    #[arg(long, env = "PIXART_TRANSFORMER")]
+    pub transformer: Option<PathBuf>,
     /// Quantize the text encoder's unquantized matrices on load: q8_0, q6k, q5k or q4k.
     #[arg(long, env = "PIXART_TEXT_ENCODER_QUANT")]
     pub text_encoder_quant: Option<QuantType>,
@@ -172,6 +177,7 @@ impl ModelArgs {
             cpu_repack: self.text_encoder_repack,
         };
         options.hub = self.hub();
+        options.transformer.clone_from(&self.transformer);
         options.clean_caption = self.clean_caption;
         options.safety_checker = (!self.no_safety_checker).then(|| self.safety_checker.clone());
         Ok(options)

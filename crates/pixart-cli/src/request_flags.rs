@@ -45,6 +45,8 @@ fn flag(field: &'static FieldSpec) -> Arg {
         .value_parser(move |text: &str| PartialRequest::default().set_text(name, text).map(|()| text.to_string()));
     if field.is_switch {
         arg.num_args(0..=1).default_missing_value("true")
+    } else if field.is_list {
+        arg.action(clap::ArgAction::Append)
     } else {
         arg
     }
@@ -54,7 +56,10 @@ impl FromArgMatches for RequestFlags {
     fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
         let given = FIELDS
             .iter()
-            .filter_map(|field| matches.get_one::<String>(field.name).map(|text| (field.name, text.clone())))
+            .flat_map(|field| {
+                let values = matches.get_many::<String>(field.name).into_iter().flatten();
+                values.map(|text| (field.name, text.clone()))
+            })
             .collect();
         Ok(Self { given })
     }

@@ -259,8 +259,8 @@ fn bad_requests_name_the_field_and_the_allowed_values() {
     );
     rejects(&["--model", m, "--request", &write("malformed.json", r#"{"prompt": "x",,}"#)], &["malformed JSON"]);
     rejects(
-        &["--model", m, "--request", &write("extra.json", r#"{"prompt": "x", "loras": []}"#)],
-        &["loras", "unknown field"],
+        &["--model", m, "--request", &write("extra.json", r#"{"prompt": "x", "controlnets": []}"#)],
+        &["controlnets", "unknown field"],
     );
     rejects(&["--model", m, "--request", &write("array.json", "[1, 2]")], &["JSON object"]);
     std::fs::remove_dir_all(dir).unwrap();

@@ -9,7 +9,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::safetensors::MmapedSafetensors;
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -135,9 +135,9 @@ impl ModelWeights {
         Err(WeightsError::NoWeights { dir: dir.to_path_buf(), stem: stem.to_string() })
     }
 
-    /// Memory-maps every file (naming the one that fails to parse), checks the index against the
-    /// shards' contents, and returns a [`VarBuilder`] that converts tensors to `dtype` on `device`.
-    pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>, WeightsError> {
+    /// Memory-maps every file (naming the one that fails to parse) and checks the index against
+    /// the shards' contents.
+    fn open(&self) -> Result<MmapedSafetensors, WeightsError> {
         // Open each file on its own first so a corrupt shard is reported by name.
         for path in &self.files {
             // SAFETY: the files are opened read-only; like every mmap-based loader we rely on them
@@ -145,9 +145,10 @@ impl ModelWeights {
             unsafe { MmapedSafetensors::new(path) }
                 .map_err(|source| WeightsError::Corrupt { path: path.clone(), source: without_path(source) })?;
         }
+        let first = self.files.first().cloned().unwrap_or_default();
         // SAFETY: as above.
         let tensors = unsafe { MmapedSafetensors::multi(&self.files) }
-            .map_err(|source| WeightsError::Corrupt { path: self.files[0].clone(), source })?;
+            .map_err(|source| WeightsError::Corrupt { path: first, source })?;
         if let Some(index) = &self.index {
             let parsed: ShardIndex = read_json(index)?;
             for (tensor, shard) in &parsed.weight_map {
@@ -160,7 +161,27 @@ impl ModelWeights {
                 }
             }
         }
-        Ok(VarBuilder::from_backend(Box::new(tensors), dtype, device.clone()))
+        Ok(tensors)
+    }
+
+    /// A [`VarBuilder`] over the files that converts tensors to `dtype` on `device` as they are
+    /// asked for.
+    pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>, WeightsError> {
+        Ok(VarBuilder::from_backend(Box::new(self.open()?), dtype, device.clone()))
+    }
+
+    /// Every tensor of the files, converted to `dtype` on `device`, by name.
+    pub fn load_all(&self, dtype: DType, device: &Device) -> Result<HashMap<String, Tensor>, WeightsError> {
+        let tensors = self.open()?;
+        let dir = self.files.first().and_then(|f| f.parent()).unwrap_or(Path::new("."));
+        let names: Vec<String> = tensors.tensors().into_iter().map(|(name, _)| name).collect();
+        names
+            .into_iter()
+            .map(|name| {
+                let tensor = tensors.load(&name, device).and_then(|t| t.to_dtype(dtype));
+                Ok((name, tensor.map_err(|source| WeightsError::tensor(dir, source))?))
+            })
+            .collect()
     }
 }
 

@@ -16,10 +16,15 @@ pub mod attention;
 pub mod block;
 pub mod config;
 pub mod embeddings;
+pub mod lora;
 pub mod model;
+pub mod original_layout;
+pub mod weights;
 
 pub use config::DitConfig;
+pub use lora::{Lora, LoraError};
 pub use model::{DitTrace, PixArtTransformer, PreparedCaption, PreparedTimestep, PreparedTimesteps};
+pub use weights::{Layout, TransformerWeights};
 
 /// Errors from loading or running the transformer.
 #[derive(Debug, thiserror::Error)]

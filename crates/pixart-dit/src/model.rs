@@ -10,6 +10,7 @@ use pixart_core::{UnsupportedConfig, WeightsError};
 use crate::block::TransformerBlock;
 use crate::config::DitConfig;
 use crate::embeddings::{layer_norm, AdaLayerNormSingle, CaptionProjection, PatchEmbed};
+use crate::weights::TransformerWeights;
 use crate::DitError;
 
 /// The intermediate values of one call, for parity tests and debugging.
@@ -95,10 +96,25 @@ impl PixArtTransformer {
     pub fn load(dir: &Path, dtype: DType, device: &candle_core::Device) -> Result<Self, DitError> {
         let config: DitConfig =
             pixart_core::load_checked_config::<_, DitError>(&dir.join("config.json"), DitConfig::validate)?;
-        let vb = pixart_core::var_builder(dir, "diffusion_pytorch_model", dtype, device)?;
-        Self::new(&config, vb).map_err(|e| match e {
-            DitError::Unsupported(e) => DitError::Unsupported(e.in_file(dir)),
-            DitError::Candle(source) => WeightsError::tensor(dir, source).into(),
+        Self::from_weights(&config, &TransformerWeights::from_folder(dir, dtype, device)?)
+    }
+
+    /// Builds the model from weights read by [`TransformerWeights`] (a folder, a single file, or
+    /// either with LoRAs merged); a tensor missing or of the wrong shape names the source.
+    pub fn from_weights(config: &DitConfig, weights: &TransformerWeights) -> Result<Self, DitError> {
+        let (dtype, device) = match weights.tensors().values().next() {
+            Some(t) => (t.dtype(), t.device().clone()),
+            None => {
+                return Err(
+                    WeightsError::NoWeights { dir: weights.source().to_path_buf(), stem: "transformer".into() }.into()
+                )
+            }
+        };
+        let vb = VarBuilder::from_tensors(weights.tensors().clone(), dtype, &device);
+        let source = weights.source();
+        Self::new(config, vb).map_err(|e| match e {
+            DitError::Unsupported(e) => DitError::Unsupported(e.in_file(source)),
+            DitError::Candle(error) => WeightsError::tensor(source, error).into(),
             other => other,
         })
     }

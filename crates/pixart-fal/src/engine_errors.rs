@@ -5,22 +5,27 @@ use pixart_pipeline::{InvalidParameter, PipelineError};
 
 use crate::field_error::FieldError;
 
-/// The request field an engine parameter is filled from.
-pub fn field_of(parameter: &str) -> &str {
-    match parameter {
+/// The request field an engine parameter is filled from (`loras[i]` is the file of
+/// `loras.i.path`).
+pub fn field_of(parameter: &str) -> String {
+    let field = match parameter {
         "size" => "image_size",
         "width" => "image_size.width",
         "height" => "image_size.height",
         "steps" => "num_inference_steps",
         "sampler" => "scheduler",
         "safety_check" => "enable_safety_checker",
-        other => other,
-    }
+        other => match other.strip_prefix("loras[").and_then(|rest| rest.strip_suffix(']')) {
+            Some(index) => return format!("loras.{index}.path"),
+            None => other,
+        },
+    };
+    field.to_string()
 }
 
 impl From<InvalidParameter> for FieldError {
     fn from(error: InvalidParameter) -> Self {
-        FieldError::value(field_of(error.parameter), error.message)
+        FieldError::value(field_of(&error.parameter), error.message)
     }
 }
 

@@ -20,6 +20,12 @@ pub trait FieldValue: Sized {
     fn allowed() -> String;
     /// Whether a flag of this type may be given without a value, meaning `true`.
     const IS_SWITCH: bool = false;
+    /// Whether its flag may be repeated, each value adding to the list.
+    const IS_LIST: bool = false;
+    /// The value after a flag set it again: the later one, or both for a list.
+    fn combine(self, later: Self) -> Self {
+        later
+    }
 }
 
 impl FieldValue for String {

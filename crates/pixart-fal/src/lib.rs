@@ -31,6 +31,7 @@
 pub mod engine_errors;
 pub mod field_error;
 pub mod field_value;
+pub mod loras;
 pub mod request;
 pub mod response;
 pub mod schema;
@@ -40,6 +41,7 @@ pub mod values;
 pub use engine_errors::{field_of, invalid_fields};
 pub use field_error::{validation_body, ErrorKind, FieldError, InvalidRequest};
 pub use field_value::FieldValue;
+pub use loras::LoraWeight;
 pub use request::{FieldSpec, GenerateRequest, PartialRequest, FIELDS};
 pub use response::{data_uri, encode_png, respond, EncodeError, GenerateResponse, ImageOutput, RespondError, Timings};
 pub use schema::{fields_table, input_schema};

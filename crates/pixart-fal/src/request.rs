@@ -13,6 +13,7 @@ use serde_json::{Map, Value};
 
 use crate::field_error::{ErrorKind, FieldError};
 use crate::field_value::FieldValue;
+use crate::loras::LoraWeight;
 use crate::styles::Style;
 use crate::values::{GuidanceScale, ImageSize, NumImages, SchedulerKind, Steps};
 
@@ -29,6 +30,8 @@ pub struct FieldSpec {
     pub required: bool,
     /// Whether its flag may be given without a value (`--sync-mode` means true).
     pub is_switch: bool,
+    /// Whether its flag may be repeated, each value adding an item (`--lora`).
+    pub is_list: bool,
     /// The JSON Schema of its value.
     pub schema: fn() -> Value,
     /// What it allows, in words.
@@ -81,6 +84,7 @@ macro_rules! request_fields {
                 description: concat!($($rdoc),*),
                 required: true,
                 is_switch: <$rty as FieldValue>::IS_SWITCH,
+                is_list: <$rty as FieldValue>::IS_LIST,
                 schema: <$rty as FieldValue>::schema,
                 allowed: <$rty as FieldValue>::allowed,
                 default: || None,
@@ -91,6 +95,7 @@ macro_rules! request_fields {
                 description: concat!($($odoc),*),
                 required: false,
                 is_switch: <$oty as FieldValue>::IS_SWITCH,
+                is_list: <$oty as FieldValue>::IS_LIST,
                 schema: <$oty as FieldValue>::schema,
                 allowed: <$oty as FieldValue>::allowed,
                 default: || Some(stated_default!($oty, $odefault, $($ostated)?)),
@@ -130,12 +135,19 @@ macro_rules! request_fields {
                 Ok(())
             }
 
-            /// Sets one field from a flag's text (`name` is the JSON name); the error is the
-            /// one the same value gets in JSON.
+            /// Sets one field from a flag's text (`name` is the JSON name): a repeated list
+            /// flag adds to the list, another flag replaces the value. The error is the one the
+            /// same value gets in JSON.
             pub fn set_text(&mut self, name: &str, text: &str) -> Result<(), FieldError> {
                 match name {
-                    $( stringify!($rname) => self.$rname = Some(<$rty as FieldValue>::from_text(name, text)?), )*
-                    $( stringify!($oname) => self.$oname = Some(<$oty as FieldValue>::from_text(name, text)?), )*
+                    $( stringify!($rname) => {
+                        let value = <$rty as FieldValue>::from_text(name, text)?;
+                        self.$rname = Some(match self.$rname.take() { Some(earlier) => earlier.combine(value), None => value });
+                    } )*
+                    $( stringify!($oname) => {
+                        let value = <$oty as FieldValue>::from_text(name, text)?;
+                        self.$oname = Some(match self.$oname.take() { Some(earlier) => earlier.combine(value), None => value });
+                    } )*
                     _ => return Err(FieldError::new(name, ErrorKind::ExtraForbidden, "unknown field")),
                 }
                 Ok(())
@@ -203,6 +215,9 @@ request_fields! {
         /// which. Absent: checked when the server has a checker loaded (fal's default `true`);
         /// `true` where none is loaded is refused.
         enable_safety_checker: Option<bool> = None, flag = "enable-safety-checker", stated_default = true;
+        /// LoRAs merged into the transformer for this request; their changes add up (see the
+        /// README's "Fine-tunes and LoRAs" for the files and where they may come from).
+        loras: Vec<LoraWeight> = Vec::new(), flag = "lora";
     }
 }
 
@@ -232,6 +247,8 @@ impl GenerateRequest {
 
     /// What the engine runs: the style applied to the prompt and negative prompt, the size in
     /// pixels, the sampler, and the other fields as they are (`sync_mode` is the response's).
+    /// `loras` name files or URLs: whoever runs the request reads them (with the rules of where
+    /// they may come from) and adds them to the parameters.
     pub fn to_params(&self) -> GenerationParams {
         let (prompt, negative) = self.style.apply(&self.prompt, &self.negative_prompt);
         let mut params = GenerationParams::new(prompt)

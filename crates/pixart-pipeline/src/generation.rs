@@ -55,6 +55,9 @@ impl Stage {
 #[derive(Debug, Clone, Default, PartialEq)]
 #[non_exhaustive]
 pub struct StageTimings {
+    /// Merging the generation's LoRAs into the transformer (zero without LoRAs, or when the
+    /// same LoRAs were merged for the previous generation).
+    pub lora_merge: Duration,
     /// Tokenizing the prompt and negative prompt.
     pub tokenize: Duration,
     /// Loading the text encoder for this generation (sequential offload only).

@@ -6,15 +6,15 @@
 #[error("{parameter}: {message}")]
 pub struct InvalidParameter {
     /// The parameter: `prompt`, `negative_prompt`, `size`, `width`, `height`, `steps`,
-    /// `guidance_scale`, `num_images` or `safety_check`.
-    pub parameter: &'static str,
+    /// `guidance_scale`, `num_images`, `safety_check` or `loras[i]`.
+    pub parameter: String,
     /// What is wrong and what is allowed.
     pub message: String,
 }
 
 impl InvalidParameter {
     /// An error naming `parameter`.
-    pub fn new(parameter: &'static str, message: impl Into<String>) -> Self {
-        Self { parameter, message: message.into() }
+    pub fn new(parameter: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { parameter: parameter.into(), message: message.into() }
     }
 }

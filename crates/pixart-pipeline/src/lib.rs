@@ -40,6 +40,7 @@ pub mod rng;
 pub mod sizes;
 pub mod text;
 pub mod text_encoder;
+mod transformer_slot;
 
 pub use caption::CaptionError;
 pub use generation::{Generation, Stage, StageTimings, StepProgress};
@@ -47,8 +48,9 @@ pub use image::RgbImage;
 pub use invalid_parameter::InvalidParameter;
 pub use load_options::LoadOptions;
 pub use model_source::{resolve_classifier, resolve_model, HubOptions, ModelError, DEFAULT_MODEL};
-pub use params::{GenerationParams, Sampler};
+pub use params::{GenerationParams, LoraUse, Sampler};
 pub use pipeline::Pipeline;
+pub use pixart_dit::{Layout, Lora, LoraError};
 pub use pixart_safety::{SafetyChecker, DEFAULT_SAFETY_CHECKER};
 pub use pixart_t5::{QuantType, WeightSummary};
 pub use rng::TorchGenerator;

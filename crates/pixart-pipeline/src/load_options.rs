@@ -26,6 +26,12 @@ pub struct LoadOptions {
     pub text_encoder_device: Option<Device>,
     /// The text encoder's weights (GGUF or another folder), quantization and residency.
     pub text_encoder: TextEncoderOptions,
+    /// The transformer's weights from one file instead of the model's `transformer/` folder: a
+    /// `.safetensors` or a PyTorch checkpoint (`.pth`, `.pt`, `.bin`) in diffusers' layout or the
+    /// original PixArt repository's (fine-tunes as they are shared). Depth, width and channels
+    /// come from the file, the rest of the config from the model's; T5, tokenizer, VAE and
+    /// scheduler from the model.
+    pub transformer: Option<std::path::PathBuf>,
     /// How many recent prompts' T5 states to keep (0 disables the cache).
     pub prompt_cache_size: usize,
     /// The safety checker: a transformers image-classifier folder or hub repo id with an `nsfw`
@@ -45,6 +51,7 @@ impl Default for LoadOptions {
             clean_caption: false,
             text_encoder_device: None,
             text_encoder: TextEncoderOptions::default(),
+            transformer: None,
             prompt_cache_size: 16,
             safety_checker: None,
         }

@@ -1,8 +1,27 @@
 //! What one generation is asked to do: typed parameters with diffusers' `PixArtSigmaPipeline`
 //! defaults, and the error that names a parameter a model cannot run.
 
+use std::sync::Arc;
+
+use pixart_dit::Lora;
+
 use crate::invalid_parameter::InvalidParameter;
 use crate::sizes::Dimensions;
+
+/// A LoRA and the scale it is applied at (negative scales subtract it; 0 leaves the model as is).
+#[derive(Debug, Clone)]
+pub struct LoraUse {
+    /// The LoRA, read once and shared.
+    pub lora: Arc<Lora>,
+    /// Its scale.
+    pub scale: f64,
+}
+
+impl PartialEq for LoraUse {
+    fn eq(&self, other: &Self) -> bool {
+        self.lora.digest() == other.lora.digest() && self.scale == other.scale
+    }
+}
 
 /// The sampler of the denoising loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -50,6 +69,9 @@ pub struct GenerationParams {
     /// Whether the safety checker runs: `None` runs it when one was loaded; `Some(true)` without
     /// one loaded is refused ([`InvalidParameter`] naming `safety_check`).
     pub safety_check: Option<bool>,
+    /// LoRAs merged into the transformer for this generation only (their changes add up); the
+    /// model is left as it was. One that does not fit the model is refused naming `loras[i]`.
+    pub loras: Vec<LoraUse>,
 }
 
 impl GenerationParams {
@@ -71,7 +93,14 @@ impl GenerationParams {
             seed: None,
             num_images: 1,
             safety_check: None,
+            loras: Vec::new(),
         }
+    }
+
+    /// With a LoRA at `scale` (after those already added).
+    pub fn with_lora(mut self, lora: Arc<Lora>, scale: f64) -> Self {
+        self.loras.push(LoraUse { lora, scale });
+        self
     }
 
     /// With this negative prompt.
@@ -137,6 +166,9 @@ impl GenerationParams {
         }
         if self.num_images == 0 {
             return Err(InvalidParameter::new("num_images", "must be at least 1"));
+        }
+        if let Some(i) = self.loras.iter().position(|l| !l.scale.is_finite()) {
+            return Err(InvalidParameter::new(format!("loras[{i}]"), "the scale must be a finite number"));
         }
         Ok(())
     }

@@ -2,6 +2,7 @@
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -24,6 +25,7 @@ use crate::rng::TorchGenerator;
 use crate::sizes::{AspectRatioBins, Dimensions, SizePlan};
 use crate::text::lower_strip;
 use crate::text_encoder::TextEncoderSlot;
+use crate::transformer_slot::TransformerSlot;
 use crate::PipelineError;
 
 /// A loaded PixArt-Σ model: tokenizer, T5 encoder, transformer, VAE decoder and scheduler config.
@@ -31,7 +33,7 @@ use crate::PipelineError;
 pub struct Pipeline {
     tokenizer: T5Tokenizer,
     text_encoder: TextEncoderSlot,
-    transformer: PixArtTransformer,
+    transformer: TransformerSlot,
     vae: VaeDecoder,
     scheduler_config: SchedulerConfig,
     bins: Option<AspectRatioBins>,
@@ -59,13 +61,17 @@ fn check_parts_fit(
     dir: &Path,
     tokenizer: &T5Tokenizer,
     t5: &T5Config,
-    transformer: &PixArtTransformer,
+    transformer: &TransformerSlot,
     vae: &VaeDecoder,
 ) -> Result<(), UnsupportedConfig> {
     let (dit, vae) = (transformer.config(), vae.config());
     let mismatch = |field: &str, value: usize, supported: String| {
         Err(UnsupportedConfig::new(field, value, supported).in_file(dir))
     };
+    if transformer.source() != dir.join("transformer") {
+        // A single-file transformer: its tensors are what does not fit.
+        transformer.check_widths(t5.d_model, vae.latent_channels)?;
+    }
     if t5.d_model != dit.caption_channels {
         return mismatch(
             "text_encoder d_model",
@@ -118,7 +124,7 @@ impl Pipeline {
     pub fn load(model: &str, options: &LoadOptions) -> Result<Self, PipelineError> {
         let dir = resolve_model(model, &options.hub)?;
         let dtype = options.dtype;
-        let transformer = PixArtTransformer::load(&dir.join("transformer"), dtype, &options.device)?;
+        let transformer = TransformerSlot::load(&dir, options.transformer.as_deref(), dtype, &options.device)?;
         let text_device = options.text_encoder_device.clone().unwrap_or_else(|| options.device.clone());
         let bins = AspectRatioBins::for_sample_size(transformer.config().sample_size);
         // Refuse an unsupported scheduler config now rather than at the first request.
@@ -195,6 +201,7 @@ impl Pipeline {
         let started = Instant::now();
         let mut timings = StageTimings::default();
         let mut run = self.plan_run(params)?;
+        timings.lora_merge = run.lora_merge;
         on_stage(Stage::TextEncoder);
         let texts: Vec<&str> = std::iter::once(run.prompt.as_str()).chain(run.negative.as_deref()).collect();
         let states = self.encode_prompts_timed(&texts, &mut timings)?;
@@ -251,10 +258,15 @@ impl Pipeline {
             (None, checker) => checker.is_some(),
         };
         let scheduler = self.scheduler(params.sampler, params.steps)?;
+        let merging = Instant::now();
+        let transformer = self.transformer.with_loras(&params.loras)?;
+        let lora_merge = if params.loras.is_empty() { std::time::Duration::ZERO } else { merging.elapsed() };
         let prompt = self.preprocess(&params.prompt, "prompt")?;
         let negative =
             if params.guides() { Some(self.preprocess(&params.negative_prompt, "negative_prompt")?) } else { None };
         Ok(RunPlan {
+            transformer,
+            lora_merge,
             seed: params.seed.unwrap_or_else(random_seed),
             size,
             check_safety,
@@ -301,10 +313,11 @@ impl Pipeline {
         }
         rows.extend(std::iter::repeat_n(positive, n));
         let (caption, mask) = pad_captions(&rows, &self.device)?;
-        let caption = self.transformer.prepare_caption(&caption, Some(&mask))?;
+        let transformer = run.transformer.clone();
+        let caption = transformer.prepare_caption(&caption, Some(&mask))?;
 
         let mut generator = TorchGenerator::new(run.seed);
-        let channels = self.transformer.config().in_channels;
+        let channels = transformer.config().in_channels;
         let vae_scale = self.vae.config().scale_factor() as u32;
         let (height, width) = (run.size.generated.height / vae_scale, run.size.generated.width / vae_scale);
         let shape = (n, channels, height as usize, width as usize);
@@ -315,9 +328,8 @@ impl Pipeline {
         // the transformer) the position embedding. In the loop, only SA-Solver uploads data (its
         // per-step noise, drawn from the CPU generator as diffusers does).
         let timesteps = run.scheduler.timesteps().to_vec();
-        let embedded = self
-            .transformer
-            .prepare_timesteps(&timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(), &self.device)?;
+        let embedded =
+            transformer.prepare_timesteps(&timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(), &self.device)?;
         for (i, &timestep) in timesteps.iter().enumerate() {
             let step_started = Instant::now();
             let noise = self.predict_noise(&latents, &embedded.get(i)?, &caption, run)?;
@@ -345,15 +357,15 @@ impl Pipeline {
         let n = run.num_images;
         let guided = run.negative.is_some();
         let input = if guided { Tensor::cat(&[latents, latents], 0)? } else { latents.clone() };
-        let out = self.transformer.forward_prepared(&input, timestep, caption)?.to_dtype(DType::F32)?;
+        let out = run.transformer.forward_prepared(&input, timestep, caption)?.to_dtype(DType::F32)?;
         let noise = if guided {
             let (uncond, text) = (out.narrow(0, 0, n)?, out.narrow(0, n, n)?);
             (&uncond + ((text - &uncond)? * run.guidance_scale)?)?
         } else {
             out
         };
-        let channels = self.transformer.config().in_channels;
-        if self.transformer.config().out_channels() == 2 * channels {
+        let channels = run.transformer.config().in_channels;
+        if run.transformer.config().out_channels() == 2 * channels {
             return Ok(noise.narrow(1, 0, channels)?); // learned sigma: keep ε
         }
         Ok(noise)
@@ -426,6 +438,10 @@ impl Pipeline {
 
 /// What one run needs besides the model, decided before any tensor work.
 struct RunPlan {
+    /// The transformer: the base model, or one with the run's LoRAs merged.
+    transformer: Arc<PixArtTransformer>,
+    /// Time spent merging the LoRAs (zero when a cached merge or no LoRA served).
+    lora_merge: std::time::Duration,
     seed: u64,
     size: SizePlan,
     check_safety: bool,

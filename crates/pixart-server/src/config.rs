@@ -105,6 +105,13 @@ pub struct ServerConfig {
     /// Longest a request body may pause between chunks before the request is refused (408) and
     /// its connection closed. Responses being computed are never cut.
     pub idle_timeout: Duration,
+    /// The folder requests may name LoRAs in by path (`loras[i].path` relative to it, or an
+    /// absolute path inside it); `None`: LoRAs come by URL only.
+    pub lora_dir: Option<PathBuf>,
+    /// The largest LoRA file, in bytes.
+    pub max_lora_bytes: u64,
+    /// The longest a LoRA download may take.
+    pub lora_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -126,6 +133,9 @@ impl Default for ServerConfig {
             allow_private_webhooks: false,
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            lora_dir: None,
+            max_lora_bytes: 2 << 30,
+            lora_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -138,10 +148,11 @@ impl ServerConfig {
         if parts.len() != 2 || parts.iter().any(|p| p.is_empty() || !p.chars().all(is_id_char)) {
             return bad("app_id", "must be `owner/alias` (letters, digits, `-`, `_`, `.`), e.g. fal-ai/pixart-sigma");
         }
-        let counts: [(&str, usize, usize, usize); 3] = [
+        let counts: [(&str, usize, usize, usize); 4] = [
             ("max_queue", self.max_queue, 1, 1_000_000),
             ("max_request_bytes", self.max_request_bytes, 1024, 1 << 30),
             ("max_upload_bytes", self.max_upload_bytes, 1, 1 << 40),
+            ("max_lora_bytes", usize::try_from(self.max_lora_bytes).unwrap_or(usize::MAX), 1, 1 << 36),
         ];
         for (field, value, min, max) in counts {
             if !(min..=max).contains(&value) {
@@ -159,6 +170,7 @@ impl ServerConfig {
             ("webhook_timeout", self.webhook_timeout, Duration::from_millis(1), Duration::from_secs(600)),
             ("shutdown_grace", self.shutdown_grace, Duration::ZERO, 24 * hour),
             ("visibility_timeout", self.visibility_timeout, Duration::from_secs(1), hour),
+            ("lora_timeout", self.lora_timeout, Duration::from_secs(1), hour),
             ("retention", self.retention.unwrap_or_default(), Duration::ZERO, 100 * 365 * 24 * hour),
         ];
         for (field, value, min, max) in durations {

@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use crate::config::{QueueBackend, ServerConfig};
 use crate::core::cdn_tokens::CdnTokens;
 use crate::core::files::FileStore;
+use crate::core::lora_source::{LoraRules, LoraSource};
 use crate::core::retry::RetryPolicy;
 use crate::core::sweeper::Sweeper;
 use crate::core::uploads::Uploads;
@@ -131,14 +132,24 @@ async fn start_state(
     if recovery != Recovery::default() {
         tracing::info!(?recovery, "resuming what was left");
     }
+    let rules = LoraRules {
+        local_dir: config.lora_dir.clone(),
+        any_local_path: false,
+        allow_private: config.allow_private_webhooks,
+        max_bytes: config.max_lora_bytes,
+        timeout: config.lora_timeout,
+    };
+    let files = Arc::new(files);
+    let loras = Arc::new(LoraSource::new(rules, Some(files.clone()), Some(root.join("loras"))));
     let state = Arc::new(AppState {
         local_addr,
+        loras,
         uploads: Arc::new(Uploads::new(root.join(".upload-parts"))),
         cdn_tokens: Arc::new(CdnTokens::new(root.join(".cdn-tokens"))),
         config,
         model,
         queue: Arc::new(queue),
-        files: Arc::new(files),
+        files,
         started: Instant::now(),
     });
     Ok((state, progress, recovery, threads))
@@ -154,6 +165,7 @@ fn spawn_worker(pipeline: Pipeline, state: &Arc<AppState>) -> std::io::Result<st
             queue: &state.queue,
             files: &state.files,
             file_url: crate::http::file_url_path,
+            loras: &state.loras,
             durable,
         };
         crate::core::worker::run(&pipeline, &context);

@@ -7,6 +7,7 @@ use std::time::Instant;
 use crate::config::ServerConfig;
 use crate::core::cdn_tokens::CdnTokens;
 use crate::core::files::FileStore;
+use crate::core::lora_source::LoraSource;
 use crate::core::uploads::Uploads;
 use crate::core::Queue;
 
@@ -32,6 +33,8 @@ pub struct AppState {
     pub uploads: Arc<Uploads>,
     /// CDN upload tokens handed out by `/rest/storage/auth/token`.
     pub cdn_tokens: Arc<CdnTokens>,
+    /// Where requests' LoRAs are read from.
+    pub loras: Arc<LoraSource>,
     /// When the server started.
     pub started: Instant,
 }

@@ -13,6 +13,7 @@ pub mod counters;
 pub mod fal_format;
 pub mod files;
 pub mod job;
+pub mod lora_source;
 pub mod metrics;
 pub mod queue;
 pub mod redis_store;

@@ -54,6 +54,8 @@ pub struct WorkItem {
     pub attempt: u32,
     /// Set when it should stop.
     pub stop: Arc<StopFlag>,
+    /// `scheme://host` it was submitted on.
+    pub base_url: String,
     submitted: SystemTime,
 }
 
@@ -224,6 +226,7 @@ impl Queue {
                         request: claimed.request,
                         attempt: claimed.attempt,
                         stop,
+                        base_url: claimed.base_url,
                         submitted: claimed.submitted,
                     });
                 }

@@ -99,7 +99,7 @@ for _, id in ipairs(ids) do
     redis.call('HSET', key, 'state', 'running', 'owner', token)
     local attempts = redis.call('HINCRBY', key, 'attempts', 1)
     return {id, redis.call('HGET', key, 'request') or '', attempts, redis.call('HGET', key, 'submitted_ms'),
-            redis.call('LLEN', p .. 'logs:' .. id)}
+            redis.call('LLEN', p .. 'logs:' .. id), redis.call('HGET', key, 'base_url') or ''}
   end
 end
 return false
@@ -463,8 +463,11 @@ impl JobStore for RedisStore {
             let attempt = number(fields.get(2)).and_then(|n| u32::try_from(n).ok()).unwrap_or(1);
             let submitted = from_unix_ms(number(fields.get(3)).unwrap_or(0));
             let log_count = number(fields.get(4)).and_then(|n| usize::try_from(n).ok()).unwrap_or(0);
+            let base_url = text(fields.get(5)).unwrap_or_default();
             match read_stored_request(Some(&request)) {
-                Ok(request) => return Ok(Some(Claimed { id, token, request, attempt, submitted, log_count })),
+                Ok(request) => {
+                    return Ok(Some(Claimed { id, token, request, attempt, submitted, log_count, base_url }))
+                }
                 Err(failure) => {
                     self.complete(&id, "running", &token, &Outcome::Failed(failure)).await?;
                 }

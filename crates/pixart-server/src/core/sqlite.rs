@@ -238,16 +238,16 @@ impl Db {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         loop {
-            let next: Option<(i64, String, Option<String>, u32, i64)> = tx
+            let next: Option<(i64, String, Option<String>, u32, i64, String)> = tx
                 .query_row(
-                    "SELECT seq, id, request, attempts, submitted_ms FROM jobs
+                    "SELECT seq, id, request, attempts, submitted_ms, base_url FROM jobs
                      WHERE state = 'queued' AND (deadline_ms IS NULL OR deadline_ms > ?1)
                      ORDER BY priority, seq LIMIT 1",
                     [unix_ms(now)],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
                 )
                 .optional()?;
-            let Some((seq, id, request, attempts, submitted)) = next else {
+            let Some((seq, id, request, attempts, submitted, base_url)) = next else {
                 tx.commit()?;
                 return Ok(None);
             };
@@ -268,6 +268,7 @@ impl Db {
                         attempt: attempts + 1,
                         submitted: from_unix_ms(submitted),
                         log_count: usize::try_from(log_count).unwrap_or(0),
+                        base_url,
                     }));
                 }
                 Err(failure) => {

@@ -72,6 +72,8 @@ pub struct Claimed {
     pub submitted: SystemTime,
     /// Log lines the job already has (from earlier attempts): the number of its next line.
     pub log_count: usize,
+    /// `scheme://host` the job was submitted on (its URLs, its own files' URLs, are on it).
+    pub base_url: String,
 }
 
 /// The answer to a cancel.

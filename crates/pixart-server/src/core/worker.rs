@@ -11,6 +11,7 @@ use pixart_pipeline::{Generation, Pipeline, PipelineError};
 
 use super::files::FileStore;
 use super::job::{Failure, FailureKind, LogLine, Outcome, StopReason};
+use super::lora_source::LoraSource;
 use super::queue::{Queue, WorkItem};
 
 /// What the worker needs besides the pipeline.
@@ -24,6 +25,8 @@ pub struct WorkerContext<'a> {
     pub files: &'a FileStore,
     /// The URL path a stored file is served at, from its key and name (the HTTP layer's route).
     pub file_url: fn(&str, &str) -> String,
+    /// Where requests' LoRAs are read from.
+    pub loras: &'a LoraSource,
     /// Whether the job store outlives the process: a job stopped by a shutdown is then given
     /// back to the queue (it runs after the restart) instead of failing.
     pub durable: bool,
@@ -72,7 +75,26 @@ fn generate(pipeline: &Pipeline, context: &WorkerContext<'_>, item: &WorkItem) -
     let queue = context.queue;
     let request = &item.request;
     queue.log(item, LogLine::new("INFO", describe(request)));
-    let result = pipeline.generate_with_progress(&request.to_params(), |progress| {
+    let mut params = request.to_params();
+    match context.loras.resolve(&request.loras, Some(&item.base_url)) {
+        Ok(loras) => {
+            for (i, used) in loras.iter().enumerate() {
+                queue.log(item, LogLine::new("INFO", describe_lora(i, used)));
+                let skipped = used.lora.text_encoder_tensors().len();
+                if skipped > 0 {
+                    let line = format!("LoRA {i}: {skipped} text-encoder tensors not applied (the transformer's are)");
+                    queue.log(item, LogLine::new("WARN", line));
+                }
+            }
+            params.loras = loras;
+        }
+        Err(fields) => {
+            let failure = Failure::invalid(&fields);
+            queue.log(item, LogLine::new("ERROR", failure.message.clone()));
+            return Some(Outcome::Failed(failure));
+        }
+    }
+    let result = pipeline.generate_with_progress(&params, |progress| {
         let line = format!(
             "Step {}/{} (timestep {}) {:.0} ms",
             progress.step,
@@ -138,6 +160,17 @@ fn describe(request: &GenerateRequest) -> String {
     format!(
         "Generating {} image(s) at {size}, {} steps of {scheduler}, guidance {}, seed {seed}",
         request.num_images, request.num_inference_steps, request.guidance_scale
+    )
+}
+
+fn describe_lora(i: usize, used: &pixart_pipeline::LoraUse) -> String {
+    let lora = &used.lora;
+    format!(
+        "LoRA {i}: {} layers ({}), scale {}, sha256 {}",
+        lora.layer_count(),
+        lora.layout(),
+        used.scale,
+        lora.digest().get(..12).unwrap_or_default()
     )
 }
 
