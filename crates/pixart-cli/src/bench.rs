@@ -44,7 +44,7 @@ pub struct BenchArgs {
     /// Print JSON instead of a table.
     #[arg(long, env = "PIXART_JSON", value_parser = FalseyValueParser::new())]
     json: bool,
-    /// A LoRA, PATH[:SCALE] (repeatable): the runs are measured without LoRA, then with them,
+    /// A LoRA, `PATH[:SCALE]` (repeatable): the runs are measured without LoRA, then with them,
     /// and the report gives the transformer step's ratio and the merge time.
     #[arg(long = "lora", env = "PIXART_LORA", value_name = "PATH[:SCALE]", action = clap::ArgAction::Append)]
     loras: Vec<String>,

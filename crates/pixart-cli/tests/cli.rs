@@ -604,3 +604,34 @@ fn devices_are_chosen_by_name_and_gpu_index() {
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("expected cpu, cuda, cuda:N, metal or metal:N"));
 }
+
+#[test]
+fn loras_and_single_file_transformers_from_the_command_line() {
+    let model = fixtures().join("tiny-sigma-256");
+    let m = model.to_str().unwrap();
+    let lora = |name: &str| fixtures().join("lora").join(name).to_string_lossy().to_string();
+    let golden = |case: &str| fixtures().join("goldens/lora").join(case);
+    let request = golden("two").join("request.json");
+    let run = |extra: &[&str], case: &str| {
+        let out = temp_dir(&format!("lora-{case}"));
+        let args = ["generate", "--model", m, "--no-safety-checker", "--request", request.to_str().unwrap()];
+        let json = response(&pixart(&[&args[..], extra, &["--out-dir", out.to_str().unwrap()]].concat(), &[]));
+        let path = PathBuf::from(json["images"][0]["url"].as_str().unwrap().strip_prefix("file://").unwrap());
+        let diff = max_diff(&path, &golden(case).join("image_0.png"));
+        assert!(diff <= 2, "{extra:?}: {diff}/255 from diffusers' {case} image");
+        std::fs::remove_dir_all(out).unwrap();
+    };
+    // Two LoRAs, repeated flags with their scales (a request file's list would be replaced).
+    run(&["--lora", &format!("{}:0.5", lora("a_peft")), "--lora", &format!("{}:-0.3", lora("b_peft"))], "two");
+    // A fine-tune as one file in the original layout, with a LoRA in original keys.
+    let pth = fixtures().join("single-file/tiny-sigma-256-original.pth");
+    run(&["--transformer", pth.to_str().unwrap()], "base");
+    run(&["--transformer", pth.to_str().unwrap(), "--lora", &lora("a_kohya.safetensors")], "one");
+    // Refusals name the LoRA's field, before the model loads.
+    rejects(&["--model", m, "--prompt", "x", "--lora", &lora("lokr.safetensors")], &["loras.0.path", "LyCORIS LoKr"]);
+    rejects(&["--model", m, "--prompt", "x", "--lora", "x:9"], &["loras.0.scale", "-4 to 4"]);
+    rejects(
+        &["--model", m, "--prompt", "x", "--lora", &lora("unknown_module.safetensors")],
+        &["loras.0.path", "transformer_blocks.7"],
+    );
+}

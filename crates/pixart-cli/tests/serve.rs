@@ -181,6 +181,22 @@ fn the_safety_checker_blackens_flagged_images_and_its_absence_is_never_hidden() 
 }
 
 #[test]
+fn loras_come_by_url_or_from_the_lora_folder_and_nowhere_else() {
+    let folder = repo_root().join("tests/fixtures/lora");
+    let server = Server::start_with_webhook_policy(&["--lora-dir", folder.to_str().unwrap()]);
+    let env = [("LORA_DIR", folder.to_string_lossy().to_string())];
+    check(
+        "fal-client, LoRAs",
+        python(&server, &clients_dir().join("python/scenarios.py"), &["loras"], &env),
+        &["loras"],
+    );
+    // By URL, with loopback addresses allowed (the file server is local) and a size limit.
+    let server = Server::start(&["--max-lora-bytes", "50000"]);
+    let output = python(&server, &clients_dir().join("python/scenarios.py"), &["lora_url"], &env);
+    check("fal-client, LoRAs by URL", output, &["lora_url"]);
+}
+
+#[test]
 fn a_slow_webhook_receiver_gets_one_post_and_delays_no_other() {
     let server = Server::start(&["--webhook-timeout", "1s"]);
     let script = clients_dir().join("python/scenarios.py");

@@ -60,10 +60,14 @@ impl FieldError {
         Self::new(field, ErrorKind::Missing, "field required")
     }
 
-    /// One entry of fal's 422 `detail` list: `{"loc": [location, …field path], "msg", "type"}`.
+    /// One entry of fal's 422 `detail` list: `{"loc": [location, …field path], "msg", "type"}`
+    /// (list indices as numbers, as pydantic gives them).
     pub fn detail(&self, location: &str) -> Value {
         let mut loc = vec![Value::from(location)];
-        loc.extend(self.field.split('.').filter(|s| !s.is_empty()).map(Value::from));
+        loc.extend(self.field.split('.').filter(|s| !s.is_empty()).map(|s| match s.parse::<u64>() {
+            Ok(index) => Value::from(index),
+            Err(_) => Value::from(s),
+        }));
         json!({"loc": loc, "msg": self.message, "type": self.kind.fal_type()})
     }
 }

@@ -527,12 +527,89 @@ def memory():
     assert grown < 20, f"completing and serving a 100 MB upload grew the server by {grown} MB"
 
 
+def loras():
+    """Against a server started with --lora-dir (LORA_DIR: tests/fixtures/lora) and without
+    --allow-private-webhooks: a LoRA by the URL of an uploaded file (read from the storage folder,
+    no network) and the same LoRA by a path in the LoRA folder give the same image, not the base
+    one; two requests with different LoRAs back to back each get their own image; a path outside
+    the folder, a loopback URL, a bad file and a LoRA for layers the model lacks are refused with
+    422 naming loras[i].path, before anything runs."""
+    folder = os.environ["LORA_DIR"]
+    request = {"prompt": "a red fox in the snow", "image_size": {"width": 64, "height": 64},
+               "num_inference_steps": 4, "seed": 7}
+
+    def png(result):
+        return fetch(result["images"][0]["url"]).content
+
+    def image(loras):
+        return png(fal_client.run(APP, {**request, "loras": loras}))
+
+    base = image([])
+    with open(os.path.join(folder, "a_simpletuner.safetensors"), "rb") as f:
+        url = fal_client.upload(f.read(), "application/octet-stream", file_name="a.safetensors")
+    by_url, by_path = image([{"path": url}]), image([{"path": "a_peft"}])
+    assert by_url == by_path and by_url != base, "the same LoRA by URL and by path, not the base image"
+    # Queued back to back with different LoRAs: each gets its own image.
+    first = fal_client.submit(APP, {**request, "loras": [{"path": "a_kohya.safetensors"}]})
+    second = fal_client.submit(APP, {**request, "loras": [{"path": "b_peft", "scale": -0.3}]})
+    assert png(first.get()) == by_path
+    alone = image([{"path": "b_peft", "scale": -0.3}])
+    assert png(second.get()) == alone != by_path
+    assert image([]) == base, "the model is left as it was"
+    junk = fal_client.upload(b"not a safetensors file", "application/octet-stream", file_name="junk.safetensors")
+    for path, says in [("/etc/hostname", "outside the LoRA folder"), ("../single-file", "outside the LoRA folder"),
+                       ("nothing-here.safetensors", "no such LoRA"),
+                       ("http://127.0.0.1:9/a.safetensors", "loopback"), (junk, "safetensors"),
+                       ("unknown_module.safetensors", "transformer_blocks.7"), ("lokr.safetensors", "LoKr")]:
+        loras = [{"path": "a_peft"}, {"path": path}]
+        error = expect_http_error(lambda: fal_client.run(APP, {**request, "loras": loras}), 422)
+        detail = error.message[0]
+        assert detail["loc"] == ["body", "loras", 1, "path"] and says in detail["msg"], (path, error.message)
+
+
+def lora_url():
+    """Against a server started with --allow-private-webhooks and --max-lora-bytes 50000: a LoRA
+    fetched by URL (from a loopback file server) gives the image of the same file uploaded, and
+    is fetched once (the next request is served from the cache after the file server stopped); a
+    file over the limit is refused naming loras[0].path."""
+    folder = os.environ["LORA_DIR"]
+    fetched = []
+
+    class Files(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=folder, **kwargs)
+
+        def log_message(self, *args):
+            fetched.append(self.path)
+
+    files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Files)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    origin = f"http://127.0.0.1:{files.server_address[1]}"
+    request = {"prompt": "a red fox in the snow", "image_size": {"width": 64, "height": 64},
+               "num_inference_steps": 4, "seed": 7}
+    with open(os.path.join(folder, "a_simpletuner.safetensors"), "rb") as f:
+        uploaded = fal_client.upload(f.read(), "application/octet-stream", file_name="a.safetensors")
+
+    def image(path):
+        result = fal_client.run(APP, {**request, "loras": [{"path": path}]})
+        return fetch(result["images"][0]["url"]).content
+
+    by_url = image(f"{origin}/a_simpletuner.safetensors")
+    assert by_url == image(uploaded)
+    error = expect_http_error(lambda: fal_client.run(APP, {**request, "loras": [{"path": f"{origin}/a_kohya.safetensors"}]}), 422)
+    assert error.message[0]["loc"] == ["body", "loras", 0, "path"] and "limit" in error.message[0]["msg"], error.message
+    files.shutdown()
+    files.server_close()
+    assert image(f"{origin}/a_simpletuner.safetensors") == by_url, "served from the cache"
+    assert len([p for p in fetched if "a_simpletuner" in p]) == 1, fetched
+
+
 SCENARIOS = {
     f.__name__: f
-    for f in (subscribe_logs, queue_flow, invalid_input, run, run_disconnect, host_urls, upload, webhook, async_client, limits, cross_origin, request_timeout, metrics, auth, retention, shutdown, safety_flagged, safety_off, webhook_policy, slow_webhook, memory)
+    for f in (subscribe_logs, queue_flow, invalid_input, run, run_disconnect, host_urls, upload, webhook, async_client, limits, cross_origin, request_timeout, metrics, auth, retention, shutdown, safety_flagged, safety_off, webhook_policy, slow_webhook, memory, loras, lora_url)
 }
-# The last eight need a server started for them (see crates/pixart-cli/tests/serve.rs).
-DEFAULT = list(SCENARIOS)[:-8]
+# The last ten need a server started for them (see crates/pixart-cli/tests/serve.rs).
+DEFAULT = list(SCENARIOS)[:-10]
 
 if __name__ == "__main__":
     for name in sys.argv[2:] or DEFAULT:

@@ -55,8 +55,11 @@ type Problem = String;
 impl LoraSource {
     /// A source with these rules, this server's files, and a download folder.
     pub fn new(rules: LoraRules, files: Option<Arc<FileStore>>, downloads: Option<PathBuf>) -> Self {
+        // The whole download within the timeout; a server that stops sending for 30 s (or never
+        // answers a connection for 10 s) fails sooner, not holding the worker for the whole of it.
         let agent = ureq::AgentBuilder::new()
-            .timeout_connect(rules.timeout.min(Duration::from_secs(30)))
+            .timeout_connect(rules.timeout.min(Duration::from_secs(10)))
+            .timeout_read(rules.timeout.min(Duration::from_secs(30)))
             .timeout(rules.timeout)
             .redirects(0)
             .resolver(PolicyResolver { allow_private: rules.allow_private })
