@@ -169,5 +169,15 @@ fn single_files_with_parts_no_sigma_model_has_are_refused_by_name() {
     let error = Pipeline::load(model_dir("tiny-sigma-256").to_str().unwrap(), &options).unwrap_err();
     let report = pixart_pipeline::error_report(&error);
     assert!(report.contains("blocks.0.attn.sr.weight") && report.contains("KV-token compression"), "{report}");
+    // A caption width the model's T5 does not give: refused naming the transformer's tensor.
+    tensors.remove("blocks.0.attn.sr.weight");
+    let wide = Tensor::zeros((32, 48), DType::F32, &Device::Cpu).unwrap();
+    tensors.insert("y_embedder.y_proj.fc1.weight".into(), wide);
+    let path = dir.join("wide-caption.safetensors");
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    options.transformer = Some(path);
+    let error = Pipeline::load(model_dir("tiny-sigma-256").to_str().unwrap(), &options).unwrap_err();
+    let report = pixart_pipeline::error_report(&error);
+    assert!(report.contains("caption_projection.linear_1.weight") && report.contains("d_model (32)"), "{report}");
     std::fs::remove_dir_all(dir).unwrap();
 }
