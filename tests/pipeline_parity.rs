@@ -27,7 +27,7 @@ fn fal_requests_reproduce_diffusers_images() {
         assert_eq!(generation.images.len(), request.num_images.get() as usize);
         assert_eq!(generation.seed, request.seed.unwrap());
         for (i, image) in generation.images.iter().enumerate() {
-            let size = request.image_size.dimensions();
+            let size = request.to_params().size;
             assert_eq!((image.width, image.height), (size.width(), size.height()));
             let diff = max_pixel_diff(&image.pixels, &case.join(format!("image_{i}.png")));
             eprintln!("{} image {i}: max pixel diff {diff}/255", case.file_name().unwrap().to_string_lossy());

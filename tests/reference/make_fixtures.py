@@ -22,6 +22,9 @@ What is written:
   fixtures/goldens/sizes.json  diffusers' aspect-ratio bins and resize/crop sizes (size_fixtures.py)
   fixtures/lora/, fixtures/single-file/, fixtures/goldens/lora/  PEFT LoRAs in every layout, original-layout
                                single-file transformers, LoRA-merged pipeline runs (lora_fixtures.py)
+  fixtures/images/, fixtures/goldens/images/, fixtures/goldens/image_input/  input images, their decoding,
+                               Lanczos resizes, VAE encoder and add_noise goldens, image-to-image, inpainting
+                               and PAG runs (image_input_fixtures.py)
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from transformers import T5Config, T5EncoderModel, T5Tokenizer
 from transformers.models.t5.modeling_t5 import T5Attention
 
 from gguf_fixtures import write_gguf_fixtures
+from image_input_fixtures import write_image_input_fixtures
 from lora_fixtures import write_lora_fixtures
 from safety_fixtures import write_safety_fixtures
 from size_fixtures import write_size_fixtures
@@ -766,6 +770,7 @@ def main() -> None:
     write_safety_fixtures(FIXTURES, GOLDENS)
     write_size_fixtures(GOLDENS)
     write_lora_fixtures(FIXTURES, GOLDENS, run_fal_case)
+    write_image_input_fixtures(FIXTURES, GOLDENS, run_fal_case)
     total = sum(p.stat().st_size for p in FIXTURES.rglob("*") if p.is_file())
     print(f"fixtures written under {FIXTURES}: {total / 1e6:.2f} MB")
 

@@ -19,7 +19,7 @@ pub fn request_json(data: &[u8]) {
         Ok(request) => {
             let json = serde_json::to_string(&request).expect("a request serialises");
             assert_eq!(GenerateRequest::from_json(&json).as_ref(), Ok(&request), "round trip of {json}");
-            let size = request.image_size.dimensions();
+            let size = request.to_params().size;
             for bins in [32, 64, 128, 256, 0].map(AspectRatioBins::for_sample_size) {
                 let plan = SizePlan::new(size, bins, 16);
                 assert_eq!(plan.output, size);

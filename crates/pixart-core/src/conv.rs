@@ -49,19 +49,27 @@ impl Conv {
         conv.forward(x)
     }
 
-    /// The convolution computed `rows` output rows at a time (stride 1, no dilation/groups).
+    /// The convolution computed `rows` output rows at a time (no dilation or groups; any
+    /// stride): each band reads the padded input rows its output rows cover.
     pub fn forward_banded(&self, x: &Tensor, rows: usize) -> candle_core::Result<Tensor> {
         let config = *self.0.config();
-        let p = config.padding;
+        let (p, s) = (config.padding, config.stride.max(1));
         let kernel_h = self.0.weight().dim(2)?;
         let padded = x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?;
-        let out_h = padded.dim(2)? + 1 - kernel_h;
+        let padded_h = padded.dim(2)?;
+        if padded_h < kernel_h {
+            return Self::convolve(&self.0, x);
+        }
+        let out_h = (padded_h - kernel_h) / s + 1;
         let unpadded =
             Conv2d::new(self.0.weight().clone(), self.0.bias().cloned(), Conv2dConfig { padding: 0, ..config });
-        let mut bands = Vec::with_capacity(out_h.div_ceil(rows.max(1)));
-        for start in (0..out_h).step_by(rows.max(1)) {
-            let len = rows.max(1).min(out_h - start);
-            bands.push(Self::convolve(&unpadded, &padded.narrow(2, start, len + kernel_h - 1)?)?);
+        let rows = rows.max(1);
+        let mut bands = Vec::with_capacity(out_h.div_ceil(rows));
+        for start in (0..out_h).step_by(rows) {
+            let len = rows.min(out_h - start);
+            // Output rows start..start+len read input rows s·start .. s·(start+len−1) + kernel_h.
+            let input = padded.narrow(2, start * s, (len - 1) * s + kernel_h)?;
+            bands.push(Self::convolve(&unpadded, &input)?);
         }
         Tensor::cat(&bands, 2)
     }
@@ -75,9 +83,13 @@ impl Module for Conv {
         let config = self.0.config();
         let (b, c, h, w) = x.dims4()?;
         let (kh, kw) = (self.0.weight().dim(2)?, self.0.weight().dim(3)?);
-        let row_bytes = b * w * c * kh * kw * x.dtype().size_in_bytes().max(4);
-        let bandable = config.stride == 1 && config.dilation == 1 && config.groups == 1 && kh > 1;
-        if !bandable || row_bytes * h <= IM2COL_BUDGET_BYTES {
+        let s = config.stride.max(1);
+        // One output row unfolds to out_w · c · kh · kw values per image.
+        let out_len = |len: usize, k: usize| (len + 2 * config.padding).saturating_sub(k) / s + 1;
+        let (out_h, out_w) = (out_len(h, kh), out_len(w, kw));
+        let row_bytes = b * out_w * c * kh * kw * x.dtype().size_in_bytes().max(4);
+        let bandable = config.dilation == 1 && config.groups == 1 && kh > 1;
+        if !bandable || row_bytes * out_h <= IM2COL_BUDGET_BYTES {
             return Self::convolve(&self.0, x);
         }
         self.forward_banded(x, (IM2COL_BUDGET_BYTES / row_bytes).max(1))
@@ -102,6 +114,26 @@ mod tests {
             assert_eq!(banded.dims(), whole.dims());
             let diff = (&banded - &whole).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(diff < 1e-5, "rows {rows}: {diff}");
+        }
+    }
+
+    #[test]
+    fn banded_strided_convolution_equals_the_whole_one() {
+        // The VAE encoder's downsampler: 3×3, stride 2, no padding, on odd and even sizes.
+        let dev = Device::Cpu;
+        let weight = Tensor::randn(0f32, 1.0, (4, 3, 3, 3), &dev).unwrap();
+        let bias = Tensor::randn(0f32, 1.0, 4, &dev).unwrap();
+        let config = Conv2dConfig { stride: 2, ..Default::default() };
+        let conv = Conv(Conv2d::new(weight, Some(bias), config));
+        for (h, w) in [(12, 9), (13, 8), (3, 5)] {
+            let x = Tensor::randn(0f32, 1.0, (1, 3, h, w), &dev).unwrap();
+            let whole = conv.0.forward(&x).unwrap();
+            for rows in [1, 2, 3, 7] {
+                let banded = conv.forward_banded(&x, rows).unwrap();
+                assert_eq!(banded.dims(), whole.dims(), "{h}x{w}, {rows} rows");
+                let diff = (&banded - &whole).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(diff < 1e-5, "{h}x{w}, {rows} rows: {diff}");
+            }
         }
     }
 }

@@ -122,6 +122,17 @@ dispatch!(
 );
 
 dispatch!(
+    /// `dst[i] = src[i] · scale + shift`, then SiLU when `silu` (GroupNorm's last pass).
+    affine_silu_slice(src: &[f32], dst: &mut [f32], scale: f32, shift: f32, with_silu: bool) {
+        if with_silu {
+            dst.iter_mut().zip(src).for_each(|(d, &s)| *d = silu(s * scale + shift));
+        } else {
+            dst.iter_mut().zip(src).for_each(|(d, &s)| *d = s * scale + shift);
+        }
+    }
+);
+
+dispatch!(
     /// Softmax of every `len`-long row of `rows` in place, after `· scale + bias` (`bias` empty,
     /// or `len` long for every row).
     softmax_rows(rows: &mut [f32], len: usize, scale: f32, bias: &[f32]) {

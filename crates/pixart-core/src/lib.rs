@@ -12,6 +12,7 @@ pub mod config_error;
 pub mod conv;
 pub mod conv_cpu;
 pub mod fast_math;
+pub mod group_norm;
 pub mod weights;
 
 pub use config_error::{ConfigCheck, UnsupportedConfig};

@@ -67,6 +67,13 @@ impl Attention {
         self.to_out.forward(&out.transpose(1, 2)?.reshape((b, n, self.heads * self.head_dim))?)
     }
 
+    /// Identity attention, perturbed-attention guidance's perturbation (diffusers'
+    /// `PAGIdentitySelfAttnProcessor2_0`): every token attends only to itself, so the output
+    /// is `to_out(to_v(x))`.
+    pub fn identity(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.to_out.forward(&self.to_v.forward(x)?)
+    }
+
     /// `[B, N, heads·head_dim]` → `[B, heads, N, head_dim]`, a view (no copy): flash attention
     /// reads it in place, the other attention paths copy it.
     fn split_heads(&self, t: Tensor) -> candle_core::Result<Tensor> {

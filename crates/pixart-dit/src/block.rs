@@ -44,13 +44,15 @@ impl TransformerBlock {
     }
 
     /// `x`: `[B, N, D]`; `t6`: `[B or 1, 6D]`; `caption_kv`: from [`Self::caption_keys_values`];
-    /// `caption_mask`: the caption tokens each row attends to.
+    /// `caption_mask`: the caption tokens each row attends to; `identity_from`: the rows from
+    /// this one on get identity self-attention (perturbed-attention guidance).
     pub fn forward(
         &self,
         x: &Tensor,
         t6: &Tensor,
         caption_kv: &(Tensor, Tensor),
         caption_mask: Option<&KeyMask>,
+        identity_from: Option<usize>,
     ) -> candle_core::Result<Tensor> {
         let d = x.dim(2)?;
         let rows = t6.dim(0)?; // one timestep per batch row, or one for the whole batch
@@ -61,11 +63,27 @@ impl TransformerBlock {
         let (shift_mlp, scale_mlp, gate_mlp) = (part(3)?, part(4)?, part(5)?);
 
         let h = layer_norm(x, self.eps)?.broadcast_mul(&(scale_msa + 1.0)?)?.broadcast_add(&shift_msa)?;
-        let x = (x + self.attn1.forward(&h, None, None)?.broadcast_mul(&gate_msa)?)?;
+        let x = (x + self.self_attention(&h, identity_from)?.broadcast_mul(&gate_msa)?)?;
         let (caption_k, caption_v) = caption_kv;
         let x = (&x + self.attn2.forward_with_keys_values(&x, caption_k, caption_v, caption_mask)?)?;
         let h = layer_norm(&x, self.eps)?.broadcast_mul(&(scale_mlp + 1.0)?)?.broadcast_add(&shift_mlp)?;
         let ff = self.ff_out.forward(&gelu_tanh(&self.ff_in.forward(&h)?)?)?;
         x + ff.broadcast_mul(&gate_mlp)?
+    }
+
+    /// Self-attention of the rows before `identity_from`, identity attention for the rest.
+    fn self_attention(&self, h: &Tensor, identity_from: Option<usize>) -> candle_core::Result<Tensor> {
+        let b = h.dim(0)?;
+        match identity_from {
+            Some(from) if from < b => {
+                let perturbed = self.attn1.identity(&h.narrow(0, from, b - from)?)?;
+                if from == 0 {
+                    return Ok(perturbed);
+                }
+                let attended = self.attn1.forward(&h.narrow(0, 0, from)?, None, None)?;
+                Tensor::cat(&[attended, perturbed], 0)
+            }
+            _ => self.attn1.forward(h, None, None),
+        }
     }
 }

@@ -69,6 +69,13 @@ fn default_attention() -> String {
 }
 
 impl DitConfig {
+    /// The self-attention layer names diffusers gives the blocks
+    /// (`transformer_blocks.{i}.attn1`), in order: what perturbed-attention guidance's layer
+    /// patterns are matched against.
+    pub fn self_attention_names(&self) -> Vec<String> {
+        (0..self.num_layers).map(|i| format!("transformer_blocks.{i}.attn1")).collect()
+    }
+
     /// Width of the token stream, heads × head width (1152 for XL-2).
     pub fn hidden_size(&self) -> usize {
         self.num_attention_heads * self.attention_head_dim

@@ -23,7 +23,7 @@ pub mod weights;
 
 pub use config::DitConfig;
 pub use lora::{Lora, LoraError};
-pub use model::{DitTrace, PixArtTransformer, PreparedCaption, PreparedTimestep, PreparedTimesteps};
+pub use model::{DitTrace, Perturbation, PixArtTransformer, PreparedCaption, PreparedTimestep, PreparedTimesteps};
 pub use weights::{Layout, TransformerWeights};
 
 /// Errors from loading or running the transformer.

@@ -78,6 +78,17 @@ impl PreparedTimesteps {
     }
 }
 
+/// Perturbed-attention guidance's perturbation: in `blocks`, the batch rows from `rows_from` on
+/// get identity self-attention (`to_out(to_v(x))`, diffusers' PAG processors) instead of
+/// attention; every other row and block runs as usual.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Perturbation {
+    /// Block indices (`transformer_blocks.{i}`).
+    pub blocks: Vec<usize>,
+    /// The first perturbed batch row.
+    pub rows_from: usize,
+}
+
 /// PixArt-Σ's diffusion transformer (diffusers' `PixArtTransformer2DModel`).
 #[derive(Debug, Clone)]
 pub struct PixArtTransformer {
@@ -174,7 +185,7 @@ impl PixArtTransformer {
         caption_mask: Option<&Tensor>,
     ) -> Result<Tensor, DitError> {
         let timestep = self.timestep_per_row(latents, timesteps)?;
-        Ok(self.run(latents, &timestep, &self.prepare_caption(caption, caption_mask)?, false)?.0)
+        Ok(self.run(latents, &timestep, &self.prepare_caption(caption, caption_mask)?, None, false)?.0)
     }
 
     /// [`Self::forward`], also returning the intermediate values when `trace` is set.
@@ -187,7 +198,7 @@ impl PixArtTransformer {
         trace: bool,
     ) -> Result<(Tensor, Option<DitTrace>), DitError> {
         let timestep = self.timestep_per_row(latents, timesteps)?;
-        self.run(latents, &timestep, &self.prepare_caption(caption, caption_mask)?, trace)
+        self.run(latents, &timestep, &self.prepare_caption(caption, caption_mask)?, None, trace)
     }
 
     /// One timestep per batch row.
@@ -234,7 +245,22 @@ impl PixArtTransformer {
         timestep: &PreparedTimestep,
         caption: &PreparedCaption,
     ) -> Result<Tensor, DitError> {
-        Ok(self.run(latents, timestep, caption, false)?.0)
+        Ok(self.run(latents, timestep, caption, None, false)?.0)
+    }
+
+    /// [`Self::forward_prepared`] with the self-attention of some blocks perturbed for some rows
+    /// (perturbed-attention guidance's extra branch).
+    pub fn forward_perturbed(
+        &self,
+        latents: &Tensor,
+        timestep: &PreparedTimestep,
+        caption: &PreparedCaption,
+        perturbation: &Perturbation,
+    ) -> Result<Tensor, DitError> {
+        if let Some(&block) = perturbation.blocks.iter().find(|&&i| i >= self.blocks.len()) {
+            return Err(DitError::Input(format!("no block {block}: the model has {}", self.blocks.len())));
+        }
+        Ok(self.run(latents, timestep, caption, Some(perturbation), false)?.0)
     }
 
     fn run(
@@ -242,6 +268,7 @@ impl PixArtTransformer {
         latents: &Tensor,
         timestep: &PreparedTimestep,
         prepared: &PreparedCaption,
+        perturbation: Option<&Perturbation>,
         trace: bool,
     ) -> Result<(Tensor, Option<DitTrace>), DitError> {
         let (b, c, h, w) = latents.dims4()?;
@@ -265,8 +292,9 @@ impl PixArtTransformer {
         let x = self.pos_embed.forward(&latents.to_dtype(self.dtype)?)?;
         let mut tokens = x.clone();
         let mut block_outputs = Vec::new();
-        for (block, caption_kv) in self.blocks.iter().zip(&prepared.keys_values) {
-            tokens = block.forward(&tokens, t6, caption_kv, mask)?;
+        for (i, (block, caption_kv)) in self.blocks.iter().zip(&prepared.keys_values).enumerate() {
+            let identity_from = perturbation.filter(|p| p.blocks.contains(&i)).map(|p| p.rows_from);
+            tokens = block.forward(&tokens, t6, caption_kv, mask, identity_from)?;
             if trace {
                 block_outputs.push(tokens.clone());
             }

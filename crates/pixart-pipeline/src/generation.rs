@@ -26,6 +26,8 @@ pub struct StepProgress {
 pub enum Stage {
     /// Tokenizing and T5 encoding (loading T5 first under sequential offload).
     TextEncoder,
+    /// Preparing and VAE-encoding the input image (image-to-image and inpainting only).
+    ImageEncode,
     /// The denoising loop.
     Denoise,
     /// VAE decoding.
@@ -37,11 +39,12 @@ pub enum Stage {
 }
 
 impl Stage {
-    /// The stage's name in reports (`text_encoder`, `denoise`, `vae`, `postprocess`,
-    /// `safety_checker`).
+    /// The stage's name in reports (`text_encoder`, `image_encode`, `denoise`, `vae`,
+    /// `postprocess`, `safety_checker`).
     pub fn name(self) -> &'static str {
         match self {
             Self::TextEncoder => "text_encoder",
+            Self::ImageEncode => "image_encode",
             Self::Denoise => "denoise",
             Self::Vae => "vae",
             Self::Postprocess => "postprocess",
@@ -64,7 +67,10 @@ pub struct StageTimings {
     pub text_encoder_load: Duration,
     /// T5 encoding (zero for prompts served from the cache).
     pub text_encoder: Duration,
-    /// Each denoising step (transformer, guidance, scheduler).
+    /// Resizing and VAE-encoding the input image, with the first random draws (zero without
+    /// an input image).
+    pub image_encode: Duration,
+    /// Each denoising step (transformer, guidance, scheduler; the inpainting blend).
     pub steps: Vec<Duration>,
     /// VAE decoding.
     pub vae: Duration,

@@ -6,7 +6,8 @@
 #[error("{parameter}: {message}")]
 pub struct InvalidParameter {
     /// The parameter: `prompt`, `negative_prompt`, `size`, `width`, `height`, `steps`,
-    /// `guidance_scale`, `num_images`, `safety_check` or `loras[i]`.
+    /// `guidance_scale`, `num_images`, `safety_check`, `loras[i]`, `image`, `strength`, `mask`,
+    /// `pag_scale` or `pag_applied_layers[i]`.
     pub parameter: String,
     /// What is wrong and what is allowed.
     pub message: String,

@@ -30,12 +30,16 @@
 pub mod caption;
 pub mod generation;
 pub mod image;
+pub mod image_start;
+pub mod input_image;
 pub mod invalid_parameter;
 pub mod load_options;
 pub mod model_source;
+pub mod pag;
 pub mod params;
 pub mod pipeline;
 mod prompt_cache;
+pub mod resample;
 pub mod rng;
 pub mod sizes;
 pub mod text;

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use pixart_dit::Lora;
 
+use crate::image::RgbImage;
 use crate::invalid_parameter::InvalidParameter;
 use crate::sizes::Dimensions;
 
@@ -72,6 +73,21 @@ pub struct GenerationParams {
     /// LoRAs merged into the transformer for this generation only (their changes add up); the
     /// model is left as it was. One that does not fit the model is refused naming `loras[i]`.
     pub loras: Vec<LoraUse>,
+    /// Image-to-image: the picture to start from (resized to the generated size, encoded, and
+    /// noised to the first step run); with [`Self::mask`], inpainting. Default none.
+    pub image: Option<Arc<RgbImage>>,
+    /// How much of [`Self::image`] is repainted, from 0 to 1 (diffusers' `strength`): the run
+    /// takes the last `⌊steps · strength⌋` of the steps (at least one). Default 0.8.
+    pub strength: f64,
+    /// Inpainting: white (≥ ½ after the grayscale conversion) repaints, black keeps; resized to
+    /// the generated size like the image, whatever its own size. Needs [`Self::image`].
+    pub mask: Option<Arc<RgbImage>>,
+    /// Perturbed-attention guidance's scale, a finite number ≥ 0; 0 (the default) is off.
+    pub pag_scale: f64,
+    /// The self-attention layers perturbed-attention guidance perturbs: regular expressions
+    /// searched in diffusers' layer names (`transformer_blocks.{i}.attn1`), as diffusers'
+    /// `pag_applied_layers` (see [`crate::pag::select_blocks`]). Default `["blocks.1"]`.
+    pub pag_layers: Vec<String>,
 }
 
 impl GenerationParams {
@@ -79,6 +95,10 @@ impl GenerationParams {
     pub const DEFAULT_STEPS: u32 = 20;
     /// diffusers' default guidance scale.
     pub const DEFAULT_GUIDANCE_SCALE: f64 = 4.5;
+    /// The default strength of image-to-image.
+    pub const DEFAULT_STRENGTH: f64 = 0.8;
+    /// diffusers' default layers of perturbed-attention guidance (`PixArtSigmaPAGPipeline`).
+    pub const DEFAULT_PAG_LAYER: &'static str = "blocks.1";
 
     /// The prompt with every other parameter at its default: 1024×1024, 20 steps of
     /// DPM-Solver++, guidance 4.5, a random seed, one image, checked when a checker is loaded.
@@ -94,7 +114,53 @@ impl GenerationParams {
             num_images: 1,
             safety_check: None,
             loras: Vec::new(),
+            image: None,
+            strength: Self::DEFAULT_STRENGTH,
+            mask: None,
+            pag_scale: 0.0,
+            pag_layers: vec![Self::DEFAULT_PAG_LAYER.to_string()],
         }
+    }
+
+    /// Image-to-image from `image` at `strength`; the output size becomes the image's (set
+    /// another with [`Self::with_size`] afterwards). An image a side of which is outside
+    /// [`Dimensions::MIN`]..=[`Dimensions::MAX`] is refused naming `image` (give a size after).
+    pub fn with_image(mut self, image: Arc<RgbImage>, strength: f64) -> Result<Self, InvalidParameter> {
+        self.size = Dimensions::new(image.width, image.height).map_err(|_| {
+            InvalidParameter::new(
+                "image",
+                format!(
+                    "is {}x{}: without a size the output takes the image's, whose sides must be from {} to {} \
+                     pixels; give a size",
+                    image.width,
+                    image.height,
+                    Dimensions::MIN,
+                    Dimensions::MAX
+                ),
+            )
+        })?;
+        self.image = Some(image);
+        self.strength = strength;
+        Ok(self)
+    }
+
+    /// Inpainting with this mask (with [`Self::with_image`]).
+    pub fn with_mask(mut self, mask: Arc<RgbImage>) -> Self {
+        self.mask = Some(mask);
+        self
+    }
+
+    /// Perturbed-attention guidance at `scale` on the layers `layers` selects.
+    pub fn with_pag(mut self, scale: f64, layers: Vec<String>) -> Self {
+        self.pag_scale = scale;
+        self.pag_layers = layers;
+        self
+    }
+
+    /// Whether perturbed-attention guidance runs (a positive scale and at least one layer
+    /// pattern), as diffusers decides.
+    pub fn perturbs(&self) -> bool {
+        self.pag_scale > 0.0 && !self.pag_layers.is_empty()
     }
 
     /// With a LoRA at `scale` (after those already added).
@@ -169,6 +235,21 @@ impl GenerationParams {
         }
         if let Some(i) = self.loras.iter().position(|l| !l.scale.is_finite()) {
             return Err(InvalidParameter::new(format!("loras[{i}]"), "the scale must be a finite number"));
+        }
+        if !(0.0..=1.0).contains(&self.strength) {
+            return Err(InvalidParameter::new("strength", "must be a number from 0 to 1"));
+        }
+        if let Some(empty) = [("image", &self.image), ("mask", &self.mask)]
+            .into_iter()
+            .find(|(_, image)| image.as_ref().is_some_and(|i| i.width == 0 || i.height == 0))
+        {
+            return Err(InvalidParameter::new(empty.0, "is an empty picture"));
+        }
+        if self.mask.is_some() && self.image.is_none() {
+            return Err(InvalidParameter::new("mask", "needs an image to inpaint: give the image too"));
+        }
+        if !(self.pag_scale.is_finite() && self.pag_scale >= 0.0) {
+            return Err(InvalidParameter::new("pag_scale", "must be a finite number ≥ 0"));
         }
         Ok(())
     }

@@ -7,18 +7,21 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use pixart_core::UnsupportedConfig;
-use pixart_dit::PixArtTransformer;
+use pixart_dit::{Perturbation, PixArtTransformer};
 use pixart_safety::{RgbView, SafetyChecker};
 use pixart_scheduler::{DpmSolverMultistep, SaSolver, Scheduler, SchedulerConfig, SchedulerError};
 use pixart_t5::{T5Config, T5Tokenizer, WeightSummary, MAX_SEQUENCE_LENGTH};
-use pixart_vae::VaeDecoder;
+use pixart_vae::{VaeDecoder, VaeEncoder};
 
 use crate::caption::clean_caption;
 use crate::generation::{Generation, Stage, StageTimings, StepProgress};
 use crate::image::{resize_and_crop, to_rgb8, RgbImage};
+use crate::image_start::{first_step, PictureStart, StartInput};
+use crate::input_image::{image_tensor, mask_tensor};
 use crate::invalid_parameter::InvalidParameter;
 use crate::load_options::LoadOptions;
 use crate::model_source::{resolve_classifier, resolve_model};
+use crate::pag::{guide, select_blocks};
 use crate::params::{GenerationParams, Sampler};
 use crate::prompt_cache::PromptCache;
 use crate::rng::TorchGenerator;
@@ -35,6 +38,8 @@ pub struct Pipeline {
     text_encoder: TextEncoderSlot,
     transformer: TransformerSlot,
     vae: VaeDecoder,
+    /// The VAE's encoder, for input images (`None` for a decoder-only VAE).
+    vae_encoder: Option<VaeEncoder>,
     scheduler_config: SchedulerConfig,
     bins: Option<AspectRatioBins>,
     device: Device,
@@ -132,6 +137,7 @@ impl Pipeline {
         let tokenizer = T5Tokenizer::from_dir(&dir.join("tokenizer"))?;
         let text_encoder = TextEncoderSlot::load(&dir, &options.text_encoder, dtype, &text_device)?;
         let vae = VaeDecoder::load(&dir.join("vae"), dtype, &options.device)?;
+        let vae_encoder = VaeEncoder::load(&dir.join("vae"), dtype, &options.device)?;
         check_parts_fit(&dir, &tokenizer, text_encoder.config(), &transformer, &vae)?;
         let safety_checker = options.safety_checker.as_deref().map(|c| load_safety_checker(c, options)).transpose()?;
         Ok(Self {
@@ -139,6 +145,7 @@ impl Pipeline {
             text_encoder,
             transformer,
             vae,
+            vae_encoder,
             scheduler_config,
             bins,
             device: options.device.clone(),
@@ -205,8 +212,16 @@ impl Pipeline {
         on_stage(Stage::TextEncoder);
         let texts: Vec<&str> = std::iter::once(run.prompt.as_str()).chain(run.negative.as_deref()).collect();
         let states = self.encode_prompts_timed(&texts, &mut timings)?;
+        if run.picture.is_some() {
+            on_stage(Stage::ImageEncode);
+        }
+        let encoding = Instant::now();
+        let start = self.initial_latents(&run)?;
+        if start.picture.is_some() {
+            timings.image_encode = encoding.elapsed();
+        }
         on_stage(Stage::Denoise);
-        let latents = self.denoise(&mut run, states, &mut timings, &mut on_step)?;
+        let latents = self.denoise(&mut run, states, start, &mut timings, &mut on_step)?;
         on_stage(Stage::Vae);
         let vae_started = Instant::now();
         let decoded = self.vae.decode_latents(&latents)?;
@@ -257,7 +272,11 @@ impl Pipeline {
             (Some(enabled), _) => enabled,
             (None, checker) => checker.is_some(),
         };
-        let scheduler = self.scheduler(params.sampler, params.steps)?;
+        let mut scheduler = self.scheduler(params.sampler, params.steps)?;
+        let picture = self.plan_picture(params)?;
+        let begin = if picture.is_some() { first_step(params.steps as usize, params.strength)? } else { 0 };
+        scheduler.begin_at(begin)?;
+        let perturbation = self.plan_perturbation(params)?;
         let merging = Instant::now();
         let transformer = self.transformer.with_loras(&params.loras)?;
         let lora_merge = if params.loras.is_empty() { std::time::Duration::ZERO } else { merging.elapsed() };
@@ -275,7 +294,62 @@ impl Pipeline {
             negative,
             num_images: params.num_images as usize,
             guidance_scale: params.guidance_scale,
+            picture,
+            begin,
+            perturbation,
+            pag_scale: params.pag_scale,
         })
+    }
+
+    /// The input image and mask of an image-to-image or inpainting run, refused when this
+    /// model's VAE has no encoder.
+    fn plan_picture(&self, params: &GenerationParams) -> Result<Option<PicturePlan>, PipelineError> {
+        let Some(image) = params.image.clone() else { return Ok(None) };
+        if self.vae_encoder.is_none() {
+            return Err(
+                InvalidParameter::new("image", "this model's VAE has no encoder: it takes no input image").into()
+            );
+        }
+        Ok(Some(PicturePlan { image, mask: params.mask.clone(), full_strength: params.strength == 1.0 }))
+    }
+
+    /// The blocks perturbed-attention guidance perturbs, when it runs.
+    fn plan_perturbation(&self, params: &GenerationParams) -> Result<Option<Perturbation>, PipelineError> {
+        if !params.perturbs() {
+            return Ok(None);
+        }
+        let blocks = select_blocks(&self.transformer.config().self_attention_names(), &params.pag_layers)?;
+        let n = params.num_images as usize;
+        // The perturbed rows come last: [uncond?, text, perturbed].
+        Ok(Some(Perturbation { blocks, rows_from: if params.guides() { 2 * n } else { n } }))
+    }
+
+    /// Where the loop starts: the generator's noise (text-to-image), or the input image encoded
+    /// and noised to the first step run, with what inpainting blends.
+    fn initial_latents(&self, run: &RunPlan) -> Result<LoopStart, PipelineError> {
+        let mut generator = TorchGenerator::new(run.seed);
+        let vae_scale = self.vae.config().scale_factor() as u32;
+        let (width, height) = (run.size.generated.width as usize, run.size.generated.height as usize);
+        let latent = (width / vae_scale as usize, height / vae_scale as usize);
+        let (Some(picture), Some(encoder)) = (&run.picture, &self.vae_encoder) else {
+            let shape = (run.num_images, run.transformer.config().in_channels, latent.1, latent.0);
+            let noise = generator.randn(shape, DType::F32, &self.device)?;
+            let latents = (noise * run.scheduler.init_noise_sigma())?;
+            return Ok(LoopStart { latents, picture: None, generator });
+        };
+        let image = image_tensor(&picture.image, width, height, &self.device)?;
+        let mask = picture.mask.as_ref().map(|m| mask_tensor(m, (width, height), latent, &self.device)).transpose()?;
+        let input = StartInput {
+            image: &image,
+            mask: mask.as_ref(),
+            num_images: run.num_images,
+            begin: run.begin,
+            full_strength: picture.full_strength,
+        };
+        let (picture, latents) =
+            PictureStart::prepare(encoder, input, run.scheduler.as_ref(), &mut generator, &self.device)?;
+        self.device.synchronize()?;
+        Ok(LoopStart { latents, picture: Some(picture), generator })
     }
 
     /// The sampler for `steps` steps on this model's scheduler config; more steps than its
@@ -294,35 +368,19 @@ impl Pipeline {
         })
     }
 
-    /// The denoising loop from the torch generator's noise to the final latents, diffusers'
-    /// order of operations and random draws.
+    /// The denoising loop from the initial latents to the final ones, diffusers' order of
+    /// operations and random draws (SA-Solver keeps drawing from the start's generator).
     fn denoise(
         &self,
         run: &mut RunPlan,
         states: Vec<Tensor>,
+        start: LoopStart,
         timings: &mut StageTimings,
         on_step: &mut impl FnMut(&StepProgress) -> ControlFlow<()>,
     ) -> Result<Tensor, PipelineError> {
-        let n = run.num_images;
-        let mut states = states.into_iter();
-        let positive = states.next().ok_or_else(|| PipelineError::Internal("no prompt states".into()))?;
-        // Unconditional rows first, as diffusers concatenates them.
-        let mut rows = Vec::with_capacity(2 * n);
-        if let Some(negative) = states.next() {
-            rows.extend(std::iter::repeat_n(negative, n));
-        }
-        rows.extend(std::iter::repeat_n(positive, n));
-        let (caption, mask) = pad_captions(&rows, &self.device)?;
+        let LoopStart { mut latents, picture, mut generator } = start;
         let transformer = run.transformer.clone();
-        let caption = transformer.prepare_caption(&caption, Some(&mask))?;
-
-        let mut generator = TorchGenerator::new(run.seed);
-        let channels = transformer.config().in_channels;
-        let vae_scale = self.vae.config().scale_factor() as u32;
-        let (height, width) = (run.size.generated.height / vae_scale, run.size.generated.width / vae_scale);
-        let shape = (n, channels, height as usize, width as usize);
-        let mut latents = (generator.randn(shape, DType::F32, &self.device)? * run.scheduler.init_noise_sigma())?;
-
+        let caption = self.caption_batch(run, states)?;
         // Everything constant across steps is computed here, once: the caption's projection and
         // cross-attention keys/values (above), the timestep MLP for every step, and (cached in
         // the transformer) the position embedding. In the loop, only SA-Solver uploads data (its
@@ -330,19 +388,40 @@ impl Pipeline {
         let timesteps = run.scheduler.timesteps().to_vec();
         let embedded =
             transformer.prepare_timesteps(&timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(), &self.device)?;
-        for (i, &timestep) in timesteps.iter().enumerate() {
+        let total = timesteps.len() - run.begin;
+        for (i, &timestep) in timesteps.iter().enumerate().skip(run.begin) {
             let step_started = Instant::now();
             let noise = self.predict_noise(&latents, &embedded.get(i)?, &caption, run)?;
             latents = run.scheduler.step(&noise, &latents, &mut generator)?;
+            if let Some(picture) = &picture {
+                let next = (i + 1 < timesteps.len()).then_some(i + 1);
+                latents = picture.blend(latents, run.scheduler.as_ref(), next)?;
+            }
             self.device.synchronize()?;
             let duration = step_started.elapsed();
             timings.steps.push(duration);
-            let progress = StepProgress { step: i + 1, total: timesteps.len(), timestep, duration };
+            let progress = StepProgress { step: i + 1 - run.begin, total, timestep, duration };
             if on_step(&progress).is_break() {
                 return Err(PipelineError::Cancelled);
             }
         }
         Ok(latents)
+    }
+
+    /// The caption batch, prepared once: `[negative × n]` under guidance, `[prompt × n]`, and
+    /// `[prompt × n]` again for perturbed-attention guidance's branch, as diffusers orders them.
+    fn caption_batch(&self, run: &RunPlan, states: Vec<Tensor>) -> Result<pixart_dit::PreparedCaption, PipelineError> {
+        let n = run.num_images;
+        let mut states = states.into_iter();
+        let positive = states.next().ok_or_else(|| PipelineError::Internal("no prompt states".into()))?;
+        let mut rows = Vec::with_capacity(3 * n);
+        if let Some(negative) = states.next() {
+            rows.extend(std::iter::repeat_n(negative, n));
+        }
+        let branches = if run.perturbation.is_some() { 2 } else { 1 };
+        rows.extend(std::iter::repeat_n(positive, branches * n));
+        let (caption, mask) = pad_captions(&rows, &self.device)?;
+        Ok(run.transformer.prepare_caption(&caption, Some(&mask))?)
     }
 
     /// The transformer's noise prediction for one step, guided when the run guides (ε only,
@@ -356,9 +435,16 @@ impl Pipeline {
     ) -> Result<Tensor, PipelineError> {
         let n = run.num_images;
         let guided = run.negative.is_some();
-        let input = if guided { Tensor::cat(&[latents, latents], 0)? } else { latents.clone() };
-        let out = run.transformer.forward_prepared(&input, timestep, caption)?.to_dtype(DType::F32)?;
-        let noise = if guided {
+        let branches = 1 + usize::from(guided) + usize::from(run.perturbation.is_some());
+        let input = if branches > 1 { Tensor::cat(&vec![latents; branches], 0)? } else { latents.clone() };
+        let out = match &run.perturbation {
+            Some(perturbation) => run.transformer.forward_perturbed(&input, timestep, caption, perturbation)?,
+            None => run.transformer.forward_prepared(&input, timestep, caption)?,
+        };
+        let out = out.to_dtype(DType::F32)?;
+        let noise = if run.perturbation.is_some() {
+            guide(&out, n, guided.then_some(run.guidance_scale), run.pag_scale)?
+        } else if guided {
             let (uncond, text) = (out.narrow(0, 0, n)?, out.narrow(0, n, n)?);
             (&uncond + ((text - &uncond)? * run.guidance_scale)?)?
         } else {
@@ -452,6 +538,31 @@ struct RunPlan {
     negative: Option<String>,
     num_images: usize,
     guidance_scale: f64,
+    /// Image-to-image or inpainting: the input.
+    picture: Option<PicturePlan>,
+    /// The index of the first step run (0 for text-to-image).
+    begin: usize,
+    /// Perturbed-attention guidance's blocks and rows, when it runs.
+    perturbation: Option<Perturbation>,
+    pag_scale: f64,
+}
+
+/// Where the denoising loop starts.
+struct LoopStart {
+    /// The first latents.
+    latents: Tensor,
+    /// Started from a picture: what inpainting blends after each step.
+    picture: Option<PictureStart>,
+    /// The request's generator, after the draws so far (SA-Solver keeps drawing from it).
+    generator: TorchGenerator,
+}
+
+/// The input picture of a run.
+struct PicturePlan {
+    image: Arc<RgbImage>,
+    mask: Option<Arc<RgbImage>>,
+    /// Strength 1: inpainting starts from pure noise.
+    full_strength: bool,
 }
 
 /// Runs the safety checker on the images and blackens the flagged ones, as fal does; returns

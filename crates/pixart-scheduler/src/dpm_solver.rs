@@ -14,7 +14,7 @@ use pixart_core::UnsupportedConfig;
 
 use crate::config::SchedulerConfig;
 use crate::noise_schedule::{inference_schedule, AlphaSigma, DataPrediction};
-use crate::{begin_step, scale, NoiseSource, Scheduler, SchedulerError};
+use crate::{begin_step, check_begin, mix, scale, NoiseSource, Scheduler, SchedulerError};
 
 /// DPM-Solver++ multistep, second order.
 #[derive(Debug, Clone)]
@@ -86,5 +86,21 @@ impl Scheduler for DpmSolverMultistep {
         self.previous = Some(x0);
         self.step_index += 1;
         Ok(prev.to_dtype(out_dtype)?)
+    }
+
+    fn begin_at(&mut self, index: usize) -> Result<(), SchedulerError> {
+        check_begin(self.step_index, index, self.timesteps.len())?;
+        self.step_index = index;
+        Ok(())
+    }
+
+    /// `α_k · x + σ_k · noise` from the schedule sigma at `index`, as diffusers picks it (its
+    /// begin index before the first step, its step index after).
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor, SchedulerError> {
+        let Some(&sigma) = self.sigmas.get(index) else {
+            return Err(SchedulerError::Sequence(format!("add_noise at {index} past the schedule")));
+        };
+        let level = AlphaSigma::new(sigma);
+        mix(original, level.alpha, noise, level.sigma)
     }
 }

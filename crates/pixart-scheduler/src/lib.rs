@@ -42,6 +42,10 @@ pub enum SchedulerError {
     /// `step` was called more times than there are timesteps.
     #[error("scheduler stepped past its last timestep ({0} steps)")]
     Finished(usize),
+    /// A call out of sequence (a begin index after stepping or past the end, noise of another
+    /// shape).
+    #[error("scheduler used out of sequence: {0}")]
+    Sequence(String),
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
@@ -70,6 +74,38 @@ pub trait Scheduler: Send {
         sample: &Tensor,
         noise: &mut dyn NoiseSource,
     ) -> Result<Tensor, SchedulerError>;
+    /// Starts the run at `index` of [`Self::timesteps`] (diffusers' `set_begin_index`, which
+    /// image-to-image uses): the steps before it are skipped, and the first step taken has no
+    /// history (first order), as in diffusers. Only before the first step.
+    fn begin_at(&mut self, index: usize) -> Result<(), SchedulerError>;
+    /// diffusers' `add_noise`: `original` noised with `noise` to the level of `index` of
+    /// [`Self::timesteps`] (the level the sample has when the step at `index` runs).
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor, SchedulerError>;
+}
+
+/// Checks a [`Scheduler::begin_at`] call: before the first step, within the timesteps.
+pub(crate) fn check_begin(step_index: usize, index: usize, steps: usize) -> Result<(), SchedulerError> {
+    if step_index != 0 {
+        return Err(SchedulerError::Sequence(format!("begin_at({index}) after {step_index} steps")));
+    }
+    if index >= steps {
+        return Err(SchedulerError::Sequence(format!("begin_at({index}) past the last of {steps} timesteps")));
+    }
+    Ok(())
+}
+
+/// `a · original + b · noise` in f32, as diffusers' `add_noise` computes it (scalars in f32).
+pub(crate) fn mix(original: &Tensor, a: f32, noise: &Tensor, b: f32) -> Result<Tensor, SchedulerError> {
+    let original = original.to_dtype(DType::F32)?;
+    let noise = noise.to_dtype(DType::F32)?.to_device(original.device())?;
+    if original.dims() != noise.dims() {
+        return Err(SchedulerError::Sequence(format!(
+            "add_noise: noise {:?} and sample {:?} differ in shape",
+            noise.dims(),
+            original.dims()
+        )));
+    }
+    Ok((scale(&original, a)? + scale(&noise, b)?)?)
 }
 
 /// `x · a` for a scalar `a` computed in f32 (candle's affine, `x · a + 0`).

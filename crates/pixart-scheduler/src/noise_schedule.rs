@@ -15,8 +15,8 @@ fn torch_linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
         .collect()
 }
 
-/// `σ_t = √((1 − ᾱ_t)/ᾱ_t)` for every training timestep, in f32 as diffusers stores them.
-pub fn train_sigmas(config: &SchedulerConfig) -> Vec<f32> {
+/// `ᾱ_t` for every training timestep, in f32 as diffusers stores them.
+pub fn train_alphas_cumprod(config: &SchedulerConfig) -> Vec<f32> {
     let betas = torch_linspace_f32(config.beta_start as f32, config.beta_end as f32, config.num_train_timesteps);
     // torch.cumprod on CPU accumulates in double and rounds each output to f32.
     let mut acc = 1f64;
@@ -24,10 +24,14 @@ pub fn train_sigmas(config: &SchedulerConfig) -> Vec<f32> {
         .iter()
         .map(|&beta| {
             acc *= f64::from(1.0f32 - beta);
-            let alpha_bar = acc as f32;
-            ((1.0f32 - alpha_bar) / alpha_bar).sqrt()
+            acc as f32
         })
         .collect()
+}
+
+/// `σ_t = √((1 − ᾱ_t)/ᾱ_t)` for every training timestep, in f32 as diffusers stores them.
+pub fn train_sigmas(config: &SchedulerConfig) -> Vec<f32> {
+    train_alphas_cumprod(config).into_iter().map(|alpha_bar| ((1.0f32 - alpha_bar) / alpha_bar).sqrt()).collect()
 }
 
 /// `round_half_even(linspace(0, T−1, N+1))[::-1][:-1]`: N timesteps from T−1 down.

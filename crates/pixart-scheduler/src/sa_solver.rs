@@ -7,8 +7,8 @@
 use candle_core::{DType, Tensor};
 
 use crate::config::SchedulerConfig;
-use crate::noise_schedule::{inference_schedule, AlphaSigma, DataPrediction};
-use crate::{begin_step, scale, NoiseSource, Scheduler, SchedulerError};
+use crate::noise_schedule::{inference_schedule, train_alphas_cumprod, AlphaSigma, DataPrediction};
+use crate::{begin_step, check_begin, mix, scale, NoiseSource, Scheduler, SchedulerError};
 
 /// Predictor and corrector order of the demo configuration.
 const ORDER: usize = 2;
@@ -49,6 +49,8 @@ pub struct SaSolver {
     timesteps: Vec<u32>,
     /// Schedule sigmas at each timestep, then σ_min.
     sigmas: Vec<f32>,
+    /// `(√ᾱ_t, √(1 − ᾱ_t))` at each timestep, what `add_noise` mixes with.
+    noise_levels: Vec<(f32, f32)>,
     /// `x0` from each step's model output.
     data_prediction: DataPrediction,
     lower_order_final: bool,
@@ -69,8 +71,17 @@ impl SaSolver {
     pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Self, SchedulerError> {
         config.validate_common()?;
         let (timesteps, sigmas) = inference_schedule(config, steps, false)?;
+        let alphas_cumprod = train_alphas_cumprod(config);
+        let noise_levels = timesteps
+            .iter()
+            .map(|&t| {
+                let alpha_bar = alphas_cumprod[t as usize];
+                (alpha_bar.sqrt(), (1.0f32 - alpha_bar).sqrt())
+            })
+            .collect();
         Ok(Self {
             timesteps,
+            noise_levels,
             data_prediction: DataPrediction::new(&sigmas),
             sigmas,
             lower_order_final: config.lower_order_final,
@@ -202,6 +213,21 @@ impl Scheduler for SaSolver {
         }
         self.step_index += 1;
         Ok(prev.to_dtype(out_dtype)?)
+    }
+
+    fn begin_at(&mut self, index: usize) -> Result<(), SchedulerError> {
+        check_begin(self.step_index, index, self.timesteps.len())?;
+        self.step_index = index;
+        Ok(())
+    }
+
+    /// `√ᾱ_t · x + √(1 − ᾱ_t) · noise` at the timestep `t` at `index`, as diffusers'
+    /// `SASolverScheduler.add_noise` (which reads ᾱ at the timestep it is given).
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor, SchedulerError> {
+        let Some(&(signal, noise_level)) = self.noise_levels.get(index) else {
+            return Err(SchedulerError::Sequence(format!("add_noise at {index} past the schedule")));
+        };
+        mix(original, signal, noise, noise_level)
     }
 }
 

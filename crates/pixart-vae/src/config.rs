@@ -1,4 +1,4 @@
-//! The VAE's `config.json` (diffusers' `AutoencoderKL`), reduced to what decoding uses.
+//! The VAE's `config.json` (diffusers' `AutoencoderKL`), reduced to what encoding and decoding use.
 
 use serde::Deserialize;
 
@@ -7,7 +7,7 @@ use pixart_core::{ConfigCheck, UnsupportedConfig};
 /// The most resolution levels a VAE may have (SDXL's has 4; each level doubles the size).
 pub const MAX_LEVELS: usize = 8;
 
-/// Hyper-parameters of the VAE decoder, deserialised from `vae/config.json`.
+/// Hyper-parameters of the VAE, deserialised from `vae/config.json`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct VaeConfig {
     /// Channels per resolution level, encoder order ([128, 256, 512, 512] for SDXL).
@@ -18,6 +18,9 @@ pub struct VaeConfig {
     /// Latent channels (4).
     #[serde(default = "four")]
     pub latent_channels: usize,
+    /// Image channels the encoder takes (3).
+    #[serde(default = "three")]
+    pub in_channels: usize,
     /// Image channels (3).
     #[serde(default = "three")]
     pub out_channels: usize,
@@ -29,6 +32,9 @@ pub struct VaeConfig {
     pub scaling_factor: f64,
     /// Added after scaling, when set.
     pub shift_factor: Option<f64>,
+    /// Whether a 1×1 `quant_conv` follows the encoder.
+    #[serde(default = "yes")]
+    pub use_quant_conv: bool,
     /// Whether a 1×1 `post_quant_conv` precedes the decoder.
     #[serde(default = "yes")]
     pub use_post_quant_conv: bool,
@@ -41,6 +47,9 @@ pub struct VaeConfig {
     /// Must all be `UpDecoderBlock2D`.
     #[serde(default)]
     pub up_block_types: Vec<String>,
+    /// Must all be `DownEncoderBlock2D`.
+    #[serde(default)]
+    pub down_block_types: Vec<String>,
     /// Whether the VAE must run in f32 when f16 is asked for (diffusers' `force_upcast`, true by
     /// default and in the SDXL VAE, whose activations overflow f16). bf16 has f32's range and
     /// is kept. A deliberate difference: diffusers' SDXL pipelines honour this flag, its
@@ -96,8 +105,12 @@ impl VaeConfig {
         if let Some(other) = self.up_block_types.iter().find(|t| *t != "UpDecoderBlock2D") {
             return Err(UnsupportedConfig::new("up_block_types", other, "UpDecoderBlock2D"));
         }
+        if let Some(other) = self.down_block_types.iter().find(|t| *t != "DownEncoderBlock2D") {
+            return Err(UnsupportedConfig::new("down_block_types", other, "DownEncoderBlock2D"));
+        }
         ConfigCheck::dimension("norm_num_groups", self.norm_num_groups)?;
         ConfigCheck::dimension("latent_channels", self.latent_channels)?;
+        ConfigCheck::dimension("in_channels", self.in_channels)?;
         ConfigCheck::dimension("out_channels", self.out_channels)?;
         ConfigCheck::within("layers_per_block", self.layers_per_block, 0, 64)?;
         ConfigCheck::within("block_out_channels (levels)", self.block_out_channels.len(), 1, MAX_LEVELS)?;

@@ -1,4 +1,6 @@
-//! The SDXL VAE decoder PixArt-Σ uses (diffusers' `AutoencoderKL.decode`):
+//! The SDXL VAE PixArt-Σ uses: the decoder (diffusers' `AutoencoderKL.decode`), and the encoder
+//! image input runs through (`AutoencoderKL.encode`, [`VaeEncoder`] and its
+//! [`DiagonalGaussian`] posterior). Decoding:
 //!
 //! ```text
 //! z = latents / scaling_factor (+ shift_factor)
@@ -12,11 +14,16 @@
 
 #![warn(missing_docs)]
 
+mod blocks;
 pub mod config;
 pub mod decoder;
+pub mod encoder;
+pub mod posterior;
 
 pub use config::VaeConfig;
 pub use decoder::VaeDecoder;
+pub use encoder::VaeEncoder;
+pub use posterior::DiagonalGaussian;
 
 /// Errors from loading or running the VAE.
 #[derive(Debug, thiserror::Error)]
@@ -27,7 +34,7 @@ pub enum VaeError {
     /// The checkpoint's config asks for something this implementation does not compute.
     #[error(transparent)]
     Unsupported(#[from] pixart_core::UnsupportedConfig),
-    /// Latents of the wrong shape.
+    /// Latents or images of the wrong shape.
     #[error("invalid VAE input: {0}")]
     Input(String),
     /// A tensor operation failed.
