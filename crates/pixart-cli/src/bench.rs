@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use candle_core::Device;
 use clap::builder::FalseyValueParser;
 use clap::Args;
-use pixart_fal::{GuidanceScale, ImageSize, SchedulerKind, Steps};
+use pixart_fal::{GuidanceScale, ImageSize, SchedulerKind, Steps, Strength};
 use pixart_pipeline::{GenerationParams, Pipeline, StageTimings, WeightSummary};
 use serde_json::{json, Value};
 
@@ -48,6 +48,13 @@ pub struct BenchArgs {
     /// and the report gives the transformer step's ratio and the merge time.
     #[arg(long = "lora", env = "PIXART_LORA", value_name = "PATH[:SCALE]", action = clap::ArgAction::Append)]
     loras: Vec<String>,
+    /// Image-to-image from this picture (a path or URL), resized to `--size`: the report adds
+    /// the image's resize and VAE encoding (`image_encode`).
+    #[arg(long, env = "PIXART_IMAGE", value_name = "PATH|URL")]
+    image: Option<String>,
+    /// The strength of `--image` (the run takes the last ⌊steps · strength⌋ steps).
+    #[arg(long, env = "PIXART_STRENGTH", default_value = "0.8")]
+    strength: Strength,
 }
 
 /// Device memory in use now, in bytes: the CUDA device's used memory, or the process's peak
@@ -124,15 +131,21 @@ fn summary(values: &[f64]) -> Value {
     json!({ "mean_ms": mean, "min_ms": sorted.first().copied().unwrap_or(0.0), "median_ms": sorted.get(sorted.len() / 2).copied().unwrap_or(0.0) })
 }
 
-/// The parameters every run uses.
-fn params(args: &BenchArgs) -> GenerationParams {
+/// The parameters every run uses (the `--image` read as the command line reads pictures).
+fn params(args: &BenchArgs) -> Result<GenerationParams> {
     let mut params = GenerationParams::new(args.prompt.clone())
         .with_steps(args.steps.get())
         .with_sampler(args.scheduler.sampler())
         .with_guidance_scale(args.guidance_scale.get())
         .with_seed(args.seed);
+    if let Some(image) = &args.image {
+        let mut request = pixart_fal::GenerateRequest::new(args.prompt.clone());
+        request.image_url = Some(pixart_fal::ImageUrl::new("image_url", image.clone())?);
+        let picture = crate::generate::read_pictures(&request)?.image.context("no picture")?;
+        params = params.with_image(picture, args.strength.get())?;
+    }
     params.size = args.size.dimensions();
-    params
+    Ok(params)
 }
 
 /// Runs the warm-up and measured generations; returns the measured runs' timings.
@@ -172,10 +185,11 @@ struct Measured<'a> {
 }
 
 /// The stages of the report, in order.
-const STAGES: [&str; 9] = [
+const STAGES: [&str; 10] = [
     "tokenize",
     "text_encoder_load",
     "text_encoder",
+    "image_encode",
     "transformer_step",
     "denoise_total",
     "vae",
@@ -207,12 +221,15 @@ fn report_json(args: &BenchArgs, device: &Device, dtype: candle_core::DType, mea
         "steps": args.steps.get(),
         "scheduler": args.scheduler.name(),
         "guidance_scale": args.guidance_scale.get(),
+        "image": args.image,
+        "strength": args.image.as_ref().map(|_| args.strength.get()),
         "runs": args.runs,
         "load_s": measured.load.as_secs_f64(),
         "stages": {
             "tokenize": summary(&per_run(&|r| r.tokenize)),
             "text_encoder_load": summary(&per_run(&|r| r.text_encoder_load)),
             "text_encoder": summary(&per_run(&|r| r.text_encoder)),
+            "image_encode": summary(&per_run(&|r| r.image_encode)),
             "transformer_step": summary(&steps),
             "denoise_total": summary(&per_run(&StageTimings::denoise)),
             "vae": summary(&per_run(&|r| r.vae)),
@@ -269,7 +286,7 @@ fn report_table(args: &BenchArgs, report: &Value, measured: &Measured<'_>) -> Re
 
 /// Runs `pixart bench`.
 pub fn run(args: BenchArgs) -> Result<()> {
-    let params = params(&args);
+    let params = params(&args)?;
     let loras = read_loras(&args.loras)?;
     let mut options = args.model.load_options()?;
     options.prompt_cache_size = 0; // every run encodes its prompt, so T5 is timed too

@@ -7,9 +7,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::builder::FalseyValueParser;
 use clap::Args;
-use pixart_fal::{GenerateRequest, InvalidRequest, PartialRequest};
+use pixart_fal::{GenerateRequest, InputPictures, InvalidRequest, PartialRequest};
 use pixart_pipeline::{Generation, Pipeline, PipelineError};
+use pixart_server::core::image_source::{ImageRules, ImageSource};
 use pixart_server::core::lora_source::{LoraRules, LoraSource};
+use pixart_server::core::remote_file::FetchRules;
 
 use crate::model_args::ModelArgs;
 use crate::request_flags::RequestFlags;
@@ -25,7 +27,7 @@ pub struct GenerateArgs {
     /// A fal request as JSON: a file, or `-` for standard input.
     #[arg(long, env = "PIXART_REQUEST")]
     request: Option<String>,
-    /// Folder for the PNG files (not written in sync mode).
+    /// Folder for the image files (not written in sync mode).
     #[arg(long, env = "PIXART_OUT_DIR", default_value = ".")]
     out_dir: PathBuf,
     #[command(flatten)]
@@ -107,17 +109,24 @@ pub fn read_lora_weights(weights: &[pixart_fal::LoraWeight], quiet: bool) -> Res
     Ok(loras)
 }
 
+/// The request's input pictures (`--image`, `--mask`), read from local files, URLs or `data:`
+/// URIs (the user's own machine: any path, any address), decoded within the usual limits.
+pub fn read_pictures(request: &GenerateRequest) -> Result<InputPictures> {
+    let fetch = FetchRules { allow_private: true, max_bytes: 1 << 30, timeout: std::time::Duration::from_secs(600) };
+    let rules = ImageRules { any_local_path: true, fetch, decode: pixart_fal::DecodeLimits::default() };
+    Ok(ImageSource::new(rules, None).resolve(request, None).map_err(InvalidRequest)?)
+}
+
 /// Runs the request; the engine's refusals come back in the request's own field names.
 fn generate(
     pipeline: &Pipeline,
     request: &GenerateRequest,
-    loras: Vec<pixart_pipeline::LoraUse>,
+    params: pixart_pipeline::GenerationParams,
     quiet: bool,
 ) -> Result<Generation> {
-    let mut params = request.to_params();
-    params.loras = loras;
     let bar = progress_bar(quiet, request.num_inference_steps.get());
     let generation = pipeline.generate_with_progress(&params, |progress| {
+        bar.set_length(progress.total as u64);
         bar.set_position(progress.step as u64);
         ControlFlow::Continue(())
     });
@@ -141,22 +150,25 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     // Validate everything the user typed before loading gigabytes of weights.
     let request = build_request(&args)?;
     let loras = read_loras(&request, args.quiet)?;
+    let pictures = read_pictures(&request)?;
+    let mut params = request.to_params_with_pictures(pictures).map_err(|e| InvalidRequest(vec![e]))?;
+    params.loras = loras;
     let options = args.model.load_options()?;
     if !request.sync_mode {
         std::fs::create_dir_all(&args.out_dir)
             .with_context(|| format!("cannot create the output folder {}", args.out_dir.display()))?;
     }
     let pipeline = args.model.load_pipeline(&options)?;
-    let generation = generate(&pipeline, &request, loras, args.quiet)?;
+    let generation = generate(&pipeline, &request, params, args.quiet)?;
     if let Some(path) = &args.save_latents {
         generation
             .latents
             .save_safetensors("latents", path)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
-    let response = pixart_fal::respond(&request, &generation, |file_name, png| {
+    let response = pixart_fal::respond(&request, &generation, |file_name, bytes| {
         let path = args.out_dir.join(file_name);
-        std::fs::write(&path, png).with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::write(&path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
         Ok(file_url(&path)?)
     })?;
     crate::emit(&serde_json::to_string_pretty(&response)?)

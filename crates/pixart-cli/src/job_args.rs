@@ -45,6 +45,12 @@ pub struct JobArgs {
     /// The longest a LoRA download may take (e.g. 5m).
     #[arg(long, env = "PIXART_LORA_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
     lora_timeout: Duration,
+    /// The largest input picture (`image_url`, `mask_url`) a request may give, in bytes.
+    #[arg(long, env = "PIXART_MAX_IMAGE_BYTES", default_value_t = 32 << 20)]
+    max_image_bytes: u64,
+    /// The longest an input picture's download may take (e.g. 1m).
+    #[arg(long, env = "PIXART_IMAGE_TIMEOUT", default_value = "1m", value_parser = parse_duration)]
+    image_timeout: Duration,
     /// With a shared queue: a running job whose worker shows no sign of life for this long
     /// (killed, machine lost) is given to another worker; a worker extends it every third of it.
     #[arg(long, env = "PIXART_VISIBILITY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
@@ -71,6 +77,8 @@ impl JobArgs {
         config.lora_dir.clone_from(&self.lora_dir);
         config.max_lora_bytes = self.max_lora_bytes;
         config.lora_timeout = self.lora_timeout;
+        config.max_image_bytes = self.max_image_bytes;
+        config.image_timeout = self.image_timeout;
         config
     }
 }

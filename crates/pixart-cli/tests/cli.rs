@@ -391,6 +391,14 @@ fn bench_reports_every_stage_as_json_and_as_a_table() {
     let bad = pixart(&["bench", "--model", m, "--steps", "0"], &[]);
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("num_inference_steps"));
+    // From a picture: its encoding is a stage of its own, and the run takes ⌊4 · 0.5⌋ steps.
+    let photo = fixtures().join("images/photo.png");
+    let args = ["bench", "--model", m, "--size", "64x64", "--steps", "4", "--runs", "1", "--warmup", "0", "--json"];
+    let report =
+        response(&pixart(&[&args[..], &["--image", photo.to_str().unwrap(), "--strength", "0.5"]].concat(), &[]));
+    assert!(report["stages"]["image_encode"]["mean_ms"].as_f64().unwrap() > 0.0, "{report}");
+    assert!(report["peak_memory_by_stage_bytes"]["image_encode"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(report["strength"], 0.5);
 }
 
 #[test]
@@ -633,5 +641,53 @@ fn loras_and_single_file_transformers_from_the_command_line() {
     rejects(
         &["--model", m, "--prompt", "x", "--lora", &lora("unknown_module.safetensors")],
         &["loras.0.path", "transformer_blocks.7"],
+    );
+}
+
+#[test]
+fn pictures_in_from_the_command_line() {
+    let model = fixtures().join("tiny-sigma-256");
+    let m = model.to_str().unwrap();
+    let picture = |name: &str| fixtures().join("images").join(name).to_string_lossy().to_string();
+    let golden = |case: &str| fixtures().join("goldens/image_input").join(case);
+    // The golden requests name their pictures by file name: the flags give the paths.
+    let run = |case: &str, extra: &[&str]| {
+        let out = temp_dir(&format!("picture-{case}"));
+        let request = golden(case).join("request.json");
+        let args = ["generate", "--model", m, "--no-safety-checker", "--request", request.to_str().unwrap()];
+        let json = response(&pixart(&[&args[..], extra, &["--out-dir", out.to_str().unwrap()]].concat(), &[]));
+        let image = &json["images"][0];
+        let path = PathBuf::from(image["url"].as_str().unwrap().strip_prefix("file://").unwrap());
+        let result = (path.clone(), image["content_type"].as_str().unwrap().to_string());
+        (out, result)
+    };
+    let (out, (path, _)) = run("img2img_sa_s075", &["--image", &picture("photo.png")]);
+    assert!(max_diff(&path, &golden("img2img_sa_s075").join("image_0.png")) <= 2);
+    std::fs::remove_dir_all(out).unwrap();
+    let mask = ["--image", &picture("photo.png"), "--mask", &picture("mask_center.png")];
+    let (out, (path, _)) = run("inpaint_center_dpm", &mask);
+    assert!(max_diff(&path, &golden("inpaint_center_dpm").join("image_0.png")) <= 2);
+    std::fs::remove_dir_all(out).unwrap();
+    let pag = ["--pag-scale", "1.5", "--pag-layer", "blocks.0", "--pag-layer", "blocks.1", "--scheduler", "SA-SOLVER"];
+    let (out, (path, _)) = run("pag_two_layers", &pag);
+    assert!(max_diff(&path, &golden("pag_two_layers").join("image_0.png")) <= 2);
+    std::fs::remove_dir_all(out).unwrap();
+    // JPEG out: a .jpg file of that type.
+    let (out, (path, content_type)) =
+        run("img2img_dpm_s03", &["--image", &picture("photo.png"), "--output-format", "jpeg"]);
+    assert_eq!((content_type.as_str(), path.extension().unwrap().to_str().unwrap()), ("image/jpeg", "jpg"));
+    assert_eq!(&std::fs::read(&path).unwrap()[..3], &[0xff, 0xd8, 0xff]);
+    std::fs::remove_dir_all(out).unwrap();
+    // Refusals name the field, before the model loads.
+    rejects(&["--model", m, "--prompt", "x", "--image", "/no/such/picture.png"], &["image_url", "picture.png"]);
+    rejects(&["--model", m, "--prompt", "x", "--mask", &picture("mask_center.png")], &["mask_url", "needs image_url"]);
+    rejects(
+        &["--model", m, "--prompt", "x", "--image", &picture("photo.png"), "--strength", "2"],
+        &["strength", "0 to 1"],
+    );
+    let readme = fixtures().join("../../README.md");
+    rejects(
+        &["--model", m, "--prompt", "x", "--image", readme.to_str().unwrap()],
+        &["image_url", "not a PNG, JPEG or WebP"],
     );
 }

@@ -125,8 +125,18 @@ fn python(server: &Server, script: &Path, args: &[&str], env: &[(&str, String)])
     command.output().expect("running the fal-client venv's python")
 }
 
-const JS_SCENARIOS: &[&str] =
-    &["subscribe_logs", "queue_flow", "streaming", "invalid_input", "run", "upload", "webhook", "proxy", "cors"];
+const JS_SCENARIOS: &[&str] = &[
+    "subscribe_logs",
+    "queue_flow",
+    "streaming",
+    "invalid_input",
+    "run",
+    "upload",
+    "image_input",
+    "webhook",
+    "proxy",
+    "cors",
+];
 const PY_SCENARIOS: &[&str] = &[
     "subscribe_logs",
     "queue_flow",
@@ -134,6 +144,7 @@ const PY_SCENARIOS: &[&str] = &[
     "run",
     "run_disconnect",
     "upload",
+    "images",
     "webhook",
     "async_client",
     "limits",
@@ -181,19 +192,27 @@ fn the_safety_checker_blackens_flagged_images_and_its_absence_is_never_hidden() 
 }
 
 #[test]
-fn loras_come_by_url_or_from_the_lora_folder_and_nowhere_else() {
+fn loras_and_input_pictures_come_only_from_where_they_may() {
     let folder = repo_root().join("tests/fixtures/lora");
     let server = Server::start_with_webhook_policy(&["--lora-dir", folder.to_str().unwrap()]);
     let env = [("LORA_DIR", folder.to_string_lossy().to_string())];
     check(
         "fal-client, LoRAs",
-        python(&server, &clients_dir().join("python/scenarios.py"), &["loras"], &env),
-        &["loras"],
+        python(&server, &clients_dir().join("python/scenarios.py"), &["loras", "image_policy"], &env),
+        &["loras", "image_policy"],
     );
     // By URL, with loopback addresses allowed (the file server is local) and a size limit.
     let server = Server::start(&["--max-lora-bytes", "50000"]);
     let output = python(&server, &clients_dir().join("python/scenarios.py"), &["lora_url"], &env);
     check("fal-client, LoRAs by URL", output, &["lora_url"]);
+}
+
+#[test]
+fn input_pictures_come_by_url_within_the_size_limit() {
+    // Loopback addresses allowed (the file server is local), with a size limit.
+    let server = Server::start(&["--max-image-bytes", "7000"]);
+    let output = python(&server, &clients_dir().join("python/scenarios.py"), &["image_url_fetch"], &[]);
+    check("fal-client, pictures by URL", output, &["image_url_fetch"]);
 }
 
 #[test]

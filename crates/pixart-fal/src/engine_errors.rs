@@ -6,7 +6,7 @@ use pixart_pipeline::{InvalidParameter, PipelineError};
 use crate::field_error::FieldError;
 
 /// The request field an engine parameter is filled from (`loras[i]` is the file of
-/// `loras.i.path`).
+/// `loras.i.path`, `image` the picture of `image_url`).
 pub fn field_of(parameter: &str) -> String {
     let field = match parameter {
         "size" => "image_size",
@@ -15,10 +15,17 @@ pub fn field_of(parameter: &str) -> String {
         "steps" => "num_inference_steps",
         "sampler" => "scheduler",
         "safety_check" => "enable_safety_checker",
-        other => match other.strip_prefix("loras[").and_then(|rest| rest.strip_suffix(']')) {
-            Some(index) => return format!("loras.{index}.path"),
-            None => other,
-        },
+        "image" => "image_url",
+        "mask" => "mask_url",
+        other => {
+            if let Some(index) = other.strip_prefix("loras[").and_then(|rest| rest.strip_suffix(']')) {
+                return format!("loras.{index}.path");
+            }
+            if let Some(index) = other.strip_prefix("pag_applied_layers[").and_then(|rest| rest.strip_suffix(']')) {
+                return format!("pag_applied_layers.{index}");
+            }
+            other
+        }
     };
     field.to_string()
 }

@@ -6,7 +6,8 @@
 //!   parameters (the style applied).
 //! - [`FIELDS`]: each request field declared once, read by the parser, the command line's flags,
 //!   [`input_schema`] and [`fields_table`] (the docs).
-//! - [`respond`]: a generation as fal's [`GenerateResponse`] (PNG files or data URIs).
+//! - [`respond`]: a generation as fal's [`GenerateResponse`] (PNG or JPEG files, or data URIs).
+//! - [`decode_image`]: an input picture (PNG, JPEG, WebP) from untrusted bytes, within limits.
 //! - [`validation_body`]: fal's 422 body; [`invalid_fields`]: the engine's refusals as fields.
 //!
 //! ```no_run
@@ -31,6 +32,9 @@
 pub mod engine_errors;
 pub mod field_error;
 pub mod field_value;
+pub mod image_decode;
+pub mod image_size;
+pub mod image_url;
 pub mod loras;
 pub mod request;
 pub mod response;
@@ -41,9 +45,14 @@ pub mod values;
 pub use engine_errors::{field_of, invalid_fields};
 pub use field_error::{validation_body, ErrorKind, FieldError, InvalidRequest};
 pub use field_value::FieldValue;
+pub use image_decode::{data_uri_bytes, decode_image, DecodeLimits, ImageDecodeError};
+pub use image_size::{ImageSize, SizePreset};
+pub use image_url::ImageUrl;
 pub use loras::LoraWeight;
-pub use request::{FieldSpec, GenerateRequest, PartialRequest, FIELDS};
-pub use response::{data_uri, encode_png, respond, EncodeError, GenerateResponse, ImageOutput, RespondError, Timings};
+pub use request::{FieldSpec, GenerateRequest, InputPictures, PartialRequest, FIELDS};
+pub use response::{
+    data_uri, encode_image, encode_png, respond, EncodeError, GenerateResponse, ImageOutput, RespondError, Timings,
+};
 pub use schema::{fields_table, input_schema};
 pub use styles::Style;
-pub use values::{GuidanceScale, ImageSize, NumImages, SchedulerKind, SizePreset, Steps};
+pub use values::{GuidanceScale, NumImages, OutputFormat, PagLayers, PagScale, SchedulerKind, Steps, Strength};

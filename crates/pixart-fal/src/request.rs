@@ -8,14 +8,18 @@
 //! the conversion to the engine's [`GenerationParams`]. A field's type says how it is read and
 //! described ([`FieldValue`]); adding a field is one entry in the table.
 
-use pixart_pipeline::GenerationParams;
+use std::sync::Arc;
+
+use pixart_pipeline::{Dimensions, GenerationParams, RgbImage};
 use serde_json::{Map, Value};
 
 use crate::field_error::{ErrorKind, FieldError};
 use crate::field_value::FieldValue;
+use crate::image_size::ImageSize;
+use crate::image_url::ImageUrl;
 use crate::loras::LoraWeight;
 use crate::styles::Style;
-use crate::values::{GuidanceScale, ImageSize, NumImages, SchedulerKind, Steps};
+use crate::values::{GuidanceScale, NumImages, OutputFormat, PagLayers, PagScale, SchedulerKind, Steps, Strength};
 
 /// One request field as the command line, the JSON Schema and the docs see it.
 #[derive(Debug, Clone, Copy)]
@@ -178,10 +182,12 @@ macro_rules! request_fields {
                     .map(|(name, _)| FieldError::missing(name))
                     .collect();
                 let ($( Some($rname), )*) = ($( self.$rname, )*) else { return Err(missing) };
-                Ok(GenerateRequest {
+                let request = GenerateRequest {
                     $( $rname, )*
                     $( $oname: self.$oname.unwrap_or($odefault), )*
-                })
+                };
+                request.check_combination()?;
+                Ok(request)
             }
         }
     };
@@ -197,8 +203,9 @@ request_fields! {
         negative_prompt: String = String::new(), flag = "negative-prompt";
         /// A style template applied to the prompt; its negative prompt is put before yours.
         style: Style = Style::default(), flag = "style";
-        /// The output size; the output always has exactly this size.
-        image_size: ImageSize = ImageSize::default(), flag = "image-size";
+        /// The output size; the output always has exactly this size. Absent: `square_hd`, or
+        /// the input image's size with `image_url`.
+        image_size: Option<ImageSize> = None, flag = "image-size", stated_default = "square_hd";
         /// Denoising steps.
         num_inference_steps: Steps = Steps::DEFAULT, flag = "steps";
         /// The sampler.
@@ -218,7 +225,31 @@ request_fields! {
         /// LoRAs merged into the transformer for this request; their changes add up (see the
         /// README's "Fine-tunes and LoRAs" for the files and where they may come from).
         loras: Vec<LoraWeight> = Vec::new(), flag = "lora";
+        /// Image-to-image: the picture to start from (see the README's "Image input" for the
+        /// semantics and where pictures may come from).
+        image_url: Option<ImageUrl> = None, flag = "image";
+        /// Image-to-image and inpainting: how much of the input picture is repainted.
+        strength: Strength = Strength::DEFAULT, flag = "strength";
+        /// Inpainting (with `image_url`): white repaints, black keeps.
+        mask_url: Option<ImageUrl> = None, flag = "mask";
+        /// Perturbed-attention guidance's scale; 0 turns it off.
+        pag_scale: PagScale = PagScale::DEFAULT, flag = "pag-scale";
+        /// The layers perturbed-attention guidance perturbs, as diffusers' `pag_applied_layers`
+        /// (`blocks.1` also selects blocks 10–19 of a 28-block model, as in diffusers).
+        pag_applied_layers: PagLayers = PagLayers::default(), flag = "pag-layer";
+        /// How the images are encoded.
+        output_format: OutputFormat = OutputFormat::default(), flag = "output-format";
     }
+}
+
+/// The decoded input pictures of a request (from `image_url` and `mask_url`), fetched by
+/// whoever runs it with its own rules of where they may come from.
+#[derive(Debug, Clone, Default)]
+pub struct InputPictures {
+    /// The picture to start from.
+    pub image: Option<Arc<RgbImage>>,
+    /// The inpainting mask.
+    pub mask: Option<Arc<RgbImage>>,
 }
 
 impl GenerateRequest {
@@ -249,6 +280,9 @@ impl GenerateRequest {
     /// pixels, the sampler, and the other fields as they are (`sync_mode` is the response's).
     /// `loras` name files or URLs: whoever runs the request reads them (with the rules of where
     /// they may come from) and adds them to the parameters.
+    ///
+    /// `image_url` and `mask_url` are fetched the same way and given to
+    /// [`Self::to_params_with_pictures`]; this method leaves them out.
     pub fn to_params(&self) -> GenerationParams {
         let (prompt, negative) = self.style.apply(&self.prompt, &self.negative_prompt);
         let mut params = GenerationParams::new(prompt)
@@ -256,11 +290,46 @@ impl GenerateRequest {
             .with_steps(self.num_inference_steps.get())
             .with_sampler(self.scheduler.sampler())
             .with_guidance_scale(self.guidance_scale.get())
-            .with_num_images(self.num_images.get());
-        params.size = self.image_size.dimensions();
+            .with_num_images(self.num_images.get())
+            .with_pag(self.pag_scale.get(), self.pag_applied_layers.patterns().to_vec());
+        params.size = self.image_size.unwrap_or_default().dimensions();
         params.seed = self.seed;
         params.safety_check = self.enable_safety_checker;
+        params.strength = self.strength.get();
         params
+    }
+
+    /// [`Self::to_params`] with the request's input pictures: without `image_size`, the output
+    /// takes the input image's size (refused naming `image_url` when a side is outside
+    /// 16–4096).
+    pub fn to_params_with_pictures(&self, pictures: InputPictures) -> Result<GenerationParams, FieldError> {
+        let mut params = self.to_params();
+        if let (Some(image), None) = (&pictures.image, self.image_size) {
+            params.size = Dimensions::new(image.width, image.height).map_err(|_| {
+                FieldError::value(
+                    "image_url",
+                    format!(
+                        "the picture is {}x{}: without image_size the output takes its size, whose sides must be \
+                         from {} to {}; give image_size",
+                        image.width,
+                        image.height,
+                        Dimensions::MIN,
+                        Dimensions::MAX
+                    ),
+                )
+            })?;
+        }
+        params.image = pictures.image;
+        params.mask = pictures.mask;
+        Ok(params)
+    }
+
+    /// Fields that are valid alone but not together.
+    fn check_combination(&self) -> Result<(), Vec<FieldError>> {
+        if self.mask_url.is_some() && self.image_url.is_none() {
+            return Err(vec![FieldError::value("mask_url", "needs image_url: the picture the mask repaints")]);
+        }
+        Ok(())
     }
 }
 
@@ -340,7 +409,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::values::SizePreset;
+    use crate::image_size::SizePreset;
 
     #[test]
     fn defaults_are_fals() {
@@ -348,7 +417,10 @@ mod tests {
         assert_eq!(r, GenerateRequest::new("a cat"));
         assert_eq!(r.num_inference_steps.get(), 35);
         assert_eq!(r.guidance_scale.get(), 4.5);
-        assert_eq!((r.image_size.dimensions().width(), r.image_size.dimensions().height()), (1024, 1024));
+        assert_eq!(r.image_size, None, "absent: square_hd, or the input picture's size");
+        assert_eq!((r.to_params().size.width(), r.to_params().size.height()), (1024, 1024));
+        assert_eq!((r.strength.get(), r.pag_scale.get(), r.output_format), (0.8, 0.0, OutputFormat::Png));
+        assert_eq!(r.pag_applied_layers.patterns(), ["blocks.1"]);
         assert_eq!(r.style.name(), "(No style)");
         assert_eq!(r.num_images.get(), 1);
         assert_eq!(r.enable_safety_checker, None, "absent: the server's default (checked when it has a checker)");
@@ -401,7 +473,7 @@ mod tests {
     fn serialises_to_what_it_parses() {
         let mut request = GenerateRequest::new("a cat");
         request.style = Style::Anime;
-        request.image_size = ImageSize::custom(64, 118).unwrap();
+        request.image_size = Some(ImageSize::custom(64, 118).unwrap());
         request.num_inference_steps = Steps::new(2).unwrap();
         request.scheduler = SchedulerKind::SaSolver;
         request.guidance_scale = GuidanceScale::new(1.0).unwrap();
@@ -423,11 +495,11 @@ mod tests {
             let mut partial = PartialRequest::default();
             partial.set_text(name, text).map(|()| partial)
         };
-        let size = field("image_size", "64x118").unwrap().image_size.unwrap();
+        let size = field("image_size", "64x118").unwrap().image_size.unwrap().unwrap();
         assert_eq!(size.dimensions(), pixart_pipeline::Dimensions::new(64, 118).unwrap());
         assert_eq!(
             field("image_size", "landscape_16_9").unwrap().image_size,
-            Some(ImageSize::Preset(SizePreset::Landscape16x9))
+            Some(Some(ImageSize::Preset(SizePreset::Landscape16x9)))
         );
         assert_eq!(field("image_size", "0x64").unwrap_err().field, "image_size.width");
         assert_eq!(field("image_size", "64x5000").unwrap_err().field, "image_size.height");
@@ -477,7 +549,7 @@ mod tests {
         let mut request = GenerateRequest::new("a cat");
         request.style = Style::Anime;
         request.negative_prompt = "blurry".into();
-        request.image_size = ImageSize::custom(64, 118).unwrap();
+        request.image_size = Some(ImageSize::custom(64, 118).unwrap());
         request.seed = Some(7);
         request.enable_safety_checker = Some(false);
         let params = request.to_params();
@@ -485,5 +557,50 @@ mod tests {
         assert_eq!((params.size.width(), params.size.height(), params.steps), (64, 118, 35));
         assert_eq!((params.seed, params.safety_check, params.num_images), (Some(7), Some(false), 1));
         assert_eq!(params.guidance_scale, 4.5);
+    }
+
+    #[test]
+    fn image_fields_parse_and_combine() {
+        let request = GenerateRequest::from_value(&json!({
+            "prompt": "x", "image_url": "https://example.com/a.png", "strength": 0.3,
+            "mask_url": "data:image/png;base64,AAAA", "pag_scale": 2.5,
+            "pag_applied_layers": ["blocks.0", "blocks\\.1\\."], "output_format": "jpeg"
+        }))
+        .unwrap();
+        assert_eq!(request.image_url.as_ref().unwrap().as_str(), "https://example.com/a.png");
+        assert_eq!(request.mask_url.as_ref().unwrap().to_string(), "data:image/png;base64,…");
+        assert_eq!((request.strength.get(), request.pag_scale.get()), (0.3, 2.5));
+        assert_eq!(request.pag_applied_layers.patterns(), ["blocks.0", "blocks\\.1\\."]);
+        assert_eq!(request.output_format, OutputFormat::Jpeg);
+        let params = request.to_params();
+        assert_eq!((params.strength, params.pag_scale, params.pag_layers.len()), (0.3, 2.5, 2));
+        // A mask alone, and values out of range, are refused by name.
+        let errors = GenerateRequest::from_value(&json!({"prompt": "x", "mask_url": "m.png"})).unwrap_err();
+        assert_eq!(errors[0].field, "mask_url");
+        let errors = GenerateRequest::from_value(&json!({
+            "prompt": "x", "strength": 1.5, "pag_scale": -1, "output_format": "gif", "image_url": "",
+            "pag_applied_layers": ["", 3]
+        }))
+        .unwrap_err();
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        for field in ["strength", "pag_scale", "output_format", "image_url", "pag_applied_layers.1"] {
+            assert!(fields.contains(&field), "{field} not reported: {errors:?}");
+        }
+        // The output takes the input picture's size unless image_size is given.
+        let picture = Arc::new(RgbImage { width: 40, height: 24, pixels: vec![0; 40 * 24 * 3] });
+        let pictures = InputPictures { image: Some(picture.clone()), mask: None };
+        let request = GenerateRequest::from_value(&json!({"prompt": "x", "image_url": "a.png"})).unwrap();
+        let params = request.to_params_with_pictures(pictures.clone()).unwrap();
+        assert_eq!((params.size.width(), params.size.height()), (40, 24));
+        let sized = GenerateRequest::from_value(&json!({"prompt": "x", "image_url": "a.png", "image_size": "square"}));
+        let params = sized.unwrap().to_params_with_pictures(pictures).unwrap();
+        assert_eq!((params.size.width(), params.size.height()), (512, 512));
+        let huge = Arc::new(RgbImage { width: 5000, height: 20, pixels: Vec::new() });
+        let refused = request.to_params_with_pictures(InputPictures { image: Some(huge), mask: None }).unwrap_err();
+        assert_eq!(refused.field, "image_url");
+        // Repeated --pag-layer flags add up.
+        let flags =
+            PartialRequest::from_texts([("pag_applied_layers", "blocks.0"), ("pag_applied_layers", "blocks.2")]);
+        assert_eq!(flags.unwrap().pag_applied_layers.unwrap().patterns(), ["blocks.0", "blocks.2"]);
     }
 }

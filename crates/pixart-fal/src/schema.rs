@@ -64,11 +64,14 @@ mod tests {
         let mut with_prompt = defaults.clone();
         with_prompt.insert("prompt".into(), json!("x"));
         // Every default the schema states is what the parser fills in, and every field but the
-        // prompt and seed has one. `enable_safety_checker` states fal's `true`: absent, the
-        // parser leaves it to the server, which checks whenever it has a checker loaded.
+        // prompt, the seed and the input pictures has one. `enable_safety_checker` states
+        // fal's `true`: absent, the parser leaves it to the server, which checks whenever it has
+        // a checker loaded; `image_size` states `square_hd`: absent, the output takes the input
+        // picture's size when there is one.
         assert_eq!(with_prompt.remove("enable_safety_checker"), Some(json!(true)));
+        assert_eq!(with_prompt.remove("image_size"), Some(json!("square_hd")));
         assert_eq!(GenerateRequest::from_value(&Value::Object(with_prompt)).unwrap(), GenerateRequest::new("x"));
-        assert_eq!(defaults.len(), properties.len() - 2);
+        assert_eq!(defaults.len(), properties.len() - 4);
         assert_eq!(schema["required"], json!(["prompt"]));
         assert_eq!(schema["properties"]["num_inference_steps"]["maximum"], 200);
         assert_eq!(schema["properties"]["image_size"]["anyOf"][1]["properties"]["width"]["minimum"], 16);

@@ -1,47 +1,51 @@
 //! The values of fal's request fields: bounded numbers ([`Steps`], [`NumImages`],
-//! [`GuidanceScale`]), the sampler's name ([`SchedulerKind`]) and the size ([`ImageSize`], a
-//! [`SizePreset`] or explicit [`Dimensions`]). Each checks its range on construction, so a
-//! request holds only valid values.
+//! [`GuidanceScale`], [`Strength`], [`PagScale`]), the sampler's name ([`SchedulerKind`]), the
+//! style's, perturbed-attention guidance's layer patterns ([`PagLayers`]) and the output format
+//! ([`OutputFormat`]). Each checks its range on construction, so a request holds only valid
+//! values.
 
-use pixart_pipeline::{Dimensions, Sampler};
+use pixart_pipeline::{GenerationParams, Sampler};
 use serde_json::{json, Value};
 
 use crate::field_error::{ErrorKind, FieldError};
 use crate::field_value::{json_integer, FieldValue};
 use crate::styles::Style;
 
-/// An integer field with an inclusive range and a default, checked on construction.
-macro_rules! bounded_integer {
-    ($(#[$doc:meta])* $name:ident, field = $field:literal, min = $min:literal, max = $max:literal, default = $default:literal) => {
-        $(#[$doc])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-        pub struct $name(u32);
-
+/// What every bounded field value has: its range and default as constants, a checked
+/// constructor whose error names the field and the range, `get`, `Default`, `Display` and
+/// `FromStr` (the flag's parser).
+macro_rules! bounded_value {
+    ($name:ident, $ty:ty, $kind:literal, field = $field:literal, min = $min:literal, max = $max:literal,
+     default = $default:literal) => {
         impl $name {
             /// The smallest accepted value.
-            pub const MIN: u32 = $min;
+            pub const MIN: $ty = $min;
             /// The largest accepted value.
-            pub const MAX: u32 = $max;
-            /// fal's default.
+            pub const MAX: $ty = $max;
+            /// The default.
             pub const DEFAULT: Self = Self($default);
             /// The request field this value fills.
             pub const FIELD: &'static str = $field;
 
-            /// Checks the range; the error names the field and the range.
-            pub fn new(value: u32) -> Result<Self, FieldError> {
+            /// Checks the range (NaN is refused); the error names the field and the range.
+            pub fn new(value: $ty) -> Result<Self, FieldError> {
+                Self::checked(Self::FIELD, value)
+            }
+
+            fn checked(field: &str, value: $ty) -> Result<Self, FieldError> {
                 if (Self::MIN..=Self::MAX).contains(&value) {
                     Ok(Self(value))
                 } else {
-                    Err(Self::range_error(Self::FIELD))
+                    Err(Self::range_error(field))
                 }
             }
 
             fn range_error(field: &str) -> FieldError {
-                FieldError::value(field, format!("must be an integer from {} to {}", Self::MIN, Self::MAX))
+                FieldError::value(field, format!("must be {} from {} to {}", $kind, Self::MIN, Self::MAX))
             }
 
             /// The value.
-            pub fn get(self) -> u32 {
+            pub fn get(self) -> $ty {
                 self.0
             }
         }
@@ -64,23 +68,28 @@ macro_rules! bounded_integer {
                 Self::from_text(Self::FIELD, text)
             }
         }
+    };
+}
+
+/// An integer field with an inclusive range and a default, checked on construction.
+macro_rules! bounded_integer {
+    ($(#[$doc:meta])* $name:ident, field = $field:literal, min = $min:literal, max = $max:literal, default = $default:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub struct $name(u32);
+
+        bounded_value!($name, u32, "an integer", field = $field, min = $min, max = $max, default = $default);
 
         impl FieldValue for $name {
             fn from_json(field: &str, value: &Value) -> Result<Self, FieldError> {
                 json_integer(value)
                     .and_then(|v| u32::try_from(v).ok())
-                    .filter(|v| (Self::MIN..=Self::MAX).contains(v))
-                    .map(Self)
                     .ok_or_else(|| Self::range_error(field))
+                    .and_then(|v| Self::checked(field, v))
             }
 
             fn from_text(field: &str, text: &str) -> Result<Self, FieldError> {
-                text.trim()
-                    .parse::<u32>()
-                    .ok()
-                    .filter(|v| (Self::MIN..=Self::MAX).contains(v))
-                    .map(Self)
-                    .ok_or_else(|| Self::range_error(field))
+                text.trim().parse::<u32>().map_err(|_| Self::range_error(field)).and_then(|v| Self::checked(field, v))
             }
 
             fn to_json(&self) -> Value {
@@ -107,83 +116,55 @@ bounded_integer!(
     NumImages, field = "num_images", min = 1, max = 8, default = 1
 );
 
-/// `guidance_scale`: the classifier-free guidance scale; ≤ 1 turns guidance off.
-#[derive(Debug, Clone, Copy, PartialEq, PartialOrd)]
-pub struct GuidanceScale(f64);
+/// A number field with an inclusive range and a default, checked on construction (NaN is
+/// refused).
+macro_rules! bounded_number {
+    ($(#[$doc:meta])* $name:ident, field = $field:literal, min = $min:literal, max = $max:literal,
+     default = $default:literal, note = $note:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, PartialOrd)]
+        pub struct $name(f64);
 
-impl GuidanceScale {
-    /// The smallest accepted value.
-    pub const MIN: f64 = 0.0;
-    /// The largest accepted value.
-    pub const MAX: f64 = 20.0;
-    /// fal's default.
-    pub const DEFAULT: Self = Self(4.5);
-    /// The request field this value fills.
-    pub const FIELD: &'static str = "guidance_scale";
+        bounded_value!($name, f64, "a number", field = $field, min = $min, max = $max, default = $default);
 
-    /// Checks the range (NaN is refused); the error names the field and the range.
-    pub fn new(value: f64) -> Result<Self, FieldError> {
-        Self::checked(Self::FIELD, value)
-    }
+        impl FieldValue for $name {
+            fn from_json(field: &str, value: &Value) -> Result<Self, FieldError> {
+                value.as_f64().ok_or_else(|| Self::range_error(field)).and_then(|v| Self::checked(field, v))
+            }
 
-    fn checked(field: &str, value: f64) -> Result<Self, FieldError> {
-        if (Self::MIN..=Self::MAX).contains(&value) {
-            Ok(Self(value))
-        } else {
-            Err(Self::range_error(field))
+            fn from_text(field: &str, text: &str) -> Result<Self, FieldError> {
+                text.trim().parse::<f64>().map_err(|_| Self::range_error(field)).and_then(|v| Self::checked(field, v))
+            }
+
+            fn to_json(&self) -> Value {
+                json!(self.0)
+            }
+
+            fn schema() -> Value {
+                json!({"type": "number", "minimum": Self::MIN, "maximum": Self::MAX})
+            }
+
+            fn allowed() -> String {
+                format!("{}–{}{}", Self::MIN, Self::MAX, $note)
+            }
         }
-    }
-
-    fn range_error(field: &str) -> FieldError {
-        FieldError::value(field, format!("must be a number from {} to {}", Self::MIN, Self::MAX))
-    }
-
-    /// The value.
-    pub fn get(self) -> f64 {
-        self.0
-    }
+    };
 }
 
-impl Default for GuidanceScale {
-    fn default() -> Self {
-        Self::DEFAULT
-    }
-}
-
-impl std::fmt::Display for GuidanceScale {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)
-    }
-}
-
-impl std::str::FromStr for GuidanceScale {
-    type Err = FieldError;
-    fn from_str(text: &str) -> Result<Self, FieldError> {
-        Self::from_text(Self::FIELD, text)
-    }
-}
-
-impl FieldValue for GuidanceScale {
-    fn from_json(field: &str, value: &Value) -> Result<Self, FieldError> {
-        value.as_f64().ok_or_else(|| Self::range_error(field)).and_then(|v| Self::checked(field, v))
-    }
-
-    fn from_text(field: &str, text: &str) -> Result<Self, FieldError> {
-        text.trim().parse::<f64>().map_err(|_| Self::range_error(field)).and_then(|v| Self::checked(field, v))
-    }
-
-    fn to_json(&self) -> Value {
-        json!(self.0)
-    }
-
-    fn schema() -> Value {
-        json!({"type": "number", "minimum": Self::MIN, "maximum": Self::MAX})
-    }
-
-    fn allowed() -> String {
-        format!("{}–{} (≤ 1 turns classifier-free guidance off)", Self::MIN, Self::MAX)
-    }
-}
+bounded_number!(
+    /// `guidance_scale`: the classifier-free guidance scale; ≤ 1 turns guidance off.
+    GuidanceScale, field = "guidance_scale", min = 0.0, max = 20.0, default = 4.5,
+    note = " (≤ 1 turns classifier-free guidance off)"
+);
+bounded_number!(
+    /// `strength`: how much of the input image is repainted (image-to-image and inpainting).
+    Strength, field = "strength", min = 0.0, max = 1.0, default = 0.8,
+    note = " (the run takes the last ⌊steps · strength⌋ steps)"
+);
+bounded_number!(
+    /// `pag_scale`: the perturbed-attention guidance scale; 0 turns it off.
+    PagScale, field = "pag_scale", min = 0.0, max = 20.0, default = 0.0, note = " (0 is off)"
+);
 
 /// The sampler, as fal names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -277,196 +258,157 @@ impl FieldValue for Style {
     }
 }
 
-/// fal's size presets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum SizePreset {
-    /// 1024×1024 (the default).
-    #[default]
-    SquareHd,
-    /// 512×512.
-    Square,
-    /// 768×1024.
-    Portrait4x3,
-    /// 576×1024.
-    Portrait16x9,
-    /// 1024×768.
-    Landscape4x3,
-    /// 1024×576.
-    Landscape16x9,
-}
+/// `pag_applied_layers`: which self-attention layers perturbed-attention guidance perturbs,
+/// as diffusers' `pag_applied_layers`: regular expressions searched in the layer names
+/// (`transformer_blocks.{i}.attn1`). `blocks.1` is also found in `transformer_blocks.10.attn1`
+/// (diffusers' rule); `blocks\.1\.` is block 1 alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PagLayers(Vec<String>);
 
-impl SizePreset {
-    /// Every preset, in fal's order.
-    pub const ALL: [Self; 6] =
-        [Self::SquareHd, Self::Square, Self::Portrait4x3, Self::Portrait16x9, Self::Landscape4x3, Self::Landscape16x9];
+impl PagLayers {
+    /// The most patterns a request may give.
+    pub const MAX_PATTERNS: usize = 64;
+    /// The longest pattern, in bytes.
+    pub const MAX_PATTERN_BYTES: usize = 256;
 
-    /// The name as fal spells it (`square_hd`, …).
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::SquareHd => "square_hd",
-            Self::Square => "square",
-            Self::Portrait4x3 => "portrait_4_3",
-            Self::Portrait16x9 => "portrait_16_9",
-            Self::Landscape4x3 => "landscape_4_3",
-            Self::Landscape16x9 => "landscape_16_9",
+    /// Checks the patterns (non-empty, at most [`Self::MAX_PATTERN_BYTES`] each, at most
+    /// [`Self::MAX_PATTERNS`]); errors name `pag_applied_layers[.i]`.
+    pub fn new(patterns: Vec<String>) -> Result<Self, FieldError> {
+        Self::checked("pag_applied_layers", patterns)
+    }
+
+    fn checked(field: &str, patterns: Vec<String>) -> Result<Self, FieldError> {
+        if patterns.len() > Self::MAX_PATTERNS {
+            return Err(FieldError::value(field, format!("at most {} patterns", Self::MAX_PATTERNS)));
         }
-    }
-
-    /// The preset's pixel size.
-    pub fn dimensions(self) -> Dimensions {
-        let (width, height) = match self {
-            Self::SquareHd => (1024, 1024),
-            Self::Square => (512, 512),
-            Self::Portrait4x3 => (768, 1024),
-            Self::Portrait16x9 => (576, 1024),
-            Self::Landscape4x3 => (1024, 768),
-            Self::Landscape16x9 => (1024, 576),
-        };
-        // Every preset is within the engine's range.
-        Dimensions::new(width, height).unwrap_or(Dimensions::DEFAULT)
-    }
-
-    /// Looks a preset up by its exact name.
-    pub fn by_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|p| p.name() == name)
-    }
-
-    /// The preset names, for error messages and help.
-    pub fn names() -> String {
-        Self::ALL.map(Self::name).join(", ")
-    }
-}
-
-/// `image_size`: a preset or explicit dimensions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ImageSize {
-    /// One of fal's presets.
-    Preset(SizePreset),
-    /// Explicit pixels.
-    Custom(Dimensions),
-}
-
-impl Default for ImageSize {
-    fn default() -> Self {
-        Self::Preset(SizePreset::default())
-    }
-}
-
-impl ImageSize {
-    /// The size in pixels.
-    pub fn dimensions(self) -> Dimensions {
-        match self {
-            Self::Preset(preset) => preset.dimensions(),
-            Self::Custom(dimensions) => dimensions,
-        }
-    }
-
-    /// Explicit dimensions; the error names `image_size.width` or `image_size.height`.
-    pub fn custom(width: u32, height: u32) -> Result<Self, FieldError> {
-        Dimensions::new(width, height).map(Self::Custom).map_err(FieldError::from)
-    }
-
-    fn side_error(field: &str, side: &str) -> FieldError {
-        FieldError::value(format!("{field}.{side}"), Dimensions::range())
-    }
-
-    fn preset_error(field: &str) -> FieldError {
-        FieldError::value(
-            field,
-            format!("must be one of {} or an object {{\"width\", \"height\"}}", SizePreset::names()),
-        )
-    }
-}
-
-impl std::fmt::Display for ImageSize {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Preset(preset) => f.write_str(preset.name()),
-            Self::Custom(d) => write!(f, "{d}"),
-        }
-    }
-}
-
-impl std::str::FromStr for ImageSize {
-    type Err = FieldError;
-    /// `WIDTHxHEIGHT` (e.g. `768x512`) or a preset name.
-    fn from_str(text: &str) -> Result<Self, FieldError> {
-        Self::from_text("image_size", text)
-    }
-}
-
-impl FieldValue for ImageSize {
-    fn from_json(field: &str, value: &Value) -> Result<Self, FieldError> {
-        match value {
-            Value::String(name) => SizePreset::by_name(name).map(Self::Preset).ok_or_else(|| Self::preset_error(field)),
-            Value::Object(fields) => {
-                if let Some(extra) = fields.keys().find(|k| *k != "width" && *k != "height") {
-                    return Err(FieldError::new(
-                        format!("{field}.{extra}"),
-                        ErrorKind::ExtraForbidden,
-                        "unknown field",
-                    ));
-                }
-                let side = |name: &str| {
-                    fields
-                        .get(name)
-                        .and_then(json_integer)
-                        .and_then(|v| u32::try_from(v).ok())
-                        .filter(|v| (Dimensions::MIN..=Dimensions::MAX).contains(v))
-                        .ok_or_else(|| Self::side_error(field, name))
-                };
-                Ok(Self::Custom(Dimensions::new(side("width")?, side("height")?)?))
+        for (i, pattern) in patterns.iter().enumerate() {
+            if pattern.is_empty() || pattern.len() > Self::MAX_PATTERN_BYTES {
+                return Err(FieldError::value(
+                    format!("{field}.{i}"),
+                    format!("must be a non-empty pattern of at most {} bytes", Self::MAX_PATTERN_BYTES),
+                ));
             }
-            _ => Err(FieldError::new(
-                field,
-                ErrorKind::TypeError,
-                "must be a preset name or an object {\"width\", \"height\"}",
-            )),
         }
+        Ok(Self(patterns))
+    }
+
+    /// The patterns.
+    pub fn patterns(&self) -> &[String] {
+        &self.0
+    }
+}
+
+impl Default for PagLayers {
+    fn default() -> Self {
+        Self(vec![GenerationParams::DEFAULT_PAG_LAYER.to_string()])
+    }
+}
+
+impl FieldValue for PagLayers {
+    fn from_json(field: &str, value: &Value) -> Result<Self, FieldError> {
+        let Some(items) = value.as_array() else {
+            return Err(FieldError::new(field, ErrorKind::TypeError, "must be a list of strings"));
+        };
+        let patterns = items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| {
+                item.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| FieldError::new(format!("{field}.{i}"), ErrorKind::TypeError, "must be a string"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::checked(field, patterns)
     }
 
     fn from_text(field: &str, text: &str) -> Result<Self, FieldError> {
-        let text = text.trim();
-        match text.split_once(['x', 'X']) {
-            Some((w, h)) if SizePreset::by_name(text).is_none() => {
-                let side = |s: &str, name: &str| {
-                    s.trim()
-                        .parse::<u32>()
-                        .ok()
-                        .filter(|v| (Dimensions::MIN..=Dimensions::MAX).contains(v))
-                        .ok_or_else(|| Self::side_error(field, name))
-                };
-                Ok(Self::Custom(Dimensions::new(side(w, "width")?, side(h, "height")?)?))
-            }
-            _ => SizePreset::by_name(text).map(Self::Preset).ok_or_else(|| Self::preset_error(field)),
-        }
+        Self::checked(field, vec![text.to_string()])
     }
 
     fn to_json(&self) -> Value {
-        match self {
-            Self::Preset(preset) => json!(preset.name()),
-            Self::Custom(d) => json!({ "width": d.width(), "height": d.height() }),
-        }
+        json!(self.0)
     }
 
     fn schema() -> Value {
-        json!({
-            "anyOf": [
-                { "enum": SizePreset::ALL.map(SizePreset::name) },
-                { "type": "object", "additionalProperties": false, "required": ["width", "height"],
-                  "properties": {
-                      "width": { "type": "integer", "minimum": Dimensions::MIN, "maximum": Dimensions::MAX },
-                      "height": { "type": "integer", "minimum": Dimensions::MIN, "maximum": Dimensions::MAX } } }
-            ]
-        })
+        json!({"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": Self::MAX_PATTERN_BYTES},
+               "maxItems": Self::MAX_PATTERNS})
     }
 
     fn allowed() -> String {
-        format!(
-            "{}, or `{{width, height}}` with each side {}–{} (`WxH` on the command line)",
-            SizePreset::ALL.map(|p| format!("`{}`", p.name())).join(", "),
-            Dimensions::MIN,
-            Dimensions::MAX
-        )
+        "regular expressions (one per flag, repeatable)".into()
+    }
+
+    const IS_LIST: bool = true;
+
+    fn combine(mut self, later: Self) -> Self {
+        self.0.extend(later.0);
+        self
+    }
+}
+
+/// `output_format`: how the images are encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum OutputFormat {
+    /// Lossless PNG (the default).
+    #[default]
+    Png,
+    /// JPEG at quality [`OutputFormat::JPEG_QUALITY`].
+    Jpeg,
+}
+
+impl OutputFormat {
+    /// Both formats, the default first.
+    pub const ALL: [Self; 2] = [Self::Png, Self::Jpeg];
+    /// The JPEG quality.
+    pub const JPEG_QUALITY: u8 = 95;
+
+    /// The name as the request spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Png => "png",
+            Self::Jpeg => "jpeg",
+        }
+    }
+
+    /// The MIME type.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::Png => "image/png",
+            Self::Jpeg => "image/jpeg",
+        }
+    }
+
+    /// The file extension.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Self::Png => "png",
+            Self::Jpeg => "jpg",
+        }
+    }
+
+    fn error(field: &str) -> FieldError {
+        FieldError::value(field, "must be \"png\" or \"jpeg\"")
+    }
+}
+
+impl FieldValue for OutputFormat {
+    fn from_json(field: &str, value: &Value) -> Result<Self, FieldError> {
+        Self::from_text(field, value.as_str().ok_or_else(|| Self::error(field))?)
+    }
+
+    fn from_text(field: &str, text: &str) -> Result<Self, FieldError> {
+        Self::ALL.into_iter().find(|k| k.name() == text).ok_or_else(|| Self::error(field))
+    }
+
+    fn to_json(&self) -> Value {
+        json!(self.name())
+    }
+
+    fn schema() -> Value {
+        json!({"enum": Self::ALL.map(Self::name)})
+    }
+
+    fn allowed() -> String {
+        Self::ALL.map(|k| format!("`{}`", k.name())).join(", ")
     }
 }

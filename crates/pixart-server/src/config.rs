@@ -112,6 +112,11 @@ pub struct ServerConfig {
     pub max_lora_bytes: u64,
     /// The longest a LoRA download may take.
     pub lora_timeout: Duration,
+    /// The largest input picture (`image_url`, `mask_url`) a request may give, in bytes (a
+    /// file, a download or a `data:` URI's content).
+    pub max_image_bytes: u64,
+    /// The longest an input picture's download may take.
+    pub image_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -136,6 +141,8 @@ impl Default for ServerConfig {
             lora_dir: None,
             max_lora_bytes: 2 << 30,
             lora_timeout: Duration::from_secs(300),
+            max_image_bytes: 32 << 20,
+            image_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -148,11 +155,12 @@ impl ServerConfig {
         if parts.len() != 2 || parts.iter().any(|p| p.is_empty() || !p.chars().all(is_id_char)) {
             return bad("app_id", "must be `owner/alias` (letters, digits, `-`, `_`, `.`), e.g. fal-ai/pixart-sigma");
         }
-        let counts: [(&str, usize, usize, usize); 4] = [
+        let counts: [(&str, usize, usize, usize); 5] = [
             ("max_queue", self.max_queue, 1, 1_000_000),
             ("max_request_bytes", self.max_request_bytes, 1024, 1 << 30),
             ("max_upload_bytes", self.max_upload_bytes, 1, 1 << 40),
             ("max_lora_bytes", usize::try_from(self.max_lora_bytes).unwrap_or(usize::MAX), 1, 1 << 36),
+            ("max_image_bytes", usize::try_from(self.max_image_bytes).unwrap_or(usize::MAX), 1, 1 << 32),
         ];
         for (field, value, min, max) in counts {
             if !(min..=max).contains(&value) {
@@ -171,6 +179,7 @@ impl ServerConfig {
             ("shutdown_grace", self.shutdown_grace, Duration::ZERO, 24 * hour),
             ("visibility_timeout", self.visibility_timeout, Duration::from_secs(1), hour),
             ("lora_timeout", self.lora_timeout, Duration::from_secs(1), hour),
+            ("image_timeout", self.image_timeout, Duration::from_secs(1), hour),
             ("retention", self.retention.unwrap_or_default(), Duration::ZERO, 100 * 365 * 24 * hour),
         ];
         for (field, value, min, max) in durations {

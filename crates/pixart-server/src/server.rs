@@ -14,7 +14,9 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use crate::config::{QueueBackend, ServerConfig};
 use crate::core::cdn_tokens::CdnTokens;
 use crate::core::files::FileStore;
+use crate::core::image_source::{ImageRules, ImageSource};
 use crate::core::lora_source::{LoraRules, LoraSource};
+use crate::core::remote_file::FetchRules;
 use crate::core::retry::RetryPolicy;
 use crate::core::sweeper::Sweeper;
 use crate::core::uploads::Uploads;
@@ -141,9 +143,17 @@ async fn start_state(
     };
     let files = Arc::new(files);
     let loras = Arc::new(LoraSource::new(rules, Some(files.clone()), Some(root.join("loras"))));
+    let fetch = FetchRules {
+        allow_private: config.allow_private_webhooks,
+        max_bytes: config.max_image_bytes,
+        timeout: config.image_timeout,
+    };
+    let rules = ImageRules { any_local_path: false, fetch, decode: pixart_fal::DecodeLimits::default() };
+    let images = Arc::new(ImageSource::new(rules, Some(files.clone())));
     let state = Arc::new(AppState {
         local_addr,
         loras,
+        images,
         uploads: Arc::new(Uploads::new(root.join(".upload-parts"))),
         cdn_tokens: Arc::new(CdnTokens::new(root.join(".cdn-tokens"))),
         config,
@@ -166,6 +176,7 @@ fn spawn_worker(pipeline: Pipeline, state: &Arc<AppState>) -> std::io::Result<st
             files: &state.files,
             file_url: crate::http::file_url_path,
             loras: &state.loras,
+            images: &state.images,
             durable,
         };
         crate::core::worker::run(&pipeline, &context);

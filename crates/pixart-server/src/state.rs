@@ -7,6 +7,7 @@ use std::time::Instant;
 use crate::config::ServerConfig;
 use crate::core::cdn_tokens::CdnTokens;
 use crate::core::files::FileStore;
+use crate::core::image_source::ImageSource;
 use crate::core::lora_source::LoraSource;
 use crate::core::uploads::Uploads;
 use crate::core::Queue;
@@ -35,6 +36,8 @@ pub struct AppState {
     pub cdn_tokens: Arc<CdnTokens>,
     /// Where requests' LoRAs are read from.
     pub loras: Arc<LoraSource>,
+    /// Where requests' input pictures are read from.
+    pub images: Arc<ImageSource>,
     /// When the server started.
     pub started: Instant,
 }

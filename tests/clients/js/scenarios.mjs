@@ -7,6 +7,7 @@
 // Each scenario prints `ok <name>` or throws; the process exits non-zero on the first failure.
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
+import { readFileSync } from "node:fs";
 import http from "node:http";
 import { ApiError, ValidationError, createFalClient } from "@fal-ai/client";
 
@@ -251,6 +252,25 @@ const scenarios = {
     const back = await fetchBytes(bigUrl);
     assert.equal(back.bytes.length, big.length);
     assert.equal(sha(back.bytes), sha(big), "multipart upload reassembled in order");
+  },
+
+  // fal.storage.upload → image_url: image-to-image from an uploaded picture (the output takes
+  // its size), and JPEG output.
+  async image_input() {
+    const photo = readFileSync(new URL("../../fixtures/images/photo.png", import.meta.url));
+    const url = await fal.storage.upload(new File([photo], "photo.png", { type: "image/png" }));
+    const input = { prompt: "a hot air balloon", image_url: url, strength: 0.75, num_inference_steps: 8, seed: 3 };
+    const result = await fal.run(APP, { input });
+    await checkImage(result.data.images[0], 160, 96);
+    const jpeg = await fal.run(APP, { input: { ...input, output_format: "jpeg" } });
+    const image = jpeg.data.images[0];
+    assert.equal(image.content_type, "image/jpeg");
+    const { type, bytes } = await fetchBytes(image.url);
+    assert.equal(type, "image/jpeg");
+    assert.deepEqual([...bytes.slice(0, 3)], [0xff, 0xd8, 0xff], "JPEG signature");
+    const refused = await fal.run(APP, { input: { ...input, image_url: "http://user:secret@example.com/x.png" } }).catch((e) => e);
+    assert.ok(refused instanceof ValidationError, String(refused));
+    assert.match(refused.getFieldErrors("image_url")[0].msg, /credentials/);
   },
 
   // fal_webhook: the server POSTs fal's webhook payload when the request ends (OK and ERROR).

@@ -604,12 +604,105 @@ def lora_url():
     assert len([p for p in fetched if "a_simpletuner" in p]) == 1, fetched
 
 
+IMAGES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "fixtures", "images")
+
+
+def images():
+    """Image input through the client's own upload: fal_client.upload_file → image_url runs
+    image-to-image at the input picture's size, the same picture as a data URI gives the same
+    image bytes, a mask makes it inpainting, PAG changes the picture, JPEG output comes as JPEG
+    (file and data URI); a URL with credentials or another scheme, a local path, a file that is no
+    picture, a mask without a picture, a strength that leaves no step and a PAG layer the model
+    lacks are refused with 422 naming the field, before anything runs."""
+    request = {"prompt": "a hot air balloon", "num_inference_steps": 10, "seed": 3, "strength": 0.75}
+    photo = os.path.join(IMAGES, "photo.png")
+    url = fal_client.upload_file(photo)
+
+    def run(**extra):
+        result = fal_client.run(APP, {**request, **extra})
+        return result, fetch(result["images"][0]["url"]).content
+
+    result, by_upload = run(image_url=url)
+    check_image(result["images"][0], 160, 96)
+    _, by_data_uri = run(image_url=fal_client.encode_file(photo))
+    assert by_data_uri == by_upload, "the same picture by upload and by data URI"
+    _, resized = run(image_url=url, image_size={"width": 64, "height": 48})
+    assert resized != by_upload
+    mask = fal_client.upload_file(os.path.join(IMAGES, "mask_center.png"))
+    inpainted, inpainted_png = run(image_url=url, mask_url=mask)
+    check_image(inpainted["images"][0], 160, 96)
+    assert inpainted_png != by_upload
+    _, text = run()
+    _, guided = run(pag_scale=2.0)
+    assert guided != text, "perturbed-attention guidance changes the picture"
+    jpeg, jpeg_bytes = run(image_url=url, output_format="jpeg")
+    image = jpeg["images"][0]
+    assert image["content_type"] == "image/jpeg" and image["file_name"].endswith(".jpg"), image
+    assert jpeg_bytes[:3] == b"\xff\xd8\xff" and len(jpeg_bytes) == image["file_size"]
+    assert fetch(image["url"]).headers["content-type"] == "image/jpeg"
+    inline = fal_client.run(APP, {**request, "image_url": url, "output_format": "jpeg", "sync_mode": True})
+    assert inline["images"][0]["url"].startswith("data:image/jpeg;base64,")
+    junk = fal_client.upload(b"not a picture", "image/png", file_name="junk.png")
+    refusals = [
+        ({"image_url": "http://user:secret@example.com/a.png"}, ["body", "image_url"], "credentials"),
+        ({"image_url": "ftp://example.com/a.png"}, ["body", "image_url"], "http(s)"),
+        ({"image_url": "/etc/hostname"}, ["body", "image_url"], "local paths are not accepted"),
+        ({"image_url": junk}, ["body", "image_url"], "not a PNG, JPEG or WebP"),
+        ({"image_url": url, "mask_url": junk}, ["body", "mask_url"], "not a PNG, JPEG or WebP"),
+        ({"mask_url": mask}, ["body", "mask_url"], "needs image_url"),
+        ({"image_url": url, "strength": 0.05}, ["body", "strength"], "leaves no step"),
+        ({"pag_scale": 1.0, "pag_applied_layers": ["blocks.1", "mid"]}, ["body", "pag_applied_layers", 1], "matches no"),
+    ]
+    for extra, loc, says in refusals:
+        error = expect_http_error(lambda: fal_client.run(APP, {**request, **extra}), 422)
+        assert error.message[0]["loc"] == loc and says in error.message[0]["msg"], (extra, error.message)
+
+
+def image_policy():
+    """Against a server without --allow-private-webhooks: pictures at loopback and private
+    addresses are refused naming image_url (the server never calls its own network for a
+    client)."""
+    request = {"prompt": "x", "num_inference_steps": 2, "seed": 1}
+    for url in ["http://127.0.0.1:9/a.png", "http://10.0.0.1/a.png", "http://[::1]/a.png"]:
+        error = expect_http_error(lambda: fal_client.run(APP, {**request, "image_url": url}), 422)
+        assert error.message[0]["loc"] == ["body", "image_url"], error.message
+        assert "not a public address" in error.message[0]["msg"], error.message
+
+
+def image_url_fetch():
+    """Against a server started with --allow-private-webhooks and --max-image-bytes 7000: a picture
+    fetched by URL from a loopback file server gives the image of the same file uploaded; a file
+    over the limit is refused naming image_url."""
+    class Files(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=IMAGES, **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+    files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Files)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    origin = f"http://127.0.0.1:{files.server_address[1]}"
+    request = {"prompt": "a hot air balloon", "num_inference_steps": 4, "seed": 3}
+    try:
+        uploaded = fal_client.upload_file(os.path.join(IMAGES, "photo.png"))
+        by_url = fal_client.run(APP, {**request, "image_url": f"{origin}/photo.png"})
+        by_upload = fal_client.run(APP, {**request, "image_url": uploaded})
+        assert fetch(by_url["images"][0]["url"]).content == fetch(by_upload["images"][0]["url"]).content
+        large = {**request, "image_url": f"{origin}/square.png"}  # 7567 bytes
+        error = expect_http_error(lambda: fal_client.run(APP, large), 422)
+        assert error.message[0]["loc"] == ["body", "image_url"] and "limit" in error.message[0]["msg"], error.message
+    finally:
+        files.shutdown()
+        files.server_close()
+
+
 SCENARIOS = {
     f.__name__: f
-    for f in (subscribe_logs, queue_flow, invalid_input, run, run_disconnect, host_urls, upload, webhook, async_client, limits, cross_origin, request_timeout, metrics, auth, retention, shutdown, safety_flagged, safety_off, webhook_policy, slow_webhook, memory, loras, lora_url)
+    for f in (subscribe_logs, queue_flow, invalid_input, run, run_disconnect, host_urls, upload, images, webhook, async_client, limits, cross_origin, request_timeout, metrics, auth, retention, shutdown, safety_flagged, safety_off, webhook_policy, slow_webhook, memory, loras, lora_url, image_policy, image_url_fetch)
 }
-# The last ten need a server started for them (see crates/pixart-cli/tests/serve.rs).
-DEFAULT = list(SCENARIOS)[:-10]
+# The last twelve need a server started for them (see crates/pixart-cli/tests/serve.rs).
+DEFAULT = list(SCENARIOS)[:-12]
 
 if __name__ == "__main__":
     for name in sys.argv[2:] or DEFAULT:

@@ -14,7 +14,7 @@ use pixart_fal::{FieldError, LoraWeight};
 use pixart_pipeline::{Lora, LoraUse};
 
 use super::files::FileStore;
-use super::webhook_target::{check_url, PolicyResolver};
+use super::remote_file::{FetchRules, Problem, RemoteFiles};
 
 /// What a LoRA's path may name.
 #[derive(Debug, Clone)]
@@ -40,32 +40,26 @@ const MEMORY_BYTES: u64 = 2 << 30;
 #[derive(Debug)]
 pub struct LoraSource {
     rules: LoraRules,
-    /// This server's stored files (`/files/{key}/{name}`).
-    files: Option<Arc<FileStore>>,
+    /// URLs and this server's own files.
+    remote: RemoteFiles,
     /// Where downloaded files are kept (`None`: not kept).
     downloads: Option<PathBuf>,
-    agent: ureq::Agent,
     /// Source (path with its size and time, or URL) → (file bytes, LoRA).
     memory: Mutex<lru::LruCache<String, (u64, Arc<Lora>)>>,
 }
 
-/// One source's problem, as a message.
-type Problem = String;
-
 impl LoraSource {
     /// A source with these rules, this server's files, and a download folder.
     pub fn new(rules: LoraRules, files: Option<Arc<FileStore>>, downloads: Option<PathBuf>) -> Self {
-        // The whole download within the timeout; a server that stops sending for 30 s (or never
-        // answers a connection for 10 s) fails sooner, not holding the worker for the whole of it.
-        let agent = ureq::AgentBuilder::new()
-            .timeout_connect(rules.timeout.min(Duration::from_secs(10)))
-            .timeout_read(rules.timeout.min(Duration::from_secs(30)))
-            .timeout(rules.timeout)
-            .redirects(0)
-            .resolver(PolicyResolver { allow_private: rules.allow_private })
-            .build();
+        let fetch =
+            FetchRules { allow_private: rules.allow_private, max_bytes: rules.max_bytes, timeout: rules.timeout };
         let entries = NonZeroUsize::new(MEMORY_ENTRIES).unwrap_or(NonZeroUsize::MIN);
-        Self { rules, files, downloads, agent, memory: Mutex::new(lru::LruCache::new(entries)) }
+        Self {
+            rules,
+            remote: RemoteFiles::new(fetch, files),
+            downloads,
+            memory: Mutex::new(lru::LruCache::new(entries)),
+        }
     }
 
     /// The LoRAs of a request, read (or taken from the cache), with their scales. `base_url` is
@@ -147,29 +141,18 @@ impl LoraSource {
     }
 
     fn load_url(&self, url: &url::Url, base_url: Option<&str>) -> Result<Arc<Lora>, Problem> {
-        if let Some(local) = self.own_file(url, base_url) {
-            return self.cached(format!("file\u{0}{}", local.display()), || read_file(&local, self.rules.max_bytes));
+        if let Some(local) = self.remote.own_file(url, base_url) {
+            return self.cached(format!("file\u{0}{}", local.display()), || {
+                let bytes = self.remote.read_local(&local)?;
+                Lora::from_safetensors(&bytes, None).map(|l| (bytes.len() as u64, l)).map_err(|e| e.to_string())
+            });
         }
-        check_url(url, self.rules.allow_private)?;
         let key = format!("url\u{0}{url}");
         self.cached(key, || {
             let bytes = self.fetch(url)?;
             let lora = Lora::from_safetensors(&bytes, None).map_err(|e| e.to_string())?;
             Ok((bytes.len() as u64, lora))
         })
-    }
-
-    /// The stored file a URL of this server's `/files/` names.
-    fn own_file(&self, url: &url::Url, base_url: Option<&str>) -> Option<PathBuf> {
-        let files = self.files.as_ref()?;
-        let base = url::Url::parse(base_url?).ok()?;
-        if url.origin() != base.origin() {
-            return None;
-        }
-        let mut segments = url.path_segments()?;
-        let (files_segment, key, name) = (segments.next()?, segments.next()?, segments.next()?);
-        (files_segment == "files" && segments.next().is_none()).then_some(())?;
-        files.get(key, name).map(|f| f.path)
     }
 
     /// The bytes at `url`: from the download folder, or fetched (within the size limit and the
@@ -184,17 +167,7 @@ impl LoraSource {
         if let Some(bytes) = kept.as_ref().and_then(|path| std::fs::read(path).ok()) {
             return Ok(bytes);
         }
-        let response = self.agent.get(url.as_str()).call().map_err(|e| format!("cannot fetch {url}: {e}"))?;
-        if (300..400).contains(&response.status()) {
-            return Err(format!("{url} answered a redirect ({}): give the final URL", response.status()));
-        }
-        let mut bytes = Vec::new();
-        let limit = self.rules.max_bytes;
-        std::io::Read::read_to_end(&mut std::io::Read::take(response.into_reader(), limit + 1), &mut bytes)
-            .map_err(|e| format!("cannot fetch {url}: {e}"))?;
-        if bytes.len() as u64 > limit {
-            return Err(format!("larger than the LoRA limit ({limit} bytes)"));
-        }
+        let bytes = self.remote.fetch(url)?;
         if let Some(path) = kept {
             // Through a temporary name, so a reader never sees half of it.
             let partial = path.with_extension("partial");
@@ -206,14 +179,4 @@ impl LoraSource {
         }
         Ok(bytes)
     }
-}
-
-/// A stored file read as a LoRA (within the size limit).
-fn read_file(path: &Path, max_bytes: u64) -> Result<(u64, Lora), Problem> {
-    let size = std::fs::metadata(path).map_err(|e| e.to_string())?.len();
-    if size > max_bytes {
-        return Err(format!("{size} bytes: larger than the LoRA limit ({max_bytes} bytes)"));
-    }
-    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
-    Lora::from_safetensors(&bytes, None).map(|l| (size, l)).map_err(|e| e.to_string())
 }

@@ -5,18 +5,20 @@
 //! runs on the blocking pool, and the worker is a thread of its own.
 //!
 //! Dependencies point one way: `job` ← `fal_format` ← `store` ← `sqlite`/`redis_store`/`queue` ← `worker`;
-//! `retry` ← `webhook` ← `queue`; `files`, `uploads`, `cdn_tokens`, `metrics` and
-//! `webhook_target` stand alone.
+//! `retry` ← `webhook` ← `queue`; `webhook_target` ← `remote_file` ← `lora_source`/`image_source`
+//! ← `worker`; `files`, `uploads`, `cdn_tokens` and `metrics` stand alone.
 
 pub mod cdn_tokens;
 pub mod counters;
 pub mod fal_format;
 pub mod files;
+pub mod image_source;
 pub mod job;
 pub mod lora_source;
 pub mod metrics;
 pub mod queue;
 pub mod redis_store;
+pub mod remote_file;
 pub mod retry;
 pub mod sqlite;
 pub mod store;

@@ -10,6 +10,7 @@ use pixart_fal::GenerateRequest;
 use pixart_pipeline::{Generation, Pipeline, PipelineError};
 
 use super::files::FileStore;
+use super::image_source::ImageSource;
 use super::job::{Failure, FailureKind, LogLine, Outcome, StopReason};
 use super::lora_source::LoraSource;
 use super::queue::{Queue, WorkItem};
@@ -27,6 +28,8 @@ pub struct WorkerContext<'a> {
     pub file_url: fn(&str, &str) -> String,
     /// Where requests' LoRAs are read from.
     pub loras: &'a LoraSource,
+    /// Where requests' input pictures are read from.
+    pub images: &'a ImageSource,
     /// Whether the job store outlives the process: a job stopped by a shutdown is then given
     /// back to the queue (it runs after the restart) instead of failing.
     pub durable: bool,
@@ -75,25 +78,13 @@ fn generate(pipeline: &Pipeline, context: &WorkerContext<'_>, item: &WorkItem) -
     let queue = context.queue;
     let request = &item.request;
     queue.log(item, LogLine::new("INFO", describe(request)));
-    let mut params = request.to_params();
-    match context.loras.resolve(&request.loras, Some(&item.base_url)) {
-        Ok(loras) => {
-            for (i, used) in loras.iter().enumerate() {
-                queue.log(item, LogLine::new("INFO", describe_lora(i, used)));
-                let skipped = used.lora.text_encoder_tensors().len();
-                if skipped > 0 {
-                    let line = format!("LoRA {i}: {skipped} text-encoder tensors not applied (the transformer's are)");
-                    queue.log(item, LogLine::new("WARN", line));
-                }
-            }
-            params.loras = loras;
-        }
-        Err(fields) => {
-            let failure = Failure::invalid(&fields);
+    let params = match prepare(context, item) {
+        Ok(params) => params,
+        Err(failure) => {
             queue.log(item, LogLine::new("ERROR", failure.message.clone()));
             return Some(Outcome::Failed(failure));
         }
-    }
+    };
     let result = pipeline.generate_with_progress(&params, |progress| {
         let line = format!(
             "Step {}/{} (timestep {}) {:.0} ms",
@@ -135,12 +126,45 @@ fn generate(pipeline: &Pipeline, context: &WorkerContext<'_>, item: &WorkItem) -
     Some(Outcome::Failed(failure))
 }
 
+/// The engine's parameters: the request's LoRAs and input pictures read (each reported in the
+/// logs), or the fields that cannot be used.
+fn prepare(context: &WorkerContext<'_>, item: &WorkItem) -> Result<pixart_pipeline::GenerationParams, Failure> {
+    let (queue, request) = (context.queue, &item.request);
+    let base_url = Some(item.base_url.as_str());
+    let loras = context.loras.resolve(&request.loras, base_url);
+    let pictures = context.images.resolve(request, base_url);
+    let (loras, pictures) = match (loras, pictures) {
+        (Ok(loras), Ok(pictures)) => (loras, pictures),
+        (loras, pictures) => {
+            let fields: Vec<_> = [loras.err(), pictures.err()].into_iter().flatten().flatten().collect();
+            return Err(Failure::invalid(&fields));
+        }
+    };
+    for (i, used) in loras.iter().enumerate() {
+        queue.log(item, LogLine::new("INFO", describe_lora(i, used)));
+        let skipped = used.lora.text_encoder_tensors().len();
+        if skipped > 0 {
+            let line = format!("LoRA {i}: {skipped} text-encoder tensors not applied (the transformer's are)");
+            queue.log(item, LogLine::new("WARN", line));
+        }
+    }
+    for (field, picture) in [("image_url", &pictures.image), ("mask_url", &pictures.mask)] {
+        if let Some(picture) = picture {
+            queue.log(item, LogLine::new("INFO", format!("{field}: {}x{} picture", picture.width, picture.height)));
+        }
+    }
+    let mut params = request.to_params_with_pictures(pictures).map_err(|e| Failure::invalid(&[e]))?;
+    params.loras = loras;
+    Ok(params)
+}
+
 /// Turns the pictures into fal's response: data URIs in sync mode, stored files otherwise.
 fn store(context: &WorkerContext<'_>, item: &WorkItem, generation: &Generation) -> Outcome {
     let id = item.id.as_str();
     let inference_time = generation.timings.total.as_secs_f64();
-    let response = pixart_fal::respond(&item.request, generation, |file_name, png| {
-        let name = context.files.put(id, file_name, "image/png", png)?;
+    let content_type = item.request.output_format.content_type();
+    let response = pixart_fal::respond(&item.request, generation, |file_name, bytes| {
+        let name = context.files.put(id, file_name, content_type, bytes)?;
         Ok((context.file_url)(id, &name))
     });
     match response {
@@ -154,11 +178,20 @@ fn store(context: &WorkerContext<'_>, item: &WorkItem, generation: &Generation) 
 }
 
 fn describe(request: &GenerateRequest) -> String {
-    let size = request.image_size.dimensions();
+    let size = match (request.image_size, &request.image_url) {
+        (Some(size), _) => size.dimensions().to_string(),
+        (None, Some(_)) => "the input picture's size".into(),
+        (None, None) => pixart_fal::ImageSize::default().dimensions().to_string(),
+    };
     let scheduler = request.scheduler;
     let seed = request.seed.map_or_else(|| "random".into(), |s| s.to_string());
+    let mode = match (&request.image_url, &request.mask_url) {
+        (Some(_), Some(_)) => format!(", inpainting at strength {}", request.strength),
+        (Some(_), None) => format!(", from a picture at strength {}", request.strength),
+        _ => String::new(),
+    };
     format!(
-        "Generating {} image(s) at {size}, {} steps of {scheduler}, guidance {}, seed {seed}",
+        "Generating {} image(s) at {size}, {} steps of {scheduler}, guidance {}, seed {seed}{mode}",
         request.num_images, request.num_inference_steps, request.guidance_scale
     )
 }
