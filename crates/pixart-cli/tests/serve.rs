@@ -538,7 +538,7 @@ fn js_client_against_a_front_with_two_workers_on_redis() {
 }
 
 #[test]
-fn a_paused_redis_holds_no_call_and_loses_no_request() {
+fn a_paused_redis_holds_no_call_and_runs_each_accepted_submit_once_and_no_refused_one() {
     install_clients();
     drop(Redis::start());
     let output = Command::new(clients_dir().join("python/.venv/bin/python"))

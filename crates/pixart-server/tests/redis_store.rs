@@ -182,12 +182,12 @@ async fn counters_and_logs_are_shared() {
     let redis = Redis::start();
     let a = redis.store(Duration::from_secs(30)).await;
     let b = redis.store(Duration::from_secs(30)).await;
-    a.add_counts(&pixart_server::Counters { accepted: 2, started: 1, ..Default::default() }).await.unwrap();
-    b.add_counts(&pixart_server::Counters { accepted: 1, ..Default::default() }).await.unwrap();
-    let counters = b.counters().await.unwrap().unwrap();
-    assert_eq!((counters.accepted, counters.started), (3, 1));
     let id = submit(&a, Priority::Normal, false).await;
+    submit(&b, Priority::Normal, false).await;
     let token = a.claim(SystemTime::now()).await.unwrap().unwrap().token;
+    // Counted by the store, in the step that changed the state, whichever process made it.
+    let counters = b.counters().await.unwrap().unwrap();
+    assert_eq!((counters.accepted, counters.started, counters.succeeded), (2, 1, 0));
     let line = |text: &str| pixart_server::core::LogLine::new("INFO", text);
     a.append_logs(&id, &token, 0, &[line("one")]).await.unwrap();
     b.append_logs(&id, &token, 1, &[line("two")]).await.unwrap();
@@ -200,4 +200,66 @@ async fn counters_and_logs_are_shared() {
     assert!(a.stop_requested(&id, &token).await.unwrap(), "a forgotten job is wanted by no one");
     a.append_logs(&id, &token, 2, &[line("late")]).await.unwrap();
     assert!(a.view(&id, 0).await.unwrap().is_none());
+}
+
+/// Sends a signal to the Redis server (`STOP` pauses it with its connections open, `CONT`
+/// resumes it and it then runs what was sent meanwhile).
+fn signal(redis: &Redis, name: &str) {
+    let status = Command::new("kill").args([&format!("-{name}"), &redis.0.id().to_string()]).status().unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn calls_interrupted_by_a_stall_take_effect_once_or_never() {
+    let redis = Redis::start();
+    let front = redis.store(Duration::from_secs(30)).await;
+    let worker = redis.store(Duration::from_secs(30)).await;
+    let waiting = submit(&front, Priority::Normal, true).await;
+
+    signal(&redis, "STOP");
+    // A submit and a claim that time out while Redis is paused: their callers hear "unavailable".
+    let mut job = NewJob::new(JobKind::Queued, "fal-ai/pixart-sigma", "http://h", Ok(GenerateRequest::new("late")));
+    job.webhook = Some("https://hooks.example.com/late".into());
+    let late = job.id.clone();
+    let refused = front.submit(job, 10).await.unwrap_err();
+    assert!(refused.to_string().contains("unavailable"), "{refused}");
+    let claim = worker.claim(SystemTime::now()).await.unwrap_err();
+    assert!(matches!(claim, pixart_server::core::StoreError::Unavailable(_)), "{claim}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    signal(&redis, "CONT");
+
+    // Redis ran both calls when it resumed, too late: neither the submit nor the claim happened,
+    // and nothing was counted.
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let view = front.view(&waiting, 0).await;
+        if let Ok(Some(view)) = view {
+            if matches!(view.state, JobState::Queued { .. }) && !front.contains(&late).await.unwrap() {
+                break;
+            }
+        }
+        assert!(Instant::now() < until, "the queue did not settle after the stall");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!front.contains(&late).await.unwrap(), "a submit answered 'unavailable' was queued");
+    let counters = front.counters().await.unwrap().unwrap();
+    assert_eq!((counters.accepted, counters.started), (1, 0), "{counters:?}");
+    assert_eq!(front.stats().await.unwrap().queued, 1);
+
+    // A finish retried after its first try was applied is answered the same: applied once, one
+    // delivery, counted once.
+    let claimed = worker.claim(SystemTime::now()).await.unwrap().unwrap();
+    assert_eq!(claimed.id, waiting);
+    let failure = pixart_server::core::Failure::new(FailureKind::Generation, "test");
+    let outcome = Outcome::Failed(failure);
+    let first = worker.finish(&waiting, &claimed.token, &outcome).await.unwrap();
+    let again = worker.finish(&waiting, &claimed.token, &outcome).await.unwrap();
+    assert!(first.applied && again.applied);
+    let (first, again) = (first.webhook.unwrap(), again.webhook.unwrap());
+    assert_eq!(first.delivery_id, again.delivery_id);
+    // Another worker's finish of the same job is still refused.
+    assert!(!worker.finish(&waiting, "someone else", &outcome).await.unwrap().applied);
+    let counters = front.counters().await.unwrap().unwrap();
+    assert_eq!((counters.accepted, counters.started, counters.failed), (1, 1, 1), "{counters:?}");
 }

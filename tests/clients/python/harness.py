@@ -20,10 +20,11 @@ def free_port():
 
 
 class Hooks:
-    """Counts webhook POSTs by request id."""
+    """Counts webhook POSTs by request id, and by the path they were sent to."""
 
     def __init__(self):
         self.counts = collections.Counter()
+        self.paths = collections.Counter()
         self.payloads = {}
         hooks = self
 
@@ -31,6 +32,7 @@ class Hooks:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["content-length"])))
                 hooks.counts[body["request_id"]] += 1
+                hooks.paths[self.path] += 1
                 hooks.payloads[body["request_id"]] = body
                 self.send_response(200)
                 self.end_headers()

@@ -181,7 +181,7 @@ impl Queue {
         if let Some(failure) = invalid {
             delta.add(&Counters::ended(&Outcome::Failed(failure)));
         }
-        self.count(&delta).await;
+        self.count(&delta);
         if let Some(hook) = submitted.webhook {
             self.send_webhook(hook);
         }
@@ -210,7 +210,7 @@ impl Queue {
                         next_line: claimed.log_count,
                     };
                     let _ = self.progress.send(started);
-                    self.count(&Counters { started: 1, ..Counters::default() }).await;
+                    self.count(&Counters { started: 1, ..Counters::default() });
                     self.changed();
                     if self.store.is_shared() {
                         tokio::spawn(watch_stop(
@@ -339,7 +339,7 @@ impl Queue {
             return Ok(());
         }
         self.observe(Latency::Request, SystemTime::now().duration_since(item.submitted).unwrap_or_default()).await;
-        self.count(&Counters::ended(&outcome)).await;
+        self.count(&Counters::ended(&outcome));
         if let Some(hook) = finished.webhook {
             self.send_webhook(hook);
         }
@@ -364,7 +364,7 @@ impl Queue {
         let ended = self.store.reap(MAX_ATTEMPTS).await?;
         if ended.count > 0 {
             let cancelled = ended.cancelled as u64;
-            self.count(&Counters { cancelled, ..Counters::failed(ended.count - ended.cancelled) }).await;
+            self.count(&Counters { cancelled, ..Counters::failed(ended.count - ended.cancelled) });
             self.changed();
         }
         for hook in ended.webhooks.into_iter().chain(self.store.orphaned_webhooks().await?) {
@@ -387,7 +387,7 @@ impl Queue {
         let result = self.store.cancel(id).await?;
         match &result {
             CancelResult::Dequeued(hook) => {
-                self.count(&Counters { cancelled: 1, ..Counters::default() }).await;
+                self.count(&Counters { cancelled: 1, ..Counters::default() });
                 if let Some(hook) = hook.clone() {
                     self.send_webhook(hook);
                 }
@@ -424,7 +424,7 @@ impl Queue {
         if ended.count == 0 {
             return Ok(0);
         }
-        self.count(&Counters::failed(ended.count)).await;
+        self.count(&Counters::failed(ended.count));
         for hook in ended.webhooks {
             self.send_webhook(hook);
         }
@@ -447,7 +447,7 @@ impl Queue {
         let result = if fail_queued {
             match self.store.fail_queued(&Failure::stopped(StopReason::Shutdown, false)).await {
                 Ok(ended) => {
-                    self.count(&Counters::failed(ended.count)).await;
+                    self.count(&Counters::failed(ended.count));
                     for hook in ended.webhooks {
                         self.send_webhook(hook);
                     }
@@ -485,12 +485,9 @@ impl Queue {
         self.webhooks.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
-    /// Counts events here and, for a shared store, where every process sees them.
-    async fn count(&self, delta: &Counters) {
+    /// Counts events of this process (a shared store counts them itself, with the state change).
+    fn count(&self, delta: &Counters) {
         self.local().counters.add(delta);
-        if let Err(e) = self.store.add_counts(delta).await {
-            tracing::warn!(error = %e, "shared counters not updated");
-        }
     }
 
     /// Counters: of every process sharing the store (since the store was created) when it keeps

@@ -21,8 +21,11 @@
 //! Needs a standalone Redis (or one behind Sentinel), not Redis Cluster: the scripts build key
 //! names. Run it with persistence (`appendonly yes`) so a Redis restart loses nothing.
 
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use backon::Retryable;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{FromRedisValue, Script, Value as RedisValue};
 
@@ -32,6 +35,7 @@ use super::job::{
     from_unix_ms, unix_ms, Failure, FailureKind, JobKind, JobState, JobView, LogLine, NewJob, Outcome, StopReason,
 };
 use super::metrics::{Histogram, Latencies, Latency};
+use super::retry::RetryPolicy;
 use super::store::{
     read_stored_request, CancelResult, Claimed, Ended, Finished, JobStore, PendingWebhook, QueueStats, Recovery,
     StoreError, SubmitError, Submitted,
@@ -46,11 +50,12 @@ local function redis_now()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local function complete(p, id, want, outcome, payload, now, hook_lease)
+local function complete(p, id, want, outcome, payload, now, hook_lease, counter)
   local key = p .. 'job:' .. id
   local state = redis.call('HGET', key, 'state')
   if (not state) or state == 'completed' or (want ~= '' and state ~= want) then return -1 end
   redis.call('HSET', key, 'state', 'completed', 'outcome', outcome, 'finished_ms', now, 'stop_requested', 0)
+  redis.call('HINCRBY', p .. 'counters', counter, 1)
   redis.call('HDEL', key, 'request')
   redis.call('ZREM', p .. 'queue', id)
   redis.call('ZREM', p .. 'running', id)
@@ -61,16 +66,26 @@ local function complete(p, id, want, outcome, payload, now, hook_lease)
     local n = redis.call('INCR', p .. 'webhook_seq')
     redis.call('HSET', p .. 'webhook:' .. n, 'job_id', id, 'url', hook, 'payload', payload)
     redis.call('ZADD', p .. 'webhooks', hook_lease, n)
+    redis.call('HSET', key, 'delivery', n)
     return n
   end
   return 0
 end
 ";
 
+/// Adds a job, unless it reaches Redis after its deadline (`ARGV[16]`, on Redis' clock) or its
+/// front withdrew it (the front answered 503 without knowing whether the call got through); a
+/// job already there (a retried call) is answered as it is. Invalid input counts against the
+/// queue's limit too.
 const SUBMIT: &str = r"
 local p, id, max, valid = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4] == '1'
 local priority = tonumber(ARGV[5])
-if valid and redis.call('ZCARD', p .. 'queue') >= max then return {'full', 0} end
+if redis_now() > tonumber(ARGV[16]) or redis.call('EXISTS', p .. 'withdrawn:' .. id) == 1 then return {'late', 0} end
+local state = redis.call('HGET', p .. 'job:' .. id, 'state')
+if state == 'queued' then return {'queued', redis.call('ZRANK', p .. 'queue', id)} end
+if state then return {'ended', 0} end
+if redis.call('ZCARD', p .. 'queue') >= max then return {'full', 0} end
+redis.call('HINCRBY', p .. 'counters', 'accepted', 1)
 local seq = redis.call('INCR', p .. 'seq')
 local score = priority * 1000000000000 + seq
 redis.call('HSET', p .. 'job:' .. id, 'kind', ARGV[6], 'app', ARGV[7], 'base_url', ARGV[8], 'webhook', ARGV[9],
@@ -81,11 +96,45 @@ if valid then
   if ARGV[10] ~= '' then redis.call('ZADD', p .. 'deadlines', ARGV[10], id) end
   return {'queued', redis.call('ZRANK', p .. 'queue', id)}
 end
-return {'ended', complete(p, id, '', ARGV[13], ARGV[14], ARGV[12], ARGV[15])}
+return {'ended', complete(p, id, '', ARGV[13], ARGV[14], ARGV[12], ARGV[15], 'failed')}
 ";
 
+/// Takes back a submit its front answered 503 (the call's outcome unknown): a late copy that
+/// arrives after this is refused (`withdrawn:{id}`), one that arrived before is removed while it
+/// is still queued. Answers the job's state when it was already taken (it runs).
+const WITHDRAW: &str = r"
+local p, id = ARGV[1], ARGV[2]
+redis.call('SET', p .. 'withdrawn:' .. id, 1, 'EX', 3600)
+local key = p .. 'job:' .. id
+local state = redis.call('HGET', key, 'state')
+if not state then return 'absent' end
+if state ~= 'queued' then return state end
+redis.call('DEL', key)
+redis.call('ZREM', p .. 'queue', id)
+redis.call('ZREM', p .. 'deadlines', id)
+redis.call('HINCRBY', p .. 'counters', 'accepted', -1)
+return 'withdrawn'
+";
+
+/// Gives back the job a claim took if its answer never reached the worker (`ARGV[2]`, the
+/// claim's token): queued again, the start not counted.
+const RELEASE_TOKEN: &str = r"
+local p, token = ARGV[1], ARGV[2]
+for _, id in ipairs(redis.call('ZRANGE', p .. 'running', 0, -1)) do
+  local key = p .. 'job:' .. id
+  if redis.call('HGET', key, 'state') == 'running' and redis.call('HGET', key, 'owner') == token then
+    requeue(p, id, -1)
+    redis.call('HINCRBY', p .. 'counters', 'started', -1)
+    return 1
+  end
+end
+return 0
+";
+
+/// Takes the next job, unless the call reaches Redis after its deadline (`ARGV[5]`).
 const CLAIM: &str = r"
 local p, now, lease, token = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+if redis_now() > tonumber(ARGV[5]) then return false end
 local ids = redis.call('ZRANGE', p .. 'queue', 0, 63)
 for _, id in ipairs(ids) do
   local key = p .. 'job:' .. id
@@ -98,6 +147,7 @@ for _, id in ipairs(ids) do
     redis.call('ZADD', p .. 'running', redis_now() + lease, id)
     redis.call('HSET', key, 'state', 'running', 'owner', token)
     local attempts = redis.call('HINCRBY', key, 'attempts', 1)
+    redis.call('HINCRBY', p .. 'counters', 'started', 1)
     return {id, redis.call('HGET', key, 'request') or '', attempts, redis.call('HGET', key, 'submitted_ms'),
             redis.call('LLEN', p .. 'logs:' .. id), redis.call('HGET', key, 'base_url') or ''}
   end
@@ -139,18 +189,28 @@ local lease = redis.call('ZSCORE', p .. 'running', id)
 local now = redis_now()
 if (not lease) or tonumber(lease) > now or redis.call('HGET', key, 'attempts') ~= attempts then return {'skip', 0} end
 if redis.call('HGET', key, 'stop_requested') == '1' then
-  return {'cancelled', complete(p, id, 'running', ARGV[5], ARGV[6], now, now + tonumber(ARGV[9]))}
+  return {'cancelled', complete(p, id, 'running', ARGV[5], ARGV[6], now, now + tonumber(ARGV[9]), 'cancelled')}
 end
 if tonumber(attempts) >= max then
-  return {'failed', complete(p, id, 'running', ARGV[7], ARGV[8], now, now + tonumber(ARGV[9]))}
+  return {'failed', complete(p, id, 'running', ARGV[7], ARGV[8], now, now + tonumber(ARGV[9]), 'failed')}
 end
 requeue(p, id, 0)
 return {'requeued', 0}
 ";
 
+/// Ends a job (held by the claim token `ARGV[8]`, when given). A finish retried after its first
+/// try was applied (the answer was lost) is answered as that one was: applied, same delivery.
 const FINISH: &str = r"
-if ARGV[8] ~= '' and redis.call('HGET', ARGV[1] .. 'job:' .. ARGV[2], 'owner') ~= ARGV[8] then return -1 end
-return complete(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7])
+local key = ARGV[1] .. 'job:' .. ARGV[2]
+if ARGV[8] ~= '' then
+  if redis.call('HGET', key, 'state') == 'completed' and redis.call('HGET', key, 'finished_by') == ARGV[8] then
+    return tonumber(redis.call('HGET', key, 'delivery') or '0')
+  end
+  if redis.call('HGET', key, 'owner') ~= ARGV[8] then return -1 end
+end
+local n = complete(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[9])
+if n >= 0 and ARGV[8] ~= '' then redis.call('HSET', key, 'finished_by', ARGV[8]) end
+return n
 ";
 
 const CANCEL: &str = r"
@@ -163,7 +223,7 @@ if state == 'running' then
   redis.call('HSET', key, 'stop_requested', 1)
   return {'stop', 0}
 end
-return {'dequeued', complete(p, id, 'queued', ARGV[3], ARGV[4], ARGV[5], ARGV[6])}
+return {'dequeued', complete(p, id, 'queued', ARGV[3], ARGV[4], ARGV[5], ARGV[6], 'cancelled')}
 ";
 
 /// Appends lines numbered from `ARGV[4]` to a job its caller holds; lines already stored (a
@@ -214,6 +274,8 @@ pub struct RedisStore {
     conn: ConnectionManager,
     lease: Duration,
     webhook_lease: Duration,
+    /// Redis' clock minus this host's, in ms (measured at open and at every sweep).
+    clock_offset: Arc<AtomicI64>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -230,14 +292,50 @@ impl std::fmt::Debug for RedisStore {
 /// retry for workers) instead of holding them.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
-fn counter_fields(c: &Counters) -> [(&'static str, u64); 5] {
-    [
-        ("accepted", c.accepted),
-        ("succeeded", c.succeeded),
-        ("failed", c.failed),
-        ("cancelled", c.cancelled),
-        ("started", c.started),
-    ]
+/// How long after it was sent a submit or a claim may still take effect: Redis refuses one that
+/// reaches it later (judged on its own clock), so a call its caller gave up on after
+/// [`CALL_TIMEOUT`] (a stalled Redis that resumes with the call still in its socket) never
+/// queues or starts a job behind the caller's back.
+pub const CALL_WINDOW: Duration = Duration::from_secs(1);
+
+/// The counter an outcome adds to (the shared counters change in the same script as the state).
+fn counter_name(outcome: &Outcome) -> &'static str {
+    let counted = Counters::ended(outcome);
+    if counted.succeeded > 0 {
+        "succeeded"
+    } else if counted.cancelled > 0 {
+        "cancelled"
+    } else {
+        "failed"
+    }
+}
+
+/// Runs one of the scripts (with the shared Lua functions) on `conn`.
+async fn run_script(conn: &ConnectionManager, body: &str, args: &[String]) -> Result<RedisValue, StoreError> {
+    let source = format!("{COMPLETE}\n{REQUEUE_FN}\n{body}");
+    let script = Script::new(&source);
+    let mut invocation = script.prepare_invoke();
+    for arg in args {
+        invocation.arg(arg);
+    }
+    let mut conn = conn.clone();
+    invocation.invoke_async::<RedisValue>(&mut conn).await.map_err(error)
+}
+
+/// Runs `body` in the background until Redis answers (through an outage of about a minute), for
+/// calls whose first outcome is unknown; returns its answer as text.
+fn settle_later(conn: &ConnectionManager, body: &'static str, args: Vec<String>, settled: fn(&str, Option<String>)) {
+    let conn = conn.clone();
+    tokio::spawn(async move {
+        let call = || run_script(&conn, body, &args);
+        let answer =
+            call.retry(RetryPolicy::store_outage().backoff()).when(|e| matches!(e, StoreError::Unavailable(_))).await;
+        let subject = args.get(1).cloned().unwrap_or_default();
+        match answer {
+            Ok(value) => settled(&subject, text(Some(&value))),
+            Err(e) => tracing::error!(subject, error = %e, "an interrupted Redis call could not be settled"),
+        }
+    });
 }
 
 /// Milliseconds of a duration, saturated.
@@ -286,9 +384,26 @@ impl RedisStore {
             .set_max_delay(Duration::from_secs(1));
         // Fails at start when Redis cannot be reached, not at the first request.
         let conn = ConnectionManager::new_with_config(client, config).await.map_err(error)?;
-        let store = Self { url: url.to_string(), conn, lease, webhook_lease };
+        let clock_offset = Arc::new(AtomicI64::new(0));
+        let store = Self { url: url.to_string(), conn, lease, webhook_lease, clock_offset };
         store.query::<String>(&redis::cmd("PING")).await?;
+        store.measure_clock().await?;
         Ok(store)
+    }
+
+    /// Measures Redis' clock against this host's (the midpoint of a `TIME` call).
+    async fn measure_clock(&self) -> Result<(), StoreError> {
+        let before = Self::now_ms();
+        let (seconds, micros): (i64, i64) = self.query(&redis::cmd("TIME")).await?;
+        let after = Self::now_ms();
+        let offset = seconds * 1000 + micros / 1000 - (before + after) / 2;
+        self.clock_offset.store(offset, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The latest time (on Redis' clock) a submit or claim sent now may take effect.
+    fn call_deadline(&self) -> i64 {
+        Self::now_ms() + self.clock_offset.load(Ordering::Relaxed) + ms(CALL_WINDOW)
     }
 
     /// Runs one command.
@@ -313,14 +428,7 @@ impl RedisStore {
     }
 
     async fn script(&self, body: &str, args: &[String]) -> Result<RedisValue, StoreError> {
-        let source = format!("{COMPLETE}\n{REQUEUE_FN}\n{body}");
-        let script = Script::new(&source);
-        let mut invocation = script.prepare_invoke();
-        for arg in args {
-            invocation.arg(arg);
-        }
-        let mut conn = self.conn.clone();
-        invocation.invoke_async::<RedisValue>(&mut conn).await.map_err(error)
+        run_script(&self.conn, body, args).await
     }
 
     fn now_ms() -> i64 {
@@ -366,6 +474,7 @@ impl RedisStore {
             now.to_string(),
             (now + ms(self.webhook_lease)).to_string(),
             token.to_string(),
+            counter_name(outcome).to_string(),
         ];
         let n = number(Some(&self.script(FINISH, &args).await?)).ok_or_else(|| corrupt("finish answered no number"))?;
         Ok(match n {
@@ -433,13 +542,25 @@ impl JobStore for RedisStore {
             outcome,
             payload.clone(),
             (now + ms(self.webhook_lease)).to_string(),
+            self.call_deadline().to_string(),
         ];
-        let RedisValue::Array(answer) = self.script(SUBMIT, &args).await? else {
-            return Err(corrupt("submit answer").into());
+        let answer = match self.script(SUBMIT, &args).await {
+            Ok(RedisValue::Array(answer)) => answer,
+            Ok(_) => return Err(corrupt("submit answer").into()),
+            Err(e @ StoreError::Unavailable(_)) => {
+                // The caller hears 503; the call may still reach Redis: make sure it never runs.
+                settle_later(&self.conn, WITHDRAW, vec![PREFIX.to_string(), job.id.clone()], withdrawn);
+                return Err(e.into());
+            }
+            Err(e) => return Err(e.into()),
         };
         let n = number(answer.get(1)).unwrap_or(0);
         match text(answer.first()).as_deref() {
             Some("full") => Err(SubmitError::QueueFull(max_queue)),
+            Some("late") => Err(StoreError::Unavailable(format!(
+                "Redis took the request more than {CALL_WINDOW:?} after it was sent; it was not queued"
+            ))
+            .into()),
             Some("queued") => Ok(Submitted { position: Some(usize::try_from(n).unwrap_or(0)), webhook: None }),
             _ => {
                 let webhook = (n > 0).then(|| PendingWebhook {
@@ -456,8 +577,23 @@ impl JobStore for RedisStore {
     async fn claim(&self, now: SystemTime) -> Result<Option<Claimed>, StoreError> {
         loop {
             let token = uuid::Uuid::new_v4().simple().to_string();
-            let args = [PREFIX.to_string(), unix_ms(now).to_string(), ms(self.lease).to_string(), token.clone()];
-            let RedisValue::Array(fields) = self.script(CLAIM, &args).await? else { return Ok(None) };
+            let args = [
+                PREFIX.to_string(),
+                unix_ms(now).to_string(),
+                ms(self.lease).to_string(),
+                token.clone(),
+                self.call_deadline().to_string(),
+            ];
+            let fields = match self.script(CLAIM, &args).await {
+                Ok(RedisValue::Array(fields)) => fields,
+                Ok(_) => return Ok(None),
+                Err(e @ StoreError::Unavailable(_)) => {
+                    // A claim whose answer was lost leaves its job to no one: give it back.
+                    settle_later(&self.conn, RELEASE_TOKEN, vec![PREFIX.to_string(), token], released);
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            };
             let id = text(fields.first()).ok_or_else(|| corrupt("claim answered no id"))?;
             let request = text(fields.get(1)).unwrap_or_default();
             let attempt = number(fields.get(2)).and_then(|n| u32::try_from(n).ok()).unwrap_or(1);
@@ -685,6 +821,7 @@ impl JobStore for RedisStore {
     }
 
     async fn reap(&self, max_attempts: u32) -> Result<Ended, StoreError> {
+        self.measure_clock().await?;
         let mut ended = Ended::default();
         // Candidates by this host's clock; the script decides on Redis' clock.
         for id in self.ids("running", Self::now_ms() + 1000).await? {
@@ -734,17 +871,6 @@ impl JobStore for RedisStore {
             }
         }
         Ok(ended)
-    }
-
-    async fn add_counts(&self, delta: &Counters) -> Result<(), StoreError> {
-        let key = format!("{PREFIX}counters");
-        let mut pipe = redis::pipe();
-        for (field, n) in counter_fields(delta) {
-            if n > 0 {
-                pipe.cmd("HINCRBY").arg(&key).arg(field).arg(n).ignore();
-            }
-        }
-        self.pipeline::<()>(&pipe).await
     }
 
     async fn counters(&self) -> Result<Option<Counters>, StoreError> {
@@ -797,5 +923,27 @@ impl JobStore for RedisStore {
                 })
             })
             .collect())
+    }
+}
+
+/// What became of a submit answered 503 ([`WITHDRAW`]'s answer).
+fn withdrawn(id: &str, state: Option<String>) {
+    match state.as_deref() {
+        Some("absent") => tracing::info!(request_id = %id, "a submit answered 503 never reached Redis"),
+        Some("withdrawn") => {
+            tracing::warn!(request_id = %id, "a submit answered 503 had reached Redis: withdrawn before it started")
+        }
+        state => tracing::error!(
+            request_id = %id,
+            ?state,
+            "a submit answered 503 reached Redis and was taken before it could be withdrawn: it runs"
+        ),
+    }
+}
+
+/// What became of a claim whose answer was lost ([`RELEASE_TOKEN`]'s answer).
+fn released(token: &str, given_back: Option<String>) {
+    if given_back.as_deref() == Some("1") {
+        tracing::warn!(token, "a claim whose answer was lost took a job: given back to the queue");
     }
 }

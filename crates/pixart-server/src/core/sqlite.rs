@@ -197,13 +197,13 @@ impl Db {
     pub fn submit(&self, job: NewJob, max_queue: usize) -> Result<Submitted, SubmitError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(StoreError::from)?;
+        // Invalid input counts against the limit too: a full queue takes nothing, so a flood of
+        // bad requests cannot grow the store while it is full.
+        if queued_count(&tx)? >= max_queue {
+            return Err(SubmitError::QueueFull(max_queue));
+        }
         let request = match &job.input {
-            Ok(request) => {
-                if queued_count(&tx)? >= max_queue {
-                    return Err(SubmitError::QueueFull(max_queue));
-                }
-                Some(serde_json::to_string(request).map_err(|e| StoreError::Corrupt(e.to_string()))?)
-            }
+            Ok(request) => Some(serde_json::to_string(request).map_err(|e| StoreError::Corrupt(e.to_string()))?),
             Err(_) => None,
         };
         tx.execute(
@@ -719,22 +719,26 @@ mod tests {
     }
 
     #[test]
-    fn a_full_queue_refuses_but_invalid_input_is_recorded_without_a_slot() {
+    fn a_full_queue_refuses_every_submit_and_invalid_input_takes_no_slot() {
         let db = Db::new();
         let s = &db.store;
+        let invalid = || {
+            let failure = Failure::invalid(&[pixart_fal::FieldError::missing("prompt")]);
+            NewJob::new(JobKind::Queued, "x/y", "http://h", Err(failure))
+        };
+        // With room, invalid input is recorded as ended without taking a slot.
+        let recorded = invalid();
+        let id = recorded.id.clone();
+        assert!(s.db().submit(recorded, 1).unwrap().position.is_none());
+        assert_eq!(outcome(s, &id).unwrap().failure().unwrap().kind, FailureKind::InvalidInput);
         submit(s, Priority::Normal, false);
+        // Full: valid and invalid input alike are refused, and nothing is stored.
         let extra = NewJob::new(JobKind::Queued, "x/y", "http://h", Ok(GenerateRequest::new("c")));
         assert!(matches!(s.db().submit(extra, 1), Err(SubmitError::QueueFull(1))));
-        let invalid = NewJob::new(
-            JobKind::Queued,
-            "x/y",
-            "http://h",
-            Err(Failure::invalid(&[pixart_fal::FieldError::missing("prompt")])),
-        );
-        let id = invalid.id.clone();
-        let submitted = s.db().submit(invalid, 1).unwrap();
-        assert!(submitted.position.is_none());
-        assert_eq!(outcome(s, &id).unwrap().failure().unwrap().kind, FailureKind::InvalidInput);
+        let refused = invalid();
+        let refused_id = refused.id.clone();
+        assert!(matches!(s.db().submit(refused, 1), Err(SubmitError::QueueFull(1))));
+        assert!(!s.db().contains(&refused_id).unwrap());
         assert_eq!(s.db().stats().unwrap().queued, 1);
     }
 

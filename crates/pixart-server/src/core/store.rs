@@ -151,8 +151,8 @@ pub struct QueueStats {
 /// front, the workers and the sweeper (`Send + Sync`).
 #[async_trait::async_trait]
 pub trait JobStore: Send + Sync + std::fmt::Debug {
-    /// Adds a job: queued behind every job of its priority or higher (refused when `max_queue`
-    /// jobs wait), or, with invalid input, recorded as ended (never refused).
+    /// Adds a job: queued behind every job of its priority or higher, or, with invalid input,
+    /// recorded as ended; refused when `max_queue` jobs wait, whatever its input.
     async fn submit(&self, job: NewJob, max_queue: usize) -> Result<Submitted, SubmitError>;
 
     /// Takes the next job whose start deadline has not passed and marks it running; `None` when
@@ -238,13 +238,9 @@ pub trait JobStore: Send + Sync + std::fmt::Debug {
         Ok(Ended::default())
     }
 
-    /// Adds to the counters every process sharing the store sees (the embedded store has
-    /// none: each process counts for itself).
-    async fn add_counts(&self, _delta: &super::counters::Counters) -> Result<(), StoreError> {
-        Ok(())
-    }
-
-    /// The shared counters, if the store keeps them.
+    /// The counters every process sharing the store sees, if it keeps them: a shared store
+    /// counts in the same atomic step as the state changes it counts (accepted on submit,
+    /// started on claim, each end), so a retried or interrupted call never counts twice.
     async fn counters(&self) -> Result<Option<super::counters::Counters>, StoreError> {
         Ok(None)
     }

@@ -12,32 +12,51 @@
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 
-/// Whether an address is reachable on the public internet: not loopback, private, link-local,
-/// carrier-grade NAT, unspecified, multicast, broadcast, documentation or reserved (IPv4-mapped
-/// and NAT64 IPv6 addresses are judged by their IPv4 address).
+/// Whether an address is a globally routable unicast address, judged with IANA's special-purpose
+/// registries (RFC 6890 and its successors). IPv4: not loopback, private, link-local, carrier-grade
+/// NAT, unspecified, multicast, broadcast, documentation, benchmarking, protocol assignments,
+/// the 6to4 relay anycast or reserved. IPv6: only global unicast (`2000::/3`), less IETF protocol
+/// assignments (`2001::/23`: Teredo, benchmarking, ORCHID…) and the documentation prefixes; an
+/// IPv4 address carried in an IPv6 form (mapped, translated, NAT64 `64:ff9b::/96`, 6to4
+/// `2002::/16`) is judged as that IPv4 address, and the IPv4-compatible (`::a.b.c.d`),
+/// local-use NAT64 (`64:ff9b:1::/48`) and discard-only (`100::/64`) forms lie outside `2000::/3`.
 pub fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => is_public_v4(v4),
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return is_public_v4(v4);
-            }
-            let s = v6.segments();
-            if s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0] {
-                // 64:ff9b::/96, NAT64: the last 32 bits are an IPv4 address.
-                let [a, b] = s[6].to_be_bytes();
-                let [c, d] = s[7].to_be_bytes();
-                return is_public_v4(Ipv4Addr::new(a, b, c, d));
-            }
-            !(v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (s[0] & 0xfe00) == 0xfc00 // fc00::/7 unique local
-                || (s[0] & 0xffc0) == 0xfe80 // fe80::/10 link-local
-                || (s[0] == 0x2001 && s[1] == 0x0db8) // 2001:db8::/32 documentation
-                || v6 == Ipv6Addr::from([0u16; 8]))
-        }
+        IpAddr::V6(v6) => match embedded_v4(v6) {
+            Some(v4) => is_public_v4(v4),
+            None => is_public_v6(v6),
+        },
     }
+}
+
+/// The IPv4 address an IPv6 address stands for, in the forms that reach an IPv4 host.
+fn embedded_v4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
+    let s = v6.segments();
+    let v4 = |hi: u16, lo: u16| {
+        let ([a, b], [c, d]) = (hi.to_be_bytes(), lo.to_be_bytes());
+        Some(Ipv4Addr::new(a, b, c, d))
+    };
+    match s {
+        // ::ffff:0:0/96, IPv4-mapped.
+        [0, 0, 0, 0, 0, 0xffff, hi, lo] => v4(hi, lo),
+        // ::ffff:0:0:0/96, IPv4-translated (SIIT).
+        [0, 0, 0, 0, 0xffff, 0, hi, lo] => v4(hi, lo),
+        // 64:ff9b::/96, the well-known NAT64 prefix.
+        [0x64, 0xff9b, 0, 0, 0, 0, hi, lo] => v4(hi, lo),
+        // 2002::/16, 6to4: the next 32 bits are the IPv4 address of the site.
+        [0x2002, hi, lo, ..] => v4(hi, lo),
+        _ => None,
+    }
+}
+
+fn is_public_v6(v6: Ipv6Addr) -> bool {
+    let s = v6.segments();
+    let global_unicast = s[0] & 0xe000 == 0x2000; // 2000::/3
+    global_unicast
+        && !(s[0] == 0x2001 && s[1] < 0x0200 // 2001::/23 IETF protocol assignments
+            || s[0] == 0x2001 && s[1] == 0x0db8 // 2001:db8::/32 documentation
+            || s[0] == 0x3fff && s[1] < 0x1000) // 3fff::/20 documentation
 }
 
 fn is_public_v4(ip: Ipv4Addr) -> bool {
@@ -52,6 +71,7 @@ fn is_public_v4(ip: Ipv4Addr) -> bool {
         || a == 0 // 0.0.0.0/8
         || (a == 100 && (64..128).contains(&b)) // 100.64.0.0/10 carrier-grade NAT
         || (a == 192 && b == 0 && c == 0) // 192.0.0.0/24 protocol assignments
+        || (a == 192 && b == 88 && c == 99) // 192.88.99.0/24 6to4 relay anycast (deprecated)
         || (a == 198 && (b == 18 || b == 19)) // 198.18.0.0/15 benchmarking
         || a >= 240) // 240.0.0.0/4 reserved
 }
@@ -108,13 +128,30 @@ impl ureq::Resolver for PolicyResolver {
 mod tests {
     use super::*;
 
+    /// IANA's IPv4 and IPv6 special-purpose registries, and IPv4 in every IPv6 form.
     #[test]
-    fn public_and_non_public_addresses() {
-        let public = ["8.8.8.8", "1.1.1.1", "100.63.255.255", "100.128.0.1", "2606:4700::1111", "::ffff:8.8.8.8"];
+    fn only_globally_routable_unicast_addresses_are_public() {
+        let public = [
+            "8.8.8.8",
+            "1.1.1.1",
+            "100.63.255.255",
+            "100.128.0.1",
+            "192.0.1.1",
+            "192.88.98.1",
+            "2606:4700::1111",
+            "2a00:1450:4001::200e",
+            "2001:4860:4860::8888",
+            "2001:200::1",
+            "3ffe::1",
+            "::ffff:8.8.8.8",
+            "::ffff:0:808:808",
+            "64:ff9b::808:808",
+            "2002:808:808::1",
+        ];
         for ip in public {
-            assert!(is_public(ip.parse().unwrap()), "{ip}");
+            assert!(is_public(ip.parse().unwrap()), "{ip} should be public");
         }
-        let private = [
+        let not_public = [
             "127.0.0.1",
             "10.1.2.3",
             "172.16.0.1",
@@ -125,23 +162,54 @@ mod tests {
             "0.1.2.3",
             "100.64.0.1",
             "192.0.0.8",
+            "192.0.2.1",
+            "192.88.99.1",
             "198.18.0.1",
+            "198.51.100.7",
             "224.0.0.1",
             "240.0.0.1",
             "255.255.255.255",
             "203.0.113.5",
+            // IPv6 special-purpose addresses.
             "::1",
             "::",
             "fd00::1",
             "fe80::1",
+            "fec0::1",
             "ff02::1",
+            "ff0e::1",
+            "100::1",
+            "100:0:0:1::1",
+            "2001::1",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+            "2001:1::1",
+            "2001:2::1",
+            "2001:3::1",
+            "2001:10::1",
+            "2001:20::1",
+            "2001:30::1",
+            "2001:1ff::1",
+            "2001:db8::1",
+            "3fff::1",
+            "5f00::1",
+            "4000::1",
+            "e000::1",
+            // IPv4 inside IPv6: mapped, translated, compatible, NAT64 (well-known and local), 6to4.
             "::ffff:127.0.0.1",
             "::ffff:169.254.169.254",
+            "::ffff:0:7f00:1",
+            "::7f00:1",
+            "::808:808",
             "64:ff9b::a00:1",
-            "2001:db8::1",
+            "64:ff9b::7f00:1",
+            "64:ff9b:1::7f00:1",
+            "64:ff9b:1::808:808",
+            "2002:7f00:1::1",
+            "2002:a00:1::1",
+            "2002:c0a8:101::1",
         ];
-        for ip in private {
-            assert!(!is_public(ip.parse().unwrap()), "{ip}");
+        for ip in not_public {
+            assert!(!is_public(ip.parse().unwrap()), "{ip} should not be public");
         }
     }
 
@@ -151,6 +219,13 @@ mod tests {
         assert!(check("https://hooks.example.com/x?token=1", false).is_ok());
         assert!(check("http://203.0.113.5/", false).unwrap_err().contains("not a public address"));
         assert!(check("http://[::1]:9000/", false).is_err());
+        // The IPv6 forms of loopback and non-global ranges a hostile client tried.
+        let forms =
+            ["::7f00:1", "::ffff:0:7f00:1", "64:ff9b:1::7f00:1", "2002:7f00:1::1", "2001::1", "100::1", "2001:20::1"];
+        for form in forms {
+            let error = check(&format!("http://[{form}]:9000/hook"), false).unwrap_err();
+            assert!(error.contains("not a public address"), "{form}: {error}");
+        }
         assert!(check("http://127.0.0.1:9000/", true).is_ok());
         assert!(check("http://user:pass@hooks.example.com/", true).unwrap_err().contains("credentials"));
         assert!(check("ftp://hooks.example.com/", false).unwrap_err().contains("http(s)"));
