@@ -15,7 +15,8 @@ use crate::model_args::ModelArgs;
 #[derive(Debug, Args)]
 pub struct JobArgs {
     /// On shutdown (Ctrl-C, SIGTERM): how long the running request may take to finish before it
-    /// is stopped and given back to the queue (e.g. 30s, 2m).
+    /// is stopped and given back to the queue (e.g. 30s, 2m); then as long again for webhook
+    /// deliveries (those left are sent by the next start).
     #[arg(long, env = "PIXART_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
     shutdown_grace: Duration,
     /// Folder for requests, results, logs, generated images and uploads; they survive restarts
@@ -24,8 +25,9 @@ pub struct JobArgs {
     /// the same folder (a shared file system across hosts).
     #[arg(long, env = "PIXART_STORAGE_DIR")]
     storage_dir: Option<PathBuf>,
-    /// How long one webhook POST may take (e.g. 10s); a receiver slower than that is not retried
-    /// (it may have acted on the request), and holds up no other delivery.
+    /// How long one webhook POST may take, connecting included (e.g. 10s); a receiver slower
+    /// than that is not retried (it may have acted on the request), and one host ties up at most
+    /// two of the eight delivery threads.
     #[arg(long, env = "PIXART_WEBHOOK_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     webhook_timeout: Duration,
     /// Also POST webhooks to loopback, private and link-local addresses (off by default: a

@@ -575,3 +575,19 @@ fn scale_out_survives_a_killed_worker_and_a_redis_restart() {
     assert_eq!(report["during_outage"], serde_json::json!([503, 503, 503]));
     println!("{stdout}");
 }
+
+#[test]
+fn webhooks_to_hanging_receivers_hold_up_neither_others_nor_the_shutdown() {
+    install_clients();
+    let output = Command::new(clients_dir().join("python/.venv/bin/python"))
+        .arg(clients_dir().join("python/webhook_faults.py"))
+        .args(["--pixart", env!("CARGO_BIN_EXE_pixart"), "--model"])
+        .arg(repo_root().join("tests/fixtures/tiny-sigma-256"))
+        .output()
+        .expect("running tests/clients/python/webhook_faults.py");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "webhook faults:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("webhook_faults.py prints its JSON report");
+    assert_eq!(report["check"], "passed");
+    println!("{stdout}");
+}

@@ -80,7 +80,9 @@ pub struct ServerConfig {
     /// When set, every API call must send `Authorization: Key <api_key>` (or `Bearer <api_key>`).
     /// Generated and uploaded files stay readable by URL, like fal's CDN.
     pub api_key: Option<String>,
-    /// On shutdown: how long the request being generated may take to finish before it is stopped.
+    /// On shutdown: how long the request being generated may take to finish before it is
+    /// stopped, and then how long webhook deliveries may take (those left stay pending for the
+    /// next start).
     pub shutdown_grace: Duration,
     /// Where jobs, generated images and uploads are kept (see [`Storage`]).
     pub storage: Storage,

@@ -38,8 +38,8 @@ pub struct ServeReport {
 /// Serves fal's API on `listener` until `shutdown` resolves, generating with `pipeline` (`None`:
 /// an HTTP front only, for a shared queue whose jobs `pixart worker` processes run), then shuts
 /// down gracefully: new requests are refused (503), the one being generated gets
-/// `config.shutdown_grace` to finish, and every webhook due is delivered before the function
-/// returns.
+/// `config.shutdown_grace` to finish, and the webhooks due get as long again to be delivered
+/// (those left stay pending for the next start).
 ///
 /// With durable storage (the default, see [`crate::Storage`]) or a shared queue, queued requests
 /// stay queued and a request stopped at the end of the grace period is queued again: both run
@@ -244,10 +244,11 @@ async fn shut_down(state: &AppState, running: Running, durable: bool) {
     }
     running.stop_sweeping.notify_one();
     let _ = running.sweeper.await;
-    // Close the webhook queue and wait until every delivery was attempted.
+    // Close the webhook queue and give the deliveries the grace period; what is left stays
+    // pending in the store for the next start.
     drop(state.queue.stop_webhooks());
-    let webhooks = running.webhooks;
-    let _ = tokio::task::spawn_blocking(move || webhooks.join()).await;
+    let (webhooks, grace) = (running.webhooks, state.config.shutdown_grace);
+    let _ = tokio::task::spawn_blocking(move || webhooks.join(grace)).await;
     if let Some((stop_http, task)) = running.http {
         let _ = stop_http.send(());
         // `connections::serve` waits at most 10 s for open connections itself.

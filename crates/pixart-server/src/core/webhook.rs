@@ -2,14 +2,17 @@
 //!
 //! Deliveries run on a pool of threads (blocking HTTP, retried with the server's
 //! [`RetryPolicy`] where that cannot duplicate them), so a slow receiver holds up neither
-//! generation nor other receivers; on shutdown the threads drain what is left before the server
-//! exits. They reach the store through the runtime's handle.
+//! generation nor other receivers: at most [`DELIVERIES_PER_HOST`] of the pool's
+//! [`CONCURRENT_DELIVERIES`] threads work for one host at a time, and a delivery to a host that
+//! has its share waits while the others go. Each attempt is bounded (connect and whole request
+//! within `--webhook-timeout`), so each delivery is too. On shutdown the threads get a grace
+//! period to finish; what is left stays pending in the store for the next start. They reach
+//! the store through the runtime's handle.
 
-use std::collections::HashSet;
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use backon::BlockingRetryable;
 
@@ -17,35 +20,132 @@ use super::retry::RetryPolicy;
 use super::store::{JobStore, PendingWebhook};
 use super::webhook_target::PolicyResolver;
 
-/// Deliveries that may be in flight at once: a slow receiver holds up at most one of them.
+/// Deliveries that may be in flight at once.
 pub const CONCURRENT_DELIVERIES: usize = 8;
+
+/// Deliveries to one host (`host:port`) that may be in flight at once: a receiver that holds
+/// its connections ties up no more than this many threads.
+pub const DELIVERIES_PER_HOST: usize = 2;
+
+/// Deliveries waiting and in flight, shared by the sender and its threads.
+#[derive(Debug, Default)]
+struct Dispatch {
+    waiting: VecDeque<PendingWebhook>,
+    /// Deliveries queued or being sent (one handed over again, by a shared store's orphan
+    /// sweep, is not queued twice).
+    known: HashSet<i64>,
+    per_host: HashMap<String, usize>,
+    /// No more deliveries come: threads return once nothing they may send waits.
+    closed: bool,
+    /// The grace period is over: threads return without taking another delivery.
+    abandoned: bool,
+    /// Threads still running.
+    threads: usize,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    dispatch: Mutex<Dispatch>,
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Dispatch> {
+        self.dispatch.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The next delivery whose host has room, counted as in flight; `None` when the thread
+    /// should stop.
+    fn take(&self) -> Option<(PendingWebhook, String)> {
+        let mut dispatch = self.lock();
+        loop {
+            if dispatch.abandoned || (dispatch.closed && dispatch.waiting.is_empty()) {
+                return None;
+            }
+            let ready = dispatch
+                .waiting
+                .iter()
+                .position(|d| dispatch.per_host.get(&host_of(&d.url)).copied().unwrap_or(0) < DELIVERIES_PER_HOST);
+            if let Some(delivery) = ready.and_then(|i| dispatch.waiting.remove(i)) {
+                let host = host_of(&delivery.url);
+                *dispatch.per_host.entry(host.clone()).or_default() += 1;
+                return Some((delivery, host));
+            }
+            dispatch = self.changed.wait(dispatch).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn done(&self, delivery_id: i64, host: &str) {
+        let mut dispatch = self.lock();
+        dispatch.known.remove(&delivery_id);
+        if let Some(n) = dispatch.per_host.get_mut(host) {
+            *n -= 1;
+            if *n == 0 {
+                dispatch.per_host.remove(host);
+            }
+        }
+        self.changed.notify_all();
+    }
+}
+
+/// The key deliveries are limited by: the URL's host and port.
+fn host_of(url: &str) -> String {
+    url::Url::parse(url)
+        .ok()
+        .and_then(|u| Some(format!("{}:{}", u.host_str()?, u.port_or_known_default()?)))
+        .unwrap_or_default()
+}
 
 /// Hands deliveries to a pool of sender threads.
 #[derive(Debug)]
 pub struct WebhookSender {
-    queue: mpsc::Sender<PendingWebhook>,
-    /// Deliveries queued or being sent by this process: one handed over again (a shared store's
-    /// orphan sweep) is not queued twice.
-    in_flight: Arc<Mutex<HashSet<i64>>>,
+    shared: Arc<Shared>,
 }
 
-/// The sender threads; joining waits until every queued delivery was attempted.
+/// The sender threads.
 #[derive(Debug)]
-pub struct WebhookThreads(Vec<JoinHandle<()>>);
+pub struct WebhookThreads {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
 
 impl WebhookThreads {
-    /// Waits for every sender thread (call after dropping the [`WebhookSender`]).
-    pub fn join(self) {
-        for thread in self.0 {
+    /// Waits up to `grace` for the threads to attempt every queued delivery (call after
+    /// dropping the [`WebhookSender`]); returns whether they did. Past it, no thread takes
+    /// another delivery, deliveries still in flight are left to their own time limit, and
+    /// every delivery not attempted to completion stays pending in the store for the next start.
+    pub fn join(self, grace: Duration) -> bool {
+        let until = Instant::now() + grace;
+        let mut dispatch = self.shared.lock();
+        dispatch.closed = true;
+        self.shared.changed.notify_all();
+        while dispatch.threads > 0 {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let (waiting, in_flight) = (dispatch.waiting.len(), dispatch.per_host.values().sum::<usize>());
+                dispatch.abandoned = true;
+                self.shared.changed.notify_all();
+                tracing::warn!(
+                    waiting,
+                    in_flight,
+                    "webhooks not delivered within the shutdown grace period; they stay pending for the next start"
+                );
+                return false;
+            }
+            dispatch = self.shared.changed.wait_timeout(dispatch, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        drop(dispatch);
+        for thread in self.threads {
             let _ = thread.join();
         }
+        true
     }
 }
 
 impl WebhookSender {
     /// Starts [`CONCURRENT_DELIVERIES`] delivery threads. Connections resolve through
-    /// [`PolicyResolver`] (only public addresses unless `allow_private`), and redirects are not
-    /// followed.
+    /// [`PolicyResolver`] (only public addresses unless `allow_private`), connect and complete
+    /// within `timeout`, and redirects are not followed.
     /// Each delivery, once attempted to completion, is marked done in `store`; one the process
     /// did not get to stays pending there and is sent by the next start.
     pub fn start(
@@ -55,49 +155,65 @@ impl WebhookSender {
         allow_private: bool,
     ) -> std::io::Result<(Self, WebhookThreads)> {
         let runtime = tokio::runtime::Handle::current();
-        let (queue, deliveries) = mpsc::channel::<PendingWebhook>();
-        let deliveries = Arc::new(Mutex::new(deliveries));
         let agent = ureq::AgentBuilder::new()
             .timeout_connect(timeout)
             .timeout(timeout)
             .redirects(0)
             .resolver(PolicyResolver { allow_private })
             .build();
-        let in_flight = Arc::new(Mutex::new(HashSet::new()));
+        let shared = Arc::new(Shared::default());
         let mut threads = Vec::with_capacity(CONCURRENT_DELIVERIES);
         for i in 0..CONCURRENT_DELIVERIES {
-            let (deliveries, agent, store) = (deliveries.clone(), agent.clone(), store.clone());
-            let (in_flight, runtime) = (in_flight.clone(), runtime.clone());
-            threads.push(std::thread::Builder::new().name(format!("pixart-webhooks-{i}")).spawn(move || loop {
-                // Hold the lock only to take the next delivery, not while sending it.
-                let next = deliveries.lock().unwrap_or_else(|e| e.into_inner()).recv();
-                match next {
-                    Ok(delivery) => {
-                        // It may have waited here a while: its lease starts now.
-                        if let Err(e) = runtime.block_on(store.webhook_started(delivery.delivery_id)) {
-                            tracing::warn!(request_id = %delivery.job_id, error = %e, "webhook lease not renewed");
-                        }
-                        deliver(&agent, &delivery, retries);
-                        if let Err(e) = runtime.block_on(store.webhook_done(delivery.delivery_id)) {
-                            tracing::warn!(request_id = %delivery.job_id, error = %e, "webhook not marked as sent; it may be sent again after a restart");
-                        }
-                        in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&delivery.delivery_id);
+            let (agent, store, runtime) = (agent.clone(), store.clone(), runtime.clone());
+            shared.lock().threads += 1;
+            let mine = shared.clone();
+            let thread = std::thread::Builder::new().name(format!("pixart-webhooks-{i}")).spawn(move || {
+                let shared = mine;
+                while let Some((delivery, host)) = shared.take() {
+                    // It may have waited here a while: its lease starts now.
+                    if let Err(e) = runtime.block_on(store.webhook_started(delivery.delivery_id)) {
+                        tracing::warn!(request_id = %delivery.job_id, error = %e, "webhook lease not renewed");
                     }
-                    Err(_) => return, // the sender was dropped and the queue is empty
+                    deliver(&agent, &delivery, retries);
+                    if shared.lock().abandoned {
+                        // The server is gone or going: the delivery stays pending in the store
+                        // (sent again by the next start: at least once).
+                        break;
+                    }
+                    if let Err(e) = runtime.block_on(store.webhook_done(delivery.delivery_id)) {
+                        tracing::warn!(request_id = %delivery.job_id, error = %e, "webhook not marked as sent; it may be sent again after a restart");
+                    }
+                    shared.done(delivery.delivery_id, &host);
                 }
-            })?);
+                shared.lock().threads -= 1;
+                shared.changed.notify_all();
+            });
+            match thread {
+                Ok(thread) => threads.push(thread),
+                Err(e) => {
+                    shared.lock().threads -= 1;
+                    return Err(e);
+                }
+            }
         }
-        Ok((Self { queue, in_flight }, WebhookThreads(threads)))
+        Ok((Self { shared: shared.clone() }, WebhookThreads { shared, threads }))
     }
 
     /// Queues a delivery (unless this process already has it queued or in flight).
     pub fn send(&self, delivery: PendingWebhook) {
-        if !self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).insert(delivery.delivery_id) {
+        let mut dispatch = self.shared.lock();
+        if dispatch.closed || !dispatch.known.insert(delivery.delivery_id) {
             return;
         }
-        if self.queue.send(delivery).is_err() {
-            tracing::error!("webhook threads are gone; the webhook stays pending for the next start");
-        }
+        dispatch.waiting.push_back(delivery);
+        self.shared.changed.notify_all();
+    }
+}
+
+impl Drop for WebhookSender {
+    fn drop(&mut self) {
+        self.shared.lock().closed = true;
+        self.shared.changed.notify_all();
     }
 }
 
