@@ -591,3 +591,19 @@ fn webhooks_to_hanging_receivers_hold_up_neither_others_nor_the_shutdown() {
     assert_eq!(report["check"], "passed");
     println!("{stdout}");
 }
+
+#[test]
+fn a_full_disk_ends_the_running_request_and_a_deleted_store_is_noticed() {
+    install_clients();
+    let output = Command::new(clients_dir().join("python/.venv/bin/python"))
+        .arg(clients_dir().join("python/disk_faults.py"))
+        .args(["--pixart", env!("CARGO_BIN_EXE_pixart"), "--model"])
+        .arg(repo_root().join("tests/fixtures/tiny-sigma-256"))
+        .output()
+        .expect("running tests/clients/python/disk_faults.py (needs unshare from util-linux)");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "disk faults:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("disk_faults.py prints its JSON report");
+    assert_eq!(report["check"], "passed");
+    println!("{stdout}");
+}

@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::config::{QueueBackend, ServerConfig};
+use crate::core::ballast::Ballast;
 use crate::core::cdn_tokens::CdnTokens;
 use crate::core::files::FileStore;
 use crate::core::image_source::{ImageRules, ImageSource};
@@ -130,6 +131,13 @@ async fn start_state(
     let (webhooks, threads) =
         WebhookSender::start(store.clone(), retries, config.webhook_timeout, config.allow_private_webhooks)?;
     let (queue, progress) = Queue::new(store, config.max_queue, webhooks);
+    if config.queue == QueueBackend::Embedded {
+        let ballast = Ballast::new(&root.join("reserve.bin"));
+        match crate::state::blocking(move || ballast.ensure().map(|_| ballast)).await? {
+            Ok(ballast) => queue.keep_ballast(ballast),
+            Err(e) => tracing::warn!(error = %e, "the storage folder's reserve file could not be written"),
+        }
+    }
     let recovery = queue.recover().await?;
     if recovery != Recovery::default() {
         tracing::info!(?recovery, "resuming what was left");

@@ -5,6 +5,11 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+/// Free space a file write leaves on the storage disk: what the job store needs to record how
+/// requests end (a full disk fails the request that could not write its images, cleanly,
+/// instead of leaving it unrecorded).
+pub const FREE_SPACE_RESERVE: u64 = 16 << 20;
+
 /// One stored file.
 #[derive(Debug, Clone)]
 pub struct StoredFile {
@@ -42,11 +47,40 @@ impl FileStore {
     }
 
     /// Writes a file (through a temporary name, so a reader never sees half of it); returns the
-    /// name it is stored (and served) under.
+    /// name it is stored (and served) under. Refused, with nothing left behind, when it would
+    /// leave less than [`FREE_SPACE_RESERVE`] free.
     pub fn put(&self, key: &str, name: &str, content_type: &str, bytes: &[u8]) -> io::Result<String> {
+        self.ensure_room(bytes.len() as u64)?;
         let (name, partial) = self.prepare(key, name, content_type)?;
-        std::fs::write(&partial, bytes)?;
-        self.commit(key, &name, &partial)
+        let written = std::fs::write(&partial, bytes).and_then(|()| self.commit(key, &name, &partial));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&partial);
+            let _ = std::fs::remove_file(self.key_dir(key).join(".types").join(&name));
+        }
+        written
+    }
+
+    /// Free bytes on the folder's disk.
+    pub fn free_space(&self) -> io::Result<u64> {
+        fs4::available_space(&self.root)
+    }
+
+    /// Whether `bytes` more fit, leaving the reserve; the error says how much is free.
+    pub fn ensure_room(&self, bytes: u64) -> io::Result<()> {
+        let free = self.free_space()?;
+        if free < bytes.saturating_add(FREE_SPACE_RESERVE) {
+            let (free_mib, reserve_mib) = (free >> 20, FREE_SPACE_RESERVE >> 20);
+            let root = self.root.display();
+            let message = if bytes == 0 {
+                format!("the storage disk is full: {free_mib} MiB free in {root}, less than the {reserve_mib} MiB kept for the job store")
+            } else {
+                format!(
+                    "the storage disk is full: {free_mib} MiB free in {root}, not enough for {bytes} bytes and the {reserve_mib} MiB kept for the job store"
+                )
+            };
+            return Err(io::Error::new(io::ErrorKind::StorageFull, message));
+        }
+        Ok(())
     }
 
     /// Like [`FileStore::put`], moving in a file already written elsewhere on the same disk.

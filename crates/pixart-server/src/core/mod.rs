@@ -6,8 +6,9 @@
 //!
 //! Dependencies point one way: `job` ← `fal_format` ← `store` ← `sqlite`/`redis_store`/`queue` ← `worker`;
 //! `retry` ← `webhook` ← `queue`; `webhook_target` ← `remote_file` ← `lora_source`/`image_source`
-//! ← `worker`; `files`, `uploads`, `cdn_tokens` and `metrics` stand alone.
+//! ← `worker`; `files` ← `ballast` ← `queue`; `uploads`, `cdn_tokens` and `metrics` stand alone.
 
+pub mod ballast;
 pub mod cdn_tokens;
 pub mod counters;
 pub mod fal_format;

@@ -16,6 +16,7 @@ use backon::Retryable;
 use pixart_fal::GenerateRequest;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
+use super::ballast::Ballast;
 use super::counters::Counters;
 use super::job::{Failure, JobView, LogLine, NewJob, Outcome, StopFlag, StopReason};
 use super::metrics::{Latencies, Latency};
@@ -39,6 +40,9 @@ pub enum RefusedSubmit {
     /// The server is shutting down.
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// The store cannot record requests now (see [`Queue::problem`]).
+    #[error("requests cannot be recorded now: {0}")]
+    StoreProblem(String),
 }
 
 /// A job this process is running.
@@ -109,6 +113,11 @@ pub struct Queue {
     changes: watch::Sender<u64>,
     webhooks: Mutex<Option<WebhookSender>>,
     progress: mpsc::UnboundedSender<Progress>,
+    /// What keeps the store from recording requests now (its file gone, the disk full): while
+    /// set, health is unhealthy and submits are refused.
+    problem: Mutex<Option<String>>,
+    /// Space held for the store on its disk, given up when it cannot record a job's end.
+    ballast: std::sync::OnceLock<Ballast>,
 }
 
 impl Queue {
@@ -130,6 +139,8 @@ impl Queue {
             changes: watch::channel(0).0,
             webhooks: Mutex::new(Some(webhooks)),
             progress,
+            problem: Mutex::new(None),
+            ballast: std::sync::OnceLock::new(),
         };
         (queue, reports)
     }
@@ -175,6 +186,9 @@ impl Queue {
         if self.is_closed() {
             return Err(RefusedSubmit::ShuttingDown);
         }
+        if let Some(problem) = self.problem() {
+            return Err(RefusedSubmit::StoreProblem(problem));
+        }
         let invalid = job.input.as_ref().err().cloned();
         let submitted = self.store.submit(job, self.max_queue).await?;
         let mut delta = Counters { accepted: 1, ..Counters::default() };
@@ -188,6 +202,46 @@ impl Queue {
         self.work.notify_one();
         self.changed();
         Ok(submitted.position)
+    }
+
+    /// Holds `ballast` for the store (given up when the store cannot record a job's end).
+    pub fn keep_ballast(&self, ballast: Ballast) {
+        let _ = self.ballast.set(ballast);
+    }
+
+    /// The store's ballast, if it has one.
+    pub fn ballast(&self) -> Option<&Ballast> {
+        self.ballast.get()
+    }
+
+    /// What keeps the store from recording requests now, if anything.
+    pub fn problem(&self) -> Option<String> {
+        self.problem.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Checks the store (and takes `disk`, a problem of the storage disk found by the caller):
+    /// sets or clears [`Queue::problem`], with a log line whenever it changes.
+    pub async fn check_store(&self, disk: Option<String>) {
+        let store = match self.store.check().await {
+            Ok(()) | Err(StoreError::Unavailable(_)) => None,
+            Err(e) => Some(e.to_string()),
+        };
+        let now = match (store, disk) {
+            (Some(a), Some(b)) => Some(format!("{a}; {b}")),
+            (a, b) => a.or(b),
+        };
+        let mut problem = self.problem.lock().unwrap_or_else(|e| e.into_inner());
+        if *problem != now {
+            match &now {
+                Some(text) => {
+                    tracing::error!(problem = %text, "the job store cannot record requests: unhealthy, refusing submits")
+                }
+                None => tracing::info!("the job store records requests again: healthy"),
+            }
+            *problem = now;
+            drop(problem);
+            self.changed();
+        }
     }
 
     /// Waits until a job can start (returns it) or the queue is closed (`None`). Also looks
@@ -322,13 +376,35 @@ impl Queue {
     }
 
     /// Records how a job this process ran ended (after its log lines) and sends its webhook.
-    pub async fn finish(&self, item: &WorkItem, outcome: Outcome) -> Result<(), StoreError> {
+    /// Returns `false` when the store refused that outcome (a full disk) and the job was ended
+    /// as failed instead (its files should go).
+    pub async fn finish(&self, item: &WorkItem, outcome: Outcome) -> Result<bool, StoreError> {
         self.flush(&item.id).await;
         // A store that is down for a moment (Redis restarting) must not lose a finished
         // generation.
         let finish = || self.store.finish(&item.id, &item.token, &outcome);
         let finished =
             finish.retry(RetryPolicy::store_outage().backoff()).when(|e| matches!(e, StoreError::Unavailable(_))).await;
+        let (finished, outcome, as_given) = match finished {
+            Err(e) if !matches!(e, StoreError::Unavailable(_)) => {
+                // The store refused the outcome (a full disk, a result too large): end the job
+                // as failed, a small record, retried until the store takes it.
+                tracing::error!(request_id = %item.id, error = %e, "the result could not be recorded; ending the request as failed");
+                if let Some(ballast) = self.ballast.get() {
+                    if ballast.release().await {
+                        tracing::warn!("gave up the storage folder's reserve file to record the end");
+                    }
+                }
+                let message = match outcome.failure() {
+                    Some(failure) => format!("{} (and recording it failed: {e})", failure.message),
+                    None => format!("the result could not be recorded: {e}"),
+                };
+                let failed = Outcome::Failed(Failure::new(super::job::FailureKind::Storage, message));
+                let finish = || self.store.finish(&item.id, &item.token, &failed);
+                (finish.retry(RetryPolicy::store_outage().backoff()).await, failed, false)
+            }
+            finished => (finished, outcome, true),
+        };
         self.local().running.remove(&item.id);
         self.changed();
         let finished = finished?;
@@ -336,14 +412,14 @@ impl Queue {
             // Ended meanwhile (its lease ran out and it went to another worker, or it was
             // forgotten): that end stands, this one is not counted.
             tracing::warn!(request_id = %item.id, "the request had already ended elsewhere; this result is dropped");
-            return Ok(());
+            return Ok(true);
         }
         self.observe(Latency::Request, SystemTime::now().duration_since(item.submitted).unwrap_or_default()).await;
         self.count(&Counters::ended(&outcome));
         if let Some(hook) = finished.webhook {
             self.send_webhook(hook);
         }
-        Ok(())
+        Ok(as_given)
     }
 
     async fn observe(&self, which: Latency, value: Duration) {

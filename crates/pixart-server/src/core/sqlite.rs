@@ -25,6 +25,7 @@ use super::store::{
 };
 
 const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS probe (k INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
@@ -73,13 +74,37 @@ pub struct SqliteStore {
 #[derive(Debug)]
 pub struct Db {
     path: PathBuf,
+    /// The file's identity (device, inode) when it was opened.
+    identity: Option<(u64, u64)>,
     writer: Mutex<Connection>,
     readers: Mutex<Vec<Connection>>,
 }
 
 /// Opens a connection with the store's settings.
-fn connect(path: &Path) -> Result<Connection, StoreError> {
-    let conn = Connection::open(path)?;
+/// A file's device and inode (where the platform has them).
+fn file_identity(path: &Path) -> Option<(u64, u64)> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        None
+    }
+}
+
+/// A connection to the database at `path`, which is created only with `create` (a reader must
+/// not make a new, empty database where the store's file was deleted).
+fn connect(path: &Path, create: bool) -> Result<Connection, StoreError> {
+    let mut flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE
+        | rusqlite::OpenFlags::SQLITE_OPEN_URI
+        | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    if create {
+        flags |= rusqlite::OpenFlags::SQLITE_OPEN_CREATE;
+    }
+    let conn = Connection::open_with_flags(path, flags)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     Ok(conn)
@@ -88,7 +113,7 @@ fn connect(path: &Path) -> Result<Connection, StoreError> {
 impl SqliteStore {
     /// Opens (or creates) the database at `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let conn = connect(path)?;
+        let conn = connect(path, true)?;
         // WAL: readers do not wait for the writer; NORMAL: a commit is in the OS once it returns.
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
@@ -98,7 +123,8 @@ impl SqliteStore {
         if !has_owner {
             conn.execute_batch("ALTER TABLE jobs ADD COLUMN owner TEXT")?;
         }
-        let db = Db { path: path.to_path_buf(), writer: Mutex::new(conn), readers: Mutex::new(Vec::new()) };
+        let identity = file_identity(path);
+        let db = Db { path: path.to_path_buf(), identity, writer: Mutex::new(conn), readers: Mutex::new(Vec::new()) };
         Ok(Self { db: Arc::new(db) })
     }
 
@@ -132,7 +158,7 @@ impl Db {
         let pooled = self.readers.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let conn = match pooled {
             Some(conn) => conn,
-            None => connect(&self.path)?,
+            None => connect(&self.path, false)?,
         };
         let result = call(&conn);
         self.readers.lock().unwrap_or_else(|e| e.into_inner()).push(conn);
@@ -231,6 +257,26 @@ impl Db {
         };
         tx.commit().map_err(StoreError::from)?;
         Ok(submitted)
+    }
+
+    /// [`JobStore::check`], blocking: the file is still there and the same, and takes a write.
+    pub fn check(&self) -> Result<(), StoreError> {
+        let lost = |what: &str| {
+            StoreError::Lost(format!(
+                "{} {what} while the server was running: jobs recorded from now on would be lost at the next \
+                 start; stop the server, put the file back (or accept starting over) and start it again",
+                self.path.display()
+            ))
+        };
+        match std::fs::metadata(&self.path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(lost("was deleted")),
+            Err(e) => return Err(StoreError::Io(e)),
+            Ok(_) if file_identity(&self.path) != self.identity => return Err(lost("was replaced")),
+            Ok(_) => {}
+        }
+        let now = unix_ms(SystemTime::now());
+        self.conn().execute("INSERT OR REPLACE INTO probe (k, at_ms) VALUES (1, ?1)", [now])?;
+        Ok(())
     }
 
     /// [`JobStore::claim`], blocking.
@@ -494,6 +540,10 @@ impl JobStore for SqliteStore {
 
     async fn claim(&self, now: SystemTime) -> Result<Option<Claimed>, StoreError> {
         self.run(move |db| db.claim(now)).await
+    }
+
+    async fn check(&self) -> Result<(), StoreError> {
+        self.run(Db::check).await
     }
 
     async fn append_logs(&self, id: &str, token: &str, from: usize, lines: &[LogLine]) -> Result<(), StoreError> {

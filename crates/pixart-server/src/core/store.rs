@@ -34,6 +34,10 @@ pub enum StoreError {
     /// The task running a blocking store call failed (a bug: it panicked).
     #[error("job store task failed: {0}")]
     Task(String),
+    /// The store's file was deleted or replaced under the running server: what it records now
+    /// would be lost at the next start.
+    #[error("job store lost: {0}")]
+    Lost(String),
 }
 
 /// Why a submit was refused.
@@ -218,6 +222,13 @@ pub trait JobStore: Send + Sync + std::fmt::Debug {
     /// are queued again, or failed after `max_attempts` starts (their webhooks become pending);
     /// synchronous jobs are dropped.
     async fn recover(&self, max_attempts: u32) -> Result<Recovery, StoreError>;
+
+    /// Checks that the store still works: its file is still the one opened, and it takes a
+    /// write. A problem found here makes the server unhealthy and refuse submits until it is
+    /// gone.
+    async fn check(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 
     /// Whether other processes share this store (then a cancel may arrive through the store
     /// rather than this process' own stop flags).

@@ -27,6 +27,9 @@ pub struct Sweeper {
     pub maintain_every: Duration,
 }
 
+/// How often the store and the storage disk are checked.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+
 /// How long an unfinished upload is kept.
 const UPLOAD_LIFETIME: Duration = Duration::from_secs(3600);
 
@@ -36,7 +39,8 @@ impl Sweeper {
         let retain_every = self
             .retention
             .map_or(Duration::from_secs(60), |r| (r / 4).clamp(Duration::from_millis(100), Duration::from_secs(60)));
-        let (mut maintained, mut retained) = (Instant::now(), Instant::now());
+        let (mut maintained, mut retained, mut checked) = (Instant::now(), Instant::now(), Instant::now());
+        self.check().await;
         self.maintain().await;
         self.retain().await;
         let stopped = stop.notified();
@@ -49,6 +53,10 @@ impl Sweeper {
             if let Err(e) = self.queue.expire_deadlines().await {
                 tracing::warn!(error = %e, "expiring start deadlines");
             }
+            if checked.elapsed() >= CHECK_EVERY {
+                checked = Instant::now();
+                self.check().await;
+            }
             if maintained.elapsed() >= self.maintain_every {
                 maintained = Instant::now();
                 self.maintain().await;
@@ -58,6 +66,24 @@ impl Sweeper {
                 self.retain().await;
             }
         }
+    }
+
+    /// The store still there and writable, the disk not full.
+    async fn check(&self) {
+        let (files, queue) = (self.files.clone(), self.queue.clone());
+        let disk = tokio::task::spawn_blocking(move || {
+            let full = files.ensure_room(0).err().map(|e| e.to_string());
+            if full.is_none() {
+                // Room again: take the reserve back.
+                if let Some(Err(e)) = queue.ballast().map(|b| b.ensure()) {
+                    tracing::warn!(error = %e, "the storage folder's reserve file could not be written");
+                }
+            }
+            full
+        })
+        .await
+        .unwrap_or_default();
+        self.queue.check_store(disk).await;
     }
 
     async fn maintain(&self) {

@@ -59,8 +59,12 @@ pub fn run(pipeline: &Pipeline, context: &WorkerContext<'_>) {
             Some(outcome) => {
                 let ok = outcome.failure().is_none();
                 let done = context.runtime.block_on(queue.finish(&item, outcome));
+                if ok && !matches!(done, Ok(true)) {
+                    // Its images are no one's: the request ended failed, or stays unrecorded.
+                    context.files.remove_key(&item.id);
+                }
                 tracing::info!(request_id = %item.id, ok, "request finished");
-                done
+                done.map(|_| ())
             }
             None => {
                 tracing::info!(request_id = %item.id, "request given back to the queue for the next start");
@@ -170,6 +174,8 @@ fn store(context: &WorkerContext<'_>, item: &WorkItem, generation: &Generation) 
     match response {
         Ok(response) => Outcome::Succeeded { response, inference_time },
         Err(e) => {
+            // Images written before the one that failed are removed with it.
+            context.files.remove_key(id);
             let message = pixart_pipeline::error_report(&e);
             context.queue.log(item, LogLine::new("ERROR", message.clone()));
             Outcome::Failed(Failure::new(FailureKind::Storage, message))

@@ -71,6 +71,7 @@ impl From<RefusedSubmit> for ApiError {
     fn from(e: RefusedSubmit) -> Self {
         match e {
             RefusedSubmit::ShuttingDown => Self::ShuttingDown,
+            RefusedSubmit::StoreProblem(problem) => Self::QueueUnavailable(problem),
             RefusedSubmit::Store(SubmitError::QueueFull(n)) => Self::QueueFull(n),
             RefusedSubmit::Store(SubmitError::Store(e)) => e.into(),
         }

@@ -12,13 +12,30 @@ use super::errors::{json_response, ApiError};
 use super::prometheus::{Snapshot, CONTENT_TYPE};
 use crate::state::AppState;
 
-/// Liveness, the queue and the counters.
+/// Liveness, the queue and the counters; 503 with `"status": "unhealthy"` and the `problem`
+/// while the store cannot record requests (its file deleted, the disk full).
 pub async fn health(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
-    let (stats, counters) = probe(async { Ok((state.queue.stats().await?, state.queue.counters().await?)) }).await?;
+    let problem = state.queue.problem();
+    let queue = probe(async { Ok((state.queue.stats().await?, state.queue.counters().await?)) }).await;
+    // An unhealthy store may not answer at all: the problem is what to report then.
+    let (stats, counters) = match (queue, &problem) {
+        (Ok(queue), _) => queue,
+        (Err(_), Some(problem)) => {
+            let body = json!({"status": "unhealthy", "problem": problem, "app_id": state.config.app_id});
+            return Ok(json_response(StatusCode::SERVICE_UNAVAILABLE, body));
+        }
+        (Err(e), None) => return Err(e.into()),
+    };
+    let (code, status) = match (&problem, state.queue.is_closed()) {
+        (Some(_), _) => (StatusCode::SERVICE_UNAVAILABLE, "unhealthy"),
+        (None, true) => (StatusCode::OK, "shutting_down"),
+        (None, false) => (StatusCode::OK, "ok"),
+    };
     Ok(json_response(
-        StatusCode::OK,
+        code,
         json!({
-            "status": if state.queue.is_closed() { "shutting_down" } else { "ok" },
+            "status": status,
+            "problem": problem,
             "app_id": state.config.app_id,
             "model": state.model,
             "queue_length": stats.queued,
