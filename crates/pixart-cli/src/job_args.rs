@@ -34,9 +34,9 @@ pub struct JobArgs {
     /// client-supplied URL must not make the server call its own network).
     #[arg(long, env = "PIXART_ALLOW_PRIVATE_WEBHOOKS", value_parser = clap::builder::FalseyValueParser::new())]
     allow_private_webhooks: bool,
-    /// Prompt encodings kept in memory (repeated prompts skip T5).
-    #[arg(long, env = "PIXART_PROMPT_CACHE", default_value_t = 16)]
-    pub prompt_cache: usize,
+    /// Prompt encodings kept in memory (repeated prompts skip T5), 0 to 65536.
+    #[arg(long, env = "PIXART_PROMPT_CACHE", default_value_t = 16, value_parser = clap::value_parser!(u64).range(0..=65536))]
+    pub prompt_cache: u64,
     /// The folder requests may name LoRAs in by path (relative to it, or absolute inside it);
     /// without it, requests' LoRAs come by URL only (any other local path is refused).
     #[arg(long, env = "PIXART_LORA_DIR")]
@@ -63,7 +63,7 @@ impl JobArgs {
     /// How to load the model: the model flags plus this process' prompt cache.
     pub fn load_options(&self, model: &ModelArgs) -> anyhow::Result<LoadOptions> {
         let mut options = model.load_options()?;
-        options.prompt_cache_size = self.prompt_cache;
+        options.prompt_cache_size = self.prompt_cache as usize;
         Ok(options)
     }
 

@@ -55,6 +55,15 @@ pub struct ServeArgs {
     /// Refuse (408) and close a request whose body pauses this long between chunks.
     #[arg(long, env = "PIXART_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     idle_timeout: Duration,
+    /// Refuse (408) a request whose whole JSON body has not arrived within this long (a body
+    /// trickled a byte at a time holds no memory for longer); uploads are bounded by
+    /// --idle-timeout only.
+    #[arg(long, env = "PIXART_BODY_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    body_timeout: Duration,
+    /// Most connections open at once (with --max-request-bytes, a bound on the memory bodies
+    /// can take); further clients wait in the listen queue until one closes.
+    #[arg(long, env = "PIXART_MAX_CONNECTIONS", default_value_t = 1024)]
+    max_connections: usize,
     /// The queue, shared with other fronts and workers: redis://HOST:PORT[/DB]. Default: an
     /// embedded one in the storage folder (this server only).
     #[arg(long, env = "PIXART_QUEUE")]
@@ -99,6 +108,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
     config.cors_origins.clone_from(&args.cors_origin);
     config.header_read_timeout = args.header_read_timeout;
     config.idle_timeout = args.idle_timeout;
+    config.body_timeout = args.body_timeout;
+    config.max_connections = args.max_connections;
     config.queue = queue_backend(args.queue.as_deref());
     config.retention = args.result_retention.0;
     // Bad settings, or a folder another server holds, fail now, not after loading gigabytes of

@@ -607,3 +607,73 @@ fn a_full_disk_ends_the_running_request_and_a_deleted_store_is_noticed() {
     assert_eq!(report["check"], "passed");
     println!("{stdout}");
 }
+
+/// Every duration and count flag of `pixart serve` at 0, 1 and u64::MAX: accepted (the server
+/// starts) where the value is in range, otherwise refused at start with the setting's name and
+/// range; never a panic, never an overflow after "listening".
+#[test]
+fn every_duration_and_count_flag_is_range_checked_at_start() {
+    let model = repo_root().join("tests/fixtures/tiny-sigma-256");
+    // (flag, accepts 0, accepts 1)
+    let flags = [
+        ("--shutdown-grace", true, true),
+        ("--webhook-timeout", false, true),
+        ("--lora-timeout", false, true),
+        ("--image-timeout", false, true),
+        ("--visibility-timeout", false, true),
+        ("--header-read-timeout", false, true),
+        ("--idle-timeout", false, true),
+        ("--body-timeout", false, true),
+        ("--result-retention", true, true),
+        ("--max-queue", false, true),
+        ("--max-connections", false, true),
+        ("--max-request-bytes", false, false),
+        ("--max-upload-bytes", false, true),
+        ("--max-lora-bytes", false, true),
+        ("--max-image-bytes", false, true),
+        ("--prompt-cache", true, true),
+    ];
+    let max = u64::MAX.to_string();
+    let cases: Vec<(&str, &str, bool)> = flags
+        .iter()
+        .flat_map(|&(flag, zero, one)| [(flag, "0", zero), (flag, "1", one), (flag, max.as_str(), false)])
+        .collect();
+    let check = |(flag, value, accepted): (&str, &str, bool)| -> Option<String> {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_pixart"))
+            .args(["serve", "--port", "0", "--temporary-storage", "--no-safety-checker", "--model"])
+            .arg(&model)
+            .args([flag, value])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let started = line.contains("listening on");
+        if started {
+            let _ = child.kill();
+        }
+        let output = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let setting = flag.trim_start_matches("--").replace('-', "_");
+        let named = stderr.contains(flag) || stderr.contains(&setting) || stderr.contains("retention");
+        let wrong = if stderr.contains("panicked") {
+            Some("panicked".to_string())
+        } else if accepted && !started {
+            Some(format!("refused: {stderr}"))
+        } else if !accepted && (started || !named || !stderr.contains("must be") && !stderr.contains("not in")) {
+            Some(format!("not refused by name and range (started: {started}): {stderr}"))
+        } else {
+            None
+        };
+        wrong.map(|w| format!("{flag} {value}: {w}"))
+    };
+    let problems: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = cases
+            .chunks(12)
+            .map(|chunk| scope.spawn(move || chunk.iter().filter_map(|c| check(*c)).collect::<Vec<_>>()))
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}

@@ -107,6 +107,12 @@ pub struct ServerConfig {
     /// Longest a request body may pause between chunks before the request is refused (408) and
     /// its connection closed. Responses being computed are never cut.
     pub idle_timeout: Duration,
+    /// Longest a whole API request body (JSON, read into memory) may take to arrive (408 after
+    /// it): a client trickling a body cannot hold its memory for longer. Uploads, spooled to
+    /// disk, are bounded by `idle_timeout` only.
+    pub body_timeout: Duration,
+    /// Most connections open at once; more wait in the listen queue until one closes.
+    pub max_connections: usize,
     /// The folder requests may name LoRAs in by path (`loras[i].path` relative to it, or an
     /// absolute path inside it); `None`: LoRAs come by URL only.
     pub lora_dir: Option<PathBuf>,
@@ -140,6 +146,8 @@ impl Default for ServerConfig {
             allow_private_webhooks: false,
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            body_timeout: Duration::from_secs(60),
+            max_connections: 1024,
             lora_dir: None,
             max_lora_bytes: 2 << 30,
             lora_timeout: Duration::from_secs(300),
@@ -157,8 +165,9 @@ impl ServerConfig {
         if parts.len() != 2 || parts.iter().any(|p| p.is_empty() || !p.chars().all(is_id_char)) {
             return bad("app_id", "must be `owner/alias` (letters, digits, `-`, `_`, `.`), e.g. fal-ai/pixart-sigma");
         }
-        let counts: [(&str, usize, usize, usize); 5] = [
+        let counts: [(&str, usize, usize, usize); 6] = [
             ("max_queue", self.max_queue, 1, 1_000_000),
+            ("max_connections", self.max_connections, 1, 1_000_000),
             ("max_request_bytes", self.max_request_bytes, 1024, 1 << 30),
             ("max_upload_bytes", self.max_upload_bytes, 1, 1 << 40),
             ("max_lora_bytes", usize::try_from(self.max_lora_bytes).unwrap_or(usize::MAX), 1, 1 << 36),
@@ -177,6 +186,7 @@ impl ServerConfig {
         let durations = [
             ("header_read_timeout", self.header_read_timeout, Duration::from_millis(1), hour),
             ("idle_timeout", self.idle_timeout, Duration::from_millis(1), hour),
+            ("body_timeout", self.body_timeout, Duration::from_millis(1), hour),
             ("webhook_timeout", self.webhook_timeout, Duration::from_millis(1), Duration::from_secs(600)),
             ("shutdown_grace", self.shutdown_grace, Duration::ZERO, 24 * hour),
             ("visibility_timeout", self.visibility_timeout, Duration::from_secs(1), hour),

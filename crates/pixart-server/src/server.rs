@@ -208,7 +208,10 @@ fn spawn_sweeper(state: &Arc<AppState>, http: bool, stop: Arc<Notify>) -> tokio:
 fn spawn_http(listener: TcpListener, state: &Arc<AppState>) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let (stop_http, http_stopped) = oneshot::channel::<()>();
     let router = crate::http::router(state.clone());
-    let limits = crate::http::connections::ConnectionLimits { header_read_timeout: state.config.header_read_timeout };
+    let limits = crate::http::connections::ConnectionLimits {
+        header_read_timeout: state.config.header_read_timeout,
+        max_connections: state.config.max_connections,
+    };
     let stopped = async move {
         let _ = http_stopped.await;
     };

@@ -13,6 +13,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// Most parts of one multipart upload (part numbers run from 1 to this), as in S3.
+pub const MAX_PARTS: u32 = 10_000;
+
 use super::files::sanitize_name;
 
 /// An upload started but not finished: its target.
@@ -103,8 +106,11 @@ pub struct Spooled {
 }
 
 /// Uploads in flight, kept in a spool folder: `{spool}/{id}/upload.json` (the target) and
-/// `{spool}/{id}/{n}` + `{n}.etag` per part. Nothing is in memory, so any HTTP front sharing
-/// the storage folder can take any part of an upload, and an upload survives a restart.
+/// `{spool}/{id}/{n}` + `{n}.etag` per part. The parts are on disk, so any HTTP front sharing
+/// the storage folder can take any part of an upload, and an upload survives a restart. The
+/// parts' count and total size are kept beside them (`{spool}/{id}/sizes`, updated under a lock
+/// of the upload's `upload.json`), so checking the limits costs the same for every part (at
+/// most [`MAX_PARTS`] per upload, each non-empty).
 #[derive(Debug)]
 pub struct Uploads {
     spool: PathBuf,
@@ -209,14 +215,42 @@ impl Uploads {
         etag: &str,
         limit: usize,
     ) -> Result<(), UploadError> {
+        if !(1..=MAX_PARTS).contains(&number) {
+            return Err(UploadError::BadParts(format!("part numbers run from 1 to {MAX_PARTS}, got {number}")));
+        }
+        if len == 0 {
+            return Err(UploadError::BadParts(format!("part {number} is empty")));
+        }
         let dir = self.dir(id).ok_or(UploadError::Unknown)?;
-        Self::read_target(&dir)?;
-        let others: usize = Self::parts(&dir).iter().filter(|(n, _)| **n != number).map(|(_, p)| p.1).sum();
-        if others + len > limit {
+        // Held while the part is counted and moved in: parts may arrive at several fronts at once.
+        let lock = std::fs::File::open(dir.join("upload.json")).map_err(|_| UploadError::Unknown)?;
+        fs4::FileExt::lock(&lock).map_err(io("locking an upload"))?;
+        let (count, total) = Self::sizes(&dir);
+        let target = dir.join(number.to_string());
+        let replaced = std::fs::metadata(&target).map(|m| m.len() as usize).ok();
+        let (count, total) = (count + usize::from(replaced.is_none()), total - replaced.unwrap_or(0) + len);
+        if total > limit {
             return Err(UploadError::TooLarge(limit));
         }
+        if count > MAX_PARTS as usize {
+            return Err(UploadError::BadParts(format!("an upload has at most {MAX_PARTS} parts")));
+        }
         std::fs::write(dir.join(format!("{number}.etag")), etag).map_err(io("spooling a part"))?;
-        std::fs::rename(incoming, dir.join(number.to_string())).map_err(|_| UploadError::Unknown)
+        std::fs::rename(incoming, target).map_err(|_| UploadError::Unknown)?;
+        std::fs::write(dir.join("sizes"), format!("{count} {total}")).map_err(io("spooling a part"))
+    }
+
+    /// The count and total size of an upload's parts (from `sizes`; counted once from the parts
+    /// themselves for an upload spooled before it was kept).
+    fn sizes(dir: &Path) -> (usize, usize) {
+        let kept = std::fs::read_to_string(dir.join("sizes")).ok().and_then(|text| {
+            let (count, total) = text.split_once(' ')?;
+            Some((count.parse().ok()?, total.parse().ok()?))
+        });
+        kept.unwrap_or_else(|| {
+            let parts = Self::parts(dir);
+            (parts.len(), parts.values().map(|p| p.1).sum())
+        })
     }
 
     /// Ends a multipart upload: checks `parts` (number, etag) against what was received and
@@ -328,6 +362,13 @@ mod tests {
         assert_ne!(e1, e2);
         assert_eq!(std::fs::read(spool.join(&id).join("1")).unwrap(), b"hello ", "parts live on disk");
         assert_eq!(part(&uploads, &id, 3, &[0; 95], 100), Err(UploadError::TooLarge(100)));
+        // Part numbers are bounded and a part has bytes.
+        assert!(matches!(part(&uploads, &id, MAX_PARTS + 1, b"x", 100), Err(UploadError::BadParts(_))));
+        assert!(matches!(part(&uploads, &id, 3, b"", 100), Err(UploadError::BadParts(m)) if m.contains("empty")));
+        // The count and total kept beside the parts hold across fronts: replacing part 2 counts its
+        // new size only.
+        part(&Uploads::new(spool.clone()), &id, 2, b"world", 100).unwrap();
+        assert_eq!(std::fs::read_to_string(spool.join(&id).join("sizes")).unwrap(), "2 11");
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
         runtime.block_on(async {
             let mut big = uploads.spool_file(10).await.unwrap();

@@ -53,10 +53,9 @@ fn embedded_v4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
 fn is_public_v6(v6: Ipv6Addr) -> bool {
     let s = v6.segments();
     let global_unicast = s[0] & 0xe000 == 0x2000; // 2000::/3
-    global_unicast
-        && !(s[0] == 0x2001 && s[1] < 0x0200 // 2001::/23 IETF protocol assignments
-            || s[0] == 0x2001 && s[1] == 0x0db8 // 2001:db8::/32 documentation
-            || s[0] == 0x3fff && s[1] < 0x1000) // 3fff::/20 documentation
+    let protocol_assignments = s[0] == 0x2001 && s[1] < 0x0200; // 2001::/23
+    let documentation = (s[0] == 0x2001 && s[1] == 0x0db8) || (s[0] == 0x3fff && s[1] < 0x1000); // 2001:db8::/32, 3fff::/20
+    global_unicast && !protocol_assignments && !documentation
 }
 
 fn is_public_v4(ip: Ipv4Addr) -> bool {

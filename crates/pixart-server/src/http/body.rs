@@ -24,22 +24,42 @@ pub enum BodyError {
     /// No chunk came for this long.
     #[error("the request body stalled for {0:?}")]
     Stalled(Duration),
+    /// The whole body did not arrive within this long.
+    #[error("the request body took longer than {0:?}")]
+    TooSlow(Duration),
 }
 
-/// `body` limited to `limit` bytes, each chunk arriving within `idle` of the last one.
-pub fn limited(body: Body, limit: usize, setting: &'static str, idle: Duration) -> Body {
+/// How long a body may take.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyTimes {
+    /// Longest pause between chunks.
+    pub idle: Duration,
+    /// Longest the whole body may take (`None`: no bound but the pauses').
+    pub total: Option<Duration>,
+}
+
+/// `body` limited to `limit` bytes, each chunk arriving within `times.idle` of the last one and
+/// all of it within `times.total`.
+pub fn limited(body: Body, limit: usize, setting: &'static str, times: BodyTimes) -> Body {
     struct State {
         chunks: axum::body::BodyDataStream,
         seen: usize,
         failed: bool,
     }
     let state = State { chunks: body.into_data_stream(), seen: 0, failed: false };
+    let deadline = times.total.map(|total| (tokio::time::Instant::now() + total, total));
     let stream = futures_util::stream::unfold(state, move |mut state| async move {
         if state.failed {
             return None;
         }
-        let next = match tokio::time::timeout(idle, state.chunks.next()).await {
-            Err(_) => Err(axum::BoxError::from(BodyError::Stalled(idle))),
+        let (wait, late) = match deadline {
+            Some((at, total)) if at.saturating_duration_since(tokio::time::Instant::now()) < times.idle => {
+                (at.saturating_duration_since(tokio::time::Instant::now()), BodyError::TooSlow(total))
+            }
+            _ => (times.idle, BodyError::Stalled(times.idle)),
+        };
+        let next = match tokio::time::timeout(wait, state.chunks.next()).await {
+            Err(_) => Err(axum::BoxError::from(late)),
             Ok(None) => return None,
             Ok(Some(Err(e))) => Err(axum::BoxError::from(e)),
             Ok(Some(Ok(chunk))) => {
@@ -64,6 +84,7 @@ fn read_error(error: &axum::Error) -> ApiError {
         match e.downcast_ref::<BodyError>() {
             Some(BodyError::TooLarge { limit, setting }) => return ApiError::TooLarge { limit: *limit, setting },
             Some(BodyError::Stalled(idle)) => return ApiError::BodyStalled(*idle),
+            Some(BodyError::TooSlow(total)) => return ApiError::BodyTooSlow(*total),
             None => source = e.source(),
         }
     }

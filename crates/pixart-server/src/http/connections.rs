@@ -17,6 +17,9 @@ use tokio::net::TcpListener;
 pub struct ConnectionLimits {
     /// Longest a client may take to send a request's headers.
     pub header_read_timeout: Duration,
+    /// Most connections served at once; the next is accepted when one closes (meanwhile the
+    /// kernel's listen queue holds it).
+    pub max_connections: usize,
 }
 
 /// Serves `router` on `listener` until `stop` resolves, then waits up to `drain` for the
@@ -29,8 +32,16 @@ pub async fn serve(
     drain: Duration,
 ) {
     let graceful = GracefulShutdown::new();
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     tokio::pin!(stop);
     loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            () = &mut stop => break,
+        };
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -53,6 +64,7 @@ pub async fn serve(
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "connection closed with an error");
             }
+            drop(slot);
         });
     }
     drop(listener);

@@ -23,6 +23,8 @@ pub enum ApiError {
     MethodNotAllowed(&'static str),
     /// 408: the body stalled.
     BodyStalled(std::time::Duration),
+    /// 408: the whole body did not come within `--body-timeout`.
+    BodyTooSlow(std::time::Duration),
     /// 413: the body is over a limit (named by its flag).
     TooLarge {
         /// The limit in bytes.
@@ -93,6 +95,10 @@ impl IntoResponse for ApiError {
             Self::BodyStalled(idle) => (
                 StatusCode::REQUEST_TIMEOUT,
                 json!({"detail": format!("the request body stalled for {idle:?} (--idle-timeout)")}),
+            ),
+            Self::BodyTooSlow(total) => (
+                StatusCode::REQUEST_TIMEOUT,
+                json!({"detail": format!("the request body took longer than {total:?} (--body-timeout)")}),
             ),
             Self::TooLarge { limit, setting } => (
                 StatusCode::PAYLOAD_TOO_LARGE,
