@@ -64,6 +64,10 @@ pub struct ServeArgs {
     /// can take); further clients wait in the listen queue until one closes.
     #[arg(long, env = "PIXART_MAX_CONNECTIONS", default_value_t = 1024)]
     max_connections: usize,
+    /// Bytes all JSON bodies being received may hold together (at least --max-request-bytes);
+    /// a body that would go past it gets 503 (fal's clients retry it).
+    #[arg(long, env = "PIXART_MAX_BODY_MEMORY", default_value_t = 64 << 20)]
+    max_body_memory: usize,
     /// The queue, shared with other fronts and workers: redis://HOST:PORT[/DB]. Default: an
     /// embedded one in the storage folder (this server only).
     #[arg(long, env = "PIXART_QUEUE")]
@@ -110,6 +114,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     config.idle_timeout = args.idle_timeout;
     config.body_timeout = args.body_timeout;
     config.max_connections = args.max_connections;
+    config.max_body_memory = args.max_body_memory;
     config.queue = queue_backend(args.queue.as_deref());
     config.retention = args.result_retention.0;
     // Bad settings, or a folder another server holds, fail now, not after loading gigabytes of

@@ -627,6 +627,7 @@ fn every_duration_and_count_flag_is_range_checked_at_start() {
         ("--result-retention", true, true),
         ("--max-queue", false, true),
         ("--max-connections", false, true),
+        ("--max-body-memory", false, false),
         ("--max-request-bytes", false, false),
         ("--max-upload-bytes", false, true),
         ("--max-lora-bytes", false, true),
@@ -676,4 +677,23 @@ fn every_duration_and_count_flag_is_range_checked_at_start() {
         handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
     });
     assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// The floods of `benches/serve_floods.py` against this build: bodies past --max-body-memory are
+/// answered 503, a full queue answers 429 to invalid input and stores nothing, every one of 4000
+/// multipart parts is taken (the figures it prints are the benchmark's, not checked here).
+#[test]
+fn floods_take_no_more_than_the_limits_allow() {
+    install_clients();
+    let output = Command::new(clients_dir().join("python/.venv/bin/python"))
+        .arg(repo_root().join("benches/serve_floods.py"))
+        .args(["--pixart", env!("CARGO_BIN_EXE_pixart"), "--check", "--model"])
+        .arg(repo_root().join("tests/fixtures/tiny-sigma-256"))
+        .output()
+        .expect("running benches/serve_floods.py");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "floods:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("serve_floods.py prints its JSON report");
+    assert_eq!(report["check"], "passed");
+    println!("{stdout}");
 }

@@ -113,6 +113,9 @@ pub struct ServerConfig {
     pub body_timeout: Duration,
     /// Most connections open at once; more wait in the listen queue until one closes.
     pub max_connections: usize,
+    /// Bytes all API request bodies being received may hold together (at least
+    /// `max_request_bytes`); a body that would go past it gets 503.
+    pub max_body_memory: usize,
     /// The folder requests may name LoRAs in by path (`loras[i].path` relative to it, or an
     /// absolute path inside it); `None`: LoRAs come by URL only.
     pub lora_dir: Option<PathBuf>,
@@ -148,6 +151,7 @@ impl Default for ServerConfig {
             idle_timeout: Duration::from_secs(60),
             body_timeout: Duration::from_secs(60),
             max_connections: 1024,
+            max_body_memory: 64 << 20,
             lora_dir: None,
             max_lora_bytes: 2 << 30,
             lora_timeout: Duration::from_secs(300),
@@ -165,13 +169,14 @@ impl ServerConfig {
         if parts.len() != 2 || parts.iter().any(|p| p.is_empty() || !p.chars().all(is_id_char)) {
             return bad("app_id", "must be `owner/alias` (letters, digits, `-`, `_`, `.`), e.g. fal-ai/pixart-sigma");
         }
-        let counts: [(&str, usize, usize, usize); 6] = [
+        let counts: [(&str, usize, usize, usize); 7] = [
             ("max_queue", self.max_queue, 1, 1_000_000),
             ("max_connections", self.max_connections, 1, 1_000_000),
             ("max_request_bytes", self.max_request_bytes, 1024, 1 << 30),
             ("max_upload_bytes", self.max_upload_bytes, 1, 1 << 40),
             ("max_lora_bytes", usize::try_from(self.max_lora_bytes).unwrap_or(usize::MAX), 1, 1 << 36),
             ("max_image_bytes", usize::try_from(self.max_image_bytes).unwrap_or(usize::MAX), 1, 1 << 32),
+            ("max_body_memory", self.max_body_memory, self.max_request_bytes, 1 << 40),
         ];
         for (field, value, min, max) in counts {
             if !(min..=max).contains(&value) {

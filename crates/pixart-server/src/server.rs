@@ -158,6 +158,7 @@ async fn start_state(
     };
     let rules = ImageRules { any_local_path: false, fetch, decode: pixart_fal::DecodeLimits::default() };
     let images = Arc::new(ImageSource::new(rules, Some(files.clone())));
+    let config_body_memory = config.max_body_memory;
     let state = Arc::new(AppState {
         local_addr,
         loras,
@@ -169,6 +170,7 @@ async fn start_state(
         queue: Arc::new(queue),
         files,
         started: Instant::now(),
+        body_memory: Arc::new(tokio::sync::Semaphore::new(config_body_memory)),
     });
     Ok((state, progress, recovery, threads))
 }

@@ -40,4 +40,7 @@ pub struct AppState {
     pub images: Arc<ImageSource>,
     /// When the server started.
     pub started: Instant,
+    /// The memory request bodies being received share, one permit per byte
+    /// ([`ServerConfig::max_body_memory`]).
+    pub body_memory: Arc<tokio::sync::Semaphore>,
 }

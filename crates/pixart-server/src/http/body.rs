@@ -1,11 +1,13 @@
 //! Request bodies: the limits the middleware puts on them (size, idle time between chunks) and
 //! the two ways handlers read them (JSON into memory, uploads spooled to disk).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::http::HeaderMap;
 use futures_util::StreamExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::errors::ApiError;
 use crate::core::uploads::{SpoolFile, Spooled, UploadError};
@@ -27,54 +29,82 @@ pub enum BodyError {
     /// The whole body did not arrive within this long.
     #[error("the request body took longer than {0:?}")]
     TooSlow(Duration),
+    /// The bodies being received hold all the memory allowed for them.
+    #[error("request bodies in flight hold {0} bytes, all the memory allowed for them")]
+    Busy(usize),
 }
 
-/// How long a body may take.
-#[derive(Debug, Clone, Copy)]
-pub struct BodyTimes {
+/// How long a body may take, and the memory it may hold.
+#[derive(Debug, Clone)]
+pub struct BodyRules {
     /// Longest pause between chunks.
     pub idle: Duration,
     /// Longest the whole body may take (`None`: no bound but the pauses').
     pub total: Option<Duration>,
+    /// Bytes every body being received shares (one permit per byte, held until the body is
+    /// dropped), with its size; `None`: the body goes to disk, not to memory.
+    pub memory: Option<(Arc<Semaphore>, usize)>,
 }
 
-/// `body` limited to `limit` bytes, each chunk arriving within `times.idle` of the last one and
-/// all of it within `times.total`.
-pub fn limited(body: Body, limit: usize, setting: &'static str, times: BodyTimes) -> Body {
+/// `body` limited to `limit` bytes, each chunk arriving within `rules.idle` of the last one,
+/// all of it within `rules.total`, and held in `rules.memory`.
+pub fn limited(body: Body, limit: usize, setting: &'static str, rules: BodyRules) -> Body {
     struct State {
         chunks: axum::body::BodyDataStream,
         seen: usize,
         failed: bool,
+        held: Option<OwnedSemaphorePermit>,
     }
-    let state = State { chunks: body.into_data_stream(), seen: 0, failed: false };
-    let deadline = times.total.map(|total| (tokio::time::Instant::now() + total, total));
-    let stream = futures_util::stream::unfold(state, move |mut state| async move {
-        if state.failed {
-            return None;
-        }
-        let (wait, late) = match deadline {
-            Some((at, total)) if at.saturating_duration_since(tokio::time::Instant::now()) < times.idle => {
-                (at.saturating_duration_since(tokio::time::Instant::now()), BodyError::TooSlow(total))
+    let times = (rules.idle, rules.total);
+    let state = State { chunks: body.into_data_stream(), seen: 0, failed: false, held: None };
+    let deadline = times.1.map(|total| (tokio::time::Instant::now() + total, total));
+    let memory = rules.memory;
+    let stream = futures_util::stream::unfold(state, move |mut state| {
+        let memory = memory.clone();
+        async move {
+            if state.failed {
+                return None;
             }
-            _ => (times.idle, BodyError::Stalled(times.idle)),
-        };
-        let next = match tokio::time::timeout(wait, state.chunks.next()).await {
-            Err(_) => Err(axum::BoxError::from(late)),
-            Ok(None) => return None,
-            Ok(Some(Err(e))) => Err(axum::BoxError::from(e)),
-            Ok(Some(Ok(chunk))) => {
-                state.seen += chunk.len();
-                if state.seen > limit {
-                    Err(axum::BoxError::from(BodyError::TooLarge { limit, setting }))
-                } else {
-                    Ok(chunk)
+            let (wait, late) = match deadline {
+                Some((at, total)) if at.saturating_duration_since(tokio::time::Instant::now()) < times.0 => {
+                    (at.saturating_duration_since(tokio::time::Instant::now()), BodyError::TooSlow(total))
                 }
-            }
-        };
-        state.failed = next.is_err();
-        Some((next, state))
+                _ => (times.0, BodyError::Stalled(times.0)),
+            };
+            let next = match tokio::time::timeout(wait, state.chunks.next()).await {
+                Err(_) => Err(axum::BoxError::from(late)),
+                Ok(None) => return None,
+                Ok(Some(Err(e))) => Err(axum::BoxError::from(e)),
+                Ok(Some(Ok(chunk))) => {
+                    state.seen += chunk.len();
+                    if state.seen > limit {
+                        Err(axum::BoxError::from(BodyError::TooLarge { limit, setting }))
+                    } else {
+                        hold(&mut state.held, memory.as_ref(), chunk.len()).map(|()| chunk)
+                    }
+                }
+            };
+            state.failed = next.is_err();
+            Some((next, state))
+        }
     });
     Body::from_stream(stream)
+}
+
+/// Takes `len` bytes of the bodies' shared memory into `held` (refused when it is all taken).
+fn hold(
+    held: &mut Option<OwnedSemaphorePermit>,
+    memory: Option<&(Arc<Semaphore>, usize)>,
+    len: usize,
+) -> Result<(), axum::BoxError> {
+    let Some((budget, size)) = memory else { return Ok(()) };
+    let busy = || axum::BoxError::from(BodyError::Busy(*size));
+    let permit = budget.clone().try_acquire_many_owned(u32::try_from(len).map_err(|_| busy())?).map_err(|_| busy())?;
+    match held {
+        Some(held) => held.merge(permit),
+        None => *held = Some(permit),
+    }
+    Ok(())
 }
 
 /// The [`ApiError`] for a failed body read: the limit it broke, or 400.
@@ -85,6 +115,7 @@ fn read_error(error: &axum::Error) -> ApiError {
             Some(BodyError::TooLarge { limit, setting }) => return ApiError::TooLarge { limit: *limit, setting },
             Some(BodyError::Stalled(idle)) => return ApiError::BodyStalled(*idle),
             Some(BodyError::TooSlow(total)) => return ApiError::BodyTooSlow(*total),
+            Some(BodyError::Busy(size)) => return ApiError::BodiesBusy(*size),
             None => source = e.source(),
         }
     }

@@ -25,6 +25,8 @@ pub enum ApiError {
     BodyStalled(std::time::Duration),
     /// 408: the whole body did not come within `--body-timeout`.
     BodyTooSlow(std::time::Duration),
+    /// 503: the bodies being received hold all of `--max-body-memory`.
+    BodiesBusy(usize),
     /// 413: the body is over a limit (named by its flag).
     TooLarge {
         /// The limit in bytes.
@@ -95,6 +97,10 @@ impl IntoResponse for ApiError {
             Self::BodyStalled(idle) => (
                 StatusCode::REQUEST_TIMEOUT,
                 json!({"detail": format!("the request body stalled for {idle:?} (--idle-timeout)")}),
+            ),
+            Self::BodiesBusy(size) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"detail": format!("request bodies being received hold all {size} bytes allowed for them (--max-body-memory); retry")}),
             ),
             Self::BodyTooSlow(total) => (
                 StatusCode::REQUEST_TIMEOUT,

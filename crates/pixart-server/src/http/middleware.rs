@@ -9,7 +9,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use subtle::ConstantTimeEq;
 
-use super::body::{limited, BodyTimes};
+use super::body::{limited, BodyRules};
 use super::errors::ApiError;
 use crate::state::AppState;
 
@@ -88,9 +88,14 @@ pub async fn limit_body(State(state): State<Arc<AppState>>, request: Request, ne
     if declared.is_some_and(|n| n > limit) {
         return ApiError::TooLarge { limit, setting }.into_response();
     }
-    // An API body is read into memory: it must all come within --body-timeout. An upload is
-    // spooled to disk as it comes: only its pauses are bounded.
-    let times = BodyTimes { idle: state.config.idle_timeout, total: (!upload).then_some(state.config.body_timeout) };
-    let request = request.map(|body| limited(body, limit, setting, times));
+    // An API body is read into memory: it must all come within --body-timeout, and all bodies
+    // being received share --max-body-memory. An upload is spooled to disk as it comes: only its
+    // pauses are bounded.
+    let rules = BodyRules {
+        idle: state.config.idle_timeout,
+        total: (!upload).then_some(state.config.body_timeout),
+        memory: (!upload).then(|| (state.body_memory.clone(), state.config.max_body_memory)),
+    };
+    let request = request.map(|body| limited(body, limit, setting, rules));
     next.run(request).await
 }
