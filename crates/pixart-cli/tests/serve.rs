@@ -697,3 +697,44 @@ fn floods_take_no_more_than_the_limits_allow() {
     assert_eq!(report["check"], "passed");
     println!("{stdout}");
 }
+
+/// A body trickled faster than --idle-timeout is still cut at --body-timeout (408 naming it), and
+/// past --max-connections a client waits until a connection closes.
+#[test]
+fn trickled_bodies_end_at_the_body_timeout_and_connections_are_capped() {
+    use std::io::{Read, Write};
+    let server = Server::start(&["--body-timeout", "1s", "--idle-timeout", "10s", "--max-connections", "2"]);
+    let address = server.url.trim_start_matches("http://").to_string();
+    let started = Instant::now();
+    let mut slow = std::net::TcpStream::connect(&address).unwrap();
+    let head = "POST /fal-ai/pixart-sigma HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n";
+    slow.write_all(head.as_bytes()).unwrap();
+    slow.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let mut answer = Vec::new();
+    while answer.is_empty() && started.elapsed() < Duration::from_secs(10) {
+        // One byte every 200 ms: never idle for --idle-timeout.
+        let _ = slow.write_all(b" ");
+        let mut chunk = [0u8; 512];
+        if let Ok(n) = slow.read(&mut chunk) {
+            answer.extend_from_slice(&chunk[..n]);
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("--body-timeout"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(5), "cut after {:?}", started.elapsed());
+    drop(slow);
+
+    // Two connections held open take both slots: a third is answered only once one closes.
+    let held: Vec<_> = (0..2).map(|_| std::net::TcpStream::connect(&address).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut third = std::net::TcpStream::connect(&address).unwrap();
+    third.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    third.set_read_timeout(Some(Duration::from_millis(800))).unwrap();
+    let mut chunk = [0u8; 64];
+    assert!(third.read(&mut chunk).is_err(), "answered while both slots were held");
+    drop(held);
+    third.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let n = third.read(&mut chunk).unwrap();
+    assert!(String::from_utf8_lossy(&chunk[..n]).starts_with("HTTP/1.1 200"));
+}
