@@ -738,3 +738,18 @@ fn trickled_bodies_end_at_the_body_timeout_and_connections_are_capped() {
     let n = third.read(&mut chunk).unwrap();
     assert!(String::from_utf8_lossy(&chunk[..n]).starts_with("HTTP/1.1 200"));
 }
+
+/// OpenAI's Python SDK against `/v1/`: models, both response formats, the same image as fal's
+/// `/run/`, errors as the SDK's exceptions (tests/clients/python/openai_images.py).
+#[test]
+fn openai_sdk_generates_through_the_same_queue() {
+    install_clients();
+    let server = Server::start(&["--api-key", "openai-test-key"]);
+    let output = Command::new(clients_dir().join("python/.venv/bin/python"))
+        .arg(clients_dir().join("python/openai_images.py"))
+        .env("PIXART_URL", &server.url)
+        .env("PIXART_KEY", "openai-test-key")
+        .output()
+        .expect("running tests/clients/python/openai_images.py");
+    check("openai SDK", output, &["models", "b64_json", "url", "same_as_fal", "errors"]);
+}

@@ -7,6 +7,7 @@ pub mod connections;
 mod deadline;
 mod errors;
 mod middleware;
+mod openai_routes;
 mod ops_routes;
 mod prometheus;
 mod queue_routes;
@@ -45,9 +46,10 @@ pub fn file_url_path(key: &str, name: &str) -> String {
 /// | `/rest/storage/…`, `/cdn/files/upload…`, `/uploads/…` | the clients' upload flows |
 /// | `GET /files/{key}/{name}` | generated images and uploads |
 /// | `GET /health`, `GET /metrics` | liveness and Prometheus metrics |
+/// | `POST /v1/images/generations`, `GET /v1/models` | OpenAI's images API (see [`openai_routes`]) |
 ///
 /// Layers, outermost first: CORS (only when [`crate::ServerConfig::cors_origins`] names
-/// origins), `x-fal-target-url` routing, the API key, body limits.
+/// origins), OpenAI's error shape on `/v1/`, `x-fal-target-url` routing, the API key, body limits.
 pub fn router(state: Arc<AppState>) -> Router {
     let routes = Router::new()
         .route("/health", get(ops_routes::health))
@@ -64,6 +66,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/rest/storage/auth/token", post(storage_routes::cdn_token))
         .route("/cdn/files/upload", post(storage_routes::cdn_upload))
         .route("/cdn/files/upload/multipart", post(storage_routes::cdn_multipart_begin))
+        .route("/v1/images/generations", post(openai_routes::image_generations))
+        .route("/v1/models", get(openai_routes::models))
         .route("/run/{owner}/{alias}", post(queue_routes::run))
         .route("/{owner}/{alias}", post(queue_routes::submit))
         .route("/{owner}/{alias}/requests/{id}", get(queue_routes::result))
@@ -77,8 +81,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state.clone());
     // `Router::layer` runs after routing: the target-URL rewrite must wrap the routes from the
     // outside, so the routes are the fallback of an outer router that carries it.
-    let outer =
-        Router::new().fallback_service(routes).layer(axum::middleware::from_fn(middleware::route_by_target_url));
+    let outer = Router::new()
+        .fallback_service(routes)
+        .layer(axum::middleware::from_fn(middleware::route_by_target_url))
+        .layer(axum::middleware::from_fn(openai_routes::openai_errors));
     let origins = &state.config.cors_origins;
     if origins.is_empty() {
         return outer;
@@ -106,7 +112,7 @@ async fn no_route(
     let path = request.uri().path();
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let app = state.config.app_id.as_str();
-    let reserved = ["health", "metrics", "files", "uploads", "rest", "cdn"];
+    let reserved = ["health", "metrics", "files", "uploads", "rest", "cdn", "v1"];
     if segments.first().is_some_and(|s| reserved.contains(s)) {
         return ApiError::NotFound(format!("no route for {path}"));
     }

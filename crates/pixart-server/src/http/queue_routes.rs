@@ -189,7 +189,7 @@ pub async fn status(
 }
 
 /// The result response of a finished job.
-fn outcome_response(outcome: &Outcome, base: &str, id: &str) -> Response {
+pub(super) fn outcome_response(outcome: &Outcome, base: &str, id: &str) -> Response {
     let mut response = json_response(outcome_status(outcome), result_body(outcome, base));
     set_request_id(&mut response, id);
     if let Some(failure) = outcome.failure() {
@@ -333,8 +333,16 @@ pub async fn run(
     let app = check_app(&state, &owner, &alias)?;
     let job = new_job(&state, app, JobKind::Run, &base, query.as_deref(), &headers, body).await?;
     let id = job.id.clone();
+    let outcome = run_to_end(&state, job).await?;
+    Ok(outcome_response(&outcome, &base, &id))
+}
+
+/// Queues a run job and waits for its end on this call (invalid input ends at once). If the
+/// caller goes away first, the job is cancelled; once it ended, it is forgotten.
+pub(super) async fn run_to_end(state: &AppState, job: NewJob) -> Result<Outcome, ApiError> {
+    let id = job.id.clone();
     if let Err(failure) = &job.input {
-        return Ok(outcome_response(&Outcome::Failed(failure.clone()), &base, &id));
+        return Ok(Outcome::Failed(failure.clone()));
     }
     let mut changes = state.queue.subscribe();
     state.queue.submit(job).await?;
@@ -342,7 +350,7 @@ pub async fn run(
     loop {
         if let Some(view) = state.queue.view(&id, usize::MAX).await? {
             if let JobState::Completed(outcome) = view.state {
-                return Ok(outcome_response(&outcome, &base, &id));
+                return Ok(outcome);
             }
         }
         if tokio::time::timeout(Duration::from_secs(1), changes.changed()).await.is_ok_and(|r| r.is_err()) {
