@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs the official fal clients that tests/clients/*/scenarios.* drive against `pixart serve`:
 #   js/node_modules      @fal-ai/client 1.10.1 (npm ci from js/package-lock.json)
-#   python/.venv         fal-client 1.0.3 and openai 3.63.0 (for the OpenAI-compatible routes), with
-#                        their pinned dependencies (python/requirements.txt)
+#   python/.venv         fal-client 1.0.3, openai 3.63.0 (the OpenAI-compatible routes) and selenium
+#                        4.51.0 (the playground, in Debian's chromium), with their pinned
+#                        dependencies (python/requirements.txt)
 # Idempotent: does nothing when both are installed from the current lock files.
 # Needs node/npm (>= 18) and python3 (>= 3.8), and the npm registry and PyPI the first time.
 set -euo pipefail

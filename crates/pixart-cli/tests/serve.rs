@@ -753,3 +753,22 @@ fn openai_sdk_generates_through_the_same_queue() {
         .expect("running tests/clients/python/openai_images.py");
     check("openai SDK", output, &["models", "b64_json", "url", "same_as_fal", "errors"]);
 }
+
+/// The playground in a real browser (Debian's chromium and chromium-driver, Selenium):
+/// tests/clients/python/playground.py; the screenshot lands in the test's temporary folder.
+#[test]
+fn the_playground_works_in_a_real_browser() {
+    install_clients();
+    let server = Server::start(&["--api-key", "playground-test-key", "--no-safety-checker"]);
+    let screenshot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("playground.png");
+    let output = Command::new(clients_dir().join("python/.venv/bin/python"))
+        .arg(clients_dir().join("python/playground.py"))
+        .env("PIXART_URL", &server.url)
+        .env("PIXART_KEY", "playground-test-key")
+        .env("SCREENSHOT", &screenshot)
+        .output()
+        .expect("running tests/clients/python/playground.py (needs chromium and chromium-driver)");
+    let names = ["form", "api_key", "generate", "code", "cancel", "escaped", "history", "phone", "console"];
+    check("playground in chromium", output, &names);
+    assert!(screenshot.is_file(), "no screenshot at {}", screenshot.display());
+}

@@ -40,12 +40,14 @@ fn proxy_target(target: &HeaderValue) -> Result<Uri, String> {
 }
 
 /// With an API key configured, every API call needs `Authorization: Key <key>` (or `Bearer`);
-/// file downloads, upload targets (their ids are the capability) and `/health` do not. CDN
+/// file downloads, upload targets (their ids are the capability), `/health` and the playground's
+/// page (`/`, `/playground/…`) do not. CDN
 /// uploads also accept a token from `/rest/storage/auth/token`.
 pub async fn require_api_key(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     let Some(key) = state.config.api_key.as_deref() else { return next.run(request).await };
     let first = request.uri().path().split('/').find(|s| !s.is_empty()).unwrap_or("");
-    if matches!(first, "files" | "uploads" | "health") {
+    // The playground's page and assets are public; the calls it makes carry the key.
+    if matches!(first, "files" | "uploads" | "health" | "playground" | "") {
         return next.run(request).await;
     }
     let given = request.headers().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| {

@@ -9,6 +9,7 @@ mod errors;
 mod middleware;
 mod openai_routes;
 mod ops_routes;
+mod playground;
 mod prometheus;
 mod queue_routes;
 mod request_info;
@@ -45,6 +46,7 @@ pub fn file_url_path(key: &str, name: &str) -> String {
 /// | `POST /run/{owner}/{alias}` | synchronous run |
 /// | `/rest/storage/…`, `/cdn/files/upload…`, `/uploads/…` | the clients' upload flows |
 /// | `GET /files/{key}/{name}` | generated images and uploads |
+/// | `GET /`, `/playground/…` | the playground page (see [`playground`]) |
 /// | `GET /health`, `GET /metrics` | liveness and Prometheus metrics |
 /// | `POST /v1/images/generations`, `GET /v1/models` | OpenAI's images API (see [`openai_routes`]) |
 ///
@@ -52,6 +54,10 @@ pub fn file_url_path(key: &str, name: &str) -> String {
 /// origins), OpenAI's error shape on `/v1/`, `x-fal-target-url` routing, the API key, body limits.
 pub fn router(state: Arc<AppState>) -> Router {
     let routes = Router::new()
+        .route("/", get(playground::index))
+        .route("/playground/app.js", get(playground::script))
+        .route("/playground/app.css", get(playground::style))
+        .route("/playground/schema.json", get(playground::schema))
         .route("/health", get(ops_routes::health))
         .route("/metrics", get(ops_routes::metrics))
         .route(FILES_ROUTE, get(storage_routes::serve_file))
@@ -112,7 +118,7 @@ async fn no_route(
     let path = request.uri().path();
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let app = state.config.app_id.as_str();
-    let reserved = ["health", "metrics", "files", "uploads", "rest", "cdn", "v1"];
+    let reserved = ["health", "metrics", "files", "uploads", "rest", "cdn", "v1", "playground"];
     if segments.first().is_some_and(|s| reserved.contains(s)) {
         return ApiError::NotFound(format!("no route for {path}"));
     }
