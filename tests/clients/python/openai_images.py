@@ -5,7 +5,8 @@
 
 The server must run with `--api-key $PIXART_KEY`. Checks: the model list; `images.generate` with
 `b64_json` and with `url` (PNG of the requested size, fetched by URL); the same request through
-fal's client (`/run/`, same seed) gives the same bytes; our own fields through `extra_body`;
+fal's client (`/run/`, same seed) gives the same bytes; our own fields through `extra_body`, fal's
+queue headers through `extra_headers`;
 errors in OpenAI's shape raised as the SDK's own exceptions (400 naming `n`, an unknown field,
 401 for a wrong key). Prints `ok NAME` per check; exits 1 on the first failure.
 """
@@ -68,6 +69,15 @@ def main():
         raise AssertionError("an unknown field was accepted")
     except openai.BadRequestError as e:
         assert e.body["param"] == "bogus" and "unknown field" in e.body["message"], e.body
+    # fal's queue headers hold here too.
+    low = client.images.generate(prompt="a red fox", size="32x32", extra_headers={"x-fal-queue-priority": "low"},
+                                 extra_body={"num_inference_steps": 1})
+    assert len(low.data) == 1
+    try:
+        client.images.generate(prompt="a red fox", extra_headers={"x-fal-queue-priority": "urgent"})
+        raise AssertionError("an unknown priority was accepted")
+    except openai.BadRequestError as e:
+        assert e.body["param"] == "x-fal-queue-priority", e.body
     try:
         openai.OpenAI(base_url=f"{URL}/v1", api_key="wrong", max_retries=0).models.list()
         raise AssertionError("a wrong key was accepted")

@@ -1,7 +1,8 @@
 //! OpenAI's images API over the same queue: `POST /v1/images/generations` and `GET /v1/models`,
 //! for tools written against OpenAI's SDK (`base_url` pointed here).
 //!
-//! A generation is a run job like fal's `/run/` (same queue, priorities, metrics, retention).
+//! A generation is a run job like fal's `/run/` (same queue, metrics, retention, and fal's
+//! `x-fal-queue-priority` and `x-fal-request-timeout` headers).
 //! Fields: `prompt`; `n` → `num_images`; `size` `WIDTHxHEIGHT` → `image_size` (`auto`: the
 //! default); `response_format` `url` (stored image URLs) or `b64_json` (the PNG inline); `model`,
 //! `quality`, `style` and `user` are accepted and ignored (one model per server); any other field
@@ -22,7 +23,7 @@ use serde_json::{json, Map, Value};
 
 use super::body::json_object;
 use super::errors::{json_response, ApiError};
-use super::queue_routes::{outcome_response, run_to_end};
+use super::queue_routes::{outcome_response, queue_headers, run_to_end};
 use super::request_info::BaseUrl;
 use crate::core::fal_format::result_body;
 use crate::core::{JobKind, NewJob, Outcome};
@@ -43,7 +44,8 @@ pub async fn image_generations(
 ) -> Result<Response, ApiError> {
     let body = json_object(&headers, body).await?;
     let (request, inline) = to_request(&body)?;
-    let job = NewJob::new(JobKind::Run, &state.config.app_id, &base, Ok(request));
+    let mut job = NewJob::new(JobKind::Run, &state.config.app_id, &base, Ok(request));
+    queue_headers(&mut job, &headers)?;
     let id = job.id.clone();
     let outcome = run_to_end(&state, job).await?;
     if !matches!(outcome, Outcome::Succeeded { .. }) {

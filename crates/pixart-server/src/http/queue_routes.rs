@@ -48,6 +48,13 @@ async fn new_job(
             .map_err(|message| ApiError::field("query", "fal_webhook", message))?;
         job.webhook = Some(hook);
     }
+    queue_headers(&mut job, headers)?;
+    Ok(job)
+}
+
+/// The queue's headers of a call: `x-fal-queue-priority` (`normal`, `low`) and
+/// `x-fal-request-timeout` (seconds to start within); 422 naming the header when one is invalid.
+pub(super) fn queue_headers(job: &mut NewJob, headers: &HeaderMap) -> Result<(), ApiError> {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     match header("x-fal-queue-priority").map(str::to_ascii_lowercase).as_deref() {
         None | Some("normal") => {}
@@ -74,7 +81,7 @@ async fn new_job(
             }
         }
     }
-    Ok(job)
+    Ok(())
 }
 
 fn request_urls(base: &str, app: &str, id: &str) -> (String, String, String) {
