@@ -5,8 +5,8 @@ and the job store deleted.
    mount namespace: `unshare -rm`, no root needed). While a request is generating, the disk is
    filled to the last byte (through /proc/PID/root, the server's view of its mounts). The
    request must end (COMPLETED with an error naming the full disk, its webhook sent), leave no
-   file behind (no partial image), /health must answer 503 "unhealthy" naming the full disk and
-   submits 503; once the filler is removed, health is ok again and a new request succeeds.
+   file behind (no partial image), /health must answer 503 "unhealthy" naming the full disk,
+   submits 503 and uploads 507; once the filler is removed, health is ok again and a new request succeeds.
 2. Store deleted (`rm jobs.sqlite3` under a running server): /health goes 503 "unhealthy"
    naming the deleted file and submits are refused with 503, instead of carrying on into a
    database the next start will not see.
@@ -104,6 +104,14 @@ def disk_full(args, problems, report):
         report["submit_when_full"] = refused.status_code
         if refused.status_code != 503:
             problems.append(f"a submit on a full disk was answered {refused.status_code}")
+        upload = httpx.post(f"{url}/rest/storage/upload/initiate", json={"file_name": "a.bin"})
+        if upload.status_code == 200:
+            put = httpx.put(upload.json()["upload_url"], content=b"x" * 4096)
+            report["upload_when_full"] = put.status_code
+            if put.status_code != 507:
+                problems.append(f"an upload on a full disk was answered {put.status_code}")
+        else:
+            report["upload_when_full"] = upload.status_code
 
         os.remove(filler)
         wait_for(lambda: httpx.get(f"{url}/health").status_code == 200, 10, "healthy again")

@@ -23,6 +23,8 @@ pub enum ApiError {
     MethodNotAllowed(&'static str),
     /// 408: the body stalled.
     BodyStalled(std::time::Duration),
+    /// 507: the storage disk has no room for an upload.
+    InsufficientStorage(String),
     /// 408: the whole body did not come within `--body-timeout`.
     BodyTooSlow(std::time::Duration),
     /// 503: the bodies being received hold all of `--max-body-memory`.
@@ -98,6 +100,7 @@ impl IntoResponse for ApiError {
                 StatusCode::REQUEST_TIMEOUT,
                 json!({"detail": format!("the request body stalled for {idle:?} (--idle-timeout)")}),
             ),
+            Self::InsufficientStorage(m) => (StatusCode::INSUFFICIENT_STORAGE, json!({"detail": m})),
             Self::BodiesBusy(size) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 json!({"detail": format!("request bodies being received hold all {size} bytes allowed for them (--max-body-memory); retry")}),

@@ -90,6 +90,14 @@ pub async fn limit_body(State(state): State<Arc<AppState>>, request: Request, ne
     if declared.is_some_and(|n| n > limit) {
         return ApiError::TooLarge { limit, setting }.into_response();
     }
+    if upload {
+        // An upload is spooled to the storage disk: refused (507) where it would eat the room
+        // kept for the job store.
+        let (files, bytes) = (state.files.clone(), declared.unwrap_or(0) as u64);
+        if let Ok(Err(full)) = crate::state::blocking(move || files.ensure_room(bytes)).await {
+            return ApiError::InsufficientStorage(full.to_string()).into_response();
+        }
+    }
     // An API body is read into memory: it must all come within --body-timeout, and all bodies
     // being received share --max-body-memory. An upload is spooled to disk as it comes: only its
     // pauses are bounded.
