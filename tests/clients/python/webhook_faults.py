@@ -2,9 +2,10 @@
 a black hole (a listener whose accept queue is full, so the kernel drops further SYNs and a
 connect never completes).
 
-1. 24 requests whose webhooks go to the holder and 2 to the black hole, then one whose webhook
-   goes to a healthy receiver: the healthy one's webhook arrives within 2 s of its request
-   completing (one host ties up at most two delivery threads).
+1. 24 requests whose webhooks go to the holder (on 127.0.0.2) and 2 to the black hole (on
+   127.0.0.3), then one whose webhook goes to a healthy receiver (on 127.0.0.1): the healthy
+   one's webhook arrives within 2 s of its request completing (one host, whatever its ports,
+   ties up at most two delivery threads).
 2. More requests for the holder, then SIGTERM: the server exits within the grace period of its
    webhooks (plus the running request's, both --shutdown-grace) and a little HTTP drain, and the
    deliveries it did not get to stay pending: the next start on the same storage sends them.
@@ -34,10 +35,10 @@ class Holder:
 
     def __init__(self):
         self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
+        self.listener.bind(("127.0.0.2", 0))
         self.listener.listen(512)
         self.connections = []
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/held"
+        self.url = f"http://127.0.0.2:{self.listener.getsockname()[1]}/held"
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self):
@@ -52,7 +53,7 @@ class Holder:
 def black_hole():
     """A listener that never accepts, its accept queue filled: further connects get no answer."""
     listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
+    listener.bind(("127.0.0.3", 0))
     listener.listen(0)
     fillers = []
     for _ in range(4):
@@ -61,7 +62,7 @@ def black_hole():
         s.connect_ex(listener.getsockname())
         fillers.append(s)
     time.sleep(0.2)
-    return listener, fillers, f"http://127.0.0.1:{listener.getsockname()[1]}/void"
+    return listener, fillers, f"http://127.0.0.3:{listener.getsockname()[1]}/void"
 
 
 def submit(url, k, webhook):

@@ -51,10 +51,12 @@ impl FileStore {
     /// leave less than [`FREE_SPACE_RESERVE`] free.
     pub fn put(&self, key: &str, name: &str, content_type: &str, bytes: &[u8]) -> io::Result<String> {
         self.ensure_room(bytes.len() as u64)?;
-        let (name, partial) = self.prepare(key, name, content_type)?;
-        let written = std::fs::write(&partial, bytes).and_then(|()| self.commit(key, &name, &partial));
+        let written = self.prepare(key, name, content_type).and_then(|(name, partial)| {
+            std::fs::write(&partial, bytes).and_then(|()| self.commit(key, &name, &partial))
+        });
         if written.is_err() {
-            let _ = std::fs::remove_file(&partial);
+            let name = sanitize_name(name);
+            let _ = std::fs::remove_file(self.key_dir(key).join(format!(".partial-{name}")));
             let _ = std::fs::remove_file(self.key_dir(key).join(".types").join(&name));
         }
         written

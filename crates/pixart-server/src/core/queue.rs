@@ -446,6 +446,14 @@ impl Queue {
         for hook in ended.webhooks.into_iter().chain(self.store.orphaned_webhooks().await?) {
             self.send_webhook(hook);
         }
+        // Deliveries waiting here behind a slow host keep their leases, so no other process
+        // takes them over as orphaned.
+        if self.store.is_shared() {
+            let waiting = self.webhooks.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(WebhookSender::waiting);
+            for delivery in waiting.unwrap_or_default() {
+                self.store.webhook_started(delivery).await?;
+            }
+        }
         Ok(())
     }
 

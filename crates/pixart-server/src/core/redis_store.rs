@@ -276,6 +276,8 @@ pub struct RedisStore {
     webhook_lease: Duration,
     /// Redis' clock minus this host's, in ms (measured at open and at every sweep).
     clock_offset: Arc<AtomicI64>,
+    /// Whether [`RedisStore::clock_offset`] holds a measurement.
+    clock_measured: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -297,6 +299,9 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// [`CALL_TIMEOUT`] (a stalled Redis that resumes with the call still in its socket) never
 /// queues or starts a job behind the caller's back.
 pub const CALL_WINDOW: Duration = Duration::from_secs(1);
+
+/// The longest round trip (ms) of a `TIME` call whose answer is trusted to measure Redis' clock.
+const CLOCK_SAMPLE_RTT: i64 = 100;
 
 /// The counter an outcome adds to (the shared counters change in the same script as the state).
 fn counter_name(outcome: &Outcome) -> &'static str {
@@ -343,8 +348,26 @@ fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// Redis answers that mean "not now": loading its data after a restart, a replica or a master
+/// going down during a failover, a script running long.
+const TRANSIENT: [&str; 6] = ["LOADING", "READONLY", "MASTERDOWN", "BUSY", "TRYAGAIN", "CLUSTERDOWN"];
+
 fn error(e: redis::RedisError) -> StoreError {
-    if e.is_io_error() || e.is_connection_refusal() || e.is_timeout() || e.is_connection_dropped() {
+    use redis::RetryMethod;
+    let retry = matches!(
+        e.retry_method(),
+        RetryMethod::WaitAndRetry
+            | RetryMethod::RetryImmediately
+            | RetryMethod::Reconnect
+            | RetryMethod::ReconnectFromInitialConnections
+    );
+    if retry
+        || e.is_io_error()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.code().is_some_and(|code| TRANSIENT.contains(&code))
+    {
         StoreError::Unavailable(e.to_string())
     } else {
         StoreError::Redis(e.to_string())
@@ -385,19 +408,24 @@ impl RedisStore {
         // Fails at start when Redis cannot be reached, not at the first request.
         let conn = ConnectionManager::new_with_config(client, config).await.map_err(error)?;
         let clock_offset = Arc::new(AtomicI64::new(0));
-        let store = Self { url: url.to_string(), conn, lease, webhook_lease, clock_offset };
+        let clock_measured = std::sync::atomic::AtomicBool::new(false);
+        let store = Self { url: url.to_string(), conn, lease, webhook_lease, clock_offset, clock_measured };
         store.query::<String>(&redis::cmd("PING")).await?;
         store.measure_clock().await?;
         Ok(store)
     }
 
     /// Measures Redis' clock against this host's (the midpoint of a `TIME` call).
+    /// A sample whose round trip took longer than [`CLOCK_SAMPLE_RTT`] is not trusted (the
+    /// previous offset stays), unless there is none yet.
     async fn measure_clock(&self) -> Result<(), StoreError> {
         let before = Self::now_ms();
         let (seconds, micros): (i64, i64) = self.query(&redis::cmd("TIME")).await?;
         let after = Self::now_ms();
         let offset = seconds * 1000 + micros / 1000 - (before + after) / 2;
-        self.clock_offset.store(offset, Ordering::Relaxed);
+        if after - before <= CLOCK_SAMPLE_RTT || !self.clock_measured.swap(true, Ordering::Relaxed) {
+            self.clock_offset.store(offset, Ordering::Relaxed);
+        }
         Ok(())
     }
 

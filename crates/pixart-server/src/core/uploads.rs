@@ -228,16 +228,21 @@ impl Uploads {
         let (count, total) = Self::sizes(&dir);
         let target = dir.join(number.to_string());
         let replaced = std::fs::metadata(&target).map(|m| m.len() as usize).ok();
-        let (count, total) = (count + usize::from(replaced.is_none()), total - replaced.unwrap_or(0) + len);
+        let count = count + usize::from(replaced.is_none());
+        let total = total.saturating_sub(replaced.unwrap_or(0)) + len;
         if total > limit {
             return Err(UploadError::TooLarge(limit));
         }
         if count > MAX_PARTS as usize {
             return Err(UploadError::BadParts(format!("an upload has at most {MAX_PARTS} parts")));
         }
+        // The new count and total are written first (through a temporary name): a part that
+        // then fails to move in is over-counted, never under-counted.
+        let sizes = dir.join("sizes.partial");
+        std::fs::write(&sizes, format!("{count} {total}")).map_err(io("spooling a part"))?;
+        std::fs::rename(&sizes, dir.join("sizes")).map_err(io("spooling a part"))?;
         std::fs::write(dir.join(format!("{number}.etag")), etag).map_err(io("spooling a part"))?;
-        std::fs::rename(incoming, target).map_err(|_| UploadError::Unknown)?;
-        std::fs::write(dir.join("sizes"), format!("{count} {total}")).map_err(io("spooling a part"))
+        std::fs::rename(incoming, target).map_err(|_| UploadError::Unknown)
     }
 
     /// The count and total size of an upload's parts (from `sizes`; counted once from the parts

@@ -23,8 +23,9 @@ use super::webhook_target::PolicyResolver;
 /// Deliveries that may be in flight at once.
 pub const CONCURRENT_DELIVERIES: usize = 8;
 
-/// Deliveries to one host (`host:port`) that may be in flight at once: a receiver that holds
-/// its connections ties up no more than this many threads.
+/// Deliveries to one host that may be in flight at once (whatever the port; an IPv4 address in
+/// an IPv6 form counts as that IPv4 address): a receiver that holds its connections ties up no
+/// more than this many threads.
 pub const DELIVERIES_PER_HOST: usize = 2;
 
 /// Deliveries waiting and in flight, shared by the sender and its threads.
@@ -88,12 +89,17 @@ impl Shared {
     }
 }
 
-/// The key deliveries are limited by: the URL's host and port.
+/// The key deliveries are limited by: the URL's host, without the port, an IP address in one
+/// spelling.
 fn host_of(url: &str) -> String {
-    url::Url::parse(url)
-        .ok()
-        .and_then(|u| Some(format!("{}:{}", u.host_str()?, u.port_or_known_default()?)))
-        .unwrap_or_default()
+    let Some(host) = url::Url::parse(url).ok().and_then(|u| u.host().map(|h| h.to_owned())) else {
+        return String::new();
+    };
+    match host {
+        url::Host::Ipv6(v6) => v6.to_ipv4_mapped().map_or_else(|| v6.to_string(), |v4| v4.to_string()),
+        url::Host::Ipv4(v4) => v4.to_string(),
+        url::Host::Domain(name) => name.trim_end_matches('.').to_ascii_lowercase(),
+    }
 }
 
 /// Hands deliveries to a pool of sender threads.
@@ -168,25 +174,32 @@ impl WebhookSender {
             shared.lock().threads += 1;
             let mine = shared.clone();
             let thread = std::thread::Builder::new().name(format!("pixart-webhooks-{i}")).spawn(move || {
+                // Counts the thread out however it ends (a panic included), so `join` never waits
+                // for a thread that is gone.
+                let _running = Running(mine.clone());
                 let shared = mine;
                 while let Some((delivery, host)) = shared.take() {
-                    // It may have waited here a while: its lease starts now.
-                    if let Err(e) = runtime.block_on(store.webhook_started(delivery.delivery_id)) {
-                        tracing::warn!(request_id = %delivery.job_id, error = %e, "webhook lease not renewed");
-                    }
-                    deliver(&agent, &delivery, retries);
-                    if shared.lock().abandoned {
-                        // The server is gone or going: the delivery stays pending in the store
-                        // (sent again by the next start: at least once).
+                    let sent = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        // It may have waited here a while: its lease starts now.
+                        if let Err(e) = runtime.block_on(store.webhook_started(delivery.delivery_id)) {
+                            tracing::warn!(request_id = %delivery.job_id, error = %e, "webhook lease not renewed");
+                        }
+                        deliver(&agent, &delivery, retries);
+                        if shared.lock().abandoned {
+                            // The server is gone or going: the delivery stays pending in the
+                            // store (sent again by the next start: at least once).
+                            return false;
+                        }
+                        if let Err(e) = runtime.block_on(store.webhook_done(delivery.delivery_id)) {
+                            tracing::warn!(request_id = %delivery.job_id, error = %e, "webhook not marked as sent; it may be sent again after a restart");
+                        }
+                        true
+                    }));
+                    shared.done(delivery.delivery_id, &host);
+                    if !matches!(sent, Ok(true)) {
                         break;
                     }
-                    if let Err(e) = runtime.block_on(store.webhook_done(delivery.delivery_id)) {
-                        tracing::warn!(request_id = %delivery.job_id, error = %e, "webhook not marked as sent; it may be sent again after a restart");
-                    }
-                    shared.done(delivery.delivery_id, &host);
                 }
-                shared.lock().threads -= 1;
-                shared.changed.notify_all();
             });
             match thread {
                 Ok(thread) => threads.push(thread),
@@ -199,6 +212,11 @@ impl WebhookSender {
         Ok((Self { shared: shared.clone() }, WebhookThreads { shared, threads }))
     }
 
+    /// The deliveries waiting here for a thread (their leases in a shared store must be kept).
+    pub fn waiting(&self) -> Vec<i64> {
+        self.shared.lock().waiting.iter().map(|d| d.delivery_id).collect()
+    }
+
     /// Queues a delivery (unless this process already has it queued or in flight).
     pub fn send(&self, delivery: PendingWebhook) {
         let mut dispatch = self.shared.lock();
@@ -207,6 +225,16 @@ impl WebhookSender {
         }
         dispatch.waiting.push_back(delivery);
         self.shared.changed.notify_all();
+    }
+}
+
+/// Held by a sender thread: counts it out when it ends.
+struct Running(Arc<Shared>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.lock().threads -= 1;
+        self.0.changed.notify_all();
     }
 }
 
