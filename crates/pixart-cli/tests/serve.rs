@@ -359,19 +359,29 @@ fn invalid_requests_and_uploads_are_not_held_in_memory() {
     check("memory bounds", python(&server, &script, &["memory"], &env), &["memory"]);
 }
 
-fn restart(stop: &str) {
+/// Runs a multi-process check script (`script`, from the repository root) on this build and the
+/// tiny model with `args`; asserts it exited 0 with `"check": "passed"`, prints and returns its
+/// JSON report.
+fn check_script(script: &str, args: &[&str]) -> serde_json::Value {
     install_clients();
     let output = Command::new(clients_dir().join("python/.venv/bin/python"))
-        .arg(clients_dir().join("python/restart.py"))
-        .args(["--pixart", env!("CARGO_BIN_EXE_pixart"), "--stop", stop, "--model"])
+        .arg(repo_root().join(script))
+        .args(["--pixart", env!("CARGO_BIN_EXE_pixart"), "--model"])
         .arg(repo_root().join("tests/fixtures/tiny-sigma-256"))
+        .args(args)
         .output()
-        .expect("running tests/clients/python/restart.py");
+        .unwrap_or_else(|e| panic!("running {script}: {e}"));
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "restart ({stop}) failed:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
-    let report: serde_json::Value = serde_json::from_str(&stdout).expect("restart.py prints its JSON report");
+    assert!(output.status.success(), "{script} failed:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value =
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{script} prints its JSON report: {e}"));
     assert_eq!(report["check"], "passed");
     println!("{stdout}");
+    report
+}
+
+fn restart(stop: &str) {
+    check_script("tests/clients/python/restart.py", &["--stop", stop]);
 }
 
 #[test]
@@ -539,73 +549,29 @@ fn js_client_against_a_front_with_two_workers_on_redis() {
 
 #[test]
 fn a_paused_redis_holds_no_call_and_runs_each_accepted_submit_once_and_no_refused_one() {
-    install_clients();
     drop(Redis::start());
-    let output = Command::new(clients_dir().join("python/.venv/bin/python"))
-        .arg(clients_dir().join("python/redis_stall.py"))
-        .args(["--pixart", env!("CARGO_BIN_EXE_pixart"), "--model"])
-        .arg(repo_root().join("tests/fixtures/tiny-sigma-256"))
-        .output()
-        .expect("running tests/clients/python/redis_stall.py");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "redis stall failed:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
-    let report: serde_json::Value = serde_json::from_str(&stdout).expect("redis_stall.py prints its JSON report");
-    assert_eq!(report["check"], "passed");
+    let report = check_script("tests/clients/python/redis_stall.py", &[]);
     for route in ["health", "status"] {
         assert!(report[route]["slowest_seconds"].as_f64().unwrap() < 1.0, "{route}: {}", report[route]);
     }
-    println!("{stdout}");
 }
 
 #[test]
 fn scale_out_survives_a_killed_worker_and_a_redis_restart() {
-    install_clients();
     // Needs redis-server on PATH, like the other scale-out tests.
     drop(Redis::start());
-    let output = Command::new(clients_dir().join("python/.venv/bin/python"))
-        .arg(clients_dir().join("python/scale_out.py"))
-        .args(["--pixart", env!("CARGO_BIN_EXE_pixart"), "--model"])
-        .arg(repo_root().join("tests/fixtures/tiny-sigma-256"))
-        .output()
-        .expect("running tests/clients/python/scale_out.py");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "scale-out failed:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
-    let report: serde_json::Value = serde_json::from_str(&stdout).expect("scale_out.py prints its JSON report");
-    assert_eq!(report["check"], "passed");
+    let report = check_script("tests/clients/python/scale_out.py", &[]);
     assert_eq!(report["during_outage"], serde_json::json!([503, 503, 503]));
-    println!("{stdout}");
 }
 
 #[test]
 fn webhooks_to_hanging_receivers_hold_up_neither_others_nor_the_shutdown() {
-    install_clients();
-    let output = Command::new(clients_dir().join("python/.venv/bin/python"))
-        .arg(clients_dir().join("python/webhook_faults.py"))
-        .args(["--pixart", env!("CARGO_BIN_EXE_pixart"), "--model"])
-        .arg(repo_root().join("tests/fixtures/tiny-sigma-256"))
-        .output()
-        .expect("running tests/clients/python/webhook_faults.py");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "webhook faults:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
-    let report: serde_json::Value = serde_json::from_str(&stdout).expect("webhook_faults.py prints its JSON report");
-    assert_eq!(report["check"], "passed");
-    println!("{stdout}");
+    check_script("tests/clients/python/webhook_faults.py", &[]);
 }
 
 #[test]
 fn a_full_disk_ends_the_running_request_and_a_deleted_store_is_noticed() {
-    install_clients();
-    let output = Command::new(clients_dir().join("python/.venv/bin/python"))
-        .arg(clients_dir().join("python/disk_faults.py"))
-        .args(["--pixart", env!("CARGO_BIN_EXE_pixart"), "--model"])
-        .arg(repo_root().join("tests/fixtures/tiny-sigma-256"))
-        .output()
-        .expect("running tests/clients/python/disk_faults.py (needs unshare from util-linux)");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "disk faults:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
-    let report: serde_json::Value = serde_json::from_str(&stdout).expect("disk_faults.py prints its JSON report");
-    assert_eq!(report["check"], "passed");
-    println!("{stdout}");
+    check_script("tests/clients/python/disk_faults.py", &[]);
 }
 
 /// Every duration and count flag of `pixart serve` at 0, 1 and u64::MAX: accepted (the server
@@ -684,18 +650,7 @@ fn every_duration_and_count_flag_is_range_checked_at_start() {
 /// multipart parts is taken (the figures it prints are the benchmark's, not checked here).
 #[test]
 fn floods_take_no_more_than_the_limits_allow() {
-    install_clients();
-    let output = Command::new(clients_dir().join("python/.venv/bin/python"))
-        .arg(repo_root().join("benches/serve_floods.py"))
-        .args(["--pixart", env!("CARGO_BIN_EXE_pixart"), "--check", "--model"])
-        .arg(repo_root().join("tests/fixtures/tiny-sigma-256"))
-        .output()
-        .expect("running benches/serve_floods.py");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "floods:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
-    let report: serde_json::Value = serde_json::from_str(&stdout).expect("serve_floods.py prints its JSON report");
-    assert_eq!(report["check"], "passed");
-    println!("{stdout}");
+    check_script("benches/serve_floods.py", &["--check"]);
 }
 
 /// A body trickled faster than --idle-timeout is still cut at --body-timeout (408 naming it), and
