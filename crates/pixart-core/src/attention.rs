@@ -3,6 +3,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::attention_cpu::{CpuKeyMask, FlashAttentionCpu};
 use crate::fast_math::contiguous_f32;
 
 /// The most score memory one attention chunk may take (bytes, f32): long sequences are processed
@@ -16,6 +17,7 @@ const SCORE_BUDGET_BYTES: usize = 256 << 20;
 #[derive(Debug, Clone)]
 pub struct KeyMask {
     bias: Tensor,
+    host_bias: Vec<f32>,
     prefix_lengths: Option<Vec<usize>>,
 }
 
@@ -28,18 +30,29 @@ impl KeyMask {
         if rows.iter().any(|r| r.len() != l) {
             candle_core::bail!("key mask rows differ in length")
         }
-        let bias: Vec<f32> = rows.iter().flatten().map(|&m| (m - 1.0) * 10000.0).collect();
-        let bias = Tensor::from_vec(bias, (b, 1, 1, l), device)?;
+        let host_bias: Vec<f32> = rows.iter().flatten().map(|&m| (m - 1.0) * 10000.0).collect();
+        let bias = Tensor::from_slice(&host_bias, (b, 1, 1, l), device)?;
         let prefix = |row: &Vec<f32>| {
             let kept = row.iter().take_while(|&&m| m == 1.0).count();
             (kept > 0 && row[kept..].iter().all(|&m| m == 0.0)).then_some(kept)
         };
-        Ok(Self { bias, prefix_lengths: rows.iter().map(prefix).collect() })
+        Ok(Self { bias, host_bias, prefix_lengths: rows.iter().map(prefix).collect() })
     }
 
     /// The bias added to the scores, f32 `[B, 1, 1, L]`.
     pub fn bias(&self) -> &Tensor {
         &self.bias
+    }
+
+    /// The mask as the CPU attention kernel takes it, for a batch of `batch` rows (a one-row
+    /// mask applies to every row).
+    fn for_cpu(&self, batch: usize) -> CpuKeyMask {
+        let rows = self.bias.dim(0).unwrap_or(1).max(1);
+        let repeat = if rows == 1 { batch } else { 1 };
+        match &self.prefix_lengths {
+            Some(lengths) => CpuKeyMask::Prefix(lengths.repeat(repeat)),
+            None => CpuKeyMask::Bias(self.host_bias.repeat(repeat)),
+        }
     }
 
     /// Per batch row, how many leading keys are kept (the rest masked); `None` when some row is
@@ -50,7 +63,8 @@ impl KeyMask {
 }
 
 /// `softmax(q kᵀ · scale + bias) v` on `[B, H, N, d]` tensors; the softmax runs in f32.
-/// `mask` adds its bias to the scores. The inputs may be strided views (e.g. heads split from a
+/// `mask` adds its bias to the scores. On the CPU in f32, an online softmax over key blocks
+/// ([`crate::attention_cpu`]) that never holds a score matrix and skips masked trailing keys. The inputs may be strided views (e.g. heads split from a
 /// `[B, N, H·d]` projection without a copy) as long as the last dimension is contiguous: flash
 /// attention reads them in place, the other paths copy them once.
 pub fn scaled_dot_product_attention(
@@ -65,6 +79,16 @@ pub fn scaled_dot_product_attention(
         if let Some(out) = flash::attention(q, k, v, mask, scale)? {
             return Ok(out);
         }
+    }
+    let on_cpu_in_f32 = q.device().is_cpu() && [q, k, v].iter().all(|t| t.dtype() == DType::F32);
+    if on_cpu_in_f32 && k.dim(2)? > 0 {
+        let batch = q.dim(0)?;
+        let mask = mask.map_or(CpuKeyMask::All, |mask| mask.for_cpu(batch));
+        let op = FlashAttentionCpu { scale: scale as f32, mask };
+        let last_contiguous = |t: &Tensor| if t.stride().last() == Some(&1) { Ok(t.clone()) } else { t.contiguous() };
+        let (q, k, v) = (last_contiguous(q)?, last_contiguous(k)?, last_contiguous(v)?);
+        // `[B, N, H, d]` seen as `[B, H, N, d]`.
+        return q.apply_op3_no_bwd(&k, &v, &op)?.transpose(1, 2);
     }
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let bias = mask.map(KeyMask::bias);
@@ -321,6 +345,47 @@ mod tests {
         // A mask with a hole is left to the plain path.
         let holed = KeyMask::from_rows(&[vec![1.0, 0.0, 1.0, 0.0], row(4), row(4)], &dev).unwrap();
         assert!(attention_over_kept_keys(&q, &k, &v, Some(&holed), kernel).unwrap().is_none());
+    }
+
+    /// The plain composition: scores, masked softmax, weighted values.
+    fn plain_attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, scale: f64) -> Tensor {
+        let (q, k, v) = (q.contiguous().unwrap(), k.contiguous().unwrap(), v.contiguous().unwrap());
+        let mut scores = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
+        if let Some(bias) = bias {
+            scores = scores.broadcast_add(bias).unwrap();
+        }
+        candle_nn::ops::softmax_last_dim(&scores).unwrap().matmul(&v).unwrap()
+    }
+
+    /// Several query and key blocks, strided inputs, prefix and holed masks, a one-row mask
+    /// for a batch of two, and a head size that is no multiple of a vector.
+    #[test]
+    fn online_softmax_attention_equals_the_plain_composition() {
+        let dev = Device::Cpu;
+        let (b, h, n, l, d) = (2, 3, 130, 1100, 40);
+        let split = |t: Tensor| t.reshape((b, t.dim(1).unwrap(), h, d)).unwrap().transpose(1, 2).unwrap();
+        let q = split(Tensor::randn(0f32, 1.0, (b, n, h * d), &dev).unwrap());
+        let k = split(Tensor::randn(0f32, 1.0, (b, l, h * d), &dev).unwrap());
+        let v = split(Tensor::randn(0f32, 1.0, (b, l, h * d), &dev).unwrap());
+        let prefix = |kept: usize| [vec![1.0; kept], vec![0.0; l - kept]].concat();
+        let mut holed = vec![1.0; l];
+        holed.iter_mut().step_by(3).for_each(|m| *m = 0.0);
+        let masks = [
+            None,
+            Some(KeyMask::from_rows(&[prefix(600), prefix(7)], &dev).unwrap()),
+            Some(KeyMask::from_rows(&[holed.clone(), prefix(1000)], &dev).unwrap()),
+            Some(KeyMask::from_rows(&[holed], &dev).unwrap()),
+        ];
+        for mask in &masks {
+            let ours = scaled_dot_product_attention(&q, &k, &v, mask.as_ref(), 0.15).unwrap();
+            let want = plain_attention(&q, &k, &v, mask.as_ref().map(KeyMask::bias), 0.15);
+            assert_eq!(ours.dims(), [b, h, n, d]);
+            let diff = (&ours - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 2e-5, "{:?}: {diff}", mask.as_ref().map(KeyMask::prefix_lengths));
+        }
+        // The `[B, N, H·d]` the output projection reads needs no copy.
+        let out = scaled_dot_product_attention(&q, &k, &v, None, 0.15).unwrap();
+        assert!(out.transpose(1, 2).unwrap().is_contiguous());
     }
 
     #[test]

@@ -4,6 +4,7 @@ use candle_core::{DType, Module, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig};
 
 use crate::conv_cpu::Conv2dRowsCpu;
+use crate::conv_winograd::Conv3x3WinogradCpu;
 
 /// The largest unfolded input (im2col buffer) one convolution call may build, in bytes. Larger
 /// inputs are convolved in bands of output rows; each band reads its rows plus the kernel's halo
@@ -12,8 +13,9 @@ use crate::conv_cpu::Conv2dRowsCpu;
 /// (the whole unfolded input would take gigabytes).
 pub const IM2COL_BUDGET_BYTES: usize = 256 << 20;
 
-/// A convolution that runs stride-1 layers on the CPU with [`Conv2dRowsCpu`] (in f32: a bf16 or
-/// f16 layer is computed in f32 and rounded back, as a GPU conv accumulates in f32 too), and
+/// A convolution that runs stride-1 layers on the CPU with [`Conv3x3WinogradCpu`] (3×3
+/// kernels) or [`Conv2dRowsCpu`] (others) in f32 (a bf16 or f16 layer is computed in f32 and
+/// rounded back, as a GPU conv accumulates in f32 too), and
 /// elsewhere with candle's conv2d, splitting large inputs into row bands there (see
 /// [`IM2COL_BUDGET_BYTES`]).
 #[derive(Debug, Clone)]
@@ -33,8 +35,15 @@ impl Conv {
             Some(bias) => bias.to_dtype(DType::F32)?,
             None => Tensor::zeros(weight.dim(0)?, DType::F32, x.device())?,
         };
-        let op = Conv2dRowsCpu { padding: self.0.config().padding };
-        x.to_dtype(DType::F32)?.contiguous()?.apply_op3_no_bwd(&weight.contiguous()?, &bias, &op)?.to_dtype(x.dtype())
+        let dtype = x.dtype();
+        let (x, weight) = (x.to_dtype(DType::F32)?.contiguous()?, weight.contiguous()?);
+        let padding = self.0.config().padding;
+        let out = if weight.dims()[2..] == [3, 3] {
+            x.apply_op3_no_bwd(&weight, &bias, &Conv3x3WinogradCpu { padding })?
+        } else {
+            x.apply_op3_no_bwd(&weight, &bias, &Conv2dRowsCpu { padding })?
+        };
+        out.to_dtype(dtype)
     }
 
     /// One convolution call through candle, with the CPU-bf16 fallback (candle has no bf16

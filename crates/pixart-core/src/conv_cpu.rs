@@ -27,17 +27,27 @@ pub struct Conv2dRowsCpu {
     pub padding: usize,
 }
 
-/// `*mut f32` that bands may share: each band writes a disjoint set of output elements.
+/// `*mut f32` that parallel tasks may share: each task writes a disjoint set of output elements.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(crate) struct OutPtr(*mut f32);
 // SAFETY: only used to write disjoint regions from different threads (see `run`).
 unsafe impl Send for OutPtr {}
 // SAFETY: as above.
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
+    /// The start of `out`.
+    pub(crate) fn new(out: &mut [f32]) -> Self {
+        Self(out.as_mut_ptr())
+    }
+
+    /// The pointer `n` elements further.
+    pub(crate) fn offset(self, n: usize) -> Self {
+        Self(self.0.wrapping_add(n))
+    }
+
     /// The pointer (a method, so closures capture the `Send` wrapper, not the raw field).
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }
@@ -106,7 +116,7 @@ fn run(g: Geometry, input: &[f32], weight: &[f32], bias: &[f32]) -> Vec<f32> {
     let rows_per_band = rows_per_band.min(g.out_h.div_ceil(2 * threads)).max(1);
     let bands: Vec<(usize, usize)> =
         (0..g.batch).flat_map(|b| (0..g.out_h).step_by(rows_per_band).map(move |y0| (b, y0))).collect();
-    let out_ptr = OutPtr(out.as_mut_ptr());
+    let out_ptr = OutPtr::new(&mut out);
     bands.par_iter().for_each(|&(b, y0)| {
         COLUMNS.with_borrow_mut(|cols| {
             let rows = rows_per_band.min(g.out_h - y0);

@@ -8,9 +8,11 @@
 
 pub mod activation;
 pub mod attention;
+mod attention_cpu;
 pub mod config_error;
 pub mod conv;
 pub mod conv_cpu;
+pub mod conv_winograd;
 pub mod fast_math;
 pub mod group_norm;
 pub mod weights;

@@ -1,0 +1,248 @@
+//! Attention on the CPU in f32 with an online softmax over key blocks (flash attention's
+//! algorithm): no `[heads, N, L]` score matrix is ever written. Each task takes one batch row,
+//! one head and a block of query rows, and walks the keys in blocks:
+//!
+//! ```text
+//! S = Q_blk · K_blkᵀ                 [rows, keys]   (a GEMM into a per-thread buffer)
+//! S = exp(S · scale + bias − m')     running max m' and sum per row (fast_math)
+//! O = O · exp(m − m') + S · V_blk    [rows, d]
+//! ```
+//!
+//! and writes `O / sum` straight into a `[B, N, H, d]` output, which is the `[B, N, H·d]` the
+//! output projection reads (no transpose copy). Q, K and V are read in place through their
+//! strides (heads split from a projection are views), and keys a row's mask cuts off at the end
+//! (a caption's padding) are skipped, not computed: they would get weight `exp(−10000)`, which is
+//! zero in f32 next to any kept key.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape};
+use rayon::prelude::*;
+
+use crate::conv_cpu::OutPtr;
+use crate::fast_math::{online_softmax_block, RunningSoftmax};
+
+/// Query rows per task: the score block (`QUERY_BLOCK × KEY_BLOCK` f32, 128 KiB) and the output
+/// block stay in a core's L2 cache.
+const QUERY_BLOCK: usize = 64;
+/// Keys per block of the online softmax.
+const KEY_BLOCK: usize = 512;
+
+/// Which keys each batch row attends to.
+#[derive(Debug, Clone)]
+pub(crate) enum CpuKeyMask {
+    /// Every key.
+    All,
+    /// The first `n` keys of each batch row.
+    Prefix(Vec<usize>),
+    /// An additive bias per key, `[B, L]` row-major.
+    Bias(Vec<f32>),
+}
+
+/// The op: inputs `q [B, H, N, d]`, `k [B, H, L, d]`, `v [B, H, L, d]` (any strides with the
+/// last dimension contiguous), output `[B, N, H, d]` contiguous.
+#[derive(Debug, Clone)]
+pub(crate) struct FlashAttentionCpu {
+    pub scale: f32,
+    pub mask: CpuKeyMask,
+}
+
+/// One strided `[B, H, rows, d]` f32 input.
+#[derive(Clone, Copy)]
+struct View<'a> {
+    data: &'a [f32],
+    offset: usize,
+    batch_stride: usize,
+    head_stride: usize,
+    row_stride: usize,
+}
+
+impl<'a> View<'a> {
+    fn new(storage: &'a CpuStorage, layout: &Layout, what: &str) -> candle_core::Result<Self> {
+        let CpuStorage::F32(data) = storage else { candle_core::bail!("flash-attention-cpu: {what} is not f32") };
+        let stride = layout.stride();
+        if stride.len() != 4 || stride[3] != 1 {
+            candle_core::bail!("flash-attention-cpu: {what} needs 4 dims with the last contiguous, got {layout:?}")
+        }
+        Ok(Self {
+            data,
+            offset: layout.start_offset(),
+            batch_stride: stride[0],
+            head_stride: stride[1],
+            row_stride: stride[2],
+        })
+    }
+
+    /// Pointer to row `row` of head `h` in batch row `b`.
+    fn row_ptr(&self, b: usize, h: usize, row: usize) -> *const f32 {
+        let at = self.offset + b * self.batch_stride + h * self.head_stride + row * self.row_stride;
+        self.data.as_ptr().wrapping_add(at)
+    }
+}
+
+/// Each thread's scores, output accumulator, softmax states and rescale factors.
+#[derive(Default)]
+struct Scratch {
+    scores: Vec<f32>,
+    acc: Vec<f32>,
+    states: Vec<RunningSoftmax>,
+    rescale: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+/// The sizes of one call.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    heads: usize,
+    queries: usize,
+    keys: usize,
+    head_dim: usize,
+}
+
+impl FlashAttentionCpu {
+    /// How many leading keys batch row `b` attends to, and the bias over them (empty: none).
+    fn keys_of(&self, b: usize, keys: usize) -> (usize, &[f32]) {
+        match &self.mask {
+            CpuKeyMask::All => (keys, &[]),
+            CpuKeyMask::Prefix(lengths) => (lengths[b].min(keys), &[]),
+            CpuKeyMask::Bias(bias) => (keys, &bias[b * keys..(b + 1) * keys]),
+        }
+    }
+
+    /// Queries `n0..n0 + rows` of head `h`, batch row `b`, into `out` (`[B, N, H, d]`).
+    fn task(
+        &self,
+        dims: Dims,
+        (q, k, v): (View, View, View),
+        (b, h, n0): (usize, usize, usize),
+        out: OutPtr,
+        s: &mut Scratch,
+    ) {
+        let d = dims.head_dim;
+        let rows = QUERY_BLOCK.min(dims.queries - n0);
+        let (kept, bias) = self.keys_of(b, dims.keys);
+        s.scores.resize(rows * KEY_BLOCK.min(kept.max(1)), 0.0);
+        s.acc.clear();
+        s.acc.resize(rows * d, 0.0);
+        s.states.clear();
+        s.states.resize(rows, RunningSoftmax::default());
+        s.rescale.resize(rows, 0.0);
+        for j0 in (0..kept).step_by(KEY_BLOCK) {
+            let cols = KEY_BLOCK.min(kept - j0);
+            let scores = &mut s.scores[..rows * cols];
+            // SAFETY: Q rows n0..n0+rows and K rows j0..j0+cols of (b, h) lie inside their
+            // storages (the layouts were checked against the shapes by candle); `scores` holds
+            // rows·cols elements.
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    cols,
+                    d,
+                    scores.as_mut_ptr(),
+                    1,
+                    cols as isize,
+                    false,
+                    q.row_ptr(b, h, n0),
+                    1,
+                    q.row_stride as isize,
+                    k.row_ptr(b, h, j0),
+                    k.row_stride as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            let block_bias = if bias.is_empty() { bias } else { &bias[j0..j0 + cols] };
+            online_softmax_block(scores, cols, self.scale, block_bias, &mut s.states, &mut s.rescale);
+            if j0 > 0 {
+                for (row, &factor) in s.acc.chunks_exact_mut(d).zip(&s.rescale) {
+                    row.iter_mut().for_each(|a| *a *= factor);
+                }
+            }
+            // SAFETY: V rows j0..j0+cols of (b, h) lie inside V's storage; `acc` is rows·d.
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    d,
+                    cols,
+                    s.acc.as_mut_ptr(),
+                    1,
+                    d as isize,
+                    j0 > 0,
+                    scores.as_ptr(),
+                    1,
+                    cols as isize,
+                    v.row_ptr(b, h, j0),
+                    1,
+                    v.row_stride as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        }
+        for (r, (acc, state)) in s.acc.chunks_exact(d).zip(&s.states).enumerate() {
+            let inv = if state.sum > 0.0 { 1.0 / state.sum } else { 0.0 };
+            let at = ((b * dims.queries + n0 + r) * dims.heads + h) * d;
+            // SAFETY: out[b, n0 + r, h, ..d] is inside the output and written by this task only
+            // (tasks differ in (b, h, query block)).
+            let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(at), d) };
+            dst.iter_mut().zip(acc).for_each(|(o, &a)| *o = a * inv);
+        }
+    }
+}
+
+impl CustomOp3 for FlashAttentionCpu {
+    fn name(&self) -> &'static str {
+        "flash-attention-cpu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (batch, heads, queries, head_dim) = l1.shape().dims4()?;
+        let (kb, kh, keys, kd) = l2.shape().dims4()?;
+        if (kb, kh, kd) != (batch, heads, head_dim) || l3.shape() != l2.shape() {
+            candle_core::bail!(
+                "flash-attention-cpu: q {:?}, k {:?}, v {:?} do not fit",
+                l1.shape(),
+                l2.shape(),
+                l3.shape()
+            )
+        }
+        match &self.mask {
+            CpuKeyMask::Prefix(lengths) if lengths.len() != batch => {
+                candle_core::bail!("flash-attention-cpu: a key mask for {} rows, batch {batch}", lengths.len())
+            }
+            CpuKeyMask::Bias(bias) if bias.len() != batch * keys => {
+                candle_core::bail!("flash-attention-cpu: a key bias of {} for {batch}×{keys} keys", bias.len())
+            }
+            _ => {}
+        }
+        let views = (View::new(s1, l1, "q")?, View::new(s2, l2, "k")?, View::new(s3, l3, "v")?);
+        let dims = Dims { heads, queries, keys, head_dim };
+        let mut out = vec![0f32; batch * queries * heads * head_dim];
+        let out_ptr = OutPtr::new(&mut out);
+        let tasks: Vec<(usize, usize, usize)> = (0..batch)
+            .flat_map(|b| (0..heads).flat_map(move |h| (0..queries).step_by(QUERY_BLOCK).map(move |n0| (b, h, n0))))
+            .collect();
+        tasks.par_iter().for_each(|&(b, h, n0)| {
+            SCRATCH.with_borrow_mut(|scratch| self.task(dims, views, (b, h, n0), out_ptr, scratch));
+        });
+        Ok((CpuStorage::F32(out), Shape::from((batch, queries, heads, head_dim))))
+    }
+}
