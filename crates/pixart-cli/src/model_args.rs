@@ -65,7 +65,8 @@ pub struct ModelArgs {
     /// Device to run on: cpu, cuda (GPU 0), cuda:N, metal or metal:N.
     #[arg(long, env = "PIXART_DEVICE", default_value = "cpu")]
     pub device: DeviceArg,
-    /// Compute dtype (default: f32 on the CPU, bf16 on a GPU).
+    /// Compute dtype (default: f32 on the CPU, bf16 on a GPU). On the CPU bf16 and f16 are
+    /// computed in f32, with a warning: this build has no bf16/f16 CPU kernels.
     #[arg(long, env = "PIXART_DTYPE", value_enum)]
     pub dtype: Option<DtypeArg>,
     /// Never use the network: read the model from the hub cache only (like HF_HUB_OFFLINE=1).
@@ -127,15 +128,28 @@ impl ModelArgs {
         }
     }
 
-    /// The dtype asked for, else f32 on the CPU and bf16 on a GPU.
+    /// The dtype asked for, else f32 on the CPU and bf16 on a GPU. On the CPU, bf16 and f16
+    /// are computed in f32 (with a warning): this build has no bf16/f16 CPU kernels, so they
+    /// would only be converted to f32 and back at every op, about twice as slow per step.
     pub fn dtype_for(&self, device: &Device) -> DType {
-        match self.dtype {
+        let asked = match self.dtype {
             Some(DtypeArg::F32) => DType::F32,
             Some(DtypeArg::Bf16) => DType::BF16,
             Some(DtypeArg::F16) => DType::F16,
             None if device.is_cpu() => DType::F32,
             None => DType::BF16,
+        };
+        if device.is_cpu() && asked != DType::F32 {
+            tracing::warn!(
+                "--dtype {}: computing in f32 on the CPU instead (this build has no {} CPU kernels: every op would \
+                 convert to f32 and back, about 2x slower per step); the weights take twice the memory of {}",
+                dtype_name(asked),
+                dtype_name(asked),
+                dtype_name(asked),
+            );
+            return DType::F32;
         }
+        asked
     }
 
     /// Hub options from the environment, with the command line's overrides.
@@ -199,5 +213,14 @@ mod tests {
             let error = parse(bad).expect_err(bad);
             assert!(error.contains(bad), "{error}");
         }
+    }
+}
+
+/// The `--dtype` spelling of a dtype.
+fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => "f32",
     }
 }

@@ -402,6 +402,23 @@ fn bench_reports_every_stage_as_json_and_as_a_table() {
 }
 
 #[test]
+fn bf16_and_f16_on_the_cpu_compute_in_f32_and_say_so() {
+    let model = fixtures().join("tiny-sigma-256");
+    let m = model.to_str().unwrap();
+    let args = ["bench", "--model", m, "--size", "64x64", "--steps", "1", "--runs", "1", "--warmup", "0", "--json"];
+    for dtype in ["bf16", "f16"] {
+        let output = pixart(&[&args[..], &["--dtype", dtype]].concat(), &[]);
+        let report = response(&output);
+        assert_eq!(report["dtype"], "f32", "{report}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(&format!("--dtype {dtype}: computing in f32 on the CPU")), "{stderr}");
+    }
+    let output = pixart(&[&args[..], &["--dtype", "f32"]].concat(), &[]);
+    assert_eq!(response(&output)["dtype"], "f32");
+    assert!(!String::from_utf8_lossy(&output.stderr).contains("computing in f32"));
+}
+
+#[test]
 fn gguf_text_encoder_quantization_and_sequential_offload_from_the_command_line() {
     let model = fixtures().join("tiny-sigma-256");
     let m = model.to_str().unwrap();
