@@ -140,13 +140,11 @@ impl ModelArgs {
             None => DType::BF16,
         };
         if device.is_cpu() && asked != DType::F32 {
-            tracing::warn!(
-                "--dtype {}: computing in f32 on the CPU instead (this build has no {} CPU kernels: every op would \
-                 convert to f32 and back, about 2x slower per step); the weights take twice the memory of {}",
-                dtype_name(asked),
-                dtype_name(asked),
-                dtype_name(asked),
-            );
+            let name = dtype_name(asked);
+            warn(&format!(
+                "--dtype {name}: computing in f32 on the CPU instead (this build has no {name} CPU kernels: every op \
+                 would convert to f32 and back, about 2x slower per step); the weights take twice the memory of {name}"
+            ));
             return DType::F32;
         }
         asked
@@ -222,5 +220,14 @@ fn dtype_name(dtype: DType) -> &'static str {
         DType::BF16 => "bf16",
         DType::F16 => "f16",
         _ => "f32",
+    }
+}
+
+/// A warning on the log when one is set up (`pixart serve`, `pixart worker`), else on stderr.
+fn warn(message: &str) {
+    if tracing::dispatcher::has_been_set() {
+        tracing::warn!("{message}");
+    } else {
+        eprintln!("warning: {message}");
     }
 }
