@@ -19,6 +19,7 @@ use rayon::prelude::*;
 
 use crate::conv_cpu::OutPtr;
 use crate::fast_math::{online_softmax_block, RunningSoftmax};
+use crate::gemm_cpu::{matmul, Operand};
 
 /// Query rows per task: the score block (`QUERY_BLOCK × KEY_BLOCK` f32, 128 KiB) and the output
 /// block stay in a core's L2 cache.
@@ -131,31 +132,14 @@ impl FlashAttentionCpu {
         for j0 in (0..kept).step_by(KEY_BLOCK) {
             let cols = KEY_BLOCK.min(kept - j0);
             let scores = &mut s.scores[..rows * cols];
+            // Kᵀ: element (c, j) of the block is K[j0 + j, c].
+            let keys_t = Operand { ptr: k.row_ptr(b, h, j0), row_stride: 1, col_stride: k.row_stride };
             // SAFETY: Q rows n0..n0+rows and K rows j0..j0+cols of (b, h) lie inside their
             // storages (the layouts were checked against the shapes by candle); `scores` holds
             // rows·cols elements.
             unsafe {
-                gemm::gemm(
-                    rows,
-                    cols,
-                    d,
-                    scores.as_mut_ptr(),
-                    1,
-                    cols as isize,
-                    false,
-                    q.row_ptr(b, h, n0),
-                    1,
-                    q.row_stride as isize,
-                    k.row_ptr(b, h, j0),
-                    k.row_stride as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
+                let queries = Operand::rows(q.row_ptr(b, h, n0), q.row_stride);
+                matmul((rows, cols, d), scores.as_mut_ptr(), cols, false, queries, keys_t);
             }
             let block_bias = if bias.is_empty() { bias } else { &bias[j0..j0 + cols] };
             online_softmax_block(scores, cols, self.scale, block_bias, &mut s.states, &mut s.rescale);
@@ -166,27 +150,9 @@ impl FlashAttentionCpu {
             }
             // SAFETY: V rows j0..j0+cols of (b, h) lie inside V's storage; `acc` is rows·d.
             unsafe {
-                gemm::gemm(
-                    rows,
-                    d,
-                    cols,
-                    s.acc.as_mut_ptr(),
-                    1,
-                    d as isize,
-                    j0 > 0,
-                    scores.as_ptr(),
-                    1,
-                    cols as isize,
-                    v.row_ptr(b, h, j0),
-                    1,
-                    v.row_stride as isize,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
+                let (probs, values) =
+                    (Operand::rows(scores.as_ptr(), cols), Operand::rows(v.row_ptr(b, h, j0), v.row_stride));
+                matmul((rows, d, cols), s.acc.as_mut_ptr(), d, j0 > 0, probs, values);
             }
         }
         for (r, (acc, state)) in s.acc.chunks_exact(d).zip(&s.states).enumerate() {

@@ -16,6 +16,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape};
 use rayon::prelude::*;
 
 use crate::fast_math::contiguous_f32;
+use crate::gemm_cpu::{matmul, Operand};
 
 /// The im2col buffer one band may use, in f32 elements (1 MiB): about an L2 cache.
 const BAND_ELEMENTS: usize = 1 << 18;
@@ -140,31 +141,55 @@ fn run(g: Geometry, input: &[f32], weight: &[f32], bias: &[f32]) -> Vec<f32> {
                 for (co, &b) in bias.iter().enumerate().take(g.c_out) {
                     std::slice::from_raw_parts_mut(dst.add(co * plane), n).fill(b);
                 }
-                gemm::gemm(
-                    g.c_out,
-                    n,
-                    k,
-                    dst,
-                    1,
-                    plane as isize,
-                    true,
-                    weight.as_ptr(),
-                    1,
-                    k as isize,
-                    rhs.as_ptr(),
-                    1,
-                    if direct { (g.h * g.w) as isize } else { n as isize },
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
+                let rhs = Operand::rows(rhs.as_ptr(), if direct { g.h * g.w } else { n });
+                matmul((g.c_out, n, k), dst, plane, true, Operand::rows(weight.as_ptr(), k), rhs);
             }
         })
     });
     out
+}
+
+/// The checked shapes and data of a convolution op's input `[B, C_in, H, W]`, weight
+/// `[C_out, C_in, kh, kw]` and bias `[C_out]` (f32, contiguous).
+pub(crate) struct ConvOperands<'a> {
+    pub batch: usize,
+    pub c_in: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c_out: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub input: &'a [f32],
+    pub weight: &'a [f32],
+    pub bias: &'a [f32],
+}
+
+impl<'a> ConvOperands<'a> {
+    /// Checks that the three fit each other and that the kernel fits the input padded by `pad`.
+    pub fn new(
+        op: &str,
+        pad: usize,
+        (s1, l1): (&'a CpuStorage, &Layout),
+        (s2, l2): (&'a CpuStorage, &Layout),
+        (s3, l3): (&'a CpuStorage, &Layout),
+    ) -> candle_core::Result<Self> {
+        let (batch, c_in, h, w) = l1.shape().dims4()?;
+        let (c_out, c_in_w, kh, kw) = l2.shape().dims4()?;
+        if c_in_w != c_in || l3.shape().dims1()? != c_out {
+            candle_core::bail!(
+                "{op}: input {:?}, weight {:?}, bias {:?} do not fit",
+                l1.shape(),
+                l2.shape(),
+                l3.shape()
+            )
+        }
+        if h + 2 * pad < kh || w + 2 * pad < kw {
+            candle_core::bail!("{op}: a {kh}x{kw} kernel does not fit a padded {h}x{w} input")
+        }
+        let (input, weight, bias) =
+            (contiguous_f32(s1, l1, op)?, contiguous_f32(s2, l2, op)?, contiguous_f32(s3, l3, op)?);
+        Ok(Self { batch, c_in, h, w, c_out, kh, kw, input, weight, bias })
+    }
 }
 
 thread_local! {
@@ -188,20 +213,9 @@ impl CustomOp3 for Conv2dRowsCpu {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (batch, c_in, h, w) = l1.shape().dims4()?;
-        let (c_out, c_in_w, kh, kw) = l2.shape().dims4()?;
-        if c_in_w != c_in || l3.shape().dims1()? != c_out {
-            candle_core::bail!(
-                "conv2d-rows-cpu: input {:?}, weight {:?}, bias {:?} do not fit",
-                l1.shape(),
-                l2.shape(),
-                l3.shape()
-            )
-        }
-        let pad = self.padding;
-        if h + 2 * pad < kh || w + 2 * pad < kw {
-            candle_core::bail!("conv2d-rows-cpu: a {kh}x{kw} kernel does not fit a padded {h}x{w} input")
-        }
+        let ops = ConvOperands::new(self.name(), self.padding, (s1, l1), (s2, l2), (s3, l3))?;
+        let (batch, c_in, h, w, c_out, kh, kw, pad) =
+            (ops.batch, ops.c_in, ops.h, ops.w, ops.c_out, ops.kh, ops.kw, self.padding);
         let g = Geometry {
             batch,
             c_in,
@@ -214,9 +228,7 @@ impl CustomOp3 for Conv2dRowsCpu {
             out_h: h + 2 * pad + 1 - kh,
             out_w: w + 2 * pad + 1 - kw,
         };
-        let name = self.name();
-        let (input, weight, bias) =
-            (contiguous_f32(s1, l1, name)?, contiguous_f32(s2, l2, name)?, contiguous_f32(s3, l3, name)?);
+        let (input, weight, bias) = (ops.input, ops.weight, ops.bias);
         let out = run(g, input, weight, bias);
         Ok((CpuStorage::F32(out), Shape::from((batch, c_out, g.out_h, g.out_w))))
     }

@@ -18,8 +18,9 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape};
 use rayon::prelude::*;
 
-use crate::conv_cpu::OutPtr;
-use crate::fast_math::{contiguous_f32, dispatch};
+use crate::conv_cpu::{ConvOperands, OutPtr};
+use crate::fast_math::dispatch;
+use crate::gemm_cpu::{matmul, Operand};
 
 /// The transformed input of one band may take this many f32 (4 MiB); its GEMM output as much.
 const BAND_ELEMENTS: usize = 1 << 20;
@@ -227,30 +228,9 @@ fn band(
         let lhs = &u[xi * g.c_out * g.c_in..(xi + 1) * g.c_out * g.c_in];
         let rhs = &s.v[xi * g.c_in * tiles..(xi + 1) * g.c_in * tiles];
         let dst = &mut s.m[xi * g.c_out * tiles..(xi + 1) * g.c_out * tiles];
+        let (lhs, rhs) = (Operand::rows(lhs.as_ptr(), g.c_in), Operand::rows(rhs.as_ptr(), tiles));
         // SAFETY: lhs is c_out × c_in, rhs c_in × tiles, dst c_out × tiles, all row-major.
-        unsafe {
-            gemm::gemm(
-                g.c_out,
-                tiles,
-                g.c_in,
-                dst.as_mut_ptr(),
-                1,
-                tiles as isize,
-                false,
-                lhs.as_ptr(),
-                1,
-                g.c_in as isize,
-                rhs.as_ptr(),
-                1,
-                tiles as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
+        unsafe { matmul((g.c_out, tiles, g.c_in), dst.as_mut_ptr(), tiles, false, lhs, rhs) };
     }
     output_transform(g, &s.m, bias, (ty0, rows), out, &mut s.rows);
 }
@@ -293,26 +273,15 @@ impl CustomOp3 for Conv3x3WinogradCpu {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (batch, c_in, h, w) = l1.shape().dims4()?;
-        let (c_out, c_in_w, kh, kw) = l2.shape().dims4()?;
-        if c_in_w != c_in || (kh, kw) != (3, 3) || l3.shape().dims1()? != c_out {
-            candle_core::bail!(
-                "conv3x3-winograd-cpu: input {:?}, weight {:?}, bias {:?} do not fit",
-                l1.shape(),
-                l2.shape(),
-                l3.shape()
-            )
+        let ops = ConvOperands::new(self.name(), self.padding, (s1, l1), (s2, l2), (s3, l3))?;
+        if (ops.kh, ops.kw) != (3, 3) {
+            candle_core::bail!("conv3x3-winograd-cpu: a {}x{} kernel", ops.kh, ops.kw)
         }
-        let pad = self.padding;
-        if h + 2 * pad < 3 || w + 2 * pad < 3 {
-            candle_core::bail!("conv3x3-winograd-cpu: a 3x3 kernel does not fit a padded {h}x{w} input")
-        }
+        let (batch, c_in, h, w, c_out, pad) = (ops.batch, ops.c_in, ops.h, ops.w, ops.c_out, self.padding);
         let (out_h, out_w) = (h + 2 * pad - 2, w + 2 * pad - 2);
         let g =
             Geometry { c_in, h, w, c_out, pad, out_h, out_w, tiles_w: out_w.div_ceil(2), tiles_h: out_h.div_ceil(2) };
-        let name = self.name();
-        let (input, weight, bias) =
-            (contiguous_f32(s1, l1, name)?, contiguous_f32(s2, l2, name)?, contiguous_f32(s3, l3, name)?);
+        let (input, weight, bias) = (ops.input, ops.weight, ops.bias);
         let out = run(g, batch, input, weight, bias);
         Ok((CpuStorage::F32(out), Shape::from((batch, c_out, out_h, out_w))))
     }

@@ -14,6 +14,7 @@ pub mod conv;
 pub mod conv_cpu;
 pub mod conv_winograd;
 pub mod fast_math;
+mod gemm_cpu;
 pub mod group_norm;
 pub mod weights;
 
