@@ -64,9 +64,10 @@ impl KeyMask {
 
 /// `softmax(q kᵀ · scale + bias) v` on `[B, H, N, d]` tensors; the softmax runs in f32.
 /// `mask` adds its bias to the scores. On the CPU in f32, an online softmax over key blocks
-/// ([`crate::attention_cpu`]) that never holds a score matrix and skips masked trailing keys. The inputs may be strided views (e.g. heads split from a
-/// `[B, N, H·d]` projection without a copy) as long as the last dimension is contiguous: flash
-/// attention reads them in place, the other paths copy them once.
+/// (`attention_cpu`) that never holds a score matrix and skips masked trailing keys. The inputs
+/// may be strided views (e.g. heads split from a `[B, N, H·d]` projection without a copy) as long
+/// as the last dimension is contiguous: the CPU kernel and flash attention read them in place,
+/// the other paths copy them once.
 pub fn scaled_dot_product_attention(
     q: &Tensor,
     k: &Tensor,

@@ -2,7 +2,8 @@
 //! reduction and a polynomial (Cephes' `expf`, within 2 ulp), and GELU (tanh), SiLU and a scaled,
 //! biased softmax (whole rows, or key blocks of an online softmax) built on it. Each kernel is
 //! compiled three times, for AVX-512, for AVX2 + FMA and for the baseline target, and the best
-//! one the CPU runs is chosen at run time ([`Simd`]). glibc's scalar `expf`/`tanhf` were 25% of a transformer step.
+//! one the CPU runs is chosen at run time ([`Simd`]). glibc's scalar `expf`/`tanhf` were 25% of
+//! a transformer step.
 //!
 //! The candle ops using these kernels are in [`crate::activation`] and [`crate::attention`]; each
 //! is tested against the plain candle composition it replaces.
