@@ -178,8 +178,8 @@ fn table(results: &[Value], config: &T5Config, images: &[Value], command: &str) 
          names; the quantized types are quantized on load. Encode: one {PROMPT_TOKENS}-token prompt, median of 3.\n\n\
          `cpu kernels`: compact = ggml's block dot products on the weights as loaded (the default); repacked = \
          candle's repacking kernels (`--text-encoder-repack`), which keep a second, interleaved copy of each \
-         q8_0/q6k/q4k matrix after the first encode. bf16 computes in bf16 (emulated on this CPU, which has no \
-         bf16 instructions); the quantized types compute in f32 around the quantized matmuls.\n\n\
+         q8_0/q6k/q4k matrix after the first encode. bf16 computes in bf16 (emulated: no bf16 CPU kernels in \
+         this build); the quantized types compute in f32 around the quantized matmuls.\n\n\
          | type | cpu kernels | bytes / weight | weights (from tensor sizes) | resident after load | peak RSS (load + 3 encodes) | load | encode {PROMPT_TOKENS} tokens |\n|---|---|---|---|---|---|---|---|\n",
         params as f64 / 1e9
     );

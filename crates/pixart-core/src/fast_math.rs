@@ -94,6 +94,19 @@ fn exp_sum(row: &mut [f32], max: f32) -> f32 {
     chunks.remainder().iter().sum::<f32>() + lanes.iter().sum::<f32>()
 }
 
+/// Sum of `values` in 16 lanes (so that it vectorises), combined at the end.
+#[inline(always)]
+fn lane_sum(values: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut lanes = [0f32; 16];
+    let mut chunks = values.chunks_exact(16);
+    for chunk in &mut chunks {
+        for (s, &v) in lanes.iter_mut().zip(chunk) {
+            *s += f(v);
+        }
+    }
+    chunks.remainder().iter().map(|&v| f(v)).sum::<f32>() + lanes.iter().sum::<f32>()
+}
+
 /// One softmax row in place: `softmax(row · scale + bias)` (`bias` as long as the row, or empty).
 #[inline(always)]
 fn softmax_row(row: &mut [f32], scale: f32, bias: &[f32]) {
@@ -266,6 +279,42 @@ dispatch!(
     ) {
         let rows = scores.chunks_exact_mut(cols).zip(states.iter_mut()).zip(rescale.iter_mut());
         rows.for_each(|((row, state), factor)| *factor = online_softmax_row(row, scale, bias, state));
+    }
+);
+
+dispatch!(
+    /// LayerNorm of each `dim`-long row of `src` (no affine parameters; mean and biased variance
+    /// in two passes), then `· scale + shift` per column (adaLN's modulation with
+    /// `scale = 1 + scale_msa`), into `dst`.
+    pub modulated_layer_norm_rows, modulated_layer_norm_rows_at(
+        src: &[f32],
+        dst: &mut [f32],
+        dim: usize,
+        scale: &[f32],
+        shift: &[f32],
+        eps: f32
+    ) {
+        let inv_dim = 1.0 / dim.max(1) as f32;
+        for (row, out) in src.chunks_exact(dim).zip(dst.chunks_exact_mut(dim)) {
+            let mean = lane_sum(row, |v| v) * inv_dim;
+            let var = lane_sum(row, |v| (v - mean) * (v - mean)) * inv_dim;
+            let rstd = 1.0 / (var + eps).sqrt();
+            for (((o, &v), &a), &b) in out.iter_mut().zip(row).zip(scale).zip(shift) {
+                *o = (v - mean) * rstd * a + b;
+            }
+        }
+    }
+);
+
+dispatch!(
+    /// `dst = x + y · gate` on `dim`-long rows (`gate` one row): a residual add with adaLN's gate.
+    pub gated_add_rows, gated_add_rows_at(x: &[f32], y: &[f32], dst: &mut [f32], dim: usize, gate: &[f32]) {
+        let rows = x.chunks_exact(dim).zip(y.chunks_exact(dim)).zip(dst.chunks_exact_mut(dim));
+        for ((x, y), out) in rows {
+            for (((o, &a), &b), &g) in out.iter_mut().zip(x).zip(y).zip(gate) {
+                *o = a + b * g;
+            }
+        }
     }
 );
 

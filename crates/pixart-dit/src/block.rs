@@ -8,7 +8,7 @@ use pixart_core::attention::KeyMask;
 
 use crate::attention::Attention;
 use crate::config::DitConfig;
-use crate::embeddings::layer_norm;
+use crate::embeddings::modulated_layer_norm;
 
 /// Self-attention, cross-attention to the caption, and a GELU(tanh) feed-forward, modulated by
 /// the timestep through a learned `scale_shift_table`.
@@ -62,13 +62,13 @@ impl TransformerBlock {
         let (shift_msa, scale_msa, gate_msa) = (part(0)?, part(1)?, part(2)?);
         let (shift_mlp, scale_mlp, gate_mlp) = (part(3)?, part(4)?, part(5)?);
 
-        let h = layer_norm(x, self.eps)?.broadcast_mul(&(scale_msa + 1.0)?)?.broadcast_add(&shift_msa)?;
-        let x = (x + self.self_attention(&h, identity_from)?.broadcast_mul(&gate_msa)?)?;
+        let h = modulated_layer_norm(x, &scale_msa, &shift_msa, self.eps)?;
+        let x = gated_residual(x, &self.self_attention(&h, identity_from)?, &gate_msa)?;
         let (caption_k, caption_v) = caption_kv;
         let x = (&x + self.attn2.forward_with_keys_values(&x, caption_k, caption_v, caption_mask)?)?;
-        let h = layer_norm(&x, self.eps)?.broadcast_mul(&(scale_mlp + 1.0)?)?.broadcast_add(&shift_mlp)?;
+        let h = modulated_layer_norm(&x, &scale_mlp, &shift_mlp, self.eps)?;
         let ff = self.ff_out.forward(&gelu_tanh(&self.ff_in.forward(&h)?)?)?;
-        x + ff.broadcast_mul(&gate_mlp)?
+        gated_residual(&x, &ff, &gate_mlp)
     }
 
     /// Self-attention of the rows before `identity_from`, identity attention for the rest.
@@ -86,4 +86,13 @@ impl TransformerBlock {
             _ => self.attn1.forward(h, None, None),
         }
     }
+}
+
+/// `x + y · gate` (`gate` broadcastable from `[B or 1, 1, D]`): one pass on the CPU in f32
+/// (`pixart_core::modulation`), two broadcast ops elsewhere.
+fn gated_residual(x: &Tensor, y: &Tensor, gate: &Tensor) -> candle_core::Result<Tensor> {
+    if let Some(out) = pixart_core::modulation::gated_residual_cpu(x, y, gate)? {
+        return Ok(out);
+    }
+    x + y.broadcast_mul(gate)?
 }

@@ -176,6 +176,16 @@ pub fn layer_norm(x: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     composed_layer_norm(x, eps)
 }
 
+/// `layer_norm(x) · (1 + scale) + shift`, adaLN-single's modulation (`scale` and `shift`
+/// broadcastable from `[B or 1, 1, D]`). On the CPU in f32 one pass per row
+/// (`pixart_core::modulation`); elsewhere [`layer_norm`] and two broadcast ops.
+pub fn modulated_layer_norm(x: &Tensor, scale: &Tensor, shift: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    if let Some(out) = pixart_core::modulation::modulated_layer_norm_cpu(x, scale, shift, eps)? {
+        return Ok(out);
+    }
+    layer_norm(x, eps)?.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)
+}
+
 /// [`layer_norm`] as candle-nn's fused op (one kernel launch instead of seven; statistics in
 /// f32 for half-precision inputs, one rounding at the end, like the composition).
 pub fn fused_layer_norm(x: &Tensor, eps: f64) -> candle_core::Result<Tensor> {

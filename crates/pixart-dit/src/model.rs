@@ -9,7 +9,7 @@ use pixart_core::{UnsupportedConfig, WeightsError};
 
 use crate::block::TransformerBlock;
 use crate::config::DitConfig;
-use crate::embeddings::{layer_norm, AdaLayerNormSingle, CaptionProjection, PatchEmbed};
+use crate::embeddings::{modulated_layer_norm, AdaLayerNormSingle, CaptionProjection, PatchEmbed};
 use crate::weights::TransformerWeights;
 use crate::DitError;
 
@@ -302,7 +302,7 @@ impl PixArtTransformer {
         // Final layer: shift and scale from the embedded timestep (shift first).
         let modulation = self.scale_shift_table.unsqueeze(0)?.broadcast_add(&embedded.unsqueeze(1)?)?; // [B, 2, D]
         let (shift, scale) = (modulation.narrow(1, 0, 1)?, modulation.narrow(1, 1, 1)?);
-        let out = layer_norm(&tokens, self.config.norm_eps)?.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(&shift)?;
+        let out = modulated_layer_norm(&tokens, &scale, &shift, self.config.norm_eps)?;
         let out = self.proj_out.forward(&out)?; // [B, N, p·p·C_out]
                                                 // Unpatchify: n h w p q c → n c (h p) (w q).
         let c_out = self.config.out_channels();

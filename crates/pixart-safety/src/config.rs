@@ -85,7 +85,7 @@ impl VitConfig {
         ConfigCheck::dimension("intermediate_size", self.intermediate_size)?;
         ConfigCheck::within("num_hidden_layers", self.num_hidden_layers, 0, 1024)?;
         ConfigCheck::dimension("num_attention_heads", self.num_attention_heads)?;
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(UnsupportedConfig::new(
                 "num_attention_heads",
                 self.num_attention_heads,
@@ -94,7 +94,7 @@ impl VitConfig {
         }
         ConfigCheck::within("patch_size", self.patch_size, 1, 64)?;
         ConfigCheck::within("image_size", self.image_size, 1, 4096)?;
-        if self.image_size % self.patch_size != 0 {
+        if !self.image_size.is_multiple_of(self.patch_size) {
             return Err(UnsupportedConfig::new(
                 "image_size",
                 self.image_size,

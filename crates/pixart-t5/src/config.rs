@@ -91,7 +91,7 @@ impl T5Config {
         ConfigCheck::dimension("num_heads", self.num_heads)?;
         ConfigCheck::within("num_layers", self.num_layers, 0, 1024)?;
         let buckets = self.relative_attention_num_buckets;
-        if !(4..=MAX_DIMENSION).contains(&buckets) || buckets % 2 != 0 {
+        if !(4..=MAX_DIMENSION).contains(&buckets) || !buckets.is_multiple_of(2) {
             return Err(UnsupportedConfig::new(
                 "relative_attention_num_buckets",
                 buckets,

@@ -21,6 +21,7 @@ pub mod config;
 pub mod encoder;
 pub mod error;
 pub mod normalizer;
+mod q8_0_cpu;
 pub mod quantized;
 mod source;
 pub mod spiece;

@@ -29,7 +29,7 @@ impl PrecompiledCharsmap {
         let size = u32::from_le_bytes(blob.get(..4).ok_or_else(invalid)?.try_into().map_err(|_| invalid())?) as usize;
         let trie_end = size.checked_add(4).ok_or_else(invalid)?;
         let trie_bytes = blob.get(4..trie_end).ok_or_else(invalid)?;
-        if size % 4 != 0 || size == 0 {
+        if !size.is_multiple_of(4) || size == 0 {
             return Err(invalid());
         }
         let trie = trie_bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();

@@ -13,6 +13,8 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Tensor};
 use candle_nn::{Embedding, Linear};
 
+use crate::q8_0_cpu;
+
 /// A quantized type the text encoder's matrices can be stored in (llama.cpp's block formats).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum QuantType {
@@ -95,9 +97,9 @@ impl std::str::FromStr for QuantType {
 /// for: `wanted` when the width is a multiple of its block, else Q8_0 when it is a multiple of
 /// 32 (what llama.cpp's quantizer also falls back to), else `None` (kept unquantized).
 pub(crate) fn storage_for(wanted: QuantType, width: usize) -> Option<GgmlDType> {
-    if width % wanted.block_size() == 0 {
+    if width.is_multiple_of(wanted.block_size()) {
         Some(wanted.ggml())
-    } else if width % QuantType::Q8_0.block_size() == 0 {
+    } else if width.is_multiple_of(QuantType::Q8_0.block_size()) {
         Some(GgmlDType::Q8_0)
     } else {
         None
@@ -173,7 +175,8 @@ pub(crate) fn ggml_name(dtype: GgmlDType) -> &'static str {
 }
 
 /// `x · Wᵀ` with a quantized `W` on the CPU through ggml's block dot products, reading the
-/// blocks where they are.
+/// blocks where they are: q8_0 through this crate's AVX2 / AVX-512 VNNI kernel
+/// (`q8_0_cpu`), the other types through candle's.
 ///
 /// candle's own CPU path (`QMatMul`) repacks q8_0, q4k and q6k weights into an interleaved
 /// layout on first use and keeps that copy beside the original for the tensor's lifetime (on
@@ -186,7 +189,7 @@ struct CompactQuantizedMatmul(Arc<QTensor>);
 /// The tensor's blocks, reinterpreted in place.
 fn blocks<T: GgmlType>(bytes: &[u8]) -> candle_core::Result<&[T]> {
     let size = std::mem::size_of::<T>();
-    if bytes.len() % size != 0 || bytes.as_ptr().align_offset(std::mem::align_of::<T>()) != 0 {
+    if !bytes.len().is_multiple_of(size) || bytes.as_ptr().align_offset(std::mem::align_of::<T>()) != 0 {
         candle_core::bail!("quantized storage of {} bytes is not a whole, aligned number of blocks", bytes.len())
     }
     // SAFETY: the bytes are the `Vec<T>` candle allocated for this tensor's blocks (size and
@@ -214,7 +217,12 @@ impl CustomOp1 for CompactQuantizedMatmul {
         let mut dst = vec![0f32; m * n];
         let mkn = (m, k, n);
         match self.0.dtype() {
-            GgmlDType::Q8_0 => k_quants::matmul(mkn, x, blocks::<k_quants::BlockQ8_0>(&bytes)?, &mut dst)?,
+            GgmlDType::Q8_0 => match q8_0_cpu::Kernel::detected() {
+                Some(kernel) if k % 32 == 0 && bytes.len() == n * k / 32 * q8_0_cpu::BLOCK_BYTES => {
+                    q8_0_cpu::matmul(kernel, mkn, x, &bytes, &mut dst)
+                }
+                _ => k_quants::matmul(mkn, x, blocks::<k_quants::BlockQ8_0>(&bytes)?, &mut dst)?,
+            },
             GgmlDType::Q6K => k_quants::matmul(mkn, x, blocks::<k_quants::BlockQ6K>(&bytes)?, &mut dst)?,
             GgmlDType::Q5K => k_quants::matmul(mkn, x, blocks::<k_quants::BlockQ5K>(&bytes)?, &mut dst)?,
             GgmlDType::Q4K => k_quants::matmul(mkn, x, blocks::<k_quants::BlockQ4K>(&bytes)?, &mut dst)?,

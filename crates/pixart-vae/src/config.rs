@@ -114,8 +114,9 @@ impl VaeConfig {
         ConfigCheck::dimension("out_channels", self.out_channels)?;
         ConfigCheck::within("layers_per_block", self.layers_per_block, 0, 64)?;
         ConfigCheck::within("block_out_channels (levels)", self.block_out_channels.len(), 1, MAX_LEVELS)?;
-        let fits =
-            |c: usize| (1..=pixart_core::config_error::MAX_DIMENSION).contains(&c) && c % self.norm_num_groups == 0;
+        let fits = |c: usize| {
+            (1..=pixart_core::config_error::MAX_DIMENSION).contains(&c) && c.is_multiple_of(self.norm_num_groups)
+        };
         if !self.block_out_channels.iter().all(|&c| fits(c)) {
             return Err(UnsupportedConfig::new(
                 "block_out_channels",
