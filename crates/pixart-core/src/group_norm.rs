@@ -156,7 +156,11 @@ mod tests {
             let half = norm.forward_silu(&x16).unwrap();
             assert_eq!(half.dtype(), DType::BF16);
             let reference = norm.forward_silu(&x16.to_dtype(DType::F32).unwrap()).unwrap();
-            assert!(max_diff(&half, &reference) < 0.02, "bf16: {}", max_diff(&half, &reference));
+            // bf16 keeps 8 significant bits: rounding the output moves it by at most 2⁻⁸ of its
+            // magnitude (the inputs are random, so the bound scales with the largest output).
+            let largest = reference.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1.0);
+            let diff = max_diff(&half, &reference);
+            assert!(diff <= largest / 256.0 + 1e-3, "bf16: {diff} for outputs up to {largest}");
         }
     }
 }
