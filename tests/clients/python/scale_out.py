@@ -92,8 +92,16 @@ def main():
         def succeeded():
             return httpx.get(f"{url}/health").json()["requests"]["succeeded"]
 
-        while succeeded() < args.requests // 3:
-            time.sleep(0.02)
+        def both_workers_busy():
+            counts = httpx.get(f"{url}/health").json()["requests"]
+            in_flight = counts["started"] - counts["succeeded"] - counts["failed"] - counts["cancelled"]
+            return counts["succeeded"] >= args.requests // 3 and in_flight >= 2
+
+        # Kill while both workers hold a job (a worker killed between two jobs would leave
+        # nothing to run again, and the lease path would go untested).
+        give_up = time.monotonic() + 60
+        while not both_workers_busy() and time.monotonic() < give_up:
+            time.sleep(0.002)
         workers[0].send_signal(signal.SIGKILL)
         workers[0].wait(timeout=30)
         report["worker_killed_at_succeeded"] = succeeded()
