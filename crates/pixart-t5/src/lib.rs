@@ -20,7 +20,9 @@
 pub mod config;
 pub mod encoder;
 pub mod error;
+mod ggml_blocks;
 pub mod normalizer;
+mod panel_matmul;
 mod q8_0_cpu;
 pub mod quantized;
 mod source;

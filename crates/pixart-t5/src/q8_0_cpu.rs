@@ -1,15 +1,18 @@
-//! `x · Wᵀ` for a q8_0 weight on the CPU, reading the blocks where they are (no repacked copy),
-//! with ggml's integer dot products: the activations are quantized to q8_0 like ggml's
-//! (`d = max|x| / 127` rounded to f16, `q = round(x / d)`), each block's 32 `i8 × i8` products
-//! are summed in integers (AVX2: `vpmaddubsw` + `vpmaddwd` on `|w|` and `sign(x, w)`; with
-//! AVX-512 VNNI one `vpdpbusd`), scaled by `d_x · d_w` and accumulated in f32. Four activation
-//! rows share each weight block load; weight rows are split across threads. The instruction
-//! set is chosen at run time; without AVX2 the caller uses candle's generic kernel.
+//! `x · Wᵀ` for a q8_0 weight on AVX2 CPUs without AVX-512 VNNI, reading the blocks where they
+//! are (no repacked copy), with ggml's integer dot products: the activations are quantized to
+//! q8_0 like ggml's (`d = max|x| / 127` rounded to f16, `q = round(x / d)`), each block's 32
+//! `i8 × i8` products are summed in integers (`vpmaddubsw` + `vpmaddwd` on `|w|` and
+//! `sign(x, w)`: q8_0's full 8-bit range rules out the panel kernel's unsigned activations
+//! there), scaled by `d_x · d_w` and accumulated in f32. Four activation rows share each weight
+//! block load; weight rows are split across threads. With VNNI the panel kernel
+//! (`panel_matmul`) runs instead; without AVX2 the caller uses candle's generic kernel.
 //!
 //! A q8_0 block as stored (GGUF and candle): an f16 scale `d` (little endian) then 32 `i8`.
 
 use half::f16;
 use rayon::prelude::*;
+
+use crate::ggml_blocks::{quantize_activations, BlockFormat};
 
 /// Bytes of one q8_0 block.
 pub(crate) const BLOCK_BYTES: usize = 34;
@@ -20,66 +23,25 @@ const ROWS: usize = 4;
 /// Weight rows per parallel task.
 const COLUMNS_PER_TASK: usize = 16;
 
-/// The instruction sets this kernel has a build for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Kernel {
-    /// AVX2 + FMA.
-    Avx2,
-    /// AVX-512 VNNI on 256-bit vectors (+ AVX-512 VL).
-    Vnni,
-}
-
-impl Kernel {
-    /// The best kernel this CPU runs, if any.
-    pub(crate) fn detected() -> Option<Self> {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let avx2 = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
-            let vnni = std::arch::is_x86_feature_detected!("avx512vnni")
-                && std::arch::is_x86_feature_detected!("avx512vl")
-                && std::arch::is_x86_feature_detected!("avx512bw");
-            if avx2 && vnni {
-                return Some(Self::Vnni);
-            }
-            if avx2 {
-                return Some(Self::Avx2);
-            }
-        }
-        None
+/// Whether this CPU runs the kernel (AVX2 + FMA).
+pub(crate) fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
     }
-}
-
-/// The activations quantized to q8_0: `m` rows of `k` `i8` and one f32 scale per block.
-struct QuantizedRows {
-    values: Vec<i8>,
-    scales: Vec<f32>,
-}
-
-/// ggml's q8_0 quantization of each `k`-long row of `x` (`k` a multiple of 32); the scale kept
-/// as the f16 it is stored as.
-fn quantize_rows(x: &[f32], k: usize) -> QuantizedRows {
-    let mut values = vec![0i8; x.len()];
-    let mut scales = vec![0f32; x.len() / BLOCK];
-    for ((block, out), scale) in x.chunks_exact(BLOCK).zip(values.chunks_exact_mut(BLOCK)).zip(&mut scales) {
-        let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        for (q, &v) in out.iter_mut().zip(block) {
-            *q = (v * id).round() as i8;
-        }
-        *scale = f16::from_f32(d).to_f32();
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
-    debug_assert_eq!(values.len() % k.max(1), 0);
-    QuantizedRows { values, scales }
 }
 
 /// `dst[m × n] = x[m × k] · Wᵀ`, `w` the `n × k/32` q8_0 blocks as bytes; `k` a multiple of 32.
-pub(crate) fn matmul(kernel: Kernel, (m, k, n): (usize, usize, usize), x: &[f32], w: &[u8], dst: &mut [f32]) {
+pub(crate) fn matmul((m, k, n): (usize, usize, usize), x: &[f32], w: &[u8], dst: &mut [f32]) {
     if m == 0 || n == 0 {
         return;
     }
     let blocks = k / BLOCK;
-    let xq = quantize_rows(x, k);
+    let xq = quantize_activations(BlockFormat::Q8_0, x);
     // Output by weight row (`n × m`), so that tasks write disjoint runs; transposed at the end.
     let mut by_column = vec![0f32; n * m];
     by_column.par_chunks_mut(COLUMNS_PER_TASK * m).enumerate().for_each(|(task, out)| {
@@ -99,7 +61,7 @@ pub(crate) fn matmul(kernel: Kernel, (m, k, n): (usize, usize, usize), x: &[f32]
                 for (dst, x_scales) in scales.chunks_exact_mut(blocks).zip(x_scales) {
                     dst.iter_mut().zip(x_scales).zip(&w_scales).for_each(|((d, &a), &b)| *d = a * b);
                 }
-                dot_rows(kernel, row, blocks, xs, &scales[..rows * blocks], &mut out[r0..r0 + rows]);
+                dot_rows(row, blocks, xs, &scales[..rows * blocks], &mut out[r0..r0 + rows]);
             }
         }
     });
@@ -112,17 +74,16 @@ pub(crate) fn matmul(kernel: Kernel, (m, k, n): (usize, usize, usize), x: &[f32]
 
 /// `out[r] = Σ_b scales[r][b] · Σ_i w[b][i] · x[r][b][i]` over `blocks` blocks, for up to
 /// [`ROWS`] rows (`scales[r][b] = d_w[b] · d_x[r][b]`).
-fn dot_rows(kernel: Kernel, w: &[u8], blocks: usize, x: &[i8], scales: &[f32], out: &mut [f32]) {
+fn dot_rows(w: &[u8], blocks: usize, x: &[i8], scales: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        // SAFETY: `Kernel::detected` only returns a kernel whose features the CPU has; the
-        // slices hold `blocks` whole blocks for `out.len()` rows.
+        // SAFETY: the caller checked `available()`; the slices hold `blocks` whole blocks for
+        // `out.len()` rows.
         unsafe {
-            match (kernel, out.len()) {
-                (Kernel::Avx2, ROWS) => x86::dot_rows_avx2::<ROWS>(w, blocks, x, scales, out),
-                (Kernel::Avx2, _) => x86::dot_rows_avx2::<1>(w, blocks, x, scales, out),
-                (Kernel::Vnni, ROWS) => x86::dot_rows_vnni::<ROWS>(w, blocks, x, scales, out),
-                (Kernel::Vnni, _) => x86::dot_rows_vnni::<1>(w, blocks, x, scales, out),
+            if out.len() == ROWS {
+                x86::dot_rows_avx2::<ROWS>(w, blocks, x, scales, out)
+            } else {
+                x86::dot_rows_avx2::<1>(w, blocks, x, scales, out)
             }
         }
     }
@@ -181,9 +142,6 @@ mod x86 {
         _mm256_maddubs_epi16(u, s),
         _mm256_set1_epi16(1)
     ));
-    dot_rows!(dot_rows_vnni, "avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni", |u: __m256i, s: __m256i| {
-        _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
-    });
 }
 
 #[cfg(test)]
@@ -194,11 +152,12 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     /// Against candle's generic q8_0 kernel (the same blocks and activation rounding, ggml's
-    /// scalar dot products), for every kernel this CPU runs, with row counts that leave a tail.
+    /// scalar dot products), with row counts that leave a tail.
     #[test]
     fn equals_candles_q8_0_matmul() {
-        let Some(best) = Kernel::detected() else { return };
-        let kernels = if best == Kernel::Vnni { vec![Kernel::Avx2, Kernel::Vnni] } else { vec![best] };
+        if !available() {
+            return;
+        }
         let (n, k) = (37, 256);
         let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
@@ -213,12 +172,10 @@ mod tests {
             let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919 % 201) as f32 - 100.0) * 0.013).collect();
             let mut want = vec![0f32; m * n];
             k_quants::matmul((m, k, n), &x, &blocks, &mut want).unwrap();
-            for &kernel in &kernels {
-                let mut ours = vec![0f32; m * n];
-                matmul(kernel, (m, k, n), &x, &bytes, &mut ours);
-                for (i, (a, b)) in ours.iter().zip(&want).enumerate() {
-                    assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{kernel:?} m={m} [{i}]: {a} vs {b}");
-                }
+            let mut ours = vec![0f32; m * n];
+            matmul((m, k, n), &x, &bytes, &mut ours);
+            for (i, (a, b)) in ours.iter().zip(&want).enumerate() {
+                assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "m={m} [{i}]: {a} vs {b}");
             }
         }
     }

@@ -13,7 +13,8 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Tensor};
 use candle_nn::{Embedding, Linear};
 
-use crate::q8_0_cpu;
+use crate::ggml_blocks::BlockFormat;
+use crate::{panel_matmul, q8_0_cpu};
 
 /// A quantized type the text encoder's matrices can be stored in (llama.cpp's block formats).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -175,8 +176,9 @@ pub(crate) fn ggml_name(dtype: GgmlDType) -> &'static str {
 }
 
 /// `x · Wᵀ` with a quantized `W` on the CPU through ggml's block dot products, reading the
-/// blocks where they are: q8_0 through this crate's AVX2 / AVX-512 VNNI kernel
-/// (`q8_0_cpu`), the other types through candle's.
+/// blocks where they are: q8_0 and the k-quants through this crate's panel kernel
+/// (`panel_matmul`: AVX-512 VNNI, or AVX2 for the k-quants), q8_0 on AVX2 through `q8_0_cpu`,
+/// the rest through candle's.
 ///
 /// candle's own CPU path (`QMatMul`) repacks q8_0, q4k and q6k weights into an interleaved
 /// layout on first use and keeps that copy beside the original for the tensor's lifetime (on
@@ -216,13 +218,28 @@ impl CustomOp1 for CompactQuantizedMatmul {
         let bytes = self.0.data()?;
         let mut dst = vec![0f32; m * n];
         let mkn = (m, k, n);
+        let panel_format = match self.0.dtype() {
+            GgmlDType::Q8_0 => Some(BlockFormat::Q8_0),
+            GgmlDType::Q4K => Some(BlockFormat::Q4K),
+            GgmlDType::Q5K => Some(BlockFormat::Q5K),
+            GgmlDType::Q6K => Some(BlockFormat::Q6K),
+            _ => None,
+        };
+        if let Some(format) = panel_format {
+            let whole =
+                k % format.block_weights() == 0 && bytes.len() == n * k / format.block_weights() * format.block_bytes();
+            if let (Some(kernel), true) = (panel_matmul::Kernel::detected(format), whole) {
+                panel_matmul::matmul(kernel, format, mkn, x, &bytes, &mut dst);
+                return Ok((CpuStorage::F32(dst), output_shape(dims, n)));
+            }
+        }
         match self.0.dtype() {
-            GgmlDType::Q8_0 => match q8_0_cpu::Kernel::detected() {
-                Some(kernel) if k % 32 == 0 && bytes.len() == n * k / 32 * q8_0_cpu::BLOCK_BYTES => {
-                    q8_0_cpu::matmul(kernel, mkn, x, &bytes, &mut dst)
-                }
-                _ => k_quants::matmul(mkn, x, blocks::<k_quants::BlockQ8_0>(&bytes)?, &mut dst)?,
-            },
+            GgmlDType::Q8_0
+                if q8_0_cpu::available() && k % 32 == 0 && bytes.len() == n * k / 32 * q8_0_cpu::BLOCK_BYTES =>
+            {
+                q8_0_cpu::matmul(mkn, x, &bytes, &mut dst)
+            }
+            GgmlDType::Q8_0 => k_quants::matmul(mkn, x, blocks::<k_quants::BlockQ8_0>(&bytes)?, &mut dst)?,
             GgmlDType::Q6K => k_quants::matmul(mkn, x, blocks::<k_quants::BlockQ6K>(&bytes)?, &mut dst)?,
             GgmlDType::Q5K => k_quants::matmul(mkn, x, blocks::<k_quants::BlockQ5K>(&bytes)?, &mut dst)?,
             GgmlDType::Q4K => k_quants::matmul(mkn, x, blocks::<k_quants::BlockQ4K>(&bytes)?, &mut dst)?,
@@ -234,12 +251,17 @@ impl CustomOp1 for CompactQuantizedMatmul {
             GgmlDType::Q5_1 => k_quants::matmul(mkn, x, blocks::<k_quants::BlockQ5_1>(&bytes)?, &mut dst)?,
             other => candle_core::bail!("compact-quantized-matmul: unsupported block type {other:?}"),
         }
-        let mut out_dims = dims.to_vec();
-        if let Some(last) = out_dims.last_mut() {
-            *last = n;
-        }
-        Ok((CpuStorage::F32(dst), Shape::from(out_dims)))
+        Ok((CpuStorage::F32(dst), output_shape(dims, n)))
     }
+}
+
+/// The input's shape with its last dimension replaced by `n`.
+fn output_shape(dims: &[usize], n: usize) -> Shape {
+    let mut out_dims = dims.to_vec();
+    if let Some(last) = out_dims.last_mut() {
+        *last = n;
+    }
+    Shape::from(out_dims)
 }
 
 /// A linear layer without bias whose weight `[out, in]` is plain or quantized.
