@@ -8,6 +8,7 @@
 //! before `qs`; q6_K `ql: [u8; 128], qh: [u8; 64], scales: [i8; 16], d: f16`.
 
 use half::f16;
+use rayon::prelude::*;
 
 /// Weights per k-quant super-block.
 const SUPER_BLOCK: usize = 256;
@@ -71,9 +72,9 @@ impl BlockFormat {
                 BlockFormat::Q8_0 => unit(b, half_at(block, 0), 0.0),
                 BlockFormat::Q4K | BlockFormat::Q5K => {
                     let (d, dmin) = (half_at(block, 0), half_at(block, 2));
+                    let (scales, mins) = scales_mins_k4(&block[4..16]);
                     for j in 0..8 {
-                        let (sc, m) = scale_min_k4(j, &block[4..16]);
-                        unit(8 * b + j, d * sc as f32, dmin * m as f32);
+                        unit(8 * b + j, d * scales[j] as f32, dmin * mins[j] as f32);
                     }
                 }
                 BlockFormat::Q6K => {
@@ -92,13 +93,24 @@ fn half_at(bytes: &[u8], offset: usize) -> f32 {
     f16::from_le_bytes([bytes[offset], bytes[offset + 1]]).to_f32()
 }
 
-/// The 6-bit scale and minimum of unit `j` (0..8) of a q4_K / q5_K super-block.
-fn scale_min_k4(j: usize, packed: &[u8]) -> (u8, u8) {
-    if j < 4 {
-        (packed[j] & 63, packed[j + 4] & 63)
-    } else {
-        ((packed[j + 4] & 0x0F) | ((packed[j - 4] >> 6) << 4), (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4))
-    }
+/// The eight 6-bit scales and minimums of a q4_K / q5_K super-block, unpacked from their 12
+/// bytes (units 0–3: low 6 bits of bytes 0–3 and 4–7; units 4–7: nibbles of bytes 8–11 with
+/// the top 2 bits of bytes 0–3 and 4–7 above them).
+fn scales_mins_k4(packed: &[u8]) -> ([u8; 8], [u8; 8]) {
+    const LOW6: u32 = 0x3f3f_3f3f;
+    const LOW4: u32 = 0x0f0f_0f0f;
+    const LOW2: u32 = 0x0303_0303;
+    let word = |i: usize| u32::from_le_bytes([packed[4 * i], packed[4 * i + 1], packed[4 * i + 2], packed[4 * i + 3]]);
+    let (w0, w1, w2) = (word(0), word(1), word(2));
+    let scales_low = w0 & LOW6;
+    let mins_low = w1 & LOW6;
+    let scales_high = (w2 & LOW4) | (((w0 >> 6) & LOW2) << 4);
+    let mins_high = ((w2 >> 4) & LOW4) | (((w1 >> 6) & LOW2) << 4);
+    let join = |low: u32, high: u32| {
+        let (l, h) = (low.to_le_bytes(), high.to_le_bytes());
+        [l[0], l[1], l[2], l[3], h[0], h[1], h[2], h[3]]
+    };
+    (join(scales_low, scales_high), join(mins_low, mins_high))
 }
 
 /// Activation rows quantized to 8 bits: `x ≈ scales[block] · values`.
@@ -116,12 +128,13 @@ pub(crate) fn quantize_activations(format: BlockFormat, x: &[f32]) -> QuantizedA
     let block = format.activation_block();
     let mut values = vec![0i8; x.len()];
     let mut scales = vec![0f32; x.len() / block];
-    for ((xs, out), scale) in x.chunks_exact(block).zip(values.chunks_exact_mut(block)).zip(&mut scales) {
+    let blocks = x.par_chunks_exact(block).zip(values.par_chunks_exact_mut(block)).zip(scales.par_iter_mut());
+    blocks.with_min_len(64).for_each(|((xs, out), scale)| {
         *scale = match format {
             BlockFormat::Q8_0 => quantize_q8_0(xs, out),
             _ => quantize_q8k(xs, out),
         };
-    }
+    });
     QuantizedActivations { values, scales }
 }
 
@@ -131,9 +144,17 @@ fn quantize_q8_0(xs: &[f32], out: &mut [i8]) -> f32 {
     let d = amax / 127.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     for (q, &v) in out.iter_mut().zip(xs) {
-        *q = (v * id).round() as i8;
+        *q = round_half_away(v * id) as i8;
     }
     f16::from_f32(d).to_f32()
+}
+
+/// `v.round()` (halves away from zero) for `|v| < 2²³`, without the libm call `round` becomes
+/// on the baseline x86-64 target.
+fn round_half_away(v: f32) -> i32 {
+    let whole = v as i32;
+    let fraction = v - whole as f32;
+    whole + (fraction >= 0.5) as i32 - (fraction <= -0.5) as i32
 }
 
 /// ggml's q8_K quantization of one super-block; returns the scale.
@@ -151,7 +172,24 @@ fn quantize_q8k(xs: &[f32], out: &mut [i8]) -> f32 {
     }
     let iscale = -127.0 / max;
     for (q, &v) in out.iter_mut().zip(xs) {
-        *q = (iscale * v).round().clamp(-128.0, 127.0) as i8;
+        *q = round_half_away(iscale * v).clamp(-128, 127) as i8;
     }
     1.0 / iscale
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounding_equals_f32_round_over_the_activation_range() {
+        let mut v = -130.0f32;
+        while v <= 130.0 {
+            assert_eq!(round_half_away(v), v.round() as i32, "{v}");
+            v = f32::from_bits(v.to_bits() + if v < 0.0 { -1i32 as u32 } else { 1 }).max(v + 1e-4);
+        }
+        for v in [-0.5f32, 0.5, -1.5, 1.5, 126.5, -127.5, 0.49999997, -0.49999997] {
+            assert_eq!(round_half_away(v), v.round() as i32, "{v}");
+        }
+    }
 }

@@ -64,11 +64,12 @@ impl Kernel {
     }
 }
 
-/// Activations ready for the kernel: values offset to `u8`, one scale per weight unit, and
-/// (k-quants with minimums) `d_x · Σ q_x` per unit.
+/// Activations ready for the kernel: values offset to `u8`, one scale per activation block
+/// ([`BlockFormat::activation_block`]), and (k-quants with minimums) `Σ q_x` per weight unit.
 struct Activations {
     k: usize,
     units: usize,
+    blocks: usize,
     values: Vec<u8>,
     scales: Vec<f32>,
     sums: Vec<f32>,
@@ -78,16 +79,15 @@ impl Activations {
     fn new(format: BlockFormat, x: &[f32], k: usize) -> Self {
         let quantized = quantize_activations(format, x);
         let unit = format.unit();
-        let units_per_scale = format.activation_block() / unit;
-        let scales: Vec<f32> = quantized.scales.iter().flat_map(|&d| std::iter::repeat_n(d, units_per_scale)).collect();
         let sums = if format.has_mins() {
-            let unit_sums = quantized.values.chunks_exact(unit).map(|q| q.iter().map(|&v| v as i32).sum::<i32>());
-            unit_sums.zip(&scales).map(|(s, &d)| s as f32 * d).collect()
+            let units = quantized.values.par_chunks_exact(unit).with_min_len(256);
+            units.map(|q| q.iter().map(|&v| v as i32).sum::<i32>() as f32).collect()
         } else {
             Vec::new()
         };
-        let values = quantized.values.iter().map(|&v| (v as u8) ^ 0x80).collect();
-        Self { k, units: k / unit, values, scales, sums }
+        let values = quantized.values.par_iter().with_min_len(8192).map(|&v| (v as u8) ^ 0x80).collect();
+        let blocks = k / format.activation_block();
+        Self { k, units: k / unit, blocks, values, scales: quantized.scales, sums }
     }
 }
 
@@ -177,45 +177,54 @@ pub(crate) fn matmul(
                 let first_row = (task * PANELS_PER_TASK + i) * PANEL_ROWS;
                 let last_row = (first_row + PANEL_ROWS).min(n);
                 panel.fill(format, &w[first_row * row_bytes..last_row * row_bytes], row_bytes, k);
-                run_tokens(kernel, format, panel, &activations, out);
+                // The next panel's blocks, fetched into the cache while this one computes.
+                let ahead = &w[last_row * row_bytes..(last_row + PANEL_ROWS).min(n) * row_bytes];
+                run_tokens(kernel, format, panel, &activations, ahead, out);
             }
         },
     );
-    for (p, panel) in by_panel.chunks_exact(m * PANEL_ROWS).enumerate() {
-        let first_row = p * PANEL_ROWS;
-        let rows = PANEL_ROWS.min(n - first_row);
-        for (t, values) in panel.chunks_exact(PANEL_ROWS).enumerate() {
-            dst[t * n + first_row..t * n + first_row + rows].copy_from_slice(&values[..rows]);
+    dst[..m * n].par_chunks_exact_mut(n).enumerate().for_each(|(t, dst)| {
+        for (p, dst) in dst.chunks_mut(PANEL_ROWS).enumerate() {
+            let at = (p * m + t) * PANEL_ROWS;
+            dst.copy_from_slice(&by_panel[at..at + dst.len()]);
         }
-    }
+    });
 }
 
-/// Every token against one panel, [`Kernel::tokens`] at a time, the tail one by one.
-fn run_tokens(kernel: Kernel, format: BlockFormat, panel: &Panel, x: &Activations, out: &mut [f32]) {
+/// Every token against one panel, [`Kernel::tokens`] at a time, the tail one by one; `ahead`
+/// (the next panel's blocks) is prefetched in even shares across the calls.
+fn run_tokens(kernel: Kernel, format: BlockFormat, panel: &Panel, x: &Activations, ahead: &[u8], out: &mut [f32]) {
     let m = out.len() / PANEL_ROWS;
     let tile = kernel.tokens();
+    let calls = m / tile + m % tile;
+    let share = ahead.len().div_ceil(calls.max(1)).next_multiple_of(64);
     let mut first = 0;
+    let mut ahead = ahead.chunks(share.max(64));
     while first < m {
         let tokens = if m - first >= tile { tile } else { 1 };
         let out = &mut out[first * PANEL_ROWS..(first + tokens) * PANEL_ROWS];
+        let next = ahead.next().unwrap_or_default();
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Kernel::detected` only returns a kernel whose features the CPU has; the
         // panel and the activations hold `x.units` units of `format`, `out` `tokens` rows.
         unsafe {
-            let (mins, groups) = (format.has_mins(), format.unit() / 4);
-            match (kernel, tokens, groups, mins) {
-                (Kernel::Vnni, 8, 8, false) => x86::panel_vnni::<8, 8, false>(panel, x, first, out),
-                (Kernel::Vnni, 8, 8, true) => x86::panel_vnni::<8, 8, true>(panel, x, first, out),
-                (Kernel::Vnni, 8, _, _) => x86::panel_vnni::<8, 4, false>(panel, x, first, out),
-                (Kernel::Vnni, _, 8, false) => x86::panel_vnni::<1, 8, false>(panel, x, first, out),
-                (Kernel::Vnni, _, 8, true) => x86::panel_vnni::<1, 8, true>(panel, x, first, out),
-                (Kernel::Vnni, _, _, _) => x86::panel_vnni::<1, 4, false>(panel, x, first, out),
-                (Kernel::Avx2, 4, 8, false) => x86::panel_avx2::<4, 8, false>(panel, x, first, out),
-                (Kernel::Avx2, 4, 8, true) => x86::panel_avx2::<4, 8, true>(panel, x, first, out),
-                (Kernel::Avx2, 4, _, _) => x86::panel_avx2::<4, 4, false>(panel, x, first, out),
-                (Kernel::Avx2, _, 8, false) => x86::panel_avx2::<1, 8, false>(panel, x, first, out),
-                (Kernel::Avx2, _, 8, true) => x86::panel_avx2::<1, 8, true>(panel, x, first, out),
-                (Kernel::Avx2, _, _, _) => x86::panel_avx2::<1, 4, false>(panel, x, first, out),
+            // Per format: groups of 4 weights per unit, units per activation scale, minimums.
+            macro_rules! by_format {
+                ($kernel:ident, $tokens:literal) => {
+                    match format {
+                        BlockFormat::Q8_0 => x86::$kernel::<$tokens, 8, 1, false>(panel, x, first, next, out),
+                        BlockFormat::Q4K | BlockFormat::Q5K => {
+                            x86::$kernel::<$tokens, 8, 8, true>(panel, x, first, next, out)
+                        }
+                        BlockFormat::Q6K => x86::$kernel::<$tokens, 4, 16, false>(panel, x, first, next, out),
+                    }
+                };
+            }
+            match (kernel, tokens == tile) {
+                (Kernel::Vnni, true) => by_format!(panel_vnni, 8),
+                (Kernel::Vnni, false) => by_format!(panel_vnni, 1),
+                (Kernel::Avx2, true) => by_format!(panel_avx2, 4),
+                (Kernel::Avx2, false) => by_format!(panel_avx2, 1),
             }
         }
         first += tokens;
@@ -377,43 +386,59 @@ mod x86 {
         }
     }
 
-    /// `T` tokens from `first` against the panel; units of `GROUPS` groups of 4 weights;
-    /// `MINS`: subtract the minimums' term. `out`: `T × 8` values, token major.
+    /// `T` tokens from `first` against the panel; units of `GROUPS` groups of 4 weights,
+    /// `UNITS` units per activation scale;
+    /// `MINS`: subtract the minimums' term; `ahead` is prefetched a few lines per unit.
+    /// `out`: `T × 8` values, token major.
     macro_rules! panel_kernel {
         ($name:ident, $features:literal, $dot:expr) => {
             #[target_feature(enable = $features)]
-            pub(super) unsafe fn $name<const T: usize, const GROUPS: usize, const MINS: bool>(
+            pub(super) unsafe fn $name<const T: usize, const GROUPS: usize, const UNITS: usize, const MINS: bool>(
                 panel: &Panel,
                 x: &Activations,
                 first: usize,
+                ahead: &[u8],
                 out: &mut [f32],
             ) {
                 let (k, units) = (x.k, x.units);
+                let lines_per_unit = ahead.len().div_ceil(64).div_ceil(units);
                 let weights = panel.values.as_ptr();
                 let mut acc = [_mm256_setzero_ps(); T];
-                for u in 0..units {
-                    let offset = _mm256_loadu_si256(panel.offsets.as_ptr().add(u * PANEL_ROWS).cast());
-                    let mut sums = [offset; T];
-                    for g in 0..GROUPS {
-                        let group = u * GROUPS + g;
-                        let w = _mm256_loadu_si256(weights.add(group * 4 * PANEL_ROWS).cast());
+                for block in 0..x.blocks {
+                    // Σ over the block's units of scale_w · Σ q_w q_x (− min_w · Σ q_x), then · d_x.
+                    let mut part = [_mm256_setzero_ps(); T];
+                    for u in block * UNITS..(block + 1) * UNITS {
+                        for line in u * lines_per_unit..(u + 1) * lines_per_unit {
+                            if line * 64 < ahead.len() {
+                                _mm_prefetch::<_MM_HINT_T0>(ahead.as_ptr().add(line * 64).cast());
+                            }
+                        }
+                        let offset = _mm256_loadu_si256(panel.offsets.as_ptr().add(u * PANEL_ROWS).cast());
+                        let mut sums = [offset; T];
+                        for g in 0..GROUPS {
+                            let group = u * GROUPS + g;
+                            let w = _mm256_loadu_si256(weights.add(group * 4 * PANEL_ROWS).cast());
+                            for t in 0..T {
+                                let at = x.values.as_ptr().add((first + t) * k + group * 4);
+                                let xs = _mm256_set1_epi32(at.cast::<i32>().read_unaligned());
+                                sums[t] = $dot(sums[t], xs, w);
+                            }
+                        }
+                        let scale = _mm256_loadu_ps(panel.scales.as_ptr().add(u * PANEL_ROWS));
                         for t in 0..T {
-                            let at = x.values.as_ptr().add((first + t) * k + group * 4);
-                            let xs = _mm256_set1_epi32(at.cast::<i32>().read_unaligned());
-                            sums[t] = $dot(sums[t], xs, w);
+                            part[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[t]), scale, part[t]);
+                        }
+                        if MINS {
+                            let min = _mm256_loadu_ps(panel.mins.as_ptr().add(u * PANEL_ROWS));
+                            for t in 0..T {
+                                let s = _mm256_broadcast_ss(&*x.sums.as_ptr().add((first + t) * units + u));
+                                part[t] = _mm256_fnmadd_ps(min, s, part[t]);
+                            }
                         }
                     }
-                    let scale = _mm256_loadu_ps(panel.scales.as_ptr().add(u * PANEL_ROWS));
                     for t in 0..T {
-                        let d = _mm256_broadcast_ss(&*x.scales.as_ptr().add((first + t) * units + u));
-                        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[t]), _mm256_mul_ps(scale, d), acc[t]);
-                    }
-                    if MINS {
-                        let min = _mm256_loadu_ps(panel.mins.as_ptr().add(u * PANEL_ROWS));
-                        for t in 0..T {
-                            let s = _mm256_broadcast_ss(&*x.sums.as_ptr().add((first + t) * units + u));
-                            acc[t] = _mm256_fnmadd_ps(min, s, acc[t]);
-                        }
+                        let d = _mm256_broadcast_ss(&*x.scales.as_ptr().add((first + t) * x.blocks + block));
+                        acc[t] = _mm256_fmadd_ps(part[t], d, acc[t]);
                     }
                 }
                 for t in 0..T {
