@@ -16,6 +16,7 @@ pub mod conv_winograd;
 pub mod fast_math;
 mod gemm_cpu;
 pub mod group_norm;
+pub mod linear_bf16;
 pub mod modulation;
 pub mod weights;
 

@@ -1,37 +1,39 @@
 //! Multi-head attention (diffusers' `Attention` with the default processor).
 
-use candle_core::{Module, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
 use pixart_core::attention::{scaled_dot_product_attention, KeyMask};
+
+use crate::linear::{CpuLinears, DitLinear};
 
 /// Self- or cross-attention with biased `to_q/to_k/to_v` and `to_out.0`.
 #[derive(Debug, Clone)]
 pub struct Attention {
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
-    to_out: Linear,
+    to_q: DitLinear,
+    to_k: DitLinear,
+    to_v: DitLinear,
+    to_out: DitLinear,
     heads: usize,
     head_dim: usize,
 }
 
 impl Attention {
-    /// `query_dim` → heads × head_dim; keys and values from `context_dim` features.
+    /// `query_dim` → heads × head_dim; keys and values from `context_dim` features; `bias` on
+    /// the Q/K/V projections; `linears` as the model's.
     pub fn new(
         query_dim: usize,
         context_dim: usize,
-        heads: usize,
-        head_dim: usize,
+        (heads, head_dim): (usize, usize),
         bias: bool,
+        linears: CpuLinears,
         vb: VarBuilder,
     ) -> candle_core::Result<Self> {
         let inner = heads * head_dim;
-        let lin = |i, o, vb| if bias { candle_nn::linear(i, o, vb) } else { candle_nn::linear_no_bias(i, o, vb) };
         Ok(Self {
-            to_q: lin(query_dim, inner, vb.pp("to_q"))?,
-            to_k: lin(context_dim, inner, vb.pp("to_k"))?,
-            to_v: lin(context_dim, inner, vb.pp("to_v"))?,
-            to_out: candle_nn::linear(inner, query_dim, vb.pp("to_out").pp("0"))?,
+            to_q: DitLinear::new(query_dim, inner, bias, linears, vb.pp("to_q"))?,
+            to_k: DitLinear::new(context_dim, inner, bias, linears, vb.pp("to_k"))?,
+            to_v: DitLinear::new(context_dim, inner, bias, linears, vb.pp("to_v"))?,
+            to_out: DitLinear::new(inner, query_dim, true, linears, vb.pp("to_out").pp("0"))?,
             heads,
             head_dim,
         })

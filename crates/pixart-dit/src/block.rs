@@ -1,7 +1,7 @@
 //! One PixArt transformer block (diffusers' `BasicTransformerBlock` with `ada_norm_single`).
 
-use candle_core::{Module, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
 
 use pixart_core::activation::gelu_tanh;
 use pixart_core::attention::KeyMask;
@@ -9,6 +9,7 @@ use pixart_core::attention::KeyMask;
 use crate::attention::Attention;
 use crate::config::DitConfig;
 use crate::embeddings::modulated_layer_norm;
+use crate::linear::DitLinear;
 
 /// Self-attention, cross-attention to the caption, and a GELU(tanh) feed-forward, modulated by
 /// the timestep through a learned `scale_shift_table`.
@@ -17,8 +18,8 @@ pub struct TransformerBlock {
     scale_shift_table: Tensor,
     attn1: Attention,
     attn2: Attention,
-    ff_in: Linear,
-    ff_out: Linear,
+    ff_in: DitLinear,
+    ff_out: DitLinear,
     eps: f64,
 }
 
@@ -26,13 +27,14 @@ impl TransformerBlock {
     /// `transformer_blocks.{i}.*`.
     pub fn new(cfg: &DitConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let d = cfg.hidden_size();
-        let (heads, head_dim) = (cfg.num_attention_heads, cfg.attention_head_dim);
+        let heads = (cfg.num_attention_heads, cfg.attention_head_dim);
+        let (bias, linears) = (cfg.attention_bias, cfg.cpu_linears);
         Ok(Self {
             scale_shift_table: vb.get((6, d), "scale_shift_table")?,
-            attn1: Attention::new(d, d, heads, head_dim, cfg.attention_bias, vb.pp("attn1"))?,
-            attn2: Attention::new(d, d, heads, head_dim, cfg.attention_bias, vb.pp("attn2"))?,
-            ff_in: candle_nn::linear(d, 4 * d, vb.pp("ff.net.0.proj"))?,
-            ff_out: candle_nn::linear(4 * d, d, vb.pp("ff.net.2"))?,
+            attn1: Attention::new(d, d, heads, bias, linears, vb.pp("attn1"))?,
+            attn2: Attention::new(d, d, heads, bias, linears, vb.pp("attn2"))?,
+            ff_in: DitLinear::new(d, 4 * d, true, linears, vb.pp("ff.net.0.proj"))?,
+            ff_out: DitLinear::new(4 * d, d, true, linears, vb.pp("ff.net.2"))?,
             eps: cfg.norm_eps,
         })
     }

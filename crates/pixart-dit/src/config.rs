@@ -4,6 +4,8 @@ use serde::Deserialize;
 
 use pixart_core::{ConfigCheck, UnsupportedConfig};
 
+use crate::linear::CpuLinears;
+
 /// Hyper-parameters of a PixArt transformer, deserialised from `transformer/config.json`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct DitConfig {
@@ -47,6 +49,10 @@ pub struct DitConfig {
     /// Must be `default`.
     #[serde(default = "default_attention")]
     pub attention_type: String,
+    /// Not read from `config.json`: how the linear layers multiply on the CPU (set before
+    /// building the model; [`CpuLinears::Plain`] by default).
+    #[serde(skip)]
+    pub cpu_linears: CpuLinears,
 }
 
 fn one() -> f64 {

@@ -16,12 +16,14 @@ pub mod attention;
 pub mod block;
 pub mod config;
 pub mod embeddings;
+pub mod linear;
 pub mod lora;
 pub mod model;
 pub mod original_layout;
 pub mod weights;
 
 pub use config::DitConfig;
+pub use linear::{CpuLinears, DitLinear};
 pub use lora::{Lora, LoraError};
 pub use model::{DitTrace, Perturbation, PixArtTransformer, PreparedCaption, PreparedTimestep, PreparedTimesteps};
 pub use weights::{Layout, TransformerWeights};

@@ -129,7 +129,8 @@ impl Pipeline {
     pub fn load(model: &str, options: &LoadOptions) -> Result<Self, PipelineError> {
         let dir = resolve_model(model, &options.hub)?;
         let dtype = options.dtype;
-        let transformer = TransformerSlot::load(&dir, options.transformer.as_deref(), dtype, &options.device)?;
+        let transformer =
+            TransformerSlot::load(&dir, options.transformer.as_deref(), (dtype, options.cpu_linears), &options.device)?;
         let text_device = options.text_encoder_device.clone().unwrap_or_else(|| options.device.clone());
         let bins = AspectRatioBins::for_sample_size(transformer.config().sample_size);
         // Refuse an unsupported scheduler config now rather than at the first request.

@@ -1,0 +1,267 @@
+//! `y = x · Wᵀ + b` on the CPU with the weight in bf16 and the input rounded to bf16, products
+//! summed in f32, through AVX512-BF16's `vdpbf16ps` (two bf16 products per f32 lane, twice the
+//! f32 FMA's work per instruction): what a bf16 model computes in its matrix products, with
+//! everything around them left in f32.
+//!
+//! The weight `[n, k]` is packed once into panels of 32 output columns, `[k / 2][32][2]` bf16
+//! per panel, so that one 64-byte load holds one pair of `k` for 32 columns. Each call rounds
+//! the input rows to bf16 pairs (`u32`), then every task takes a few panels and runs 8 rows at a
+//! time against them: per pair of `k`, each row's pair is broadcast and multiplied with two
+//! vectors of the panel into 16 f32 accumulators, which start at the bias.
+
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use half::bf16;
+use rayon::prelude::*;
+
+use crate::conv_cpu::OutPtr;
+
+/// Output columns per panel (two vectors of 16 f32).
+const PANEL: usize = 32;
+/// Input rows per micro-kernel call.
+const ROWS: usize = 8;
+/// Panels per parallel task (their bf16 weights stay in a core's L2 while the rows stream).
+const PANELS_PER_TASK: usize = 4;
+/// Input rows per parallel task.
+const ROWS_PER_TASK: usize = 128;
+
+/// A linear layer's weight (and bias) packed for [`LinearBf16::forward`].
+#[derive(Debug, Clone)]
+pub struct LinearBf16 {
+    out_features: usize,
+    in_features: usize,
+    /// `[panel][k / 2][PANEL][2]` bf16 bits, `k` padded to even, columns padded to the panel.
+    packed: Vec<u16>,
+    /// `out_features` values, or empty.
+    bias: Vec<f32>,
+}
+
+impl LinearBf16 {
+    /// Whether this CPU has the instructions (AVX-512 F and BF16), checked at run time.
+    pub fn available() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bf16")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
+    /// Packs `weight` `[out, in]` (any float dtype; rounded to bf16 to nearest even) and
+    /// `bias` `[out]` (kept in f32).
+    pub fn new(weight: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Self> {
+        let (n, k) = weight.dims2()?;
+        let w = weight.to_dtype(DType::BF16)?.flatten_all()?.to_vec1::<bf16>()?;
+        let pairs = k.div_ceil(2);
+        let panels = n.div_ceil(PANEL);
+        let mut packed = vec![0u16; panels * pairs * PANEL * 2];
+        packed.par_chunks_mut(pairs * PANEL * 2).enumerate().for_each(|(p, panel)| {
+            for (pair, lanes) in panel.chunks_exact_mut(PANEL * 2).enumerate() {
+                for (c, lane) in lanes.chunks_exact_mut(2).enumerate() {
+                    let row = p * PANEL + c;
+                    if row < n {
+                        for (i, v) in lane.iter_mut().enumerate() {
+                            let col = 2 * pair + i;
+                            *v = if col < k { w[row * k + col].to_bits() } else { 0 };
+                        }
+                    }
+                }
+            }
+        });
+        let bias = match bias {
+            Some(b) => b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+            None => Vec::new(),
+        };
+        if !bias.is_empty() && bias.len() != n {
+            candle_core::bail!("linear-bf16: a bias of {} for {n} outputs", bias.len())
+        }
+        Ok(Self { out_features: n, in_features: k, packed, bias })
+    }
+
+    /// `x` `[…, in]` f32 on the CPU → `[…, out]` f32.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.contiguous()?.apply_op1_no_bwd(self)
+    }
+
+    /// `dst[m × n] = round_bf16(x)[m × k] · round_bf16(W)ᵀ + b`.
+    fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let (n, k) = (self.out_features, self.in_features);
+        let pairs = k.div_ceil(2);
+        // The rows as bf16 pairs (the low half is the even column, as the instruction reads).
+        let mut a = vec![0u32; m * pairs];
+        a.par_chunks_mut(pairs).zip(x.par_chunks(k)).for_each(|(out, row)| {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `available()` holds (checked by the op); `out` has `k.div_ceil(2)` pairs.
+            unsafe {
+                x86::round_row(row, out)
+            }
+        });
+        let mut dst = vec![0f32; m * n];
+        let out = OutPtr::new(&mut dst);
+        let panels = n.div_ceil(PANEL);
+        // Tasks: groups of panels × chunks of rows, enough of them to keep every core busy.
+        let tasks: Vec<(usize, usize)> = (0..panels)
+            .step_by(PANELS_PER_TASK)
+            .flat_map(|p| (0..m).step_by(ROWS_PER_TASK).map(move |r| (p, r)))
+            .collect();
+        tasks.par_iter().for_each(|&(first, rows_from)| {
+            for r0 in (rows_from..(rows_from + ROWS_PER_TASK).min(m)).step_by(ROWS) {
+                let rows = ROWS.min(m - r0);
+                for p in first..(first + PANELS_PER_TASK).min(panels) {
+                    let cols = PANEL.min(n - p * PANEL);
+                    let panel = &self.packed[p * pairs * PANEL * 2..(p + 1) * pairs * PANEL * 2];
+                    let bias = if self.bias.is_empty() { None } else { Some(&self.bias[p * PANEL..p * PANEL + cols]) };
+                    let tile = Tile { a: &a[r0 * pairs..(r0 + rows) * pairs], pairs, panel, bias, cols };
+                    let dst = out.offset(r0 * n + p * PANEL);
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `available()` was checked by the op; `tile` holds `rows` rows of
+                    // `pairs` pairs and a whole panel; `dst` addresses `rows` rows of `cols`
+                    // columns (stride `n`) that only this task writes.
+                    unsafe {
+                        if rows == ROWS {
+                            x86::tile::<ROWS>(&tile, dst.get(), n)
+                        } else {
+                            for r in 0..rows {
+                                let one = Tile { a: &tile.a[r * pairs..(r + 1) * pairs], ..tile };
+                                x86::tile::<1>(&one, dst.get().add(r * n), n)
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        dst
+    }
+}
+
+/// One micro-kernel call's operands.
+#[derive(Clone, Copy)]
+struct Tile<'a> {
+    /// Rows of bf16 pairs, `pairs` each.
+    a: &'a [u32],
+    pairs: usize,
+    /// `[pairs][PANEL][2]` bf16 bits.
+    panel: &'a [u16],
+    /// The panel's `cols` biases, if any.
+    bias: Option<&'a [f32]>,
+    /// Valid columns of the panel (the last panel may be partial).
+    cols: usize,
+}
+
+impl CustomOp1 for LinearBf16 {
+    fn name(&self) -> &'static str {
+        "linear-bf16"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        if !Self::available() {
+            candle_core::bail!("linear-bf16: this CPU has no AVX512-BF16")
+        }
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("linear-bf16: input is not contiguous")
+        };
+        let x = &storage.as_slice::<f32>()?[start..end];
+        let dims = layout.shape().dims();
+        if dims.last() != Some(&self.in_features) {
+            candle_core::bail!("linear-bf16: input {dims:?} does not end in {}", self.in_features)
+        }
+        let m = x.len() / self.in_features.max(1);
+        let mut out_dims = dims.to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = self.out_features;
+        }
+        Ok((CpuStorage::F32(self.matmul(x, m)), Shape::from(out_dims)))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{Tile, PANEL};
+
+    /// `row` rounded to bf16 (to nearest even, as `half::bf16::from_f32` for normal numbers),
+    /// as pairs; an odd last column is paired with zero.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn round_row(row: &[f32], out: &mut [u32]) {
+        let mut chunks = row.chunks_exact(32);
+        let mut at = 0;
+        for chunk in &mut chunks {
+            let lo = _mm512_loadu_ps(chunk.as_ptr());
+            let hi = _mm512_loadu_ps(chunk.as_ptr().add(16));
+            let pairs: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+            _mm512_storeu_si512(out.as_mut_ptr().add(at).cast(), pairs);
+            at += 16;
+        }
+        let rest = chunks.remainder();
+        for (i, pair) in out[at..].iter_mut().enumerate() {
+            let lo = half::bf16::from_f32(rest[2 * i]).to_bits() as u32;
+            let hi = rest.get(2 * i + 1).map_or(0, |&v| half::bf16::from_f32(v).to_bits() as u32);
+            *pair = lo | (hi << 16);
+        }
+    }
+
+    /// `R` rows of `tile` into `dst` (row stride `dst_stride`), starting from the bias.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn tile<const R: usize>(tile: &Tile, dst: *mut f32, dst_stride: usize) {
+        let mask = |from: usize| -> __mmask16 {
+            let valid = tile.cols.saturating_sub(from).min(16);
+            ((1u32 << valid) - 1) as __mmask16
+        };
+        let (low, high) = (mask(0), mask(16));
+        let start = match tile.bias {
+            Some(b) => {
+                [_mm512_maskz_loadu_ps(low, b.as_ptr()), _mm512_maskz_loadu_ps(high, b.as_ptr().wrapping_add(16))]
+            }
+            None => [_mm512_setzero_ps(); 2],
+        };
+        let mut acc = [start; R];
+        let panel = tile.panel.as_ptr();
+        for p in 0..tile.pairs {
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(panel.add(p * PANEL * 2).cast()));
+            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(panel.add(p * PANEL * 2 + 32).cast()));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let pair = *tile.a.get_unchecked(r * tile.pairs + p);
+                let a: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair as i32));
+                acc[0] = _mm512_dpbf16_ps(acc[0], a, b0);
+                acc[1] = _mm512_dpbf16_ps(acc[1], a, b1);
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            let row = dst.add(r * dst_stride);
+            _mm512_mask_storeu_ps(row, low, acc[0]);
+            _mm512_mask_storeu_ps(row.add(16), high, acc[1]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Module};
+
+    /// Against candle's f32 linear on the same bf16-rounded weight and input (what the
+    /// instruction multiplies; products are exact in f32, only the order of the sums differs),
+    /// with ragged rows, columns and an odd `k`.
+    #[test]
+    fn equals_a_linear_on_bf16_rounded_operands() {
+        if !LinearBf16::available() {
+            return;
+        }
+        let dev = Device::Cpu;
+        for (m, k, n, with_bias) in [(19, 77, 45, true), (16, 64, 64, false), (3, 384, 100, true)] {
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
+            let x = Tensor::randn(0f32, 1.0, (2, m, k), &dev).unwrap();
+            let bias = with_bias.then_some(&b);
+            let ours = LinearBf16::new(&w, bias).unwrap().forward(&x).unwrap();
+            let round = |t: &Tensor| t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
+            let want = candle_nn::Linear::new(round(&w), bias.cloned()).forward(&round(&x)).unwrap();
+            assert_eq!(ours.dims(), [2, m, n]);
+            let err = (&ours - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(err <= 2e-6 * scale * (k as f32).sqrt(), "{m}×{k}×{n}: {err} vs {scale}");
+        }
+    }
+}
