@@ -18,7 +18,11 @@ tokenizer is the fixtures' sentencepiece model), then times on the same request 
     child's peak resident set;
   * `pixart bench` (stage medians over --runs runs after a warm-up) and a whole `pixart generate`
     process (load included: what a user waits for), with its peak resident set;
-  * the max per-pixel difference of the two PNGs.
+  * the max per-pixel difference of the two PNGs;
+  * the same request asked for in bf16: diffusers in bf16 (its CPU bf16 kernels, e.g. AVX512-BF16)
+    against `pixart bench --dtype bf16`, which on a CPU with AVX512-BF16 multiplies the
+    transformer's linear layers in bf16 and computes the rest in f32 (elsewhere all f32), and the
+    max per-pixel difference of `pixart generate --dtype bf16`'s PNG to both of diffusers' PNGs.
 
 Prints the ratios (pixart / diffusers: below 1 is faster or smaller) and writes results.json
 and results.md to --out with the machine and the command.
@@ -72,17 +76,17 @@ def make_cpu_model(out: Path) -> dict:
     return {"text_encoder": t5_config, "transformer": dit_config, "vae": vae_config}
 
 
-def diffusers_child(model: Path, out: Path) -> None:
-    """Runs in a child process: diffusers' timings, image and peak RSS."""
+def diffusers_child(model: Path, out: Path, dtype: str) -> None:
+    """Runs in a child process: diffusers' timings, image and peak RSS in `dtype`."""
     torch.set_num_threads(os.cpu_count() or 1)
-    result = run_diffusers(model, "cpu", torch.float32, SIZE, STEPS, SEED)
+    result = run_diffusers(model, "cpu", {"f32": torch.float32, "bf16": torch.bfloat16}[dtype], SIZE, STEPS, SEED)
     from PIL import Image
 
-    Image.fromarray(result.pop("image")).save(out / "diffusers.png")
+    Image.fromarray(result.pop("image")).save(out / f"diffusers-{dtype}.png")
     result.pop("latents", None)
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result["torch_threads"] = torch.get_num_threads()
-    (out / "diffusers.json").write_text(json.dumps(result))
+    (out / f"diffusers-{dtype}.json").write_text(json.dumps(result))
 
 
 def timed_process(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float, int]:
@@ -105,10 +109,11 @@ def main() -> None:
     parser.add_argument("--out", required=True, type=Path, help="folder for results.json and results.md")
     parser.add_argument("--runs", type=int, default=3, help="measured pixart bench runs")
     parser.add_argument("--model-dir", type=Path, help="reuse the random model of an earlier run")
-    parser.add_argument("--diffusers-child", nargs=2, type=Path, metavar=("MODEL", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--diffusers-child", nargs=3, metavar=("MODEL", "OUT", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.diffusers_child:
-        diffusers_child(*args.diffusers_child)
+        model_dir, out_dir, dtype = args.diffusers_child
+        diffusers_child(Path(model_dir), Path(out_dir), dtype)
         return
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -129,13 +134,26 @@ def main() -> None:
             [args.pixart, "bench", *common, "--size", f"{SIZE}x{SIZE}", "--steps", str(STEPS), "--seed", str(SEED),
              "--prompt", PROMPT, "--runs", str(args.runs), "--warmup", "1", "--json"])
         report = json.loads(bench.stdout)
-        subprocess.run([sys.executable, __file__, "--pixart", args.pixart, "--out", str(args.out),
-                        "--diffusers-child", str(model), str(work)], check=True)
-        theirs = json.loads((work / "diffusers.json").read_text())
+        bf16_common = [arg if arg != "f32" else "bf16" for arg in common]
+        bench_bf16, _, _ = timed_process(
+            [args.pixart, "bench", *bf16_common, "--size", f"{SIZE}x{SIZE}", "--steps", str(STEPS), "--seed",
+             str(SEED), "--prompt", PROMPT, "--runs", str(args.runs), "--warmup", "1", "--json"])
+        report_bf16 = json.loads(bench_bf16.stdout)
+        gen_bf16, _, _ = timed_process(
+            [args.pixart, "generate", *bf16_common, "--prompt", PROMPT, "--image-size", f"{SIZE}x{SIZE}",
+             "--steps", str(STEPS), "--seed", str(SEED), "--out-dir", str(work / "bf16"), "--quiet"])
+        png_bf16 = json.loads(gen_bf16.stdout)["images"][0]["url"].removeprefix("file://")
+        for dtype in ["f32", "bf16"]:
+            subprocess.run([sys.executable, __file__, "--pixart", args.pixart, "--out", str(args.out),
+                            "--diffusers-child", str(model), str(work), dtype], check=True)
+        theirs = json.loads((work / "diffusers-f32.json").read_text())
+        theirs_bf16 = json.loads((work / "diffusers-bf16.json").read_text())
         from PIL import Image
 
         ours_img = np.asarray(Image.open(png).convert("RGB"))
-        their_img = np.asarray(Image.open(work / "diffusers.png").convert("RGB"))
+        their_img = np.asarray(Image.open(work / "diffusers-f32.png").convert("RGB"))
+        ours_bf16_img = np.asarray(Image.open(png_bf16).convert("RGB"))
+        their_bf16_img = np.asarray(Image.open(work / "diffusers-bf16.png").convert("RGB"))
 
     stages = report["stages"]
     ours = {
@@ -154,6 +172,25 @@ def main() -> None:
         "pipeline_call": ours["pipeline_total_ms"] / theirs["total_ms"],
         "generate_process_vs_pipeline_call": ours["generate_process_ms"] / theirs["total_ms"],
         "peak_rss": ours["peak_rss_bytes"] / theirs["peak_rss_bytes"],
+    }
+    stages_bf16 = report_bf16["stages"]
+    bf16 = {
+        "diffusers_bf16": theirs_bf16,
+        "pixart_dtype_bf16": {
+            "transformer_linears": report_bf16.get("transformer_linears"),
+            "pipeline_total_ms": stages_bf16["total"]["median_ms"],
+            "transformer_step_ms_median": stages_bf16["transformer_step"]["median_ms"],
+            "vae_ms": stages_bf16["vae"]["median_ms"],
+        },
+    }
+    bf16["png_max_pixel_diff_to_diffusers_bf16"] = int(diff(ours_bf16_img, their_bf16_img)["max_abs"])
+    bf16["png_max_pixel_diff_to_diffusers_f32"] = int(diff(ours_bf16_img, their_img)["max_abs"])
+    bf16["diffusers_bf16_png_max_pixel_diff_to_diffusers_f32"] = int(diff(their_bf16_img, their_img)["max_abs"])
+    ours_b = bf16["pixart_dtype_bf16"]
+    bf16["ratios_pixart_over_diffusers_bf16"] = {
+        "transformer_step": ours_b["transformer_step_ms_median"] / theirs_bf16["transformer_step_ms_median"],
+        "vae": ours_b["vae_ms"] / theirs_bf16["vae_ms"],
+        "pipeline_call": ours_b["pipeline_total_ms"] / theirs_bf16["total_ms"],
     }
     targets = {"transformer_step": 0.8, "vae": 0.8, "generate_process_vs_pipeline_call": 0.9, "peak_rss": 1.0}
     env = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
@@ -177,6 +214,7 @@ def main() -> None:
         "ratios_pixart_over_diffusers": ratios,
         "targets": targets,
         "png_max_pixel_diff": int(diff(ours_img, their_img)["max_abs"]),
+        "bf16_request": bf16,
     }
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     mib = 1 << 20
@@ -198,6 +236,20 @@ def main() -> None:
         target = f"≤ {targets[key]}" if key in targets else ""
         lines.append(f"| {label} | {theirs_v:.1f} {unit} | {ours_v:.1f} {unit} | {ratios[key]:.2f} | {target} |")
     lines.append(f"| PNG max per-pixel difference | | | {results['png_max_pixel_diff']}/255 | |")
+    ratios_bf16 = bf16["ratios_pixart_over_diffusers_bf16"]
+    linears = ours_b["transformer_linears"]
+    lines += ["", "The same request in bf16: diffusers computing in bf16 against `pixart --dtype bf16` (on the CPU: "
+              f"the transformer's linear layers in {linears}, everything else in f32):", "",
+              "| what | diffusers bf16 | pixart `--dtype bf16` | pixart / diffusers |", "|---|---|---|---|"]
+    for label, key, ratio in [("transformer step (median, CFG batch 2)", "transformer_step_ms_median", "transformer_step"),
+                              ("VAE decode", "vae_ms", "vae")]:
+        lines.append(f"| {label} | {theirs_bf16[key]:.1f} ms | {ours_b[key]:.1f} ms | {ratios_bf16[ratio]:.2f} |")
+    lines.append(f"| pipeline call (load excluded) | {theirs_bf16['total_ms']:.1f} ms | "
+                 f"{ours_b['pipeline_total_ms']:.1f} ms | {ratios_bf16['pipeline_call']:.2f} |")
+    lines.append(f"| PNG max per-pixel difference: pixart bf16 to diffusers bf16 / to diffusers f32; diffusers bf16 "
+                 f"to f32 | | | {bf16['png_max_pixel_diff_to_diffusers_bf16']}/255, "
+                 f"{bf16['png_max_pixel_diff_to_diffusers_f32']}/255; "
+                 f"{bf16['diffusers_bf16_png_max_pixel_diff_to_diffusers_f32']}/255 |")
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
