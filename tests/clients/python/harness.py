@@ -82,12 +82,24 @@ def check_all_completed(url, handles, prompt, seed, problems, timeout=300):
             problems.append(f"request {i}: {len(done_lines)} 'Done' lines in its logs")
         if any("Started again" in line["message"] for line in status["logs"]):
             restarted.append(i)
-        result = handle.get()
+        result = result_of(handle, deadline)
         if result.get("prompt") != prompt(i) or result.get("seed") != seed(i):
             problems.append(f"request {i} got another output: {str(result)[:200]}")
         elif httpx.get(result["images"][0]["url"]).status_code != 200:
             problems.append(f"request {i}: its image is not served")
     return restarted
+
+
+def result_of(handle, deadline):
+    """`handle.get()`, asked again while the server answers 503 (the queue is unavailable for
+    now: the protocol's "retry") until `deadline`; any other failure is raised."""
+    while True:
+        try:
+            return handle.get()
+        except httpx.HTTPStatusError as e:
+            if e.response.status_code != 503 or time.monotonic() > deadline:
+                raise
+        time.sleep(0.1)
 
 
 def missing_webhooks(hooks, handles, timeout):

@@ -53,7 +53,9 @@ class RawHandle:
         self.url, self.request_id = url, request_id
 
     def get(self):
-        return httpx.get(f"{self.url}/{APP}/requests/{self.request_id}").json()
+        response = httpx.get(f"{self.url}/{APP}/requests/{self.request_id}")
+        response.raise_for_status()
+        return response.json()
 
 
 def submit_through(url, hooks, first, until, answers, lock):
