@@ -21,7 +21,8 @@ tokenizer is the fixtures' sentencepiece model), then times on the same request 
   * the max per-pixel difference of the two PNGs;
   * the same request asked for in bf16: diffusers in bf16 (its CPU bf16 kernels, e.g. AVX512-BF16)
     against `pixart bench --dtype bf16`, which on a CPU with AVX512-BF16 multiplies the
-    transformer's linear layers in bf16 and computes the rest in f32 (elsewhere all f32), and the
+    transformer's linear layers and the VAE decoder's 3×3 convolutions in bf16 and computes the
+    rest in f32 (elsewhere all f32), and the
     max per-pixel difference of `pixart generate --dtype bf16`'s PNG to both of diffusers' PNGs.
 
 Prints the ratios (pixart / diffusers: below 1 is faster or smaller) and writes results.json
@@ -180,7 +181,7 @@ def main() -> None:
     bf16 = {
         "diffusers_bf16": theirs_bf16,
         "pixart_dtype_bf16": {
-            "transformer_linears": report_bf16.get("transformer_linears"),
+            "cpu_products": report_bf16.get("cpu_products"),
             "pipeline_total_ms": stages_bf16["total"]["median_ms"],
             "transformer_step_ms_median": stages_bf16["transformer_step"]["median_ms"],
             "vae_ms": stages_bf16["vae"]["median_ms"],
@@ -240,9 +241,10 @@ def main() -> None:
         lines.append(f"| {label} | {theirs_v:.1f} {unit} | {ours_v:.1f} {unit} | {ratios[key]:.2f} | {target} |")
     lines.append(f"| PNG max per-pixel difference | | | {results['png_max_pixel_diff']}/255 | |")
     ratios_bf16 = bf16["ratios_pixart_over_diffusers_bf16"]
-    linears = ours_b["transformer_linears"]
+    products = ours_b["cpu_products"]
     lines += ["", "The same request in bf16: diffusers computing in bf16 against `pixart --dtype bf16` (on the CPU: "
-              f"the transformer's linear layers in {linears}, everything else in f32):", "",
+              f"the transformer's linear layers and the VAE decoder's 3×3 convolutions in {products}, everything "
+              "else in f32):", "",
               "| what | diffusers bf16 | pixart `--dtype bf16` | pixart / diffusers |", "|---|---|---|---|"]
     for label, key, ratio in [("transformer step (median, CFG batch 2)", "transformer_step_ms_median", "transformer_step"),
                               ("VAE decode", "vae_ms", "vae")]:

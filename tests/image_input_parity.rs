@@ -152,7 +152,7 @@ fn a_strided_encoder_convolution_in_bands_is_the_same() {
     // The downsampler of the encoder run in bands of one output row: what a 2048² image does.
     let goldens = load_goldens("images/vae_encoder.safetensors");
     let weight = Tensor::randn(0f32, 1.0, (4, 4, 3, 3), &Device::Cpu).unwrap();
-    let conv = pixart_core::conv::Conv(candle_nn::Conv2d::new(
+    let conv = pixart_core::conv::Conv::new(candle_nn::Conv2d::new(
         weight,
         None,
         candle_nn::Conv2dConfig { stride: 2, ..Default::default() },

@@ -6,9 +6,8 @@ use anyhow::{Context, Result};
 use candle_core::Device;
 use clap::builder::FalseyValueParser;
 use clap::Args;
-use pixart_core::linear_bf16::LinearBf16;
 use pixart_fal::{GuidanceScale, ImageSize, SchedulerKind, Steps, Strength};
-use pixart_pipeline::{CpuLinears, GenerationParams, Pipeline, StageTimings, WeightSummary};
+use pixart_pipeline::{GenerationParams, Pipeline, StageTimings, WeightSummary};
 use serde_json::{json, Value};
 
 use crate::model_args::ModelArgs;
@@ -309,10 +308,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let measured = Measured { load, runs: &runs, memory: &memory, baseline, peak, text_encoder: &text_encoder };
     let mut report = report_json(&args, &device, dtype, &measured);
     if let Some(map) = report.as_object_mut() {
-        // How the transformer blocks' linear layers multiply (`--dtype bf16` on an AVX512-BF16 CPU).
-        let bf16 = options.cpu_linears == CpuLinears::Bf16 && device.is_cpu() && LinearBf16::available();
-        let linears = if bf16 { json!("bf16") } else { map["dtype"].clone() };
-        map.insert("transformer_linears".into(), linears);
+        // How the matrix products ran (`--dtype bf16` on an AVX512-BF16 CPU: bf16).
+        let bf16 = options.cpu_products.in_bf16() && device.is_cpu();
+        let products = if bf16 { json!("bf16") } else { map["dtype"].clone() };
+        map.insert("cpu_products".into(), products);
         if let Some(lora) = &lora {
             map.insert("lora".into(), lora.clone());
         }

@@ -7,9 +7,8 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use clap::builder::FalseyValueParser;
 use clap::{Args, ValueEnum};
-use pixart_core::linear_bf16::LinearBf16;
 use pixart_pipeline::{
-    CpuLinears, HubOptions, LoadOptions, Offload, Pipeline, PipelineError, QuantType, TextEncoderOptions,
+    CpuProducts, HubOptions, LoadOptions, Offload, Pipeline, PipelineError, QuantType, TextEncoderOptions,
     DEFAULT_MODEL, DEFAULT_SAFETY_CHECKER,
 };
 
@@ -129,12 +128,12 @@ impl ModelArgs {
         }
     }
 
-    /// The dtype asked for, else f32 on the CPU and bf16 on a GPU, and how the transformer's
-    /// linear layers multiply. On the CPU everything computes in f32 (with a note): `--dtype
-    /// bf16` on a CPU with AVX512-BF16 multiplies the transformer blocks' linear layers in bf16
-    /// (products summed in f32); otherwise bf16 and f16 have no CPU kernels here, and converting
-    /// to f32 and back at every op was about twice as slow per step.
-    pub fn precision_for(&self, device: &Device) -> (DType, CpuLinears) {
+    /// The dtype asked for, else f32 on the CPU and bf16 on a GPU, and how matrix products run
+    /// on the CPU. There everything computes in f32 (with a note): `--dtype bf16` on a CPU with
+    /// AVX512-BF16 multiplies the transformer blocks' linear layers and the VAE decoder's 3×3
+    /// convolutions in bf16 (sums in f32); otherwise bf16 and f16 have no CPU kernels here, and
+    /// converting to f32 and back at every op was about twice as slow per step.
+    pub fn precision_for(&self, device: &Device) -> (DType, CpuProducts) {
         let asked = match self.dtype {
             Some(DtypeArg::F32) => DType::F32,
             Some(DtypeArg::Bf16) => DType::BF16,
@@ -143,21 +142,21 @@ impl ModelArgs {
             None => DType::BF16,
         };
         if !device.is_cpu() || asked == DType::F32 {
-            return (asked, CpuLinears::Plain);
+            return (asked, CpuProducts::F32);
         }
         let name = dtype_name(asked);
-        if asked == DType::BF16 && LinearBf16::available() {
+        if asked == DType::BF16 && CpuProducts::Bf16.in_bf16() {
             warn(
-                "--dtype bf16 on this CPU: the transformer's linear layers multiply in bf16 (AVX512-BF16, sums in f32); \
-                 everything else computes in f32",
+                "--dtype bf16 on this CPU: the transformer's linear layers and the VAE decoder's 3x3 convolutions \
+                 multiply in bf16 (AVX512-BF16, sums in f32); everything else computes in f32",
             );
-            return (DType::F32, CpuLinears::Bf16);
+            return (DType::F32, CpuProducts::Bf16);
         }
         warn(&format!(
             "--dtype {name}: computing in f32 on the CPU instead (this build has no {name} kernels for this CPU: every \
              op would convert to f32 and back, about 2x slower per step); the weights take twice the memory of {name}"
         ));
-        (DType::F32, CpuLinears::Plain)
+        (DType::F32, CpuProducts::F32)
     }
 
     /// Hub options from the environment, with the command line's overrides.
@@ -190,9 +189,9 @@ impl ModelArgs {
     /// The library's load options for these flags (the prompt cache at its default).
     pub fn load_options(&self) -> Result<LoadOptions> {
         let device = self.device()?;
-        let (dtype, cpu_linears) = self.precision_for(&device);
+        let (dtype, cpu_products) = self.precision_for(&device);
         let mut options = LoadOptions::on(device.clone(), dtype);
-        options.cpu_linears = cpu_linears;
+        options.cpu_products = cpu_products;
         options.text_encoder_device = self.text_encoder_on_cpu.then_some(Device::Cpu);
         options.text_encoder = TextEncoderOptions {
             weights: self.text_encoder.clone(),

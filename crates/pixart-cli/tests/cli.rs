@@ -406,27 +406,27 @@ fn bf16_and_f16_on_the_cpu_compute_in_f32_and_say_so() {
     let model = fixtures().join("tiny-sigma-256");
     let m = model.to_str().unwrap();
     let args = ["bench", "--model", m, "--size", "64x64", "--steps", "1", "--runs", "1", "--warmup", "0", "--json"];
-    let bf16_cpu = pixart_core::linear_bf16::LinearBf16::available();
+    let bf16_cpu = pixart_core::linear_bf16::CpuProducts::Bf16.in_bf16();
     for dtype in ["bf16", "f16"] {
         let output = pixart(&[&args[..], &["--dtype", dtype]].concat(), &[]);
         let report = response(&output);
         assert_eq!(report["dtype"], "f32", "{report}");
         let stderr = String::from_utf8_lossy(&output.stderr);
         if dtype == "bf16" && bf16_cpu {
-            // AVX512-BF16: the transformer's linear layers multiply in bf16, the rest in f32.
-            assert_eq!(report["transformer_linears"], "bf16", "{report}");
+            // AVX512-BF16: linear layers and the VAE's 3×3 convolutions in bf16, the rest in f32.
+            assert_eq!(report["cpu_products"], "bf16", "{report}");
             assert!(
-                stderr.contains("--dtype bf16 on this CPU: the transformer's linear layers multiply in bf16"),
+                stderr.contains("--dtype bf16 on this CPU: the transformer's linear layers and the VAE"),
                 "{stderr}"
             );
         } else {
-            assert_eq!(report["transformer_linears"], "f32", "{report}");
+            assert_eq!(report["cpu_products"], "f32", "{report}");
             assert!(stderr.contains(&format!("--dtype {dtype}: computing in f32 on the CPU")), "{stderr}");
         }
     }
     let output = pixart(&[&args[..], &["--dtype", "f32"]].concat(), &[]);
     assert_eq!(response(&output)["dtype"], "f32");
-    assert_eq!(response(&output)["transformer_linears"], "f32");
+    assert_eq!(response(&output)["cpu_products"], "f32");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!stderr.contains("computing in f32") && !stderr.contains("in bf16"), "{stderr}");
 }

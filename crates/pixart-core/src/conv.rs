@@ -5,6 +5,7 @@ use candle_nn::{Conv2d, Conv2dConfig};
 
 use crate::conv_cpu::Conv2dRowsCpu;
 use crate::conv_winograd::Conv3x3WinogradCpu;
+use crate::linear_bf16::CpuProducts;
 
 /// The largest unfolded input (im2col buffer) one convolution call may build, in bytes. Larger
 /// inputs are convolved in bands of output rows; each band reads its rows plus the kernel's halo
@@ -14,12 +15,19 @@ use crate::conv_winograd::Conv3x3WinogradCpu;
 pub const IM2COL_BUDGET_BYTES: usize = 256 << 20;
 
 /// A convolution that runs stride-1 layers on the CPU with [`Conv3x3WinogradCpu`] (3×3
-/// kernels) or [`Conv2dRowsCpu`] (others) in f32 (a bf16 or f16 layer is computed in f32 and
-/// rounded back, as a GPU conv accumulates in f32 too), and
-/// elsewhere with candle's conv2d, splitting large inputs into row bands there (see
+/// kernels, whose products follow the [`CpuProducts`]) or [`Conv2dRowsCpu`] (others) in f32 (a
+/// bf16 or f16 layer is computed in f32 and rounded back, as a GPU conv accumulates in f32
+/// too), and elsewhere with candle's conv2d, splitting large inputs into row bands there (see
 /// [`IM2COL_BUDGET_BYTES`]).
 #[derive(Debug, Clone)]
-pub struct Conv(pub Conv2d);
+pub struct Conv(pub Conv2d, pub CpuProducts);
+
+impl Conv {
+    /// `conv` with its products in f32.
+    pub fn new(conv: Conv2d) -> Self {
+        Self(conv, CpuProducts::F32)
+    }
+}
 
 impl Conv {
     /// Whether [`Conv2dRowsCpu`] computes this layer for `x`.
@@ -39,7 +47,7 @@ impl Conv {
         let (x, weight) = (x.to_dtype(DType::F32)?.contiguous()?, weight.contiguous()?);
         let padding = self.0.config().padding;
         let out = if weight.dims()[2..] == [3, 3] {
-            x.apply_op3_no_bwd(&weight, &bias, &Conv3x3WinogradCpu { padding })?
+            x.apply_op3_no_bwd(&weight, &bias, &Conv3x3WinogradCpu { padding, products: self.1 })?
         } else {
             x.apply_op3_no_bwd(&weight, &bias, &Conv2dRowsCpu { padding })?
         };
@@ -115,7 +123,7 @@ mod tests {
         let dev = Device::Cpu;
         let weight = Tensor::randn(0f32, 1.0, (5, 3, 3, 3), &dev).unwrap();
         let bias = Tensor::randn(0f32, 1.0, 5, &dev).unwrap();
-        let conv = Conv(Conv2d::new(weight, Some(bias), Conv2dConfig { padding: 1, ..Default::default() }));
+        let conv = Conv::new(Conv2d::new(weight, Some(bias), Conv2dConfig { padding: 1, ..Default::default() }));
         let x = Tensor::randn(0f32, 1.0, (2, 3, 11, 7), &dev).unwrap();
         let whole = conv.forward(&x).unwrap();
         for rows in [1, 2, 4, 11, 50] {
@@ -133,7 +141,7 @@ mod tests {
         let weight = Tensor::randn(0f32, 1.0, (4, 3, 3, 3), &dev).unwrap();
         let bias = Tensor::randn(0f32, 1.0, 4, &dev).unwrap();
         let config = Conv2dConfig { stride: 2, ..Default::default() };
-        let conv = Conv(Conv2d::new(weight, Some(bias), config));
+        let conv = Conv::new(Conv2d::new(weight, Some(bias), config));
         for (h, w) in [(12, 9), (13, 8), (3, 5)] {
             let x = Tensor::randn(0f32, 1.0, (1, 3, h, w), &dev).unwrap();
             let whole = conv.0.forward(&x).unwrap();

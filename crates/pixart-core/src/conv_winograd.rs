@@ -14,6 +14,8 @@
 //! bands of tile rows (the transformed input of one band is a few MiB), bands in parallel, each
 //! thread keeping its buffers between calls. The transforms only add and subtract (the ½ are
 //! exact), so the result differs from the direct sum by f32 rounding (tested against it below).
+//! With [`CpuProducts::Bf16`] on a CPU that has AVX512-BF16, the GEMMs take `U` and `V` rounded
+//! to bf16 and sum in f32 ([`crate::linear_bf16`]'s micro-kernel): the transforms stay f32.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape};
 use rayon::prelude::*;
@@ -21,6 +23,7 @@ use rayon::prelude::*;
 use crate::conv_cpu::{ConvOperands, OutPtr};
 use crate::fast_math::dispatch;
 use crate::gemm_cpu::{matmul, Operand};
+use crate::linear_bf16::{pack_columns, product, round_rows, CpuProducts, Tile, PANEL};
 
 /// The transformed input of one band may take this many f32 (4 MiB); its GEMM output as much.
 const BAND_ELEMENTS: usize = 1 << 20;
@@ -31,6 +34,8 @@ const BAND_ELEMENTS: usize = 1 << 20;
 pub struct Conv3x3WinogradCpu {
     /// Zero padding on each side.
     pub padding: usize,
+    /// How the 16 GEMMs multiply.
+    pub products: CpuProducts,
 }
 
 /// The shapes of one call.
@@ -204,6 +209,14 @@ struct Scratch {
     v: Vec<f32>,
     m: Vec<f32>,
     rows: Vec<f32>,
+    /// One `V[ξ]` as bf16 panels (bf16 products only).
+    panels: Vec<u16>,
+}
+
+/// The transformed weights: `U` in f32, or as rows of bf16 pairs for bf16 products.
+enum Weights {
+    F32(Vec<f32>),
+    Bf16(Vec<u32>),
 }
 
 thread_local! {
@@ -213,7 +226,7 @@ thread_local! {
 /// One band: tile rows `ty0..ty0 + rows` of one image.
 fn band(
     g: &Geometry,
-    u: &[f32],
+    u: &Weights,
     image: &[f32],
     bias: &[f32],
     (ty0, rows): (usize, usize),
@@ -225,23 +238,48 @@ fn band(
     s.m.resize(16 * g.c_out * tiles, 0.0);
     input_transform(g, image, ty0, rows, &mut s.v, &mut s.rows);
     for xi in 0..16 {
-        let lhs = &u[xi * g.c_out * g.c_in..(xi + 1) * g.c_out * g.c_in];
-        let rhs = &s.v[xi * g.c_in * tiles..(xi + 1) * g.c_in * tiles];
+        let v = &s.v[xi * g.c_in * tiles..(xi + 1) * g.c_in * tiles];
         let dst = &mut s.m[xi * g.c_out * tiles..(xi + 1) * g.c_out * tiles];
-        let (lhs, rhs) = (Operand::rows(lhs.as_ptr(), g.c_in), Operand::rows(rhs.as_ptr(), tiles));
-        // SAFETY: lhs is c_out × c_in, rhs c_in × tiles, dst c_out × tiles, all row-major.
-        unsafe { matmul((g.c_out, tiles, g.c_in), dst.as_mut_ptr(), tiles, false, lhs, rhs) };
+        match u {
+            Weights::F32(u) => {
+                let lhs = &u[xi * g.c_out * g.c_in..(xi + 1) * g.c_out * g.c_in];
+                let (lhs, rhs) = (Operand::rows(lhs.as_ptr(), g.c_in), Operand::rows(v.as_ptr(), tiles));
+                // SAFETY: lhs is c_out × c_in, rhs c_in × tiles, dst c_out × tiles, all row-major.
+                unsafe { matmul((g.c_out, tiles, g.c_in), dst.as_mut_ptr(), tiles, false, lhs, rhs) };
+            }
+            Weights::Bf16(u) => {
+                let pairs = g.c_in.div_ceil(2);
+                let a = &u[xi * g.c_out * pairs..(xi + 1) * g.c_out * pairs];
+                // SAFETY: `Weights::Bf16` is only built where `LinearBf16::available()`; `v` is
+                // c_in × tiles; `dst` c_out × tiles, written one panel of columns at a time.
+                unsafe {
+                    pack_columns(v, (g.c_in, tiles, tiles), &mut s.panels);
+                    for (p, panel) in s.panels.chunks_exact(pairs * PANEL * 2).enumerate() {
+                        let tile = Tile { a, pairs, panel, bias: None, cols: PANEL.min(tiles - p * PANEL) };
+                        product(&tile, dst.as_mut_ptr().add(p * PANEL), tiles);
+                    }
+                }
+            }
+        }
     }
     output_transform(g, &s.m, bias, (ty0, rows), out, &mut s.rows);
 }
 
-fn run(g: Geometry, batch: usize, input: &[f32], weight: &[f32], bias: &[f32]) -> Vec<f32> {
+fn run(g: Geometry, batch: usize, input: &[f32], weight: &[f32], bias: &[f32], products: CpuProducts) -> Vec<f32> {
     let plane_out = g.out_h * g.out_w;
     let mut out = vec![0f32; batch * g.c_out * plane_out];
     if out.is_empty() {
         return out;
     }
     let u = transform_weights(weight, g.c_out, g.c_in);
+    let u = if products.in_bf16() {
+        let mut pairs = vec![0u32; 16 * g.c_out * g.c_in.div_ceil(2)];
+        // SAFETY: `in_bf16()` checked the CPU; `u` is 16·c_out rows of c_in.
+        unsafe { round_rows(&u, g.c_in, &mut pairs) };
+        Weights::Bf16(pairs)
+    } else {
+        Weights::F32(u)
+    };
     let per_row = 16 * g.c_in.max(g.c_out) * g.tiles_w;
     let threads = rayon::current_num_threads().max(1);
     let rows_per_band =
@@ -282,7 +320,7 @@ impl CustomOp3 for Conv3x3WinogradCpu {
         let g =
             Geometry { c_in, h, w, c_out, pad, out_h, out_w, tiles_w: out_w.div_ceil(2), tiles_h: out_h.div_ceil(2) };
         let (input, weight, bias) = (ops.input, ops.weight, ops.bias);
-        let out = run(g, batch, input, weight, bias);
+        let out = run(g, batch, input, weight, bias, self.products);
         Ok((CpuStorage::F32(out), Shape::from((batch, c_out, out_h, out_w))))
     }
 }
@@ -311,10 +349,35 @@ mod tests {
             let wt = Tensor::randn(0f32, 1.0, (co, ci, 3, 3), &dev).unwrap();
             let bias = Tensor::randn(0f32, 1.0, co, &dev).unwrap();
             let want = x.apply_op3_no_bwd(&wt, &bias, &Conv2dRowsCpu { padding: p }).unwrap();
-            let ours = x.apply_op3_no_bwd(&wt, &bias, &Conv3x3WinogradCpu { padding: p }).unwrap();
+            let op = Conv3x3WinogradCpu { padding: p, products: CpuProducts::F32 };
+            let ours = x.apply_op3_no_bwd(&wt, &bias, &op).unwrap();
             assert_eq!(ours.dims(), want.dims(), "{b} {ci} {h} {w} {co} {p}");
             let diff = (&ours - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(diff < 1e-4, "{b} {ci} {h} {w} {co} {p}: {diff}");
+        }
+    }
+
+    /// With bf16 products (where the CPU has them), against the direct f32 convolution: `U` and
+    /// `V` keep 8 significant bits (relative rounding ≤ 2⁻⁹ each), so the output moves by about
+    /// 2⁻⁸·√(9·c_in) of a typical term; bounded at 1% of the output's largest value (0.35–0.42%
+    /// measured), and it must move more than f32 rounding does (the bf16 path ran).
+    #[test]
+    fn bf16_products_stay_within_bf16_rounding_of_the_direct_convolution() {
+        if !CpuProducts::Bf16.in_bf16() {
+            return;
+        }
+        let dev = Device::Cpu;
+        for &(b, ci, h, w, co, p) in &[(2, 5, 11, 7, 6, 1), (1, 64, 9, 13, 40, 1), (1, 33, 6, 5, 3, 0)] {
+            let x = Tensor::randn(0f32, 1.0, (b, ci, h, w), &dev).unwrap();
+            let wt = Tensor::randn(0f32, 1.0, (co, ci, 3, 3), &dev).unwrap();
+            let bias = Tensor::randn(0f32, 1.0, co, &dev).unwrap();
+            let want = x.apply_op3_no_bwd(&wt, &bias, &Conv2dRowsCpu { padding: p }).unwrap();
+            let op = Conv3x3WinogradCpu { padding: p, products: CpuProducts::Bf16 };
+            let ours = x.apply_op3_no_bwd(&wt, &bias, &op).unwrap();
+            let diff = (&ours - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            eprintln!("{b} {ci} {h} {w} {co} {p}: {diff} of {scale}");
+            assert!(diff <= 0.01 * scale && diff > 1e-5 * scale, "{b} {ci} {h} {w} {co} {p}: {diff} of {scale}");
         }
     }
 
@@ -345,6 +408,7 @@ mod tests {
         let x = Tensor::zeros((1, 2, 4, 4), candle_core::DType::F32, &dev).unwrap();
         let w = Tensor::zeros((1, 2, 5, 5), candle_core::DType::F32, &dev).unwrap();
         let b = Tensor::zeros(1, candle_core::DType::F32, &dev).unwrap();
-        assert!(x.apply_op3_no_bwd(&w, &b, &Conv3x3WinogradCpu { padding: 1 }).is_err());
+        let op = Conv3x3WinogradCpu { padding: 1, products: CpuProducts::F32 };
+        assert!(x.apply_op3_no_bwd(&w, &b, &op).is_err());
     }
 }

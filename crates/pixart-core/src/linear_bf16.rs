@@ -15,8 +15,26 @@ use rayon::prelude::*;
 
 use crate::conv_cpu::OutPtr;
 
+/// How matrix products run on the CPU: in f32, or with bf16 operands summed in f32.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CpuProducts {
+    /// In f32 (or the layer's dtype).
+    #[default]
+    F32,
+    /// Operands rounded to bf16, products summed in f32 (`vdpbf16ps`), where
+    /// [`LinearBf16::available`]; elsewhere as [`CpuProducts::F32`].
+    Bf16,
+}
+
+impl CpuProducts {
+    /// Whether products run in bf16 on this CPU.
+    pub fn in_bf16(self) -> bool {
+        self == CpuProducts::Bf16 && LinearBf16::available()
+    }
+}
+
 /// Output columns per panel (two vectors of 16 f32).
-const PANEL: usize = 32;
+pub(crate) const PANEL: usize = 32;
 /// Input rows per micro-kernel call.
 const ROWS: usize = 8;
 /// Panels per parallel task (their bf16 weights stay in a core's L2 while the rows stream).
@@ -36,11 +54,13 @@ pub struct LinearBf16 {
 }
 
 impl LinearBf16 {
-    /// Whether this CPU has the instructions (AVX-512 F and BF16), checked at run time.
+    /// Whether this CPU has the instructions (AVX-512 F, BW and BF16), checked at run time.
     pub fn available() -> bool {
         #[cfg(target_arch = "x86_64")]
         {
-            std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bf16")
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512bf16")
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -90,12 +110,9 @@ impl LinearBf16 {
         let pairs = k.div_ceil(2);
         // The rows as bf16 pairs (the low half is the even column, as the instruction reads).
         let mut a = vec![0u32; m * pairs];
-        a.par_chunks_mut(pairs).zip(x.par_chunks(k)).for_each(|(out, row)| {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `available()` holds (checked by the op); `out` has `k.div_ceil(2)` pairs.
-            unsafe {
-                x86::round_row(row, out)
-            }
+        a.par_chunks_mut(pairs * ROWS).zip(x.par_chunks(k * ROWS)).for_each(|(out, rows)| {
+            // SAFETY: `available()` holds (checked by the op); `out` has `k.div_ceil(2)` pairs per row.
+            unsafe { round_rows(rows, k, out) }
         });
         let mut dst = vec![0f32; m * n];
         let out = OutPtr::new(&mut dst);
@@ -106,47 +123,87 @@ impl LinearBf16 {
             .flat_map(|p| (0..m).step_by(ROWS_PER_TASK).map(move |r| (p, r)))
             .collect();
         tasks.par_iter().for_each(|&(first, rows_from)| {
-            for r0 in (rows_from..(rows_from + ROWS_PER_TASK).min(m)).step_by(ROWS) {
-                let rows = ROWS.min(m - r0);
-                for p in first..(first + PANELS_PER_TASK).min(panels) {
-                    let cols = PANEL.min(n - p * PANEL);
-                    let panel = &self.packed[p * pairs * PANEL * 2..(p + 1) * pairs * PANEL * 2];
-                    let bias = if self.bias.is_empty() { None } else { Some(&self.bias[p * PANEL..p * PANEL + cols]) };
-                    let tile = Tile { a: &a[r0 * pairs..(r0 + rows) * pairs], pairs, panel, bias, cols };
-                    let dst = out.offset(r0 * n + p * PANEL);
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: `available()` was checked by the op; `tile` holds `rows` rows of
-                    // `pairs` pairs and a whole panel; `dst` addresses `rows` rows of `cols`
-                    // columns (stride `n`) that only this task writes.
-                    unsafe {
-                        if rows == ROWS {
-                            x86::tile::<ROWS>(&tile, dst.get(), n)
-                        } else {
-                            for r in 0..rows {
-                                let one = Tile { a: &tile.a[r * pairs..(r + 1) * pairs], ..tile };
-                                x86::tile::<1>(&one, dst.get().add(r * n), n)
-                            }
-                        }
-                    }
-                }
+            let rows = ROWS_PER_TASK.min(m - rows_from);
+            for p in first..(first + PANELS_PER_TASK).min(panels) {
+                let cols = PANEL.min(n - p * PANEL);
+                let panel = &self.packed[p * pairs * PANEL * 2..(p + 1) * pairs * PANEL * 2];
+                let bias = if self.bias.is_empty() { None } else { Some(&self.bias[p * PANEL..p * PANEL + cols]) };
+                let tile = Tile { a: &a[rows_from * pairs..(rows_from + rows) * pairs], pairs, panel, bias, cols };
+                // SAFETY: `available()` was checked by the op; `tile` holds `rows` rows and a
+                // whole panel; the destination addresses `rows` rows of `cols` columns
+                // (stride `n`) that only this task writes.
+                unsafe { product(&tile, out.offset(rows_from * n + p * PANEL).get(), n) }
             }
         });
         dst
     }
 }
 
-/// One micro-kernel call's operands.
+/// Rounds each `k`-long row of `x` to bf16 (to nearest even) into `out` as pairs,
+/// `k.div_ceil(2)` per row, the low half the even column (an odd last column paired with 0).
+///
+/// # Safety
+/// The CPU has what [`LinearBf16::available`] checks.
+pub(crate) unsafe fn round_rows(x: &[f32], k: usize, out: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    for (row, out) in x.chunks_exact(k).zip(out.chunks_exact_mut(k.div_ceil(2))) {
+        // SAFETY: as the caller promises.
+        unsafe { x86::round_row(row, out) }
+    }
+}
+
+/// `dst[r][c] = bias[c] + Σ_p a[r][p] · panel[p][c]` for every row of `tile.a` and the
+/// panel's `tile.cols` columns, rows `dst_stride` apart, [`ROWS`] rows per micro-kernel call.
+///
+/// # Safety
+/// The CPU has what [`LinearBf16::available`] checks; `dst` addresses `tile.a.len() /
+/// tile.pairs` rows of `tile.cols` columns that no one else writes during the call.
+pub(crate) unsafe fn product(tile: &Tile, dst: *mut f32, dst_stride: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for (strip, a) in tile.a.chunks(ROWS * tile.pairs).enumerate() {
+        let dst = dst.wrapping_add(strip * ROWS * dst_stride);
+        // SAFETY: as the caller promises; each call covers its strip's rows.
+        unsafe {
+            if a.len() == ROWS * tile.pairs {
+                x86::tile::<ROWS>(&Tile { a, ..*tile }, dst, dst_stride)
+            } else {
+                for (r, a) in a.chunks_exact(tile.pairs).enumerate() {
+                    x86::tile::<1>(&Tile { a, ..*tile }, dst.add(r * dst_stride), dst_stride)
+                }
+            }
+        }
+    }
+}
+
+/// Packs the `rows × cols` f32 matrix `src` (rows `stride` apart) as panels of its columns with
+/// pairs of its rows, `[cols / 32][rows / 2][32][2]` bf16 bits (zero-padded), into `out`: the
+/// right-hand operand of [`product`] when the reduction runs along `src`'s rows.
+///
+/// # Safety
+/// The CPU has what [`LinearBf16::available`] checks; `src` holds the rows and columns.
+pub(crate) unsafe fn pack_columns(src: &[f32], (rows, cols, stride): (usize, usize, usize), out: &mut Vec<u16>) {
+    let pairs = rows.div_ceil(2);
+    out.clear();
+    out.resize(cols.div_ceil(PANEL) * pairs * PANEL * 2, 0);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: as the caller promises.
+    unsafe {
+        x86::pack_columns(src, (rows, cols, stride), out)
+    }
+}
+
+/// The operands of [`product`].
 #[derive(Clone, Copy)]
-struct Tile<'a> {
+pub(crate) struct Tile<'a> {
     /// Rows of bf16 pairs, `pairs` each.
-    a: &'a [u32],
-    pairs: usize,
+    pub a: &'a [u32],
+    pub pairs: usize,
     /// `[pairs][PANEL][2]` bf16 bits.
-    panel: &'a [u16],
+    pub panel: &'a [u16],
     /// The panel's `cols` biases, if any.
-    bias: Option<&'a [f32]>,
+    pub bias: Option<&'a [f32]>,
     /// Valid columns of the panel (the last panel may be partial).
-    cols: usize,
+    pub cols: usize,
 }
 
 impl CustomOp1 for LinearBf16 {
@@ -183,7 +240,7 @@ mod x86 {
 
     /// `row` rounded to bf16 (to nearest even, as `half::bf16::from_f32` for normal numbers),
     /// as pairs; an odd last column is paired with zero.
-    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub(super) unsafe fn round_row(row: &[f32], out: &mut [u32]) {
         let mut chunks = row.chunks_exact(32);
         let mut at = 0;
@@ -202,8 +259,35 @@ mod x86 {
         }
     }
 
+    /// See [`super::pack_columns`]; `out` is sized and zeroed.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn pack_columns(src: &[f32], (rows, cols, stride): (usize, usize, usize), out: &mut [u16]) {
+        let pairs = rows.div_ceil(2);
+        // Words 0..16 of the converted vector are the even row, 16..32 the odd one: interleave.
+        let order: [i16; 32] = std::array::from_fn(|i| (i / 2 + 16 * (i % 2)) as i16);
+        let order = _mm512_loadu_si512(order.as_ptr().cast());
+        for panel in 0..cols.div_ceil(PANEL) {
+            for half in 0..2 {
+                let first = panel * PANEL + 16 * half;
+                let valid = cols.saturating_sub(first).min(16);
+                let mask = ((1u32 << valid) - 1) as __mmask16;
+                for pair in 0..pairs {
+                    let even = _mm512_maskz_loadu_ps(mask, src.as_ptr().wrapping_add(2 * pair * stride + first));
+                    let odd = if 2 * pair + 1 < rows {
+                        _mm512_maskz_loadu_ps(mask, src.as_ptr().wrapping_add((2 * pair + 1) * stride + first))
+                    } else {
+                        _mm512_setzero_ps()
+                    };
+                    let words: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(odd, even));
+                    let at = ((panel * pairs + pair) * PANEL + 16 * half) * 2;
+                    _mm512_storeu_si512(out.as_mut_ptr().add(at).cast(), _mm512_permutexvar_epi16(order, words));
+                }
+            }
+        }
+    }
+
     /// `R` rows of `tile` into `dst` (row stride `dst_stride`), starting from the bias.
-    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub(super) unsafe fn tile<const R: usize>(tile: &Tile, dst: *mut f32, dst_stride: usize) {
         let mask = |from: usize| -> __mmask16 {
             let valid = tile.cols.saturating_sub(from).min(16);

@@ -3,8 +3,9 @@
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use pixart_core::attention::{scaled_dot_product_attention, KeyMask};
+use pixart_core::linear_bf16::CpuProducts;
 
-use crate::linear::{CpuLinears, DitLinear};
+use crate::linear::DitLinear;
 
 /// Self- or cross-attention with biased `to_q/to_k/to_v` and `to_out.0`.
 #[derive(Debug, Clone)]
@@ -19,21 +20,21 @@ pub struct Attention {
 
 impl Attention {
     /// `query_dim` → heads × head_dim; keys and values from `context_dim` features; `bias` on
-    /// the Q/K/V projections; `linears` as the model's.
+    /// the Q/K/V projections; `products` as the model's ([`crate::DitConfig::cpu_products`]).
     pub fn new(
         query_dim: usize,
         context_dim: usize,
         (heads, head_dim): (usize, usize),
         bias: bool,
-        linears: CpuLinears,
+        products: CpuProducts,
         vb: VarBuilder,
     ) -> candle_core::Result<Self> {
         let inner = heads * head_dim;
         Ok(Self {
-            to_q: DitLinear::new(query_dim, inner, bias, linears, vb.pp("to_q"))?,
-            to_k: DitLinear::new(context_dim, inner, bias, linears, vb.pp("to_k"))?,
-            to_v: DitLinear::new(context_dim, inner, bias, linears, vb.pp("to_v"))?,
-            to_out: DitLinear::new(inner, query_dim, true, linears, vb.pp("to_out").pp("0"))?,
+            to_q: DitLinear::new(query_dim, inner, bias, products, vb.pp("to_q"))?,
+            to_k: DitLinear::new(context_dim, inner, bias, products, vb.pp("to_k"))?,
+            to_v: DitLinear::new(context_dim, inner, bias, products, vb.pp("to_v"))?,
+            to_out: DitLinear::new(inner, query_dim, true, products, vb.pp("to_out").pp("0"))?,
             heads,
             head_dim,
         })

@@ -28,13 +28,13 @@ impl TransformerBlock {
     pub fn new(cfg: &DitConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let d = cfg.hidden_size();
         let heads = (cfg.num_attention_heads, cfg.attention_head_dim);
-        let (bias, linears) = (cfg.attention_bias, cfg.cpu_linears);
+        let (bias, products) = (cfg.attention_bias, cfg.cpu_products);
         Ok(Self {
             scale_shift_table: vb.get((6, d), "scale_shift_table")?,
-            attn1: Attention::new(d, d, heads, bias, linears, vb.pp("attn1"))?,
-            attn2: Attention::new(d, d, heads, bias, linears, vb.pp("attn2"))?,
-            ff_in: DitLinear::new(d, 4 * d, true, linears, vb.pp("ff.net.0.proj"))?,
-            ff_out: DitLinear::new(4 * d, d, true, linears, vb.pp("ff.net.2"))?,
+            attn1: Attention::new(d, d, heads, bias, products, vb.pp("attn1"))?,
+            attn2: Attention::new(d, d, heads, bias, products, vb.pp("attn2"))?,
+            ff_in: DitLinear::new(d, 4 * d, true, products, vb.pp("ff.net.0.proj"))?,
+            ff_out: DitLinear::new(4 * d, d, true, products, vb.pp("ff.net.2"))?,
             eps: cfg.norm_eps,
         })
     }

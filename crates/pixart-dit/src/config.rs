@@ -2,9 +2,8 @@
 
 use serde::Deserialize;
 
+use pixart_core::linear_bf16::CpuProducts;
 use pixart_core::{ConfigCheck, UnsupportedConfig};
-
-use crate::linear::CpuLinears;
 
 /// Hyper-parameters of a PixArt transformer, deserialised from `transformer/config.json`.
 #[derive(Debug, Clone, Deserialize)]
@@ -49,10 +48,10 @@ pub struct DitConfig {
     /// Must be `default`.
     #[serde(default = "default_attention")]
     pub attention_type: String,
-    /// Not read from `config.json`: how the linear layers multiply on the CPU (set before
-    /// building the model; [`CpuLinears::Plain`] by default).
+    /// Not read from `config.json`: how the blocks' linear layers multiply on the CPU (set
+    /// before building the model; [`CpuProducts::F32`] by default).
     #[serde(skip)]
-    pub cpu_linears: CpuLinears,
+    pub cpu_products: CpuProducts,
 }
 
 fn one() -> f64 {

@@ -71,7 +71,7 @@ impl PatchEmbed {
     ) -> candle_core::Result<Self> {
         let cfg = Conv2dConfig { stride: patch, ..Default::default() };
         Ok(Self {
-            proj: Conv(candle_nn::conv2d(in_channels, dim, patch, cfg, vb.pp("proj"))?),
+            proj: Conv::new(candle_nn::conv2d(in_channels, dim, patch, cfg, vb.pp("proj"))?),
             patch,
             base: sample_size / patch,
             interpolation_scale,

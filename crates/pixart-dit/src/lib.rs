@@ -23,9 +23,10 @@ pub mod original_layout;
 pub mod weights;
 
 pub use config::DitConfig;
-pub use linear::{CpuLinears, DitLinear};
+pub use linear::DitLinear;
 pub use lora::{Lora, LoraError};
 pub use model::{DitTrace, Perturbation, PixArtTransformer, PreparedCaption, PreparedTimestep, PreparedTimesteps};
+pub use pixart_core::linear_bf16::CpuProducts;
 pub use weights::{Layout, TransformerWeights};
 
 /// Errors from loading or running the transformer.

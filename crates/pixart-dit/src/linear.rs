@@ -1,24 +1,13 @@
 //! The transformer's linear layers: candle's `Linear`, or on the CPU (when the model is built
-//! with [`CpuLinears::Bf16`] and the CPU has AVX512-BF16) products of bf16 operands summed in
-//! f32 through [`pixart_core::linear_bf16::LinearBf16`], everything around them staying f32.
+//! with [`CpuProducts::Bf16`] and the CPU has AVX512-BF16) products of bf16 operands summed in
+//! f32 through [`LinearBf16`], everything around them staying f32. The weight is then packed once
+//! (half its f32 size) beside the f32 tensor, which stays shared with the loaded weights.
 
 use std::sync::Arc;
 
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
-use pixart_core::linear_bf16::LinearBf16;
-
-/// How the linear layers multiply on the CPU.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum CpuLinears {
-    /// In the model's dtype (candle's matmul).
-    #[default]
-    Plain,
-    /// f32 inputs and weights rounded to bf16, products summed in f32 (`vdpbf16ps`), where
-    /// [`LinearBf16::available`]; elsewhere as [`CpuLinears::Plain`]. The weight is packed once
-    /// (half its f32 size) beside the f32 tensor, which stays shared with the loaded weights.
-    Bf16,
-}
+use pixart_core::linear_bf16::{CpuProducts, LinearBf16};
 
 /// One linear layer `[…, in] → […, out]`.
 #[derive(Debug, Clone)]
@@ -33,7 +22,7 @@ impl DitLinear {
         in_dim: usize,
         out_dim: usize,
         bias: bool,
-        kind: CpuLinears,
+        kind: CpuProducts,
         vb: VarBuilder,
     ) -> candle_core::Result<Self> {
         let plain = if bias {
@@ -42,15 +31,12 @@ impl DitLinear {
             candle_nn::linear_no_bias(in_dim, out_dim, vb)?
         };
         let weight = plain.weight();
-        let packs = kind == CpuLinears::Bf16
-            && weight.device().is_cpu()
-            && weight.dtype() == DType::F32
-            && LinearBf16::available();
+        let packs = kind.in_bf16() && weight.device().is_cpu() && weight.dtype() == DType::F32;
         let bf16 = if packs { Some(Arc::new(LinearBf16::new(weight, plain.bias())?)) } else { None };
         Ok(Self { plain, bf16 })
     }
 
-    /// Whether the products run in bf16 ([`CpuLinears::Bf16`] on a CPU that has it).
+    /// Whether the products run in bf16 ([`CpuProducts::Bf16`] on a CPU that has it).
     pub fn multiplies_in_bf16(&self) -> bool {
         self.bf16.is_some()
     }

@@ -2,7 +2,7 @@
 //! checker.
 
 use candle_core::{DType, Device};
-use pixart_dit::CpuLinears;
+use pixart_core::linear_bf16::CpuProducts;
 
 use crate::model_source::HubOptions;
 use crate::text_encoder::TextEncoderOptions;
@@ -41,12 +41,12 @@ pub struct LoadOptions {
     /// checker; requests then run unchecked unless they ask for the check explicitly, which is
     /// refused.
     pub safety_checker: Option<String>,
-    /// How the transformer blocks' linear layers multiply on the CPU: with
-    /// [`CpuLinears::Bf16`] and f32 as [`Self::dtype`], their inputs and weights are rounded to
-    /// bf16 and the products summed in f32 (AVX512-BF16), the rest of the model in f32; on a
-    /// CPU without AVX512-BF16, or on a GPU, this changes nothing. What `pixart --dtype bf16`
-    /// asks for on such a CPU.
-    pub cpu_linears: CpuLinears,
+    /// How matrix products run on the CPU: with [`CpuProducts::Bf16`] and f32 as
+    /// [`Self::dtype`], the transformer blocks' linear layers and the VAE decoder's 3×3
+    /// convolutions round their operands to bf16 and sum in f32 (AVX512-BF16), everything else
+    /// stays f32; on a CPU without AVX512-BF16, or on a GPU, this changes nothing. What
+    /// `pixart --dtype bf16` asks for on such a CPU.
+    pub cpu_products: CpuProducts,
 }
 
 impl Default for LoadOptions {
@@ -61,7 +61,7 @@ impl Default for LoadOptions {
             transformer: None,
             prompt_cache_size: 16,
             safety_checker: None,
-            cpu_linears: CpuLinears::Plain,
+            cpu_products: CpuProducts::F32,
         }
     }
 }

@@ -129,15 +129,19 @@ impl Pipeline {
     pub fn load(model: &str, options: &LoadOptions) -> Result<Self, PipelineError> {
         let dir = resolve_model(model, &options.hub)?;
         let dtype = options.dtype;
-        let transformer =
-            TransformerSlot::load(&dir, options.transformer.as_deref(), (dtype, options.cpu_linears), &options.device)?;
+        let transformer = TransformerSlot::load(
+            &dir,
+            options.transformer.as_deref(),
+            (dtype, options.cpu_products),
+            &options.device,
+        )?;
         let text_device = options.text_encoder_device.clone().unwrap_or_else(|| options.device.clone());
         let bins = AspectRatioBins::for_sample_size(transformer.config().sample_size);
         // Refuse an unsupported scheduler config now rather than at the first request.
         let scheduler_config = read_scheduler_config(&dir.join("scheduler/scheduler_config.json"))?;
         let tokenizer = T5Tokenizer::from_dir(&dir.join("tokenizer"))?;
         let text_encoder = TextEncoderSlot::load(&dir, &options.text_encoder, dtype, &text_device)?;
-        let vae = VaeDecoder::load(&dir.join("vae"), dtype, &options.device)?;
+        let vae = VaeDecoder::load_with(&dir.join("vae"), dtype, options.cpu_products, &options.device)?;
         let vae_encoder = VaeEncoder::load(&dir.join("vae"), dtype, &options.device)?;
         check_parts_fit(&dir, &tokenizer, text_encoder.config(), &transformer, &vae)?;
         let safety_checker = options.safety_checker.as_deref().map(|c| load_safety_checker(c, options)).transpose()?;

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device};
 use pixart_core::UnsupportedConfig;
-use pixart_dit::{CpuLinears, DitConfig, DitError, PixArtTransformer, TransformerWeights};
+use pixart_dit::{CpuProducts, DitConfig, DitError, PixArtTransformer, TransformerWeights};
 
 use crate::invalid_parameter::InvalidParameter;
 use crate::params::LoraUse;
@@ -27,18 +27,18 @@ pub(crate) struct TransformerSlot {
 
 impl TransformerSlot {
     /// The model folder's `transformer/`, or `file` (a single-file checkpoint in either layout)
-    /// with the folder's config for what the weights do not say; `linears` as
-    /// [`crate::LoadOptions::cpu_linears`].
+    /// with the folder's config for what the weights do not say; `products` as
+    /// [`crate::LoadOptions::cpu_products`].
     pub(crate) fn load(
         model_dir: &Path,
         file: Option<&Path>,
-        (dtype, linears): (DType, CpuLinears),
+        (dtype, products): (DType, CpuProducts),
         device: &Device,
     ) -> Result<Self, PipelineError> {
         let folder = model_dir.join("transformer");
         let mut config: DitConfig =
             pixart_core::load_checked_config::<_, DitError>(&folder.join("config.json"), DitConfig::validate)?;
-        config.cpu_linears = linears;
+        config.cpu_products = products;
         let (weights, config) = match file {
             None => (TransformerWeights::from_folder(&folder, dtype, device)?, config),
             Some(file) => {

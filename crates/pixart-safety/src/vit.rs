@@ -32,7 +32,7 @@ impl Embeddings {
         let conv = Conv2dConfig { stride: cfg.patch_size, ..Default::default() };
         let patches = (cfg.image_size / cfg.patch_size).pow(2);
         Ok(Self {
-            patch: Conv(candle_nn::conv2d(
+            patch: Conv::new(candle_nn::conv2d(
                 cfg.num_channels,
                 h,
                 cfg.patch_size,

@@ -6,16 +6,17 @@ use candle_nn::{Conv2dConfig, Linear, VarBuilder};
 use pixart_core::attention::scaled_dot_product_attention;
 use pixart_core::conv::Conv;
 use pixart_core::group_norm::GroupNorm;
+use pixart_core::linear_bf16::CpuProducts;
 
 /// GroupNorm epsilon of every VAE norm.
 pub(crate) const EPS: f64 = 1e-6;
 
-pub(crate) fn conv3x3(i: usize, o: usize, vb: VarBuilder) -> candle_core::Result<Conv> {
-    Ok(Conv(candle_nn::conv2d(i, o, 3, Conv2dConfig { padding: 1, ..Default::default() }, vb)?))
+pub(crate) fn conv3x3(i: usize, o: usize, products: CpuProducts, vb: VarBuilder) -> candle_core::Result<Conv> {
+    Ok(Conv(candle_nn::conv2d(i, o, 3, Conv2dConfig { padding: 1, ..Default::default() }, vb)?, products))
 }
 
 pub(crate) fn conv1x1(i: usize, o: usize, vb: VarBuilder) -> candle_core::Result<Conv> {
-    Ok(Conv(candle_nn::conv2d(i, o, 1, Default::default(), vb)?))
+    Ok(Conv::new(candle_nn::conv2d(i, o, 1, Default::default(), vb)?))
 }
 
 /// `GroupNorm → SiLU → conv → GroupNorm → SiLU → conv`, plus a 1×1 shortcut when widths differ.
@@ -29,12 +30,17 @@ pub(crate) struct ResnetBlock {
 }
 
 impl ResnetBlock {
-    pub(crate) fn new(i: usize, o: usize, groups: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+    pub(crate) fn new(
+        (i, o): (usize, usize),
+        groups: usize,
+        products: CpuProducts,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
         Ok(Self {
             norm1: GroupNorm::new(groups, i, EPS, vb.pp("norm1"))?,
-            conv1: conv3x3(i, o, vb.pp("conv1"))?,
+            conv1: conv3x3(i, o, products, vb.pp("conv1"))?,
             norm2: GroupNorm::new(groups, o, EPS, vb.pp("norm2"))?,
-            conv2: conv3x3(o, o, vb.pp("conv2"))?,
+            conv2: conv3x3(o, o, products, vb.pp("conv2"))?,
             shortcut: if i != o { Some(conv1x1(i, o, vb.pp("conv_shortcut"))?) } else { None },
         })
     }
@@ -101,11 +107,17 @@ pub(crate) struct MidBlock {
 
 impl MidBlock {
     /// `{encoder,decoder}.mid_block.*` of width `c`.
-    pub(crate) fn new(c: usize, groups: usize, attention: bool, vb: VarBuilder) -> candle_core::Result<Self> {
+    pub(crate) fn new(
+        c: usize,
+        groups: usize,
+        attention: bool,
+        products: CpuProducts,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
         Ok(Self {
-            resnet_1: ResnetBlock::new(c, c, groups, vb.pp("resnets.0"))?,
+            resnet_1: ResnetBlock::new((c, c), groups, products, vb.pp("resnets.0"))?,
             attention: if attention { Some(SpatialAttention::new(c, groups, vb.pp("attentions.0"))?) } else { None },
-            resnet_2: ResnetBlock::new(c, c, groups, vb.pp("resnets.1"))?,
+            resnet_2: ResnetBlock::new((c, c), groups, products, vb.pp("resnets.1"))?,
         })
     }
 }

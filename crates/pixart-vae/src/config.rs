@@ -2,6 +2,7 @@
 
 use serde::Deserialize;
 
+use pixart_core::linear_bf16::CpuProducts;
 use pixart_core::{ConfigCheck, UnsupportedConfig};
 
 /// The most resolution levels a VAE may have (SDXL's has 4; each level doubles the size).
@@ -57,6 +58,10 @@ pub struct VaeConfig {
     /// to NaN there); here an f16 request gets a finite image.
     #[serde(default = "yes")]
     pub force_upcast: bool,
+    /// Not read from `config.json`: how the 3×3 convolutions multiply on the CPU (set before
+    /// building; f32 by default).
+    #[serde(skip)]
+    pub cpu_products: CpuProducts,
 }
 
 fn two() -> usize {

@@ -6,6 +6,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use pixart_core::conv::Conv;
 use pixart_core::group_norm::GroupNorm;
+use pixart_core::linear_bf16::CpuProducts;
 use pixart_core::WeightsError;
 
 use crate::blocks::{conv1x1, conv3x3, MidBlock, ResnetBlock, EPS};
@@ -51,8 +52,15 @@ impl VaeDecoder {
     /// weights are read, in [`VaeConfig::compute_dtype`] of `dtype` (f16 becomes f32 under
     /// `force_upcast`).
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self, VaeError> {
-        let config: VaeConfig =
+        Self::load_with(dir, dtype, CpuProducts::F32, device)
+    }
+
+    /// As [`Self::load`], the 3×3 convolutions' products on the CPU following `products`
+    /// ([`VaeConfig::cpu_products`]).
+    pub fn load_with(dir: &Path, dtype: DType, products: CpuProducts, device: &Device) -> Result<Self, VaeError> {
+        let mut config: VaeConfig =
             pixart_core::load_checked_config::<_, VaeError>(&dir.join("config.json"), VaeConfig::validate)?;
+        config.cpu_products = products;
         let vb = pixart_core::var_builder(dir, "diffusion_pytorch_model", config.compute_dtype(dtype), device)?;
         Self::new(&config, vb).map_err(|e| match e {
             VaeError::Candle(source) => WeightsError::tensor(dir, source).into(),
@@ -65,6 +73,7 @@ impl VaeDecoder {
         config.validate()?;
         let g = config.norm_num_groups;
         let latent = config.latent_channels;
+        let products = config.cpu_products;
         let channels: Vec<usize> = config.block_out_channels.iter().rev().copied().collect();
         let top = channels[0];
         let dec = vb.pp("decoder");
@@ -73,10 +82,16 @@ impl VaeDecoder {
         for (i, &out) in channels.iter().enumerate() {
             let ub = dec.pp(format!("up_blocks.{i}"));
             let resnets = (0..=config.layers_per_block)
-                .map(|j| ResnetBlock::new(if j == 0 { prev } else { out }, out, g, ub.pp(format!("resnets.{j}"))))
+                .map(|j| {
+                    let width = (if j == 0 { prev } else { out }, out);
+                    ResnetBlock::new(width, g, products, ub.pp(format!("resnets.{j}")))
+                })
                 .collect::<candle_core::Result<Vec<_>>>()?;
-            let upsample =
-                if i + 1 < channels.len() { Some(conv3x3(out, out, ub.pp("upsamplers.0.conv"))?) } else { None };
+            let upsample = if i + 1 < channels.len() {
+                Some(conv3x3(out, out, products, ub.pp("upsamplers.0.conv"))?)
+            } else {
+                None
+            };
             up_blocks.push(UpBlock { resnets, upsample });
             prev = out;
         }
@@ -87,11 +102,11 @@ impl VaeDecoder {
             } else {
                 None
             },
-            conv_in: conv3x3(latent, top, dec.pp("conv_in"))?,
-            mid: MidBlock::new(top, g, config.mid_block_add_attention, dec.pp("mid_block"))?,
+            conv_in: conv3x3(latent, top, products, dec.pp("conv_in"))?,
+            mid: MidBlock::new(top, g, config.mid_block_add_attention, products, dec.pp("mid_block"))?,
             up_blocks,
             norm_out: GroupNorm::new(g, bottom, EPS, dec.pp("conv_norm_out"))?,
-            conv_out: conv3x3(bottom, config.out_channels, dec.pp("conv_out"))?,
+            conv_out: conv3x3(bottom, config.out_channels, products, dec.pp("conv_out"))?,
             dtype: vb.dtype(),
             config: config.clone(),
         })

@@ -88,6 +88,7 @@ impl VaeEncoder {
     pub fn new(config: &VaeConfig, vb: VarBuilder) -> Result<Self, VaeError> {
         config.validate()?;
         let g = config.norm_num_groups;
+        let products = config.cpu_products;
         let channels = &config.block_out_channels;
         let enc = vb.pp("encoder");
         let mut down_blocks = Vec::with_capacity(channels.len());
@@ -95,11 +96,14 @@ impl VaeEncoder {
         for (i, &out) in channels.iter().enumerate() {
             let db = enc.pp(format!("down_blocks.{i}"));
             let resnets = (0..config.layers_per_block)
-                .map(|j| ResnetBlock::new(if j == 0 { prev } else { out }, out, g, db.pp(format!("resnets.{j}"))))
+                .map(|j| {
+                    let width = (if j == 0 { prev } else { out }, out);
+                    ResnetBlock::new(width, g, products, db.pp(format!("resnets.{j}")))
+                })
                 .collect::<candle_core::Result<Vec<_>>>()?;
             let downsample = if i + 1 < channels.len() {
                 let stride_two = Conv2dConfig { stride: 2, ..Default::default() };
-                Some(Downsample(Conv(candle_nn::conv2d(out, out, 3, stride_two, db.pp("downsamplers.0.conv"))?)))
+                Some(Downsample(Conv::new(candle_nn::conv2d(out, out, 3, stride_two, db.pp("downsamplers.0.conv"))?)))
             } else {
                 None
             };
@@ -109,11 +113,11 @@ impl VaeEncoder {
         let top = prev;
         let moments = 2 * config.latent_channels;
         Ok(Self {
-            conv_in: conv3x3(config.in_channels, channels[0], enc.pp("conv_in"))?,
+            conv_in: conv3x3(config.in_channels, channels[0], products, enc.pp("conv_in"))?,
             down_blocks,
-            mid: MidBlock::new(top, g, config.mid_block_add_attention, enc.pp("mid_block"))?,
+            mid: MidBlock::new(top, g, config.mid_block_add_attention, products, enc.pp("mid_block"))?,
             norm_out: GroupNorm::new(g, top, EPS, enc.pp("conv_norm_out"))?,
-            conv_out: conv3x3(top, moments, enc.pp("conv_out"))?,
+            conv_out: conv3x3(top, moments, products, enc.pp("conv_out"))?,
             quant_conv: if config.use_quant_conv {
                 Some(conv1x1(moments, moments, vb.pp("quant_conv"))?)
             } else {
