@@ -183,13 +183,17 @@ mod tests {
 
     #[test]
     fn rounding_equals_f32_round_over_the_activation_range() {
+        // Every half-integer of the range and the floats just beside it, then a fine sweep.
+        for i in -270..=270 {
+            let half = i as f32 * 0.5;
+            for v in [half, half.next_up(), half.next_down()] {
+                assert_eq!(round_half_away(v), v.round() as i32, "{v}");
+            }
+        }
         let mut v = -130.0f32;
         while v <= 130.0 {
             assert_eq!(round_half_away(v), v.round() as i32, "{v}");
-            v = f32::from_bits(v.to_bits() + if v < 0.0 { -1i32 as u32 } else { 1 }).max(v + 1e-4);
-        }
-        for v in [-0.5f32, 0.5, -1.5, 1.5, 126.5, -127.5, 0.49999997, -0.49999997] {
-            assert_eq!(round_half_away(v), v.round() as i32, "{v}");
+            v += 1.0 / 1024.0 + 1e-6;
         }
     }
 }
