@@ -65,8 +65,9 @@ pub struct ModelArgs {
     /// Device to run on: cpu, cuda (GPU 0), cuda:N, metal or metal:N.
     #[arg(long, env = "PIXART_DEVICE", default_value = "cpu")]
     pub device: DeviceArg,
-    /// Compute dtype (default: f32 on the CPU, bf16 on a GPU). On the CPU bf16 and f16 are
-    /// computed in f32, with a warning: this build has no bf16/f16 CPU kernels.
+    /// Compute dtype (default: f32 on the CPU, bf16 on a GPU). On a CPU with AVX512-BF16, bf16
+    /// multiplies the transformer's linear layers and the VAE's 3x3 convolutions in bf16 (sums in
+    /// f32); on other CPUs, and for f16 on any CPU, it computes in f32 and says so.
     #[arg(long, env = "PIXART_DTYPE", value_enum)]
     pub dtype: Option<DtypeArg>,
     /// Never use the network: read the model from the hub cache only (like HF_HUB_OFFLINE=1).

@@ -2,7 +2,6 @@
 //! [`crate::fast_math`] (as candle `CustomOp1`s), and as candle's own ops everywhere else.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
-use rayon::prelude::*;
 
 use crate::fast_math::contiguous_f32;
 
@@ -23,8 +22,9 @@ impl CustomOp1 for Elementwise {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let src = contiguous_f32(storage, layout, self.name)?;
-        let mut dst = vec![0f32; src.len()];
-        dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(d, s)| (self.kernel)(s, d));
+        let dst = crate::buffers::par_filled(src.len(), CHUNK, |i, dst| {
+            (self.kernel)(&src[i * CHUNK..i * CHUNK + dst.len()], dst);
+        });
         Ok((CpuStorage::F32(dst), layout.shape().clone()))
     }
 }

@@ -85,7 +85,7 @@ pub fn scaled_dot_product_attention(
     if on_cpu_in_f32 && k.dim(2)? > 0 {
         let batch = q.dim(0)?;
         let mask = mask.map_or(CpuKeyMask::All, |mask| mask.for_cpu(batch));
-        let op = FlashAttentionCpu { scale: scale as f32, mask };
+        let op = FlashAttentionCpu { scale: scale as f32, mask, simd: crate::fast_math::Simd::detected() };
         let last_contiguous = |t: &Tensor| if t.stride().last() == Some(&1) { Ok(t.clone()) } else { t.contiguous() };
         let (q, k, v) = (last_contiguous(q)?, last_contiguous(k)?, last_contiguous(v)?);
         // `[B, N, H, d]` seen as `[B, H, N, d]`.

@@ -13,17 +13,23 @@
 //! strides (heads split from a projection are views), and keys a row's mask cuts off at the end
 //! (a caption's padding) are skipped, not computed: they would get weight `exp(−10000)`, which is
 //! zero in f32 next to any kept key.
+//!
+//! On a CPU with AVX-512 (and heads up to 256 wide) a task runs `attention_avx512`'s kernel
+//! instead, which needs no GEMM and packs neither K nor V; elsewhere the GEMMs above.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape};
 use rayon::prelude::*;
 
 use crate::conv_cpu::OutPtr;
-use crate::fast_math::{online_softmax_block, RunningSoftmax};
+use crate::fast_math::{online_softmax_block, RunningSoftmax, Simd};
 use crate::gemm_cpu::{matmul, Operand};
 
 /// Query rows per task: the score block (`QUERY_BLOCK × KEY_BLOCK` f32, 128 KiB) and the output
 /// block stay in a core's L2 cache.
 const QUERY_BLOCK: usize = 64;
+// Both kernels split the queries into the same tasks.
+#[cfg(target_arch = "x86_64")]
+const _: () = assert!(QUERY_BLOCK == crate::attention_avx512::ROWS);
 /// Keys per block of the online softmax.
 const KEY_BLOCK: usize = 512;
 
@@ -44,6 +50,9 @@ pub(crate) enum CpuKeyMask {
 pub(crate) struct FlashAttentionCpu {
     pub scale: f32,
     pub mask: CpuKeyMask,
+    /// The instruction set to run ([`Simd::detected`]; capped at what the CPU has): AVX-512
+    /// runs `attention_avx512`'s kernel, the rest the GEMM path.
+    pub simd: Simd,
 }
 
 /// One strided `[B, H, rows, d]` f32 input.
@@ -92,6 +101,12 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
 }
 
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    static SCRATCH_AVX512: std::cell::RefCell<crate::attention_avx512::Scratch> =
+        std::cell::RefCell::new(Default::default());
+}
+
 /// The sizes of one call.
 #[derive(Debug, Clone, Copy)]
 struct Dims {
@@ -109,6 +124,42 @@ impl FlashAttentionCpu {
             CpuKeyMask::Prefix(lengths) => (lengths[b].min(keys), &[]),
             CpuKeyMask::Bias(bias) => (keys, &bias[b * keys..(b + 1) * keys]),
         }
+    }
+
+    /// Whether the tasks run `attention_avx512`'s kernel (for heads of `head_dim`).
+    fn runs_avx512(&self, head_dim: usize) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if self.simd.min(Simd::best_supported()) == Simd::Avx512 {
+            return head_dim <= crate::attention_avx512::MAX_HEAD_DIM;
+        }
+        let _ = head_dim;
+        false
+    }
+
+    /// [`Self::task`] with `attention_avx512`'s kernel.
+    #[cfg(target_arch = "x86_64")]
+    fn task_avx512(&self, dims: Dims, (q, k, v): (View, View, View), (b, h, n0): (usize, usize, usize), out: OutPtr) {
+        let d = dims.head_dim;
+        let (keys, bias) = self.keys_of(b, dims.keys);
+        let task = crate::attention_avx512::Task {
+            q: q.row_ptr(b, h, n0),
+            q_stride: q.row_stride,
+            rows: crate::attention_avx512::ROWS.min(dims.queries - n0),
+            k: k.row_ptr(b, h, 0),
+            k_stride: k.row_stride,
+            v: v.row_ptr(b, h, 0),
+            v_stride: v.row_stride,
+            keys,
+            bias,
+            head_dim: d,
+            scale: self.scale,
+            out: out.get().wrapping_add(((b * dims.queries + n0) * dims.heads + h) * d),
+            out_stride: dims.heads * d,
+        };
+        // SAFETY: `runs_avx512` checked the CPU and the head size; the views address the
+        // (b, h) rows inside their storages (candle checked the layouts against the shapes);
+        // output rows n0.. of head h in batch row b are this task's only.
+        SCRATCH_AVX512.with_borrow_mut(|scratch| unsafe { crate::attention_avx512::run(&task, scratch) });
     }
 
     /// Queries `n0..n0 + rows` of head `h`, batch row `b`, into `out` (`[B, N, H, d]`).
@@ -201,14 +252,73 @@ impl CustomOp3 for FlashAttentionCpu {
         }
         let views = (View::new(s1, l1, "q")?, View::new(s2, l2, "k")?, View::new(s3, l3, "v")?);
         let dims = Dims { heads, queries, keys, head_dim };
-        let mut out = vec![0f32; batch * queries * heads * head_dim];
+        let mut out = crate::buffers::par_zeroed(batch * queries * heads * head_dim);
         let out_ptr = OutPtr::new(&mut out);
         let tasks: Vec<(usize, usize, usize)> = (0..batch)
             .flat_map(|b| (0..heads).flat_map(move |h| (0..queries).step_by(QUERY_BLOCK).map(move |n0| (b, h, n0))))
             .collect();
+        #[cfg(target_arch = "x86_64")]
+        if self.runs_avx512(head_dim) {
+            tasks.par_iter().for_each(|&at| self.task_avx512(dims, views, at, out_ptr));
+            return Ok((CpuStorage::F32(out), Shape::from((batch, queries, heads, head_dim))));
+        }
         tasks.par_iter().for_each(|&(b, h, n0)| {
             SCRATCH.with_borrow_mut(|scratch| self.task(dims, views, (b, h, n0), out_ptr, scratch));
         });
         Ok((CpuStorage::F32(out), Shape::from((batch, queries, heads, head_dim))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+
+    /// `softmax(q kᵀ · scale + bias) v` with candle's plain ops, `[B, H, N, d]`.
+    fn plain(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&[f32]>, scale: f64) -> Tensor {
+        let (q, k, v) = (q.contiguous().unwrap(), k.contiguous().unwrap(), v.contiguous().unwrap());
+        let mut scores = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
+        if let Some(bias) = bias {
+            let (b, l) = (q.dim(0).unwrap(), k.dim(2).unwrap());
+            let bias = Tensor::from_slice(bias, (b, 1, 1, l), &Device::Cpu).unwrap();
+            scores = scores.broadcast_add(&bias).unwrap();
+        }
+        candle_nn::ops::softmax_last_dim(&scores).unwrap().matmul(&v).unwrap()
+    }
+
+    /// Every instruction-set path of the op against the plain composition: head sizes of the
+    /// test models and of PixArt-Σ (64, 72), one off a tile (40, 5), query counts off the
+    /// 64-row task and key counts off the key block and the 6-key tile, strided views, and
+    /// each kind of mask (a prefix per row that drops whole blocks, an additive bias).
+    #[test]
+    fn every_path_equals_the_plain_composition() {
+        let dev = Device::Cpu;
+        for (b, h, n, l, d) in [(2, 3, 130, 1100, 40), (1, 2, 64, 77, 64), (2, 1, 19, 5, 72), (1, 2, 200, 300, 5)] {
+            let split = |t: Tensor| t.reshape((b, t.dim(1).unwrap(), h, d)).unwrap().transpose(1, 2).unwrap();
+            let q = split(Tensor::randn(0f32, 1.0, (b, n, h * d), &dev).unwrap());
+            let k = split(Tensor::randn(0f32, 1.0, (b, l, h * d), &dev).unwrap());
+            let v = split(Tensor::randn(0f32, 1.0, (b, l, h * d), &dev).unwrap());
+            let scale = 1.0 / (d as f64).sqrt();
+            let prefix: Vec<usize> = (0..b).map(|i| (l * (i + 1)).div_ceil(b + 2).max(1)).collect();
+            let prefix_bias: Vec<f32> =
+                prefix.iter().flat_map(|&kept| (0..l).map(move |j| if j < kept { 0.0 } else { -10000.0 })).collect();
+            let bias: Vec<f32> =
+                (0..b * l).map(|i| if i % 3 == 0 { -10000.0 } else { (i % 7) as f32 * 0.25 }).collect();
+            let masks = [
+                (CpuKeyMask::All, None),
+                (CpuKeyMask::Prefix(prefix), Some(&prefix_bias[..])),
+                (CpuKeyMask::Bias(bias.clone()), Some(&bias[..])),
+            ];
+            for (mask, bias) in masks {
+                let want = plain(&q, &k, &v, bias, scale);
+                for simd in Simd::supported() {
+                    let op = FlashAttentionCpu { scale: scale as f32, mask: mask.clone(), simd };
+                    let ours = q.apply_op3_no_bwd(&k, &v, &op).unwrap().transpose(1, 2).unwrap();
+                    let diff = (&ours - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                    assert!(diff < 2e-5, "{simd:?} {:?} {mask:?}: {diff}", (b, h, n, l, d));
+                }
+            }
+        }
     }
 }

@@ -6,7 +6,6 @@
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Shape, Tensor};
 use candle_nn::VarBuilder;
-use rayon::prelude::*;
 
 use crate::fast_math::{affine_silu_slice, contiguous_f32};
 
@@ -53,9 +52,9 @@ impl CustomOp3 for GroupNormOp {
         let dims = x_layout.dims();
         let (channels, spatial) = (dims[1], dims[2..].iter().product::<usize>());
         let per_group = channels / self.groups;
-        let mut out = vec![0f32; x.len()];
         let group_len = per_group * spatial;
-        out.par_chunks_mut(group_len).zip(x.par_chunks(group_len)).enumerate().for_each(|(i, (dst, src))| {
+        let out = crate::buffers::par_filled(x.len(), group_len, |i, dst| {
+            let src = &x[i * group_len..i * group_len + dst.len()];
             let first_channel = (i % self.groups) * per_group;
             let (mean, var) = moments(src);
             let rstd = 1.0 / (var + self.eps).sqrt();

@@ -8,7 +8,10 @@
 
 pub mod activation;
 pub mod attention;
+#[cfg(target_arch = "x86_64")]
+mod attention_avx512;
 mod attention_cpu;
+mod buffers;
 pub mod config_error;
 pub mod conv;
 pub mod conv_cpu;
@@ -17,6 +20,7 @@ pub mod fast_math;
 mod gemm_cpu;
 pub mod group_norm;
 pub mod linear_bf16;
+pub mod linear_f32;
 pub mod modulation;
 pub mod weights;
 

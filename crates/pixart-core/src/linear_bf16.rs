@@ -114,7 +114,7 @@ impl LinearBf16 {
             // SAFETY: `available()` holds (checked by the op); `out` has `k.div_ceil(2)` pairs per row.
             unsafe { round_rows(rows, k, out) }
         });
-        let mut dst = vec![0f32; m * n];
+        let mut dst = crate::buffers::par_zeroed(m * n);
         let out = OutPtr::new(&mut dst);
         let panels = n.div_ceil(PANEL);
         // Tasks: groups of panels × chunks of rows, enough of them to keep every core busy.

@@ -76,7 +76,7 @@ impl CustomOp3 for Modulation {
             let b = if params == 1 { 0 } else { b };
             &p[b * dim..(b + 1) * dim]
         }
-        let mut out = vec![0f32; x.len()];
+        let mut out = crate::buffers::par_zeroed(x.len());
         match *self {
             Modulation::LayerNorm { eps } => Self::each_batch_row(x, (batch, dim), &mut out, |i, rows, dst| {
                 modulated_layer_norm_rows(&x[rows], dst, dim, row_of(a, i, dim, params), row_of(b, i, dim, params), eps)

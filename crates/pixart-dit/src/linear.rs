@@ -1,6 +1,7 @@
-//! The transformer's linear layers: candle's `Linear`, or on the CPU (when the model is built
-//! with [`CpuProducts::Bf16`] and the CPU has AVX512-BF16) products of bf16 operands summed in
-//! f32 through [`LinearBf16`], everything around them staying f32. The weight is then packed once
+//! The transformer's linear layers: candle's `Linear` on a GPU; on the CPU in f32,
+//! [`LinearF32Cpu`] (the bias folded into the product); on the CPU when the model is built with
+//! [`CpuProducts::Bf16`] and the CPU has AVX512-BF16, products of bf16 operands summed in f32
+//! through [`LinearBf16`], everything around them staying f32. The weight is then packed once
 //! (half its f32 size) beside the f32 tensor, which stays shared with the loaded weights.
 
 use std::sync::Arc;
@@ -8,12 +9,14 @@ use std::sync::Arc;
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
 use pixart_core::linear_bf16::{CpuProducts, LinearBf16};
+use pixart_core::linear_f32::LinearF32Cpu;
 
 /// One linear layer `[…, in] → […, out]`.
 #[derive(Debug, Clone)]
 pub struct DitLinear {
     plain: Linear,
     bf16: Option<Arc<LinearBf16>>,
+    f32_cpu: Arc<LinearF32Cpu>,
 }
 
 impl DitLinear {
@@ -33,7 +36,8 @@ impl DitLinear {
         let weight = plain.weight();
         let packs = kind.in_bf16() && weight.device().is_cpu() && weight.dtype() == DType::F32;
         let bf16 = if packs { Some(Arc::new(LinearBf16::new(weight, plain.bias())?)) } else { None };
-        Ok(Self { plain, bf16 })
+        let f32_cpu = Arc::new(LinearF32Cpu::new(plain.bias())?);
+        Ok(Self { plain, bf16, f32_cpu })
     }
 
     /// Whether the products run in bf16 ([`CpuProducts::Bf16`] on a CPU that has it).
@@ -45,6 +49,7 @@ impl DitLinear {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match &self.bf16 {
             Some(packed) if x.device().is_cpu() && x.dtype() == DType::F32 => packed.forward(x),
+            _ if LinearF32Cpu::runs(x, self.plain.weight()) => self.f32_cpu.forward(x, self.plain.weight()),
             _ => self.plain.forward(x),
         }
     }
