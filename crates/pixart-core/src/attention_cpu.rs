@@ -14,8 +14,8 @@
 //! (a caption's padding) are skipped, not computed: they would get weight `exp(−10000)`, which is
 //! zero in f32 next to any kept key.
 //!
-//! On a CPU with AVX-512 (and heads up to 256 wide) a task runs `attention_avx512`'s kernel
-//! instead, which needs no GEMM and packs neither K nor V; elsewhere the GEMMs above.
+//! On a CPU with AVX-512 or AVX2 (and heads up to 256 wide) a task runs `attention_x86`'s
+//! kernel instead, which needs no GEMM and packs neither K nor V; elsewhere the GEMMs above.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape};
 use rayon::prelude::*;
@@ -27,9 +27,6 @@ use crate::gemm_cpu::{matmul, Operand};
 /// Query rows per task: the score block (`QUERY_BLOCK × KEY_BLOCK` f32, 128 KiB) and the output
 /// block stay in a core's L2 cache.
 const QUERY_BLOCK: usize = 64;
-// Both kernels split the queries into the same tasks.
-#[cfg(target_arch = "x86_64")]
-const _: () = assert!(QUERY_BLOCK == crate::attention_avx512::ROWS);
 /// Keys per block of the online softmax.
 const KEY_BLOCK: usize = 512;
 
@@ -51,7 +48,7 @@ pub(crate) struct FlashAttentionCpu {
     pub scale: f32,
     pub mask: CpuKeyMask,
     /// The instruction set to run ([`Simd::detected`]; capped at what the CPU has): AVX-512
-    /// runs `attention_avx512`'s kernel, the rest the GEMM path.
+    /// and AVX2 run `attention_x86`'s kernel, the baseline the GEMM path.
     pub simd: Simd,
 }
 
@@ -88,6 +85,10 @@ impl<'a> View<'a> {
     }
 }
 
+/// An `attention_x86` entry point.
+#[cfg(target_arch = "x86_64")]
+type X86Kernel = unsafe fn(&crate::attention_x86::Task, &mut crate::attention_x86::Scratch);
+
 /// Each thread's scores, output accumulator, softmax states and rescale factors.
 #[derive(Default)]
 struct Scratch {
@@ -103,7 +104,7 @@ thread_local! {
 
 #[cfg(target_arch = "x86_64")]
 thread_local! {
-    static SCRATCH_AVX512: std::cell::RefCell<crate::attention_avx512::Scratch> =
+    static SCRATCH_X86: std::cell::RefCell<crate::attention_x86::Scratch> =
         std::cell::RefCell::new(Default::default());
 }
 
@@ -126,25 +127,37 @@ impl FlashAttentionCpu {
         }
     }
 
-    /// Whether the tasks run `attention_avx512`'s kernel (for heads of `head_dim`).
-    fn runs_avx512(&self, head_dim: usize) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        if self.simd.min(Simd::best_supported()) == Simd::Avx512 {
-            return head_dim <= crate::attention_avx512::MAX_HEAD_DIM;
+    /// The `attention_x86` kernel the tasks run for heads of `head_dim`, and its query rows
+    /// per task; None: the GEMM path.
+    #[cfg(target_arch = "x86_64")]
+    fn x86_kernel(&self, head_dim: usize) -> Option<(X86Kernel, usize)> {
+        use crate::attention_x86::{run_avx2, run_avx512, MAX_HEAD_DIM, ROWS_AVX2, ROWS_AVX512};
+        if head_dim > MAX_HEAD_DIM {
+            return None;
         }
-        let _ = head_dim;
-        false
+        match self.simd.min(Simd::best_supported()) {
+            Simd::Avx512 => Some((run_avx512, ROWS_AVX512)),
+            Simd::Avx2 => Some((run_avx2, ROWS_AVX2)),
+            Simd::Baseline => None,
+        }
     }
 
-    /// [`Self::task`] with `attention_avx512`'s kernel.
+    /// [`Self::task`] with `attention_x86`'s `kernel`, for `rows` queries from `n0`.
     #[cfg(target_arch = "x86_64")]
-    fn task_avx512(&self, dims: Dims, (q, k, v): (View, View, View), (b, h, n0): (usize, usize, usize), out: OutPtr) {
+    fn task_x86(
+        &self,
+        (kernel, rows): (X86Kernel, usize),
+        dims: Dims,
+        (q, k, v): (View, View, View),
+        (b, h, n0): (usize, usize, usize),
+        out: OutPtr,
+    ) {
         let d = dims.head_dim;
         let (keys, bias) = self.keys_of(b, dims.keys);
-        let task = crate::attention_avx512::Task {
+        let task = crate::attention_x86::Task {
             q: q.row_ptr(b, h, n0),
             q_stride: q.row_stride,
-            rows: crate::attention_avx512::ROWS.min(dims.queries - n0),
+            rows: rows.min(dims.queries - n0),
             k: k.row_ptr(b, h, 0),
             k_stride: k.row_stride,
             v: v.row_ptr(b, h, 0),
@@ -156,10 +169,10 @@ impl FlashAttentionCpu {
             out: out.get().wrapping_add(((b * dims.queries + n0) * dims.heads + h) * d),
             out_stride: dims.heads * d,
         };
-        // SAFETY: `runs_avx512` checked the CPU and the head size; the views address the
-        // (b, h) rows inside their storages (candle checked the layouts against the shapes);
-        // output rows n0.. of head h in batch row b are this task's only.
-        SCRATCH_AVX512.with_borrow_mut(|scratch| unsafe { crate::attention_avx512::run(&task, scratch) });
+        // SAFETY: `x86_kernel` chose a kernel the CPU runs, for this head size and row count;
+        // the views address the (b, h) rows inside their storages (candle checked the layouts
+        // against the shapes); output rows n0.. of head h in batch row b are this task's only.
+        SCRATCH_X86.with_borrow_mut(|scratch| unsafe { kernel(&task, scratch) });
     }
 
     /// Queries `n0..n0 + rows` of head `h`, batch row `b`, into `out` (`[B, N, H, d]`).
@@ -254,15 +267,17 @@ impl CustomOp3 for FlashAttentionCpu {
         let dims = Dims { heads, queries, keys, head_dim };
         let mut out = crate::buffers::par_zeroed(batch * queries * heads * head_dim);
         let out_ptr = OutPtr::new(&mut out);
-        let tasks: Vec<(usize, usize, usize)> = (0..batch)
-            .flat_map(|b| (0..heads).flat_map(move |h| (0..queries).step_by(QUERY_BLOCK).map(move |n0| (b, h, n0))))
-            .collect();
+        let tasks = |rows: usize| -> Vec<(usize, usize, usize)> {
+            (0..batch)
+                .flat_map(|b| (0..heads).flat_map(move |h| (0..queries).step_by(rows).map(move |n0| (b, h, n0))))
+                .collect()
+        };
         #[cfg(target_arch = "x86_64")]
-        if self.runs_avx512(head_dim) {
-            tasks.par_iter().for_each(|&at| self.task_avx512(dims, views, at, out_ptr));
+        if let Some(kernel) = self.x86_kernel(head_dim) {
+            tasks(kernel.1).par_iter().for_each(|&at| self.task_x86(kernel, dims, views, at, out_ptr));
             return Ok((CpuStorage::F32(out), Shape::from((batch, queries, heads, head_dim))));
         }
-        tasks.par_iter().for_each(|&(b, h, n0)| {
+        tasks(QUERY_BLOCK).par_iter().for_each(|&(b, h, n0)| {
             SCRATCH.with_borrow_mut(|scratch| self.task(dims, views, (b, h, n0), out_ptr, scratch));
         });
         Ok((CpuStorage::F32(out), Shape::from((batch, queries, heads, head_dim))))

@@ -8,9 +8,9 @@
 
 pub mod activation;
 pub mod attention;
-#[cfg(target_arch = "x86_64")]
-mod attention_avx512;
 mod attention_cpu;
+#[cfg(target_arch = "x86_64")]
+mod attention_x86;
 mod buffers;
 pub mod config_error;
 pub mod conv;
