@@ -23,7 +23,6 @@ pub mod error;
 mod ggml_blocks;
 pub mod normalizer;
 mod panel_matmul;
-mod q8_0_cpu;
 pub mod quantized;
 mod source;
 pub mod spiece;

@@ -7,8 +7,11 @@
 //! `vpdpbusd` (AVX-512 VNNI; on AVX2 `vpmaddubsw` + `vpmaddwd`) multiplies a broadcast group of
 //! four activation bytes with 8 rows at once. Activations are quantized like ggml's (q8_0 for
 //! q8_0 weights, q8_K for the k-quants) and offset by 128 to be unsigned; the offset's
-//! contribution (`128 · Σ w` per unit) starts each unit's integer sum negated. Each unit's sum is
-//! scaled by `scale_w · d_x` (and the k-quants' minimums subtract `min_w · d_x · Σ q_x`) in f32.
+//! contribution (`128 · Σ w` per unit) starts each unit's integer sum negated. q8_0 on AVX2 is
+//! the exception: its full 8-bit weights would saturate `vpmaddubsw`'s 16-bit pair sums against
+//! unsigned activations, so there the activations stay signed and each product is taken as
+//! `|x| · (w · sign x)` (ggml's trick; pairs stay within 2 · 127²). Each unit's sum is scaled by
+//! `scale_w · d_x` (and the k-quants' minimums subtract `min_w · d_x · Σ q_x`) in f32.
 //!
 //! The panel (8 rows × `k` bytes plus per-unit scales) is the only extra memory: 80 KiB per
 //! thread for T5 XXL's widest matrix.
@@ -25,29 +28,35 @@ const PANELS_PER_TASK: usize = 4;
 /// The instruction sets the panel kernel has a build for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kernel {
-    /// AVX2 + FMA + F16C: `vpmaddubsw` (`u8 × i8` pairs, saturating to i16) then `vpmaddwd`. Exact
-    /// only while `|w| ≤ 64` (`2 · 255 · 64 < 2¹⁵`): the k-quants, not q8_0.
+    /// AVX2 + FMA + F16C: `vpmaddubsw` (`u8 × i8` pairs, saturating to i16) then `vpmaddwd`:
+    /// offset activations for the k-quants (`|w| ≤ 64`, `2 · 255 · 64 < 2¹⁵`), signed ones with
+    /// the sign moved onto the weights for q8_0.
     Avx2,
     /// AVX-512 VNNI on 256-bit vectors (+ AVX-512 VL/BW): `vpdpbusd`, exact for every format.
     Vnni,
 }
 
 impl Kernel {
-    /// The best kernel this CPU runs for `format`, if any.
+    /// The best kernel this CPU runs for `format`, if any, within the level `PIXART_SIMD` allows
+    /// ([`Simd::detected`]: `avx2` measures the AVX2 kernel on a VNNI CPU).
     pub(crate) fn detected(format: BlockFormat) -> Option<Self> {
         #[cfg(target_arch = "x86_64")]
         {
-            let avx2 = std::arch::is_x86_feature_detected!("avx2")
+            use pixart_core::fast_math::Simd;
+            let level = Simd::detected();
+            let avx2 = level >= Simd::Avx2
+                && std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")
                 && std::arch::is_x86_feature_detected!("f16c");
-            let vnni = std::arch::is_x86_feature_detected!("avx512vnni")
+            let vnni = level == Simd::Avx512
+                && std::arch::is_x86_feature_detected!("avx512vnni")
                 && std::arch::is_x86_feature_detected!("avx512vl")
                 && std::arch::is_x86_feature_detected!("avx512bw")
                 && std::arch::is_x86_feature_detected!("avx512f");
             if avx2 && vnni {
                 return Some(Self::Vnni);
             }
-            if avx2 && format != BlockFormat::Q8_0 {
+            if avx2 {
                 return Some(Self::Avx2);
             }
         }
@@ -64,8 +73,9 @@ impl Kernel {
     }
 }
 
-/// Activations ready for the kernel: values offset to `u8`, one scale per activation block
-/// ([`BlockFormat::activation_block`]), and (k-quants with minimums) `Σ q_x` per weight unit.
+/// Activations ready for the kernel: values offset to `u8` (or left as `i8` bits for
+/// [`signed_activations`]), one scale per activation block ([`BlockFormat::activation_block`]),
+/// and (k-quants with minimums) `Σ q_x` per weight unit.
 struct Activations {
     k: usize,
     units: usize,
@@ -76,7 +86,7 @@ struct Activations {
 }
 
 impl Activations {
-    fn new(format: BlockFormat, x: &[f32], k: usize) -> Self {
+    fn new(format: BlockFormat, x: &[f32], k: usize, signed: bool) -> Self {
         let quantized = quantize_activations(format, x);
         let unit = format.unit();
         let sums = if format.has_mins() {
@@ -85,10 +95,16 @@ impl Activations {
         } else {
             Vec::new()
         };
-        let values = quantized.values.par_iter().with_min_len(8192).map(|&v| (v as u8) ^ 0x80).collect();
+        let offset = if signed { 0 } else { 0x80 };
+        let values = quantized.values.par_iter().with_min_len(8192).map(|&v| (v as u8) ^ offset).collect();
         let blocks = k / format.activation_block();
         Self { k, units: k / unit, blocks, values, scales: quantized.scales, sums }
     }
+}
+
+/// Whether `kernel` takes `format`'s activations signed (q8_0 on AVX2), not offset to `u8`.
+fn signed_activations(kernel: Kernel, format: BlockFormat) -> bool {
+    kernel == Kernel::Avx2 && format == BlockFormat::Q8_0
 }
 
 /// One panel: [`PANEL_ROWS`] weight rows decoded and interleaved, with their per-unit data as
@@ -165,7 +181,7 @@ pub(crate) fn matmul(
         return;
     }
     let row_bytes = k / format.block_weights() * format.block_bytes();
-    let activations = Activations::new(format, x, k);
+    let activations = Activations::new(format, x, k, signed_activations(kernel, format));
     let panels = n.div_ceil(PANEL_ROWS);
     // `[panel][token][row]`, so that tasks write disjoint runs; scattered into `dst` at the end.
     let mut by_panel = vec![0f32; panels * m * PANEL_ROWS];
@@ -221,6 +237,12 @@ fn run_tokens(kernel: Kernel, format: BlockFormat, panel: &Panel, x: &Activation
                 };
             }
             match (kernel, tokens == tile) {
+                _ if signed_activations(kernel, format) && tokens == tile => {
+                    x86::panel_avx2_signed::<4, 8, 1, false>(panel, x, first, next, out)
+                }
+                _ if signed_activations(kernel, format) => {
+                    x86::panel_avx2_signed::<1, 8, 1, false>(panel, x, first, next, out)
+                }
                 (Kernel::Vnni, true) => by_format!(panel_vnni, 8),
                 (Kernel::Vnni, false) => by_format!(panel_vnni, 1),
                 (Kernel::Avx2, true) => by_format!(panel_avx2, 4),
@@ -389,9 +411,10 @@ mod x86 {
     /// `T` tokens from `first` against the panel; units of `GROUPS` groups of 4 weights,
     /// `UNITS` units per activation scale;
     /// `MINS`: subtract the minimums' term; `ahead` is prefetched a few lines per unit.
-    /// `out`: `T × 8` values, token major.
+    /// `out`: `T × 8` values, token major. `$offset`: whether the activations are offset to
+    /// `u8` (each unit's sum then starts at the panel's `−128 · Σ w`), else signed.
     macro_rules! panel_kernel {
-        ($name:ident, $features:literal, $dot:expr) => {
+        ($name:ident, $features:literal, $offset:literal, $dot:expr) => {
             #[target_feature(enable = $features)]
             pub(super) unsafe fn $name<const T: usize, const GROUPS: usize, const UNITS: usize, const MINS: bool>(
                 panel: &Panel,
@@ -413,7 +436,11 @@ mod x86 {
                                 _mm_prefetch::<_MM_HINT_T0>(ahead.as_ptr().add(line * 64).cast());
                             }
                         }
-                        let offset = _mm256_loadu_si256(panel.offsets.as_ptr().add(u * PANEL_ROWS).cast());
+                        let offset = if $offset {
+                            _mm256_loadu_si256(panel.offsets.as_ptr().add(u * PANEL_ROWS).cast())
+                        } else {
+                            _mm256_setzero_si256()
+                        };
                         let mut sums = [offset; T];
                         for g in 0..GROUPS {
                             let group = u * GROUPS + g;
@@ -448,13 +475,18 @@ mod x86 {
         };
     }
 
-    panel_kernel!(panel_avx2, "avx2,fma", |acc: __m256i, x: __m256i, w: __m256i| _mm256_add_epi32(
+    panel_kernel!(panel_avx2, "avx2,fma", true, |acc: __m256i, x: __m256i, w: __m256i| _mm256_add_epi32(
         acc,
         _mm256_madd_epi16(_mm256_maddubs_epi16(x, w), _mm256_set1_epi16(1))
     ));
+    panel_kernel!(panel_avx2_signed, "avx2,fma", false, |acc: __m256i, x: __m256i, w: __m256i| {
+        let pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(x), _mm256_sign_epi8(w, x));
+        _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+    });
     panel_kernel!(
         panel_vnni,
         "avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni",
+        true,
         |acc: __m256i, x: __m256i, w: __m256i| _mm256_dpbusd_epi32(acc, x, w)
     );
 }
@@ -482,7 +514,7 @@ mod tests {
             let bytes = q.data().unwrap().to_vec();
             let candle = QMatMul::from_qtensor(q).unwrap();
             let kernels: Vec<Kernel> = match Kernel::detected(format) {
-                Some(Kernel::Vnni) if format != BlockFormat::Q8_0 => vec![Kernel::Avx2, Kernel::Vnni],
+                Some(Kernel::Vnni) => vec![Kernel::Avx2, Kernel::Vnni],
                 Some(kernel) => vec![kernel],
                 None => vec![],
             };

@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Tensor};
 use candle_nn::{Embedding, Linear};
 
 use crate::ggml_blocks::BlockFormat;
-use crate::{panel_matmul, q8_0_cpu};
+use crate::panel_matmul;
 
 /// A quantized type the text encoder's matrices can be stored in (llama.cpp's block formats).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -177,8 +177,8 @@ pub(crate) fn ggml_name(dtype: GgmlDType) -> &'static str {
 
 /// `x · Wᵀ` with a quantized `W` on the CPU through ggml's block dot products, reading the
 /// blocks where they are: q8_0 and the k-quants through this crate's panel kernel
-/// (`panel_matmul`: AVX-512 VNNI, or AVX2 for the k-quants), q8_0 on AVX2 through `q8_0_cpu`,
-/// the rest through candle's.
+/// (`panel_matmul`: AVX-512 VNNI, or AVX2), the rest (and every type on CPUs without AVX2)
+/// through candle's.
 ///
 /// candle's own CPU path (`QMatMul`) repacks q8_0, q4k and q6k weights into an interleaved
 /// layout on first use and keeps that copy beside the original for the tensor's lifetime (on
@@ -234,11 +234,6 @@ impl CustomOp1 for CompactQuantizedMatmul {
             }
         }
         match self.0.dtype() {
-            GgmlDType::Q8_0
-                if q8_0_cpu::available() && k % 32 == 0 && bytes.len() == n * k / 32 * q8_0_cpu::BLOCK_BYTES =>
-            {
-                q8_0_cpu::matmul(mkn, x, &bytes, &mut dst)
-            }
             GgmlDType::Q8_0 => k_quants::matmul(mkn, x, blocks::<k_quants::BlockQ8_0>(&bytes)?, &mut dst)?,
             GgmlDType::Q6K => k_quants::matmul(mkn, x, blocks::<k_quants::BlockQ6K>(&bytes)?, &mut dst)?,
             GgmlDType::Q5K => k_quants::matmul(mkn, x, blocks::<k_quants::BlockQ5K>(&bytes)?, &mut dst)?,
