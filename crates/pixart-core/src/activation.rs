@@ -12,7 +12,7 @@ const CHUNK: usize = 1 << 14;
 #[derive(Clone, Copy)]
 struct Elementwise {
     name: &'static str,
-    kernel: fn(&[f32], &mut [f32]),
+    kernel: fn(&[f32], &mut [std::mem::MaybeUninit<f32>]),
 }
 
 impl CustomOp1 for Elementwise {
@@ -22,9 +22,12 @@ impl CustomOp1 for Elementwise {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let src = contiguous_f32(storage, layout, self.name)?;
-        let dst = crate::buffers::par_filled(src.len(), CHUNK, |i, dst| {
-            (self.kernel)(&src[i * CHUNK..i * CHUNK + dst.len()], dst);
-        });
+        // SAFETY: the elementwise kernels write every element of `dst`.
+        let dst = unsafe {
+            crate::buffers::par_written(src.len(), CHUNK, |i, dst| {
+                (self.kernel)(&src[i * CHUNK..i * CHUNK + dst.len()], dst);
+            })
+        };
         Ok((CpuStorage::F32(dst), layout.shape().clone()))
     }
 }

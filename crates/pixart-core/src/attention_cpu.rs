@@ -17,6 +17,8 @@
 //! On a CPU with AVX-512 or AVX2 (and heads up to 256 wide) a task runs `attention_x86`'s
 //! kernel instead, which needs no GEMM and packs neither K nor V; elsewhere the GEMMs above.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape};
 use rayon::prelude::*;
 
@@ -224,8 +226,10 @@ impl FlashAttentionCpu {
             let at = ((b * dims.queries + n0 + r) * dims.heads + h) * d;
             // SAFETY: out[b, n0 + r, h, ..d] is inside the output and written by this task only
             // (tasks differ in (b, h, query block)).
-            let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(at), d) };
-            dst.iter_mut().zip(acc).for_each(|(o, &a)| *o = a * inv);
+            let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(at).cast::<MaybeUninit<f32>>(), d) };
+            dst.iter_mut().zip(acc).for_each(|(o, &a)| {
+                o.write(a * inv);
+            });
         }
     }
 }
@@ -265,8 +269,8 @@ impl CustomOp3 for FlashAttentionCpu {
         }
         let views = (View::new(s1, l1, "q")?, View::new(s2, l2, "k")?, View::new(s3, l3, "v")?);
         let dims = Dims { heads, queries, keys, head_dim };
-        let mut out = crate::buffers::par_zeroed(batch * queries * heads * head_dim);
-        let out_ptr = OutPtr::new(&mut out);
+        let mut out = crate::buffers::unwritten(batch * queries * heads * head_dim);
+        let out_ptr = OutPtr::unwritten(&mut out);
         let tasks = |rows: usize| -> Vec<(usize, usize, usize)> {
             (0..batch)
                 .flat_map(|b| (0..heads).flat_map(move |h| (0..queries).step_by(rows).map(move |n0| (b, h, n0))))
@@ -275,11 +279,16 @@ impl CustomOp3 for FlashAttentionCpu {
         #[cfg(target_arch = "x86_64")]
         if let Some(kernel) = self.x86_kernel(head_dim) {
             tasks(kernel.1).par_iter().for_each(|&at| self.task_x86(kernel, dims, views, at, out_ptr));
+            // SAFETY: the tasks cover every (batch row, head, query), and each writes all
+            // `head_dim` outputs of its queries.
+            let out = unsafe { crate::buffers::assume_written(out) };
             return Ok((CpuStorage::F32(out), Shape::from((batch, queries, heads, head_dim))));
         }
         tasks(QUERY_BLOCK).par_iter().for_each(|&(b, h, n0)| {
             SCRATCH.with_borrow_mut(|scratch| self.task(dims, views, (b, h, n0), out_ptr, scratch));
         });
+        // SAFETY: as above.
+        let out = unsafe { crate::buffers::assume_written(out) };
         Ok((CpuStorage::F32(out), Shape::from((batch, queries, heads, head_dim))))
     }
 }

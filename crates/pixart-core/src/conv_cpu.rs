@@ -42,6 +42,11 @@ impl OutPtr {
         Self(out.as_mut_ptr())
     }
 
+    /// The start of `out`, a buffer its users write before reading.
+    pub(crate) fn unwritten(out: &mut [std::mem::MaybeUninit<f32>]) -> Self {
+        Self(out.as_mut_ptr().cast())
+    }
+
     /// The pointer `n` elements further.
     pub(crate) fn offset(self, n: usize) -> Self {
         Self(self.0.wrapping_add(n))

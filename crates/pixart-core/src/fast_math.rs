@@ -6,7 +6,11 @@
 //! a transformer step.
 //!
 //! The candle ops using these kernels are in [`crate::activation`] and [`crate::attention`]; each
-//! is tested against the plain candle composition it replaces.
+//! is tested against the plain candle composition it replaces. Kernels that write a whole output
+//! take it as `&mut [MaybeUninit<f32>]` and write every element: the ops hand them fresh,
+//! unwritten buffers.
+
+use std::mem::MaybeUninit;
 
 /// The f32 data of a contiguous CPU tensor, for custom ops; `op` names the op in errors.
 pub fn contiguous_f32<'a>(
@@ -233,25 +237,39 @@ pub(crate) use dispatch;
 
 dispatch!(
     /// `dst[i] = gelu_tanh(src[i])`.
-    pub gelu_tanh_slice, gelu_tanh_slice_at(src: &[f32], dst: &mut [f32]) {
-        dst.iter_mut().zip(src).for_each(|(d, &s)| *d = gelu_tanh(s));
+    pub gelu_tanh_slice, gelu_tanh_slice_at(src: &[f32], dst: &mut [MaybeUninit<f32>]) {
+        dst.iter_mut().zip(src).for_each(|(d, &s)| {
+            d.write(gelu_tanh(s));
+        });
     }
 );
 
 dispatch!(
     /// `dst[i] = silu(src[i])`.
-    pub silu_slice, silu_slice_at(src: &[f32], dst: &mut [f32]) {
-        dst.iter_mut().zip(src).for_each(|(d, &s)| *d = silu(s));
+    pub silu_slice, silu_slice_at(src: &[f32], dst: &mut [MaybeUninit<f32>]) {
+        dst.iter_mut().zip(src).for_each(|(d, &s)| {
+            d.write(silu(s));
+        });
     }
 );
 
 dispatch!(
     /// `dst[i] = src[i] · scale + shift`, then SiLU when `silu` (GroupNorm's last pass).
-    pub affine_silu_slice, affine_silu_slice_at(src: &[f32], dst: &mut [f32], scale: f32, shift: f32, with_silu: bool) {
+    pub affine_silu_slice, affine_silu_slice_at(
+        src: &[f32],
+        dst: &mut [MaybeUninit<f32>],
+        scale: f32,
+        shift: f32,
+        with_silu: bool
+    ) {
         if with_silu {
-            dst.iter_mut().zip(src).for_each(|(d, &s)| *d = silu(s * scale + shift));
+            dst.iter_mut().zip(src).for_each(|(d, &s)| {
+                d.write(silu(s * scale + shift));
+            });
         } else {
-            dst.iter_mut().zip(src).for_each(|(d, &s)| *d = s * scale + shift);
+            dst.iter_mut().zip(src).for_each(|(d, &s)| {
+                d.write(s * scale + shift);
+            });
         }
     }
 );
@@ -288,7 +306,7 @@ dispatch!(
     /// `scale = 1 + scale_msa`), into `dst`.
     pub modulated_layer_norm_rows, modulated_layer_norm_rows_at(
         src: &[f32],
-        dst: &mut [f32],
+        dst: &mut [MaybeUninit<f32>],
         dim: usize,
         scale: &[f32],
         shift: &[f32],
@@ -300,7 +318,7 @@ dispatch!(
             let var = lane_sum(row, |v| (v - mean) * (v - mean)) * inv_dim;
             let rstd = 1.0 / (var + eps).sqrt();
             for (((o, &v), &a), &b) in out.iter_mut().zip(row).zip(scale).zip(shift) {
-                *o = (v - mean) * rstd * a + b;
+                o.write((v - mean) * rstd * a + b);
             }
         }
     }
@@ -308,11 +326,17 @@ dispatch!(
 
 dispatch!(
     /// `dst = x + y · gate` on `dim`-long rows (`gate` one row): a residual add with adaLN's gate.
-    pub gated_add_rows, gated_add_rows_at(x: &[f32], y: &[f32], dst: &mut [f32], dim: usize, gate: &[f32]) {
+    pub gated_add_rows, gated_add_rows_at(
+        x: &[f32],
+        y: &[f32],
+        dst: &mut [MaybeUninit<f32>],
+        dim: usize,
+        gate: &[f32]
+    ) {
         let rows = x.chunks_exact(dim).zip(y.chunks_exact(dim)).zip(dst.chunks_exact_mut(dim));
         for ((x, y), out) in rows {
             for (((o, &a), &b), &g) in out.iter_mut().zip(x).zip(y).zip(gate) {
-                *o = a + b * g;
+                o.write(a + b * g);
             }
         }
     }
@@ -321,6 +345,7 @@ dispatch!(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::buffers::canary::{nans, values};
 
     #[test]
     fn exp_is_within_two_ulp() {
@@ -359,20 +384,25 @@ mod tests {
         let src: Vec<f32> = (0..1003).map(|i| (i as f32 - 500.0) * 0.037).collect();
         let close = |got: f32, want: f64| (f64::from(got) - want).abs() <= 4e-6 * (1.0 + want.abs());
         for &level in &levels {
-            let mut dst = vec![0.0; src.len()];
-            gelu_tanh_slice_at(level, &src, &mut dst);
+            let mut out = nans(src.len());
+            gelu_tanh_slice_at(level, &src, &mut out);
+            let dst = values(&out);
             for (&x, &y) in src.iter().zip(&dst) {
                 let u = f64::from(x);
                 let want = 0.5 * u * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (u + 0.044715 * u * u * u)).tanh());
                 assert!(close(y, want), "{level:?} gelu({x}) = {y}, want {want}");
             }
-            silu_slice_at(level, &src, &mut dst);
+            let mut out = nans(src.len());
+            silu_slice_at(level, &src, &mut out);
+            let dst = values(&out);
             for (&x, &y) in src.iter().zip(&dst) {
                 let u = f64::from(x);
                 assert!(close(y, u / (1.0 + (-u).exp())), "{level:?} silu({x}) = {y}");
             }
             for with_silu in [false, true] {
-                affine_silu_slice_at(level, &src, &mut dst, 1.5, -0.25, with_silu);
+                let mut out = nans(src.len());
+                affine_silu_slice_at(level, &src, &mut out, 1.5, -0.25, with_silu);
+                let dst = values(&out);
                 for (&x, &y) in src.iter().zip(&dst) {
                     let a = f64::from(x) * 1.5 - 0.25;
                     let want = if with_silu { a / (1.0 + (-a).exp()) } else { a };

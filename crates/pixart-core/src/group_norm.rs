@@ -53,17 +53,21 @@ impl CustomOp3 for GroupNormOp {
         let (channels, spatial) = (dims[1], dims[2..].iter().product::<usize>());
         let per_group = channels / self.groups;
         let group_len = per_group * spatial;
-        let out = crate::buffers::par_filled(x.len(), group_len, |i, dst| {
-            let src = &x[i * group_len..i * group_len + dst.len()];
-            let first_channel = (i % self.groups) * per_group;
-            let (mean, var) = moments(src);
-            let rstd = 1.0 / (var + self.eps).sqrt();
-            for (c, (dst, src)) in dst.chunks_mut(spatial).zip(src.chunks(spatial)).enumerate() {
-                let scale = rstd * f64::from(weight[first_channel + c]);
-                let shift = f64::from(bias[first_channel + c]) - mean * scale;
-                affine_silu_slice(src, dst, scale as f32, shift as f32, self.silu);
-            }
-        });
+        // SAFETY: a group's channels cover its chunk, and `affine_silu_slice` writes every
+        // element of each channel's `dst`.
+        let out = unsafe {
+            crate::buffers::par_written(x.len(), group_len, |i, dst| {
+                let src = &x[i * group_len..i * group_len + dst.len()];
+                let first_channel = (i % self.groups) * per_group;
+                let (mean, var) = moments(src);
+                let rstd = 1.0 / (var + self.eps).sqrt();
+                for (c, (dst, src)) in dst.chunks_mut(spatial).zip(src.chunks(spatial)).enumerate() {
+                    let scale = rstd * f64::from(weight[first_channel + c]);
+                    let shift = f64::from(bias[first_channel + c]) - mean * scale;
+                    affine_silu_slice(src, dst, scale as f32, shift as f32, self.silu);
+                }
+            })
+        };
         Ok((CpuStorage::F32(out), x_layout.shape().clone()))
     }
 }

@@ -114,8 +114,8 @@ impl LinearBf16 {
             // SAFETY: `available()` holds (checked by the op); `out` has `k.div_ceil(2)` pairs per row.
             unsafe { round_rows(rows, k, out) }
         });
-        let mut dst = crate::buffers::par_zeroed(m * n);
-        let out = OutPtr::new(&mut dst);
+        let mut dst = crate::buffers::unwritten(m * n);
+        let out = OutPtr::unwritten(&mut dst);
         let panels = n.div_ceil(PANEL);
         // Tasks: groups of panels × chunks of rows, enough of them to keep every core busy.
         let tasks: Vec<(usize, usize)> = (0..panels)
@@ -135,7 +135,9 @@ impl LinearBf16 {
                 unsafe { product(&tile, out.offset(rows_from * n + p * PANEL).get(), n) }
             }
         });
-        dst
+        // SAFETY: the tasks cover every row and every panel, and `product` stores every column
+        // of its panel in every row of its tile.
+        unsafe { crate::buffers::assume_written(dst) }
     }
 }
 

@@ -5,6 +5,7 @@
 //! allocation, a few percent of a transformer step.
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
 
 use crate::fast_math::contiguous_f32;
 
@@ -62,11 +63,20 @@ impl CustomOp2 for LinearF32Cpu {
             )
         }
         let m = x.len() / k.max(1);
-        let mut out = crate::buffers::par_filled(m * n, ROWS_PER_TASK * n, |_, rows| {
-            if !self.bias.is_empty() {
-                rows.chunks_exact_mut(n).for_each(|row| row.copy_from_slice(&self.bias));
-            }
-        });
+        let mut out = crate::buffers::unwritten(m * n);
+        if !self.bias.is_empty() {
+            out.par_chunks_mut((ROWS_PER_TASK * n).max(1)).for_each(|rows| {
+                for row in rows.chunks_exact_mut(n) {
+                    row.iter_mut().zip(&self.bias).for_each(|(o, &b)| {
+                        o.write(b);
+                    });
+                }
+            });
+        } else if k == 0 {
+            out.iter_mut().for_each(|o| {
+                o.write(0.0);
+            });
+        }
         if m > 0 && n > 0 && k > 0 {
             // SAFETY: `out` is m × n row-major, `x` m × k row-major, `w` n × k row-major read as
             // its transpose (element (kk, j) at j·k + kk); all inside their slices.
@@ -75,7 +85,7 @@ impl CustomOp2 for LinearF32Cpu {
                     m,
                     n,
                     k,
-                    out.as_mut_ptr(),
+                    out.as_mut_ptr().cast::<f32>(),
                     1,
                     n as isize,
                     !self.bias.is_empty(),
@@ -94,6 +104,9 @@ impl CustomOp2 for LinearF32Cpu {
                 );
             }
         }
+        // SAFETY: with a bias, every row was set to it; without one, zeros were written (k = 0)
+        // or the GEMM, told not to read `out`, wrote every element.
+        let out = unsafe { crate::buffers::assume_written(out) };
         let mut shape = dims.to_vec();
         if let Some(last) = shape.last_mut() {
             *last = n;

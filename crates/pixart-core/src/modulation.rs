@@ -5,6 +5,8 @@
 //! temporaries; these ops write it once. Off the CPU, or in another dtype, they answer `None` and
 //! the caller composes.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -29,8 +31,8 @@ impl Modulation {
     fn each_batch_row(
         x: &[f32],
         (batch, dim): (usize, usize),
-        out: &mut [f32],
-        f: impl Fn(usize, std::ops::Range<usize>, &mut [f32]) + Sync,
+        out: &mut [MaybeUninit<f32>],
+        f: impl Fn(usize, std::ops::Range<usize>, &mut [MaybeUninit<f32>]) + Sync,
     ) {
         let per_batch = (x.len() / dim / batch).max(1) * dim;
         let chunk = ROWS_PER_TASK.min(per_batch / dim) * dim;
@@ -76,7 +78,7 @@ impl CustomOp3 for Modulation {
             let b = if params == 1 { 0 } else { b };
             &p[b * dim..(b + 1) * dim]
         }
-        let mut out = crate::buffers::par_zeroed(x.len());
+        let mut out = crate::buffers::unwritten(x.len());
         match *self {
             Modulation::LayerNorm { eps } => Self::each_batch_row(x, (batch, dim), &mut out, |i, rows, dst| {
                 modulated_layer_norm_rows(&x[rows], dst, dim, row_of(a, i, dim, params), row_of(b, i, dim, params), eps)
@@ -85,6 +87,9 @@ impl CustomOp3 for Modulation {
                 gated_add_rows(&x[rows.clone()], &a[rows], dst, dim, row_of(b, i, dim, params))
             }),
         }
+        // SAFETY: the tasks cover every row of every batch row, and both row kernels write
+        // every element of the rows they are given.
+        let out = unsafe { crate::buffers::assume_written(out) };
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -130,6 +135,7 @@ pub fn gated_residual_cpu(x: &Tensor, y: &Tensor, gate: &Tensor) -> candle_core:
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::buffers::canary::{nans, values};
     use crate::fast_math::{gated_add_rows_at, modulated_layer_norm_rows_at, Simd};
     use candle_core::{Device, D};
 
@@ -191,8 +197,9 @@ mod tests {
         let scale: Vec<f32> = (0..dim).map(|i| 1.0 + i as f32 * 0.01).collect();
         let shift: Vec<f32> = (0..dim).map(|i| i as f32 * -0.02).collect();
         for level in Simd::supported() {
-            let mut dst = vec![0f32; src.len()];
-            modulated_layer_norm_rows_at(level, &src, &mut dst, dim, &scale, &shift, 1e-6);
+            let mut out = nans(src.len());
+            modulated_layer_norm_rows_at(level, &src, &mut out, dim, &scale, &shift, 1e-6);
+            let dst = values(&out);
             for (row, out) in src.chunks(dim).zip(dst.chunks(dim)) {
                 let mean = row.iter().map(|&v| f64::from(v)).sum::<f64>() / dim as f64;
                 let var = row.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>() / dim as f64;
@@ -201,7 +208,9 @@ mod tests {
                     assert!((f64::from(o) - want).abs() < 1e-5, "{level:?} [{j}]: {o} vs {want}");
                 }
             }
-            gated_add_rows_at(level, &src, &src, &mut dst, dim, &scale);
+            let mut out = nans(src.len());
+            gated_add_rows_at(level, &src, &src, &mut out, dim, &scale);
+            let dst = values(&out);
             for (i, (&v, &o)) in src.iter().zip(&dst).enumerate() {
                 assert_eq!(o, v + v * scale[i % dim], "{level:?} gated add [{i}]");
             }
