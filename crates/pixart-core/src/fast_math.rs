@@ -36,7 +36,9 @@ pub fn exp(x: f32) -> f32 {
     const C2: f32 = -2.121_944_4e-4;
     const ROUND: f32 = 12_582_912.0; // 1.5 · 2²³: adding and subtracting it rounds to an integer
     let x = x.clamp(-87.3, 88.3);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    // `shifted`'s low mantissa bits hold the integer n = round(x · log2 e) ∈ [−126, 128].
+    let shifted = x * LOG2E + ROUND;
+    let n = shifted - ROUND;
     let r = x - n * C1 - n * C2;
     let mut p = 1.987_569_1e-4;
     p = p * r + 1.398_199_9e-3;
@@ -45,17 +47,21 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) << 23) as u32)
+    // 2ⁿ from n's bits, integer ops only: `n as i32` saturates (NaN → 0, out of range →
+    // the bounds), which the compiler does one lane at a time, and that was most of the cost
+    // of every kernel built on `exp`. A NaN `x` still gives NaN (`e` is NaN).
+    let two_to_n = (shifted.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127)) << 23;
+    e * f32::from_bits(two_to_n)
 }
 
-/// GELU with the tanh approximation, `½x(1 + tanh(√(2/π)(x + 0.044715x³)))`, with
-/// `tanh(u) = 1 − 2/(1 + e^{2u})`.
+/// GELU with the tanh approximation, `½x(1 + tanh(u))`, `u = √(2/π)(x + 0.044715x³)`, computed
+/// as `x / (1 + e^{−2u})` (the same function: `½(1 + tanh u)` is the logistic of `2u`), which
+/// has no cancellation for negative `x` and fewer operations.
 #[inline(always)]
 pub fn gelu_tanh(x: f32) -> f32 {
-    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    let u = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
-    let tanh = 1.0 - 2.0 / (1.0 + exp(2.0 * u));
-    0.5 * x * (1.0 + tanh)
+    const MINUS_2_SQRT_2_OVER_PI: f32 = -1.595_769;
+    let minus_2u = MINUS_2_SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
+    x / (1.0 + exp(minus_2u))
 }
 
 /// SiLU, `x / (1 + e^{−x})`.
@@ -361,6 +367,7 @@ mod tests {
         assert!(exp(f32::NEG_INFINITY) < 1e-37 && exp(-1e4) >= 0.0);
         assert!(exp(1e4).is_finite());
         assert_eq!(exp(0.0), 1.0);
+        assert!(exp(f32::NAN).is_nan() && gelu_tanh(f32::NAN).is_nan() && silu(f32::NAN).is_nan());
     }
 
     #[test]
