@@ -23,7 +23,8 @@ tokenizer is the fixtures' sentencepiece model), then times on the same request 
     against `pixart bench --dtype bf16`, which on a CPU with AVX512-BF16 multiplies the
     transformer's linear layers and the VAE decoder's 3×3 convolutions in bf16 and computes the
     rest in f32 (elsewhere all f32), and the
-    max per-pixel difference of `pixart generate --dtype bf16`'s PNG to both of diffusers' PNGs.
+    max per-pixel difference of `pixart generate --dtype bf16`'s PNG to both of diffusers' PNGs,
+    and that process's peak resident set against diffusers' bf16 child's.
 
 Prints the ratios (pixart / diffusers: below 1 is faster or smaller) and writes results.json
 and results.md to --out with the machine and the command.
@@ -91,17 +92,20 @@ def diffusers_child(model: Path, out: Path, dtype: str) -> None:
 
 
 def timed_process(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float, int]:
-    """Runs `cmd`; returns the result, its wall time in ms and its peak resident set in bytes."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    stdout, stderr = proc.communicate()
-    wall = (time.perf_counter() - start) * 1e3
-    # The child has been reaped by communicate(); RUSAGE_CHILDREN's ru_maxrss is the largest
-    # child so far, so run the measured process before any larger one.
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    """Runs `cmd`; returns the result, its wall time in ms and its own peak resident set in bytes
+    (`wait4`'s usage of that child alone, not the largest child so far)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = (time.perf_counter() - start) * 1e3
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[0]} failed ({proc.returncode}):\n{stderr}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr), wall, rss
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr), wall, usage.ru_maxrss * 1024
 
 
 def main() -> None:
@@ -127,7 +131,6 @@ def main() -> None:
             # A model from an earlier run: record the configs it was made with.
             configs = {part: json.loads((model / part / "config.json").read_text())
                        for part in ["text_encoder", "transformer", "vae"]}
-        # Ours first: RUSAGE_CHILDREN keeps the largest child's peak, and diffusers' is larger.
         # diffusers' PixArtSigmaPipeline has no safety checker: compare like with like.
         common = ["--model", str(model), "--device", "cpu", "--dtype", "f32", "--no-safety-checker"]
         gen, generate_ms, generate_rss = timed_process(
@@ -143,7 +146,7 @@ def main() -> None:
             [args.pixart, "bench", *bf16_common, "--size", f"{SIZE}x{SIZE}", "--steps", str(STEPS), "--seed",
              str(SEED), "--prompt", PROMPT, "--runs", str(args.runs), "--warmup", "1", "--json"])
         report_bf16 = json.loads(bench_bf16.stdout)
-        gen_bf16, _, _ = timed_process(
+        gen_bf16, _, generate_bf16_rss = timed_process(
             [args.pixart, "generate", *bf16_common, "--prompt", PROMPT, "--image-size", f"{SIZE}x{SIZE}",
              "--steps", str(STEPS), "--seed", str(SEED), "--out-dir", str(work / "bf16"), "--quiet"])
         png_bf16 = json.loads(gen_bf16.stdout)["images"][0]["url"].removeprefix("file://")
@@ -185,6 +188,7 @@ def main() -> None:
             "pipeline_total_ms": stages_bf16["total"]["median_ms"],
             "transformer_step_ms_median": stages_bf16["transformer_step"]["median_ms"],
             "vae_ms": stages_bf16["vae"]["median_ms"],
+            "peak_rss_bytes": generate_bf16_rss,
         },
     }
     bf16["png_max_pixel_diff_to_diffusers_bf16"] = int(diff(ours_bf16_img, their_bf16_img)["max_abs"])
@@ -195,6 +199,7 @@ def main() -> None:
         "transformer_step": ours_b["transformer_step_ms_median"] / theirs_bf16["transformer_step_ms_median"],
         "vae": ours_b["vae_ms"] / theirs_bf16["vae_ms"],
         "pipeline_call": ours_b["pipeline_total_ms"] / theirs_bf16["total_ms"],
+        "peak_rss": ours_b["peak_rss_bytes"] / theirs_bf16["peak_rss_bytes"],
     }
     targets = {"transformer_step": 0.8, "vae": 0.8, "generate_process_vs_pipeline_call": 0.9, "peak_rss": 1.0}
     env = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
@@ -251,6 +256,9 @@ def main() -> None:
         lines.append(f"| {label} | {theirs_bf16[key]:.1f} ms | {ours_b[key]:.1f} ms | {ratios_bf16[ratio]:.2f} |")
     lines.append(f"| pipeline call (load excluded) | {theirs_bf16['total_ms']:.1f} ms | "
                  f"{ours_b['pipeline_total_ms']:.1f} ms | {ratios_bf16['pipeline_call']:.2f} |")
+    lines.append(f"| peak RSS (`pixart generate --dtype bf16` process; diffusers' bf16 process) | "
+                 f"{theirs_bf16['peak_rss_bytes'] / mib:.1f} MiB | {ours_b['peak_rss_bytes'] / mib:.1f} MiB | "
+                 f"{ratios_bf16['peak_rss']:.2f} |")
     lines.append(f"| PNG max per-pixel difference: pixart bf16 to diffusers bf16 / to diffusers f32; diffusers bf16 "
                  f"to f32 | | | {bf16['png_max_pixel_diff_to_diffusers_bf16']}/255, "
                  f"{bf16['png_max_pixel_diff_to_diffusers_f32']}/255; "
