@@ -113,7 +113,8 @@ def main() -> None:
     parser.add_argument("--pixart", required=True, help="path to a release build of pixart")
     parser.add_argument("--out", required=True, type=Path, help="folder for results.json and results.md")
     parser.add_argument("--runs", type=int, default=3, help="measured pixart bench runs")
-    parser.add_argument("--model-dir", type=Path, help="reuse the random model of an earlier run")
+    parser.add_argument("--model-dir", type=Path,
+                        help="keep the random model here (made on the first run, reused after)")
     parser.add_argument("--diffusers-child", nargs=3, metavar=("MODEL", "OUT", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.diffusers_child:
@@ -125,7 +126,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = args.model_dir or work / "pixart-sigma-cpu-random"
-        if not args.model_dir:
+        if not (model / "model_index.json").exists():
             configs = make_cpu_model(model)
         else:
             # A model from an earlier run: record the configs it was made with.
