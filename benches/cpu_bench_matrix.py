@@ -6,9 +6,12 @@
 
 `<model>` is a diffusers-layout folder, e.g. the random one `cpu_vs_diffusers.py --model-dir`
 keeps. Each row is a fresh `pixart bench --json` process (512², 10 steps, one warm-up, --runs
-measured runs): `--dtype f32`, `bf16` and `f16`, and f32 again with `PIXART_SIMD=avx2` and
+measured runs): `--dtype f32`, `bf16` and `f16`; bf16 again with each bf16 kernel forced
+(`PIXART_BF16_KERNEL=dot`: `vdpbf16ps`; `fma`: f32 FMAs on the widened operands; without the
+variable the process probes which is faster); and f32 again with `PIXART_SIMD=avx2` and
 `PIXART_SIMD=baseline` (our kernels capped at that level; the `gemm` crate's matrix products
-keep choosing their own). What `--dtype` computes on this CPU is the report's `cpu_products`.
+keep choosing their own). What `--dtype` computes on this CPU is the report's `cpu_products`
+(and `cpu_bf16_kernel`).
 The rows alternate over --rounds rounds so that drift on a noisy machine spreads over all of
 them; each figure is the median over rounds. Writes bench-matrix.json and bench-matrix.md.
 """
@@ -23,13 +26,17 @@ import statistics
 import subprocess
 from pathlib import Path
 
+# (--dtype, the one environment variable set for the process, or "").
 ROWS = [
     ("f32", ""),
     ("bf16", ""),
+    ("bf16", "PIXART_BF16_KERNEL=dot"),
+    ("bf16", "PIXART_BF16_KERNEL=fma"),
     ("f16", ""),
-    ("f32", "avx2"),
-    ("f32", "baseline"),
+    ("f32", "PIXART_SIMD=avx2"),
+    ("f32", "PIXART_SIMD=baseline"),
 ]
+VARIABLES = ("PIXART_SIMD", "PIXART_BF16_KERNEL")
 
 
 def cpu_model() -> str:
@@ -42,11 +49,16 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def bench(pixart: str, model: Path, dtype: str, simd: str, runs: int) -> dict:
-    env = dict(os.environ)
-    env.pop("PIXART_SIMD", None)
-    if simd:
-        env["PIXART_SIMD"] = simd
+def computes(row: dict) -> str:
+    kernel = row.get("cpu_bf16_kernel")
+    return f"{row['cpu_products']} ({kernel})" if kernel else str(row["cpu_products"])
+
+
+def bench(pixart: str, model: Path, dtype: str, variable: str, runs: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in VARIABLES}
+    if variable:
+        name, value = variable.split("=", 1)
+        env[name] = value
     cmd = [pixart, "bench", "--model", str(model), "--device", "cpu", "--dtype", dtype, "--no-safety-checker",
            "--size", "512x512", "--steps", "10", "--seed", "0", "--runs", str(runs), "--warmup", "1", "--json"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -66,16 +78,17 @@ def main() -> None:
 
     samples: dict[tuple[str, str], list[dict]] = {row: [] for row in ROWS}
     for _ in range(args.rounds):
-        for dtype, simd in ROWS:
-            samples[(dtype, simd)].append(bench(args.pixart, args.model_dir, dtype, simd, args.runs))
+        for dtype, variable in ROWS:
+            samples[(dtype, variable)].append(bench(args.pixart, args.model_dir, dtype, variable, args.runs))
 
     rows = []
-    for (dtype, simd), reports in samples.items():
+    for (dtype, variable), reports in samples.items():
         stage = lambda name: statistics.median(r["stages"][name]["median_ms"] for r in reports)  # noqa: E731
         rows.append({
             "dtype": dtype,
-            "PIXART_SIMD": simd or "(detected)",
+            "environment": variable,
             "cpu_products": reports[0].get("cpu_products"),
+            "cpu_bf16_kernel": reports[0].get("cpu_bf16_kernel"),
             "transformer_step_ms": stage("transformer_step"),
             "vae_ms": stage("vae"),
             "text_encoder_ms": stage("text_encoder"),
@@ -89,15 +102,15 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench-matrix.json").write_text(json.dumps(results, indent=2) + "\n")
 
-    lines = [f"# pixart bench per dtype and SIMD level — {results['cpu_model']}, {results['cores']} cores", "",
+    lines = [f"# pixart bench per dtype, bf16 kernel and SIMD level — {results['cpu_model']}, {results['cores']} cores", "",
              f"`{command}`", "",
              "512², 10 steps, DPM-Solver++, f32 unless the row says otherwise; medians over the rounds. "
-             "`computes` is the report's `cpu_products`; ratios are to the first row.", "",
-             "| --dtype | PIXART_SIMD | computes | transformer step | VAE decode | T5 | pipeline | peak RSS |",
+             "`computes` is the report's `cpu_products` (and `cpu_bf16_kernel`); ratios are to the first row.", "",
+             "| --dtype | environment | computes | transformer step | VAE decode | T5 | pipeline | peak RSS |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['dtype']} | {r['PIXART_SIMD']} | {r['cpu_products']} "
+            f"| {r['dtype']} | {r['environment'] and '`' + r['environment'] + '`'} | {computes(r)} "
             f"| {r['transformer_step_ms']:.1f} ms ({r['transformer_step_ms'] / f32['transformer_step_ms']:.2f}) "
             f"| {r['vae_ms']:.1f} ms ({r['vae_ms'] / f32['vae_ms']:.2f}) | {r['text_encoder_ms']:.1f} ms "
             f"| {r['total_ms']:.1f} ms ({r['total_ms'] / f32['total_ms']:.2f}) | {r['peak_memory_mib']:.0f} MiB |")

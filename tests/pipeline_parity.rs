@@ -44,7 +44,8 @@ fn fal_requests_reproduce_diffusers_images() {
 /// bf16 products (what `--dtype bf16` runs on an AVX512-BF16 CPU: the transformer's linear
 /// layers and the VAE decoder's 3×3 convolutions): operands keep 8 significant bits (relative
 /// rounding ≤ 2⁻⁹). On the fixtures that moved no pixel more than 3/255 from diffusers' f32
-/// images (AMD EPYC; 1/255 with the linear layers alone), while one wrong operand in the
+/// images (AMD EPYC; 1/255 with the linear layers alone; an Intel Xeon with either
+/// `PIXART_BF16_KERNEL`, `dot` or `fma`, the same), while one wrong operand in the
 /// kernel moves them by 22/255; the images must also differ from the f32 run (the bf16 path
 /// ran). On a CPU without the instruction the option changes nothing: the f32 images, exactly.
 #[test]

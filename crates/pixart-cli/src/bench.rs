@@ -312,6 +312,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let bf16 = options.cpu_products.in_bf16() && device.is_cpu();
         let products = if bf16 { json!("bf16") } else { map["dtype"].clone() };
         map.insert("cpu_products".into(), products);
+        if bf16 {
+            // `vdpbf16ps` ("dot") or f32 FMAs on the widened operands ("fma").
+            map.insert("cpu_bf16_kernel".into(), json!(pixart_pipeline::Bf16Kernel::chosen().name()));
+        }
         if let Some(lora) = &lora {
             map.insert("lora".into(), lora.clone());
         }

@@ -8,7 +8,7 @@ use candle_core::{DType, Device};
 use clap::builder::FalseyValueParser;
 use clap::{Args, ValueEnum};
 use pixart_pipeline::{
-    CpuProducts, HubOptions, LoadOptions, Offload, Pipeline, PipelineError, QuantType, TextEncoderOptions,
+    Bf16Kernel, CpuProducts, HubOptions, LoadOptions, Offload, Pipeline, PipelineError, QuantType, TextEncoderOptions,
     DEFAULT_MODEL, DEFAULT_SAFETY_CHECKER,
 };
 
@@ -147,10 +147,16 @@ impl ModelArgs {
         }
         let name = dtype_name(asked);
         if asked == DType::BF16 && CpuProducts::Bf16.in_bf16() {
-            warn(
+            let how = match Bf16Kernel::chosen() {
+                Bf16Kernel::DotProduct => "AVX512-BF16's vdpbf16ps",
+                Bf16Kernel::WidenedFma => {
+                    "f32 FMAs on the bf16 operands: vdpbf16ps is slower here, or PIXART_BF16_KERNEL=fma"
+                }
+            };
+            warn(&format!(
                 "--dtype bf16 on this CPU: the transformer's linear layers and the VAE decoder's 3x3 convolutions \
-                 multiply in bf16 (AVX512-BF16, sums in f32); everything else computes in f32",
-            );
+                 multiply in bf16 ({how}; sums in f32); everything else computes in f32"
+            ));
             return (DType::F32, CpuProducts::Bf16);
         }
         warn(&format!(

@@ -424,6 +424,14 @@ fn bf16_and_f16_on_the_cpu_compute_in_f32_and_say_so() {
             assert!(stderr.contains(&format!("--dtype {dtype}: computing in f32 on the CPU")), "{stderr}");
         }
     }
+    if bf16_cpu {
+        // Either bf16 kernel on request (without the variable the process takes the faster).
+        for (kernel, says) in [("dot", "vdpbf16ps;"), ("fma", "f32 FMAs on the bf16 operands")] {
+            let output = pixart(&[&args[..], &["--dtype", "bf16"]].concat(), &[("PIXART_BF16_KERNEL", kernel)]);
+            assert_eq!(response(&output)["cpu_bf16_kernel"], kernel);
+            assert!(String::from_utf8_lossy(&output.stderr).contains(says), "{kernel}");
+        }
+    }
     let output = pixart(&[&args[..], &["--dtype", "f32"]].concat(), &[]);
     assert_eq!(response(&output)["dtype"], "f32");
     assert_eq!(response(&output)["cpu_products"], "f32");

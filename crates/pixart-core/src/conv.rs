@@ -5,7 +5,7 @@ use candle_nn::{Conv2d, Conv2dConfig};
 
 use crate::conv_cpu::Conv2dRowsCpu;
 use crate::conv_winograd::Conv3x3WinogradCpu;
-use crate::linear_bf16::CpuProducts;
+use crate::linear_bf16::{Bf16Kernel, CpuProducts};
 
 /// The largest unfolded input (im2col buffer) one convolution call may build, in bytes. Larger
 /// inputs are convolved in bands of output rows; each band reads its rows plus the kernel's halo
@@ -47,7 +47,11 @@ impl Conv {
         let (x, weight) = (x.to_dtype(DType::F32)?.contiguous()?, weight.contiguous()?);
         let padding = self.0.config().padding;
         let out = if weight.dims()[2..] == [3, 3] {
-            x.apply_op3_no_bwd(&weight, &bias, &Conv3x3WinogradCpu { padding, products: self.1 })?
+            x.apply_op3_no_bwd(
+                &weight,
+                &bias,
+                &Conv3x3WinogradCpu { padding, products: self.1, bf16_kernel: Bf16Kernel::chosen() },
+            )?
         } else {
             x.apply_op3_no_bwd(&weight, &bias, &Conv2dRowsCpu { padding })?
         };

@@ -23,7 +23,7 @@ use rayon::prelude::*;
 use crate::conv_cpu::{ConvOperands, OutPtr};
 use crate::fast_math::dispatch;
 use crate::gemm_cpu::{matmul, Operand};
-use crate::linear_bf16::{pack_columns, product, round_rows, CpuProducts, Tile, PANEL};
+use crate::linear_bf16::{pack_columns, product, round_rows, Bf16Kernel, CpuProducts, Tile, PANEL};
 
 /// The transformed input of one band may take this many f32 (4 MiB); its GEMM output as much.
 const BAND_ELEMENTS: usize = 1 << 20;
@@ -36,6 +36,8 @@ pub struct Conv3x3WinogradCpu {
     pub padding: usize,
     /// How the 16 GEMMs multiply.
     pub products: CpuProducts,
+    /// Which kernel computes bf16 products (with [`CpuProducts::Bf16`]).
+    pub bf16_kernel: Bf16Kernel,
 }
 
 /// The shapes of one call.
@@ -213,10 +215,10 @@ struct Scratch {
     panels: Vec<u16>,
 }
 
-/// The transformed weights: `U` in f32, or as rows of bf16 pairs for bf16 products.
+/// The transformed weights: `U` in f32, or its rows rounded to bf16 for a bf16 kernel.
 enum Weights {
     F32(Vec<f32>),
-    Bf16(Vec<u32>),
+    Bf16(Vec<u32>, Bf16Kernel),
 }
 
 thread_local! {
@@ -247,15 +249,16 @@ fn band(
                 // SAFETY: lhs is c_out × c_in, rhs c_in × tiles, dst c_out × tiles, all row-major.
                 unsafe { matmul((g.c_out, tiles, g.c_in), dst.as_mut_ptr(), tiles, false, lhs, rhs) };
             }
-            Weights::Bf16(u) => {
-                let pairs = g.c_in.div_ceil(2);
-                let a = &u[xi * g.c_out * pairs..(xi + 1) * g.c_out * pairs];
+            &Weights::Bf16(ref u, kernel) => {
+                let (pairs, words) = (g.c_in.div_ceil(2), kernel.row_words(g.c_in));
+                let a = &u[xi * g.c_out * words..(xi + 1) * g.c_out * words];
                 // SAFETY: `Weights::Bf16` is only built where `LinearBf16::available()`; `v` is
                 // c_in × tiles; `dst` c_out × tiles, written one panel of columns at a time.
                 unsafe {
                     pack_columns(v, (g.c_in, tiles, tiles), &mut s.panels);
                     for (p, panel) in s.panels.chunks_exact(pairs * PANEL * 2).enumerate() {
-                        let tile = Tile { a, pairs, panel, bias: None, cols: PANEL.min(tiles - p * PANEL) };
+                        let cols = PANEL.min(tiles - p * PANEL);
+                        let tile = Tile { a, pairs, panel, bias: None, cols, kernel };
                         product(&tile, dst.as_mut_ptr().add(p * PANEL), tiles);
                     }
                 }
@@ -265,18 +268,19 @@ fn band(
     output_transform(g, &s.m, bias, (ty0, rows), out, &mut s.rows);
 }
 
-fn run(g: Geometry, batch: usize, input: &[f32], weight: &[f32], bias: &[f32], products: CpuProducts) -> Vec<f32> {
+fn run(g: Geometry, batch: usize, input: &[f32], weight: &[f32], bias: &[f32], op: Conv3x3WinogradCpu) -> Vec<f32> {
     let plane_out = g.out_h * g.out_w;
     let mut out = vec![0f32; batch * g.c_out * plane_out];
     if out.is_empty() {
         return out;
     }
     let u = transform_weights(weight, g.c_out, g.c_in);
-    let u = if products.in_bf16() {
-        let mut pairs = vec![0u32; 16 * g.c_out * g.c_in.div_ceil(2)];
+    let u = if op.products.in_bf16() {
+        let kernel = op.bf16_kernel;
+        let mut rows = vec![0u32; 16 * g.c_out * kernel.row_words(g.c_in)];
         // SAFETY: `in_bf16()` checked the CPU; `u` is 16·c_out rows of c_in.
-        unsafe { round_rows(&u, g.c_in, &mut pairs) };
-        Weights::Bf16(pairs)
+        unsafe { round_rows(&u, g.c_in, &mut rows, kernel) };
+        Weights::Bf16(rows, kernel)
     } else {
         Weights::F32(u)
     };
@@ -320,7 +324,7 @@ impl CustomOp3 for Conv3x3WinogradCpu {
         let g =
             Geometry { c_in, h, w, c_out, pad, out_h, out_w, tiles_w: out_w.div_ceil(2), tiles_h: out_h.div_ceil(2) };
         let (input, weight, bias) = (ops.input, ops.weight, ops.bias);
-        let out = run(g, batch, input, weight, bias, self.products);
+        let out = run(g, batch, input, weight, bias, *self);
         Ok((CpuStorage::F32(out), Shape::from((batch, c_out, out_h, out_w))))
     }
 }
@@ -349,7 +353,7 @@ mod tests {
             let wt = Tensor::randn(0f32, 1.0, (co, ci, 3, 3), &dev).unwrap();
             let bias = Tensor::randn(0f32, 1.0, co, &dev).unwrap();
             let want = x.apply_op3_no_bwd(&wt, &bias, &Conv2dRowsCpu { padding: p }).unwrap();
-            let op = Conv3x3WinogradCpu { padding: p, products: CpuProducts::F32 };
+            let op = Conv3x3WinogradCpu { padding: p, products: CpuProducts::F32, bf16_kernel: Bf16Kernel::chosen() };
             let ours = x.apply_op3_no_bwd(&wt, &bias, &op).unwrap();
             assert_eq!(ours.dims(), want.dims(), "{b} {ci} {h} {w} {co} {p}");
             let diff = (&ours - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
@@ -360,24 +364,30 @@ mod tests {
     /// With bf16 products (where the CPU has them), against the direct f32 convolution: `U` and
     /// `V` keep 8 significant bits (relative rounding ≤ 2⁻⁹ each), so the output moves by about
     /// 2⁻⁸·√(9·c_in) of a typical term; bounded at 1% of the output's largest value (0.35–0.42%
-    /// measured), and it must move more than f32 rounding does (the bf16 path ran).
+    /// measured), and it must move more than f32 rounding does (the bf16 path ran). Both kernels.
     #[test]
     fn bf16_products_stay_within_bf16_rounding_of_the_direct_convolution() {
         if !CpuProducts::Bf16.in_bf16() {
             return;
         }
         let dev = Device::Cpu;
-        for &(b, ci, h, w, co, p) in &[(2, 5, 11, 7, 6, 1), (1, 64, 9, 13, 40, 1), (1, 33, 6, 5, 3, 0)] {
+        let shapes = [(2, 5, 11, 7, 6, 1), (1, 64, 9, 13, 40, 1), (1, 33, 6, 5, 3, 0)];
+        for (&(b, ci, h, w, co, p), kernel) in
+            shapes.iter().flat_map(|s| [(s, Bf16Kernel::DotProduct), (s, Bf16Kernel::WidenedFma)])
+        {
             let x = Tensor::randn(0f32, 1.0, (b, ci, h, w), &dev).unwrap();
             let wt = Tensor::randn(0f32, 1.0, (co, ci, 3, 3), &dev).unwrap();
             let bias = Tensor::randn(0f32, 1.0, co, &dev).unwrap();
             let want = x.apply_op3_no_bwd(&wt, &bias, &Conv2dRowsCpu { padding: p }).unwrap();
-            let op = Conv3x3WinogradCpu { padding: p, products: CpuProducts::Bf16 };
+            let op = Conv3x3WinogradCpu { padding: p, products: CpuProducts::Bf16, bf16_kernel: kernel };
             let ours = x.apply_op3_no_bwd(&wt, &bias, &op).unwrap();
             let diff = (&ours - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            eprintln!("{b} {ci} {h} {w} {co} {p}: {diff} of {scale}");
-            assert!(diff <= 0.01 * scale && diff > 1e-5 * scale, "{b} {ci} {h} {w} {co} {p}: {diff} of {scale}");
+            eprintln!("{kernel:?} {b} {ci} {h} {w} {co} {p}: {diff} of {scale}");
+            assert!(
+                diff <= 0.01 * scale && diff > 1e-5 * scale,
+                "{kernel:?} {b} {ci} {h} {w} {co} {p}: {diff} of {scale}"
+            );
         }
     }
 
@@ -408,7 +418,7 @@ mod tests {
         let x = Tensor::zeros((1, 2, 4, 4), candle_core::DType::F32, &dev).unwrap();
         let w = Tensor::zeros((1, 2, 5, 5), candle_core::DType::F32, &dev).unwrap();
         let b = Tensor::zeros(1, candle_core::DType::F32, &dev).unwrap();
-        let op = Conv3x3WinogradCpu { padding: 1, products: CpuProducts::F32 };
+        let op = Conv3x3WinogradCpu { padding: 1, products: CpuProducts::F32, bf16_kernel: Bf16Kernel::chosen() };
         assert!(x.apply_op3_no_bwd(&w, &b, &op).is_err());
     }
 }

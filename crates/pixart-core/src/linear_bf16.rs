@@ -8,6 +8,12 @@
 //! the input rows to bf16 pairs (`u32`), then every task takes a few panels and runs 8 rows at a
 //! time against them: per pair of `k`, each row's pair is broadcast and multiplied with two
 //! vectors of the panel into 16 f32 accumulators, which start at the bias.
+//!
+//! Where `vdpbf16ps` is not faster than f32 FMAs (a Sapphire Rapids-class Xeon issues one every
+//! other cycle: half the products per second of its two f32 FMA pipes), the same products run as
+//! [`Bf16Kernel::WidenedFma`]: the rows are rounded to bf16 and kept as f32, the panel's bf16
+//! pairs widened to f32 in registers (a shift and a mask, exact), summed by f32 FMAs. Products of
+//! bf16 values are exact in f32 either way; only the rounding of the sums differs.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use half::bf16;
@@ -33,10 +39,69 @@ impl CpuProducts {
     }
 }
 
+/// How [`LinearBf16`] (and the bf16 Winograd GEMMs) compute their products on this CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bf16Kernel {
+    /// `vdpbf16ps`: two bf16 products per f32 lane in one instruction.
+    DotProduct,
+    /// The bf16 operands widened to f32 and summed by f32 FMAs.
+    WidenedFma,
+}
+
+impl Bf16Kernel {
+    /// The kernel of this process: `PIXART_BF16_KERNEL` (`dot` or `fma`, read once) or else the
+    /// faster one here, from a throughput probe of the two instructions on registers (under a
+    /// millisecond, run once): `vdpbf16ps` where it does at least 1.3× the f32 FMA's products
+    /// per second.
+    pub fn chosen() -> Self {
+        static KERNEL: std::sync::OnceLock<Bf16Kernel> = std::sync::OnceLock::new();
+        *KERNEL.get_or_init(|| match std::env::var("PIXART_BF16_KERNEL").ok().as_deref().map(str::trim) {
+            Some("dot") => Self::DotProduct,
+            Some("fma") => Self::WidenedFma,
+            _ => Self::probe(),
+        })
+    }
+
+    /// `dot` or `fma`, as `PIXART_BF16_KERNEL` names them.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::DotProduct => "dot",
+            Self::WidenedFma => "fma",
+        }
+    }
+
+    /// The faster kernel by [`x86::products_per_ns`]; `DotProduct` where the probe cannot run.
+    fn probe() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if LinearBf16::available() {
+            // SAFETY: `available()` checked AVX-512 F, BW and BF16.
+            let (dot, fma) = unsafe { x86::products_per_ns() };
+            return if dot >= 1.3 * fma { Self::DotProduct } else { Self::WidenedFma };
+        }
+        Self::DotProduct
+    }
+
+    /// `u32` words per pair of a row's bf16 values: one pair (`DotProduct`) or two f32.
+    fn words_per_pair(self) -> usize {
+        match self {
+            Self::DotProduct => 1,
+            Self::WidenedFma => 2,
+        }
+    }
+
+    /// `u32` words of one `k`-long row as [`round_rows`] writes it for this kernel.
+    pub(crate) fn row_words(self, k: usize) -> usize {
+        k.div_ceil(2) * self.words_per_pair()
+    }
+}
+
 /// Output columns per panel (two vectors of 16 f32).
 pub(crate) const PANEL: usize = 32;
-/// Input rows per micro-kernel call.
+/// Input rows per micro-kernel call ([`Bf16Kernel::DotProduct`]: 16 accumulators).
 const ROWS: usize = 8;
+/// Input rows per micro-kernel call of [`Bf16Kernel::WidenedFma`] (24 accumulators and four
+/// widened weight vectors: the two extra ALU operations per pair spread over more FMAs).
+const WIDENED_ROWS: usize = 12;
 /// Panels per parallel task (their bf16 weights stay in a core's L2 while the rows stream).
 const PANELS_PER_TASK: usize = 4;
 /// Input rows per parallel task.
@@ -51,6 +116,7 @@ pub struct LinearBf16 {
     packed: Vec<u16>,
     /// `out_features` values, or empty.
     bias: Vec<f32>,
+    kernel: Bf16Kernel,
 }
 
 impl LinearBf16 {
@@ -69,8 +135,13 @@ impl LinearBf16 {
     }
 
     /// Packs `weight` `[out, in]` (any float dtype; rounded to bf16 to nearest even) and
-    /// `bias` `[out]` (kept in f32).
+    /// `bias` `[out]` (kept in f32), for [`Bf16Kernel::chosen`].
     pub fn new(weight: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Self> {
+        Self::with_kernel(weight, bias, Bf16Kernel::chosen())
+    }
+
+    /// As [`LinearBf16::new`], computing with `kernel`.
+    pub fn with_kernel(weight: &Tensor, bias: Option<&Tensor>, kernel: Bf16Kernel) -> candle_core::Result<Self> {
         let (n, k) = weight.dims2()?;
         let w = weight.to_dtype(DType::BF16)?.flatten_all()?.to_vec1::<bf16>()?;
         let pairs = k.div_ceil(2);
@@ -96,7 +167,7 @@ impl LinearBf16 {
         if !bias.is_empty() && bias.len() != n {
             candle_core::bail!("linear-bf16: a bias of {} for {n} outputs", bias.len())
         }
-        Ok(Self { out_features: n, in_features: k, packed, bias })
+        Ok(Self { out_features: n, in_features: k, packed, bias, kernel })
     }
 
     /// `x` `[…, in]` f32 on the CPU → `[…, out]` f32.
@@ -107,12 +178,12 @@ impl LinearBf16 {
     /// `dst[m × n] = round_bf16(x)[m × k] · round_bf16(W)ᵀ + b`.
     fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         let (n, k) = (self.out_features, self.in_features);
-        let pairs = k.div_ceil(2);
-        // The rows as bf16 pairs (the low half is the even column, as the instruction reads).
-        let mut a = vec![0u32; m * pairs];
-        a.par_chunks_mut(pairs * ROWS).zip(x.par_chunks(k * ROWS)).for_each(|(out, rows)| {
-            // SAFETY: `available()` holds (checked by the op); `out` has `k.div_ceil(2)` pairs per row.
-            unsafe { round_rows(rows, k, out) }
+        let (pairs, words, kernel) = (k.div_ceil(2), self.kernel.row_words(k), self.kernel);
+        // The rows rounded to bf16, as the kernel reads them.
+        let mut a = vec![0u32; m * words];
+        a.par_chunks_mut(words * ROWS).zip(x.par_chunks(k * ROWS)).for_each(|(out, rows)| {
+            // SAFETY: `available()` holds (checked by the op); `out` has `row_words(k)` per row.
+            unsafe { round_rows(rows, k, out, kernel) }
         });
         let mut dst = crate::buffers::unwritten(m * n);
         let out = OutPtr::unwritten(&mut dst);
@@ -128,7 +199,8 @@ impl LinearBf16 {
                 let cols = PANEL.min(n - p * PANEL);
                 let panel = &self.packed[p * pairs * PANEL * 2..(p + 1) * pairs * PANEL * 2];
                 let bias = if self.bias.is_empty() { None } else { Some(&self.bias[p * PANEL..p * PANEL + cols]) };
-                let tile = Tile { a: &a[rows_from * pairs..(rows_from + rows) * pairs], pairs, panel, bias, cols };
+                let a = &a[rows_from * words..(rows_from + rows) * words];
+                let tile = Tile { a, pairs, panel, bias, cols, kernel };
                 // SAFETY: `available()` was checked by the op; `tile` holds `rows` rows and a
                 // whole panel; the destination addresses `rows` rows of `cols` columns
                 // (stride `n`) that only this task writes.
@@ -141,38 +213,57 @@ impl LinearBf16 {
     }
 }
 
-/// Rounds each `k`-long row of `x` to bf16 (to nearest even) into `out` as pairs,
-/// `k.div_ceil(2)` per row, the low half the even column (an odd last column paired with 0).
+/// Rounds each `k`-long row of `x` to bf16 (to nearest even) into `out` as `kernel` reads it,
+/// [`Bf16Kernel::row_words`] per row: for [`Bf16Kernel::DotProduct`] as pairs, the low half the
+/// even column; for [`Bf16Kernel::WidenedFma`] as f32 bits. An odd `k` is padded with a zero.
 ///
 /// # Safety
 /// The CPU has what [`LinearBf16::available`] checks.
-pub(crate) unsafe fn round_rows(x: &[f32], k: usize, out: &mut [u32]) {
+pub(crate) unsafe fn round_rows(x: &[f32], k: usize, out: &mut [u32], kernel: Bf16Kernel) {
     #[cfg(target_arch = "x86_64")]
-    for (row, out) in x.chunks_exact(k).zip(out.chunks_exact_mut(k.div_ceil(2))) {
+    for (row, out) in x.chunks_exact(k).zip(out.chunks_exact_mut(kernel.row_words(k))) {
         // SAFETY: as the caller promises.
-        unsafe { x86::round_row(row, out) }
+        unsafe {
+            match kernel {
+                Bf16Kernel::DotProduct => x86::round_row(row, out),
+                Bf16Kernel::WidenedFma => x86::round_row_widened(row, out),
+            }
+        }
     }
 }
 
 /// `dst[r][c] = bias[c] + Σ_p a[r][p] · panel[p][c]` for every row of `tile.a` and the
-/// panel's `tile.cols` columns, rows `dst_stride` apart, [`ROWS`] rows per micro-kernel call.
+/// panel's `tile.cols` columns, rows `dst_stride` apart, by `tile.kernel` ([`ROWS`] or
+/// [`WIDENED_ROWS`] rows per micro-kernel call, then fewer).
 ///
 /// # Safety
-/// The CPU has what [`LinearBf16::available`] checks; `dst` addresses `tile.a.len() /
-/// tile.pairs` rows of `tile.cols` columns that no one else writes during the call.
+/// The CPU has what [`LinearBf16::available`] checks; `tile.a` was written by [`round_rows`]
+/// for `tile.kernel`; `dst` addresses its rows' `tile.cols` columns, which no one else writes
+/// during the call.
 pub(crate) unsafe fn product(tile: &Tile, dst: *mut f32, dst_stride: usize) {
     #[cfg(target_arch = "x86_64")]
-    for (strip, a) in tile.a.chunks(ROWS * tile.pairs).enumerate() {
-        let dst = dst.wrapping_add(strip * ROWS * dst_stride);
-        // SAFETY: as the caller promises; each call covers its strip's rows.
-        unsafe {
-            if a.len() == ROWS * tile.pairs {
-                x86::tile::<ROWS>(&Tile { a, ..*tile }, dst, dst_stride)
-            } else {
-                for (r, a) in a.chunks_exact(tile.pairs).enumerate() {
-                    x86::tile::<1>(&Tile { a, ..*tile }, dst.add(r * dst_stride), dst_stride)
+    {
+        let words = tile.pairs * tile.kernel.words_per_pair();
+        let rows = tile.a.len() / words.max(1);
+        let widened = tile.kernel == Bf16Kernel::WidenedFma;
+        let mut done = 0;
+        while done < rows {
+            let left = rows - done;
+            let dst = dst.wrapping_add(done * dst_stride);
+            let strip = |n: usize| Tile { a: &tile.a[done * words..(done + n) * words], ..*tile };
+            // SAFETY: as the caller promises; each call covers the next rows, as many as it returns.
+            let n = unsafe {
+                if widened && left >= WIDENED_ROWS {
+                    x86::tile::<WIDENED_ROWS>(&strip(WIDENED_ROWS), dst, dst_stride)
+                } else if left >= ROWS {
+                    x86::tile::<ROWS>(&strip(ROWS), dst, dst_stride)
+                } else if left >= 4 {
+                    x86::tile::<4>(&strip(4), dst, dst_stride)
+                } else {
+                    x86::tile::<1>(&strip(1), dst, dst_stride)
                 }
-            }
+            };
+            done += n;
         }
     }
 }
@@ -197,8 +288,9 @@ pub(crate) unsafe fn pack_columns(src: &[f32], (rows, cols, stride): (usize, usi
 /// The operands of [`product`].
 #[derive(Clone, Copy)]
 pub(crate) struct Tile<'a> {
-    /// Rows of bf16 pairs, `pairs` each.
+    /// Rows from [`round_rows`] for `kernel`, [`Bf16Kernel::row_words`] each.
     pub a: &'a [u32],
+    /// Pairs of the reduced dimension.
     pub pairs: usize,
     /// `[pairs][PANEL][2]` bf16 bits.
     pub panel: &'a [u16],
@@ -206,6 +298,8 @@ pub(crate) struct Tile<'a> {
     pub bias: Option<&'a [f32]>,
     /// Valid columns of the panel (the last panel may be partial).
     pub cols: usize,
+    /// How the products are computed.
+    pub kernel: Bf16Kernel,
 }
 
 impl CustomOp1 for LinearBf16 {
@@ -238,7 +332,7 @@ impl CustomOp1 for LinearBf16 {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Tile, PANEL};
+    use super::{Bf16Kernel, Tile, PANEL};
 
     /// `row` rounded to bf16 (to nearest even, as `half::bf16::from_f32` for normal numbers),
     /// as pairs; an odd last column is paired with zero.
@@ -288,9 +382,75 @@ mod x86 {
         }
     }
 
-    /// `R` rows of `tile` into `dst` (row stride `dst_stride`), starting from the bias.
+    /// `row` rounded to bf16 as [`round_row`] does, each value kept as f32 (exactly), padded with
+    /// a zero to an even length.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    pub(super) unsafe fn tile<const R: usize>(tile: &Tile, dst: *mut f32, dst_stride: usize) {
+    pub(super) unsafe fn round_row_widened(row: &[f32], out: &mut [u32]) {
+        let mut chunks = row.chunks_exact(16);
+        let mut at = 0;
+        for chunk in &mut chunks {
+            let bits: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(chunk.as_ptr())));
+            let widened = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(bits));
+            _mm512_storeu_si512(out.as_mut_ptr().add(at).cast(), widened);
+            at += 16;
+        }
+        for (i, v) in out[at..].iter_mut().enumerate() {
+            *v = chunks.remainder().get(i).map_or(0, |&x| half::bf16::from_f32(x).to_f32().to_bits());
+        }
+    }
+
+    /// Products per nanosecond of `vdpbf16ps` and of `vfmadd231ps` on 512-bit registers, twelve
+    /// independent accumulators each, the best of five alternating timings of each.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn products_per_ns() -> (f64, f64) {
+        const ROUNDS: u32 = 4000;
+        let time = |f: &dyn Fn()| {
+            let t = std::time::Instant::now();
+            f();
+            t.elapsed().as_secs_f64().max(1e-9)
+        };
+        let (mut dot, mut fma) = (f64::MAX, f64::MAX);
+        for _ in 0..5 {
+            // SAFETY: the caller checked the instructions; the asm only touches zmm0..11, 30, 31.
+            dot = dot.min(time(&|| unsafe { twelve_chains::<true>(ROUNDS) }));
+            fma = fma.min(time(&|| unsafe { twelve_chains::<false>(ROUNDS) }));
+        }
+        // 12 instructions per round: 32 products each for `vdpbf16ps`, 16 for the FMA.
+        let products = 12.0 * ROUNDS as f64 * 1e-9;
+        (32.0 * products / dot, 16.0 * products / fma)
+    }
+
+    /// `rounds` × twelve `vdpbf16ps` (`DOT`) or `vfmadd231ps` into zmm0..11.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn twelve_chains<const DOT: bool>(rounds: u32) {
+        macro_rules! twelve {
+            ($op:literal) => {
+                for _ in 0..rounds {
+                    std::arch::asm!(
+                        concat!($op, " zmm0, zmm30, zmm31"), concat!($op, " zmm1, zmm30, zmm31"),
+                        concat!($op, " zmm2, zmm30, zmm31"), concat!($op, " zmm3, zmm30, zmm31"),
+                        concat!($op, " zmm4, zmm30, zmm31"), concat!($op, " zmm5, zmm30, zmm31"),
+                        concat!($op, " zmm6, zmm30, zmm31"), concat!($op, " zmm7, zmm30, zmm31"),
+                        concat!($op, " zmm8, zmm30, zmm31"), concat!($op, " zmm9, zmm30, zmm31"),
+                        concat!($op, " zmm10, zmm30, zmm31"), concat!($op, " zmm11, zmm30, zmm31"),
+                        out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _, out("zmm4") _,
+                        out("zmm5") _, out("zmm6") _, out("zmm7") _, out("zmm8") _, out("zmm9") _,
+                        out("zmm10") _, out("zmm11") _, out("zmm30") _, out("zmm31") _,
+                        options(nomem, nostack),
+                    );
+                }
+            };
+        }
+        if DOT {
+            twelve!("vdpbf16ps")
+        } else {
+            twelve!("vfmadd231ps")
+        }
+    }
+
+    /// `R` rows of `tile` into `dst` (row stride `dst_stride`), starting from the bias; returns `R`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn tile<const R: usize>(tile: &Tile, dst: *mut f32, dst_stride: usize) -> usize {
         let mask = |from: usize| -> __mmask16 {
             let valid = tile.cols.saturating_sub(from).min(16);
             ((1u32 << valid) - 1) as __mmask16
@@ -302,7 +462,22 @@ mod x86 {
             }
             None => [_mm512_setzero_ps(); 2],
         };
-        let mut acc = [start; R];
+        let acc = match tile.kernel {
+            Bf16Kernel::DotProduct => dot_products::<R>(tile, [start; R]),
+            Bf16Kernel::WidenedFma => widened_fma::<R>(tile, [start; R]),
+        };
+        for (r, acc) in acc.iter().enumerate() {
+            let row = dst.add(r * dst_stride);
+            _mm512_mask_storeu_ps(row, low, acc[0]);
+            _mm512_mask_storeu_ps(row.add(16), high, acc[1]);
+        }
+        R
+    }
+
+    /// `acc[r] += Σ_p a[r][p] · panel[p]` by `vdpbf16ps`, `a` as pairs.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn dot_products<const R: usize>(tile: &Tile, mut acc: [[__m512; 2]; R]) -> [[__m512; 2]; R] {
         let panel = tile.panel.as_ptr();
         for p in 0..tile.pairs {
             let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(panel.add(p * PANEL * 2).cast()));
@@ -314,11 +489,37 @@ mod x86 {
                 acc[1] = _mm512_dpbf16_ps(acc[1], a, b1);
             }
         }
-        for (r, acc) in acc.iter().enumerate() {
-            let row = dst.add(r * dst_stride);
-            _mm512_mask_storeu_ps(row, low, acc[0]);
-            _mm512_mask_storeu_ps(row.add(16), high, acc[1]);
+        acc
+    }
+
+    /// `acc[r] += Σ_p a[r][p] · panel[p]` by f32 FMAs, `a` as f32 bits, each of the panel's
+    /// pairs widened to its even (shifted up) and odd (masked) f32.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn widened_fma<const R: usize>(tile: &Tile, mut acc: [[__m512; 2]; R]) -> [[__m512; 2]; R] {
+        let panel = tile.panel.as_ptr();
+        let a = tile.a.as_ptr().cast::<f32>();
+        let words = 2 * tile.pairs;
+        let odd_mask = _mm512_set1_epi32(0xFFFF_0000_u32 as i32);
+        for p in 0..tile.pairs {
+            let w0 = _mm512_loadu_si512(panel.add(p * PANEL * 2).cast());
+            let w1 = _mm512_loadu_si512(panel.add(p * PANEL * 2 + 32).cast());
+            let even =
+                [_mm512_castsi512_ps(_mm512_slli_epi32::<16>(w0)), _mm512_castsi512_ps(_mm512_slli_epi32::<16>(w1))];
+            let odd = [
+                _mm512_castsi512_ps(_mm512_and_si512(w0, odd_mask)),
+                _mm512_castsi512_ps(_mm512_and_si512(w1, odd_mask)),
+            ];
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let x_even = _mm512_set1_ps(*a.add(r * words + 2 * p));
+                let x_odd = _mm512_set1_ps(*a.add(r * words + 2 * p + 1));
+                acc[0] = _mm512_fmadd_ps(x_even, even[0], acc[0]);
+                acc[1] = _mm512_fmadd_ps(x_even, even[1], acc[1]);
+                acc[0] = _mm512_fmadd_ps(x_odd, odd[0], acc[0]);
+                acc[1] = _mm512_fmadd_ps(x_odd, odd[1], acc[1]);
+            }
         }
+        acc
     }
 }
 
@@ -327,27 +528,29 @@ mod tests {
     use super::*;
     use candle_core::{Device, Module};
 
-    /// Against candle's f32 linear on the same bf16-rounded weight and input (what the
-    /// instruction multiplies; products are exact in f32, only the order of the sums differs),
-    /// with ragged rows, columns and an odd `k`.
+    /// Against candle's f32 linear on the same bf16-rounded weight and input (what either kernel
+    /// multiplies; products are exact in f32, only the order of the sums differs), with ragged
+    /// rows, columns and an odd `k`, for both kernels.
     #[test]
     fn equals_a_linear_on_bf16_rounded_operands() {
         if !LinearBf16::available() {
             return;
         }
         let dev = Device::Cpu;
-        for (m, k, n, with_bias) in [(19, 77, 45, true), (16, 64, 64, false), (3, 384, 100, true)] {
+        let shapes = [(19, 77, 45, true), (16, 64, 64, false), (3, 384, 100, true)];
+        let cases = shapes.iter().flat_map(|&s| [(s, Bf16Kernel::DotProduct), (s, Bf16Kernel::WidenedFma)]);
+        for ((m, k, n, with_bias), kernel) in cases {
             let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
             let b = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
             let x = Tensor::randn(0f32, 1.0, (2, m, k), &dev).unwrap();
             let bias = with_bias.then_some(&b);
-            let ours = LinearBf16::new(&w, bias).unwrap().forward(&x).unwrap();
+            let ours = LinearBf16::with_kernel(&w, bias, kernel).unwrap().forward(&x).unwrap();
             let round = |t: &Tensor| t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
             let want = candle_nn::Linear::new(round(&w), bias.cloned()).forward(&round(&x)).unwrap();
             assert_eq!(ours.dims(), [2, m, n]);
             let err = (&ours - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(err <= 2e-6 * scale * (k as f32).sqrt(), "{m}×{k}×{n}: {err} vs {scale}");
+            assert!(err <= 2e-6 * scale * (k as f32).sqrt(), "{kernel:?} {m}×{k}×{n}: {err} vs {scale}");
         }
     }
 }

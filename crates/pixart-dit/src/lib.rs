@@ -26,7 +26,7 @@ pub use config::DitConfig;
 pub use linear::DitLinear;
 pub use lora::{Lora, LoraError};
 pub use model::{DitTrace, Perturbation, PixArtTransformer, PreparedCaption, PreparedTimestep, PreparedTimesteps};
-pub use pixart_core::linear_bf16::CpuProducts;
+pub use pixart_core::linear_bf16::{Bf16Kernel, CpuProducts};
 pub use weights::{Layout, TransformerWeights};
 
 /// Errors from loading or running the transformer.

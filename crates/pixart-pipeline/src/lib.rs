@@ -54,7 +54,7 @@ pub use load_options::LoadOptions;
 pub use model_source::{resolve_classifier, resolve_model, HubOptions, ModelError, DEFAULT_MODEL};
 pub use params::{GenerationParams, LoraUse, Sampler};
 pub use pipeline::Pipeline;
-pub use pixart_dit::{CpuProducts, Layout, Lora, LoraError};
+pub use pixart_dit::{Bf16Kernel, CpuProducts, Layout, Lora, LoraError};
 pub use pixart_safety::{SafetyChecker, DEFAULT_SAFETY_CHECKER};
 pub use pixart_t5::{QuantType, WeightSummary};
 pub use rng::TorchGenerator;
