@@ -85,3 +85,14 @@ fn linear_ff_up(bencher: divan::Bencher, products: &str) {
     let linear = LinearBf16::with_kernel(&w, Some(&b), kernel).unwrap();
     bencher.bench_local(|| linear.forward(&x).unwrap());
 }
+
+/// Self-attention at `benches/cpu_vs_diffusers.py`'s transformer shape: `[2, 6, 1024, 64]`
+/// (CFG batch 2, 6 heads, 32² latent patches), 3.22 GFLOP (two 2·6·1024²·64 products):
+/// GFLOP/s = 3.22 / seconds.
+#[divan::bench(sample_count = 20)]
+fn attention_self_1024(bencher: divan::Bencher) {
+    let qkv: Vec<Tensor> = (0..3).map(|_| Tensor::randn(0f32, 1.0, (2, 6, 1024, 64), &Device::Cpu).unwrap()).collect();
+    bencher.bench_local(|| {
+        pixart_core::attention::scaled_dot_product_attention(&qkv[0], &qkv[1], &qkv[2], None, 0.125).unwrap()
+    });
+}

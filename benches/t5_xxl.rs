@@ -52,6 +52,13 @@ fn rss_kib(field: &str) -> u64 {
 }
 
 /// Every tensor of the XXL encoder: (transformers name, shape, init std).
+/// `lscpu`'s model name, from `/proc/cpuinfo` (the first `model name`).
+fn cpu_model() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let name = info.lines().find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')));
+    name.map_or_else(|| std::env::consts::ARCH.to_string(), |(_, v)| v.trim().to_string())
+}
+
 fn xxl_tensors(c: &T5Config) -> Vec<(String, Vec<usize>, f64)> {
     let (d, inner, ff) = (c.d_model, c.num_heads * c.d_kv, c.d_ff);
     let mut out = vec![("shared.weight".to_string(), vec![c.vocab_size, d], 1.0)];
@@ -173,7 +180,7 @@ fn table(results: &[Value], config: &T5Config, images: &[Value], command: &str) 
     let params: usize = xxl_tensors(config).iter().map(|(_, s, _)| s.iter().product::<usize>()).sum();
     let gb = |b: f64| b / 1e9;
     let mut md = format!(
-        "# T5 v1.1 XXL text encoder per storage type — CPU (AMD EPYC, 2 cores)\n\n`{command}`\n\n\
+        "# T5 v1.1 XXL text encoder per storage type — CPU ({}, {} cores)\n\n`{command}`\n\n\
          Random weights of the full XXL shape ({:.3} B parameters), loaded from a bf16 GGUF with llama.cpp \
          names; the quantized types are quantized on load. Encode: one {PROMPT_TOKENS}-token prompt, median of 3.\n\n\
          `cpu kernels`: compact = ggml's block dot products on the weights as loaded (the default); repacked = \
@@ -181,6 +188,8 @@ fn table(results: &[Value], config: &T5Config, images: &[Value], command: &str) 
          q8_0/q6k/q4k matrix after the first encode. bf16 computes in bf16 (emulated: no bf16 CPU kernels in \
          this build); the quantized types compute in f32 around the quantized matmuls.\n\n\
          | type | cpu kernels | bytes / weight | weights (from tensor sizes) | resident after load | peak RSS (load + 3 encodes) | load | encode {PROMPT_TOKENS} tokens |\n|---|---|---|---|---|---|---|---|\n",
+        cpu_model(),
+        std::thread::available_parallelism().map_or(1, usize::from),
         params as f64 / 1e9
     );
     md += &format!("| f32 | | 4 | {:.2} GB | (not measured: 19 GB) | | | |\n", gb(params as f64 * 4.0));
@@ -252,8 +261,9 @@ fn main() {
         eprintln!("{value}");
         results.push(value);
     }
-    let command = "cargo bench --bench t5_xxl -- --dir /tmp/t5-xxl --out benches/results/t5-xxl-cpu-epyc-2core";
-    let md = table(&results, &config, &images, command);
+    let out_arg = arg("--out").map(|o| format!(" --out {o}")).unwrap_or_default();
+    let command = format!("cargo bench --bench t5_xxl -- --dir {}{out_arg}", dir.display());
+    let md = table(&results, &config, &images, &command);
     println!("{md}");
     if !bench {
         std::fs::remove_dir_all(&dir).ok();

@@ -150,7 +150,8 @@ impl ModelArgs {
             let how = match Bf16Kernel::chosen() {
                 Bf16Kernel::DotProduct => "AVX512-BF16's vdpbf16ps",
                 Bf16Kernel::WidenedFma => {
-                    "f32 FMAs on the bf16 operands: vdpbf16ps is slower here, or PIXART_BF16_KERNEL=fma"
+                    "f32 FMAs on the bf16 operands: vdpbf16ps is slower here, or PIXART_BF16_KERNEL=fma; \
+                     --dtype f32 is as fast or faster on such a CPU"
                 }
             };
             warn(&format!(
