@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::core::StoreError;
 
 /// The longest a read waits for the store.
-pub const READ_DEADLINE: Duration = Duration::from_millis(750);
+pub const READ_DEADLINE: Duration = Duration::from_millis(500);
 
 /// `call`, or [`StoreError::Unavailable`] after [`READ_DEADLINE`].
 pub async fn read<T>(call: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
