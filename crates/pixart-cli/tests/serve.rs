@@ -105,14 +105,14 @@ fn check(what: &str, output: Output, scenarios: &[&str]) {
     println!("{what}:\n{stdout}");
 }
 
-fn node(server: &Server, scenarios: &[&str]) -> Output {
+fn node(server: &Server, scenarios: &[&str], env: &[(&str, String)]) -> Output {
     install_clients();
-    Command::new("node")
-        .arg(clients_dir().join("js/scenarios.mjs"))
-        .arg(&server.url)
-        .args(scenarios)
-        .output()
-        .expect("running node (is Node.js >= 18 installed?)")
+    let mut command = Command::new("node");
+    command.arg(clients_dir().join("js/scenarios.mjs")).arg(&server.url).args(scenarios);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command.output().expect("running node (is Node.js >= 18 installed?)")
 }
 
 fn python(server: &Server, script: &Path, args: &[&str], env: &[(&str, String)]) -> Output {
@@ -157,7 +157,7 @@ const PY_SCENARIOS: &[&str] = &[
 fn js_client_speaks_the_queue_protocol() {
     // CORS is off by default; the browser scenario needs its origin allowed.
     let server = Server::start(&["--cors-origin", "http://localhost:3000"]);
-    check("@fal-ai/client", node(&server, JS_SCENARIOS), JS_SCENARIOS);
+    check("@fal-ai/client", node(&server, JS_SCENARIOS, &[]), JS_SCENARIOS);
 }
 
 #[test]
@@ -544,7 +544,8 @@ fn python_client_against_a_front_with_two_workers_on_redis() {
 #[test]
 fn js_client_against_a_front_with_two_workers_on_redis() {
     let (_redis, _storage, front, _workers) = scale_out(&["--cors-origin", "http://localhost:3000"]);
-    check("@fal-ai/client, front + 2 workers on redis", node(&front, JS_SCENARIOS), JS_SCENARIOS);
+    let env = [("PIXART_WORKERS", "2".to_string())];
+    check("@fal-ai/client, front + 2 workers on redis", node(&front, JS_SCENARIOS, &env), JS_SCENARIOS);
 }
 
 #[test]

@@ -15,6 +15,8 @@ const base = process.argv[2];
 assert.ok(base?.startsWith("http://"), "usage: node scenarios.mjs http://HOST:PORT [scenario ...]");
 const APP = "fal-ai/pixart-sigma";
 const KEY = process.env.FAL_KEY ?? "local-test-key";
+// How many workers share the queue (scenarios that need a request to wait keep them all busy).
+const WORKERS = Number(process.env.PIXART_WORKERS ?? "1");
 
 const rewrite = (url) =>
   url
@@ -125,9 +127,14 @@ const scenarios = {
   },
 
   // submit / status / result / cancel, with exact queue positions.
+  // Every worker (PIXART_WORKERS: how many share the queue) is kept busy first, or an idle one
+  // would take the next submit before its position is read.
   async queue_flow() {
-    const long = await fal.queue.submit(APP, { input: small({ num_inference_steps: 200, seed: 1 }) });
-    await waitFor(fal, long.request_id, ["IN_PROGRESS"]);
+    const busy = [];
+    for (let i = 0; i < WORKERS; i++) {
+      busy.push(await fal.queue.submit(APP, { input: small({ num_inference_steps: 200, seed: 1 + 100 * i }) }));
+    }
+    for (const handle of busy) await waitFor(fal, handle.request_id, ["IN_PROGRESS"]);
     const second = await fal.queue.submit(APP, { input: small({ seed: 2 }) });
     const third = await fal.queue.submit(APP, { input: small({ seed: 3 }) });
     assert.equal(second.queue_position, 0, "the running request is not in the queue");
@@ -149,12 +156,14 @@ const scenarios = {
       return true;
     });
 
-    // Cancelling the running request stops it at its next step.
-    await fal.queue.cancel(APP, { requestId: long.request_id });
-    const stopped = await waitFor(fal, long.request_id, ["COMPLETED"]);
-    const steps = stopped.logs.filter((l) => l.message.startsWith("Step ")).length;
-    assert.ok(steps >= 1 && steps < 200, `stopped after ${steps} of 200 steps`);
-    assert.ok(stopped.logs.some((l) => /cancelled/.test(l.message)));
+    // Cancelling a running request stops it at its next step.
+    for (const handle of busy) await fal.queue.cancel(APP, { requestId: handle.request_id });
+    for (const handle of busy) {
+      const stopped = await waitFor(fal, handle.request_id, ["COMPLETED"]);
+      const steps = stopped.logs.filter((l) => l.message.startsWith("Step ")).length;
+      assert.ok(steps >= 1 && steps < 200, `stopped after ${steps} of 200 steps`);
+      assert.ok(stopped.logs.some((l) => /cancelled/.test(l.message)));
+    }
 
     const done = await waitFor(fal, third.request_id, ["COMPLETED"]);
     assert.equal(done.status, "COMPLETED");

@@ -111,8 +111,12 @@ def subscribe_logs():
 
 
 def queue_flow():
-    running = fal_client.submit(APP, small(num_inference_steps=200, seed=1))
-    wait_for(running, fal_client.InProgress)
+    # Every worker (PIXART_WORKERS: how many share the queue) is kept busy first, or an idle one
+    # would take the next submit before its position is read.
+    busy = [fal_client.submit(APP, small(num_inference_steps=200, seed=1 + 100 * i))
+            for i in range(int(os.environ.get("PIXART_WORKERS", "1")))]
+    for handle in busy:
+        wait_for(handle, fal_client.InProgress)
     second = fal_client.submit(APP, small(seed=2))
     third = fal_client.submit(APP, small(seed=3))
     status = third.status()
@@ -124,11 +128,13 @@ def queue_flow():
     error = expect_http_error(second.get, 400)
     assert "cancelled" in str(error.message)
 
-    running.cancel()
-    stopped = wait_for(running, fal_client.Completed)
-    assert stopped.error and stopped.error_type == "RequestCancelled", stopped
-    steps = [line for line in stopped.logs if line["message"].startswith("Step ")]
-    assert 1 <= len(steps) < 200, len(steps)
+    for handle in busy:
+        handle.cancel()
+    for handle in busy:
+        stopped = wait_for(handle, fal_client.Completed)
+        assert stopped.error and stopped.error_type == "RequestCancelled", stopped
+        steps = [line for line in stopped.logs if line["message"].startswith("Step ")]
+        assert 1 <= len(steps) < 200, len(steps)
 
     result = third.get()
     assert result["seed"] == 3
