@@ -237,6 +237,8 @@ fn report_json(args: &BenchArgs, device: &Device, dtype: candle_core::DType, mea
             "safety_checker": summary(&per_run(&|r| r.safety_checker)),
             "total": summary(&per_run(&|r| r.total)),
         },
+        // Every step in order (run after run): where the median hides a slow stretch.
+        "transformer_step_samples_ms": steps,
         "peak_memory_bytes": measured.peak,
         "peak_memory_by_stage_bytes": by_stage,
         "peak_memory_by_stage_measure": stage_measure,

@@ -384,6 +384,13 @@ fn bench_reports_every_stage_as_json_and_as_a_table() {
     assert!(report["stages"]["total"]["mean_ms"].as_f64().unwrap() > 0.0);
     assert!(report["peak_memory_bytes"].as_u64().unwrap() > 0);
     assert_eq!(report["steps"], 3);
+    // Every measured step (2 runs × 3), none from the warm-up; their median is the stage's.
+    let mut samples: Vec<f64> =
+        report["transformer_step_samples_ms"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    assert_eq!(samples.len(), 6, "{report}");
+    samples.sort_by(f64::total_cmp);
+    let median = report["stages"]["transformer_step"]["median_ms"].as_f64().unwrap();
+    assert!(samples[2] <= median && median <= samples[3], "{median} vs {samples:?}");
     let table =
         pixart(&["bench", "--model", m, "--size", "64x64", "--steps", "2", "--runs", "1", "--warmup", "0"], &[]);
     let text = String::from_utf8_lossy(&table.stdout);
