@@ -11,7 +11,8 @@ virtualenv and a release build of pixart:
 Builds a compute-dominated random PixArt-Σ model in the diffusers layout (not the test fixtures:
 a 6-layer, 384-wide transformer with sample_size 64, an SDXL-shaped 4-level VAE, a small T5; the
 tokenizer is the fixtures' sentencepiece model), then times on the same request and seed
-(512², 10 steps, DPM-Solver++, guidance 4.5, seed 0):
+(512², 10 steps, DPM-Solver++, guidance 4.5, seed 0), in f32 in --rounds rounds (each: pixart,
+then diffusers; figures and ratios are the medians over the rounds, every round is listed):
 
   * diffusers (torch using every core), in a child process of its own: the pipeline call (load
     excluded; the second of two calls), T5, each transformer step (median), VAE decode, and the
@@ -43,6 +44,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 import numpy as np
 import torch
@@ -108,11 +110,68 @@ def timed_process(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float, i
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr), wall, usage.ru_maxrss * 1024
 
 
+def diffusers_in_child(args: argparse.Namespace, model: Path, out: Path, dtype: str) -> None:
+    """diffusers' call in a child process of its own (its peak RSS is its own)."""
+    subprocess.run([sys.executable, __file__, "--pixart", args.pixart, "--out", str(args.out),
+                    "--diffusers-child", str(model), str(out), dtype], check=True)
+
+
+def measure_round(args: argparse.Namespace, common: list[str], model: Path, work: Path) -> dict:
+    """One f32 round: a whole `pixart generate` process, `pixart bench`, then diffusers' child;
+    returns both sides' figures, their ratios and our PNG."""
+    work.mkdir(parents=True)
+    gen, generate_ms, generate_rss = timed_process(
+        [args.pixart, "generate", *common, "--prompt", PROMPT, "--image-size", f"{SIZE}x{SIZE}",
+         "--steps", str(STEPS), "--seed", str(SEED), "--out-dir", str(work), "--quiet"])
+    png = json.loads(gen.stdout)["images"][0]["url"].removeprefix("file://")
+    bench, _, _ = timed_process(
+        [args.pixart, "bench", *common, "--size", f"{SIZE}x{SIZE}", "--steps", str(STEPS), "--seed", str(SEED),
+         "--prompt", PROMPT, "--runs", str(args.runs), "--warmup", "1", "--json"])
+    report = json.loads(bench.stdout)
+    diffusers_in_child(args, model, work, "f32")
+    theirs = json.loads((work / "diffusers-f32.json").read_text())
+    stages = report["stages"]
+    ours = {
+        "generate_process_ms": generate_ms,
+        "pipeline_total_ms": stages["total"]["median_ms"],
+        "text_encoder_ms": stages["text_encoder"]["median_ms"],
+        "transformer_step_ms_median": stages["transformer_step"]["median_ms"],
+        "vae_ms": stages["vae"]["median_ms"],
+        "peak_rss_bytes": generate_rss,
+        "load_s": report["load_s"],
+    }
+    ratios = {
+        "transformer_step": ours["transformer_step_ms_median"] / theirs["transformer_step_ms_median"],
+        "vae": ours["vae_ms"] / theirs["vae_ms"],
+        "text_encoder": ours["text_encoder_ms"] / theirs["text_encoder_ms"],
+        "pipeline_call": ours["pipeline_total_ms"] / theirs["total_ms"],
+        "generate_process_vs_pipeline_call": ours["generate_process_ms"] / theirs["total_ms"],
+        "peak_rss": ours["peak_rss_bytes"] / theirs["peak_rss_bytes"],
+    }
+    print(f"round {work.name}: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()), flush=True)
+    return {"ours": ours, "theirs": theirs, "ratios": ratios, "png": png}
+
+
+def rounds_table(rounds: list[dict]) -> list[str]:
+    """Markdown lines: each round's ratios (pixart ms / diffusers ms for the step)."""
+    lines = ["", "Rounds (pixart / diffusers):", "",
+             "| round | transformer step | VAE decode | whole `pixart generate` vs diffusers' call | peak RSS |",
+             "|---|---|---|---|---|"]
+    for i, r in enumerate(rounds, 1):
+        step = f"{r['ratios']['transformer_step']:.2f} ({r['ours']['transformer_step_ms_median']:.0f} / " \
+               f"{r['theirs']['transformer_step_ms_median']:.0f} ms)"
+        lines.append(f"| {i} | {step} | {r['ratios']['vae']:.2f} | "
+                     f"{r['ratios']['generate_process_vs_pipeline_call']:.2f} | {r['ratios']['peak_rss']:.2f} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pixart", required=True, help="path to a release build of pixart")
     parser.add_argument("--out", required=True, type=Path, help="folder for results.json and results.md")
-    parser.add_argument("--runs", type=int, default=3, help="measured pixart bench runs")
+    parser.add_argument("--runs", type=int, default=3, help="measured pixart bench runs per round")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="f32 rounds (pixart, then diffusers); figures and ratios are their medians")
     parser.add_argument("--model-dir", type=Path,
                         help="keep the random model here (made on the first run, reused after)")
     parser.add_argument("--diffusers-child", nargs=3, metavar=("MODEL", "OUT", "DTYPE"), help=argparse.SUPPRESS)
@@ -134,14 +193,9 @@ def main() -> None:
                        for part in ["text_encoder", "transformer", "vae"]}
         # diffusers' PixArtSigmaPipeline has no safety checker: compare like with like.
         common = ["--model", str(model), "--device", "cpu", "--dtype", "f32", "--no-safety-checker"]
-        gen, generate_ms, generate_rss = timed_process(
-            [args.pixart, "generate", *common, "--prompt", PROMPT, "--image-size", f"{SIZE}x{SIZE}",
-             "--steps", str(STEPS), "--seed", str(SEED), "--out-dir", str(work), "--quiet"])
-        png = json.loads(gen.stdout)["images"][0]["url"].removeprefix("file://")
-        bench, _, _ = timed_process(
-            [args.pixart, "bench", *common, "--size", f"{SIZE}x{SIZE}", "--steps", str(STEPS), "--seed", str(SEED),
-             "--prompt", PROMPT, "--runs", str(args.runs), "--warmup", "1", "--json"])
-        report = json.loads(bench.stdout)
+        # f32 in rounds, each pixart then diffusers: a neighbour's load that comes and goes
+        # lands on both sides of some round, not on one side of the only one.
+        rounds = [measure_round(args, common, model, work / f"round-{i + 1}") for i in range(args.rounds)]
         bf16_common = [arg if arg != "f32" else "bf16" for arg in common]
         bench_bf16, _, _ = timed_process(
             [args.pixart, "bench", *bf16_common, "--size", f"{SIZE}x{SIZE}", "--steps", str(STEPS), "--seed",
@@ -151,36 +205,22 @@ def main() -> None:
             [args.pixart, "generate", *bf16_common, "--prompt", PROMPT, "--image-size", f"{SIZE}x{SIZE}",
              "--steps", str(STEPS), "--seed", str(SEED), "--out-dir", str(work / "bf16"), "--quiet"])
         png_bf16 = json.loads(gen_bf16.stdout)["images"][0]["url"].removeprefix("file://")
-        for dtype in ["f32", "bf16"]:
-            subprocess.run([sys.executable, __file__, "--pixart", args.pixart, "--out", str(args.out),
-                            "--diffusers-child", str(model), str(work), dtype], check=True)
-        theirs = json.loads((work / "diffusers-f32.json").read_text())
+        diffusers_in_child(args, model, work, "bf16")
         theirs_bf16 = json.loads((work / "diffusers-bf16.json").read_text())
         from PIL import Image
 
-        ours_img = np.asarray(Image.open(png).convert("RGB"))
-        their_img = np.asarray(Image.open(work / "diffusers-f32.png").convert("RGB"))
+        last = work / f"round-{args.rounds}"
+        ours_img = np.asarray(Image.open(rounds[-1]["png"]).convert("RGB"))
+        their_img = np.asarray(Image.open(last / "diffusers-f32.png").convert("RGB"))
         ours_bf16_img = np.asarray(Image.open(png_bf16).convert("RGB"))
         their_bf16_img = np.asarray(Image.open(work / "diffusers-bf16.png").convert("RGB"))
 
-    stages = report["stages"]
-    ours = {
-        "generate_process_ms": generate_ms,
-        "pipeline_total_ms": stages["total"]["median_ms"],
-        "text_encoder_ms": stages["text_encoder"]["median_ms"],
-        "transformer_step_ms_median": stages["transformer_step"]["median_ms"],
-        "vae_ms": stages["vae"]["median_ms"],
-        "peak_rss_bytes": generate_rss,
-        "load_s": report["load_s"],
-    }
-    ratios = {
-        "transformer_step": ours["transformer_step_ms_median"] / theirs["transformer_step_ms_median"],
-        "vae": ours["vae_ms"] / theirs["vae_ms"],
-        "text_encoder": ours["text_encoder_ms"] / theirs["text_encoder_ms"],
-        "pipeline_call": ours["pipeline_total_ms"] / theirs["total_ms"],
-        "generate_process_vs_pipeline_call": ours["generate_process_ms"] / theirs["total_ms"],
-        "peak_rss": ours["peak_rss_bytes"] / theirs["peak_rss_bytes"],
-    }
+    # Each figure: its median over the rounds; each ratio: the median of the rounds' ratios.
+    theirs = {key: median(r["theirs"][key] for r in rounds)
+              for key in ["transformer_step_ms_median", "vae_ms", "text_encoder_ms", "total_ms", "peak_rss_bytes"]}
+    theirs["torch_threads"] = rounds[0]["theirs"]["torch_threads"]
+    ours = {key: median(r["ours"][key] for r in rounds) for key in rounds[0]["ours"]}
+    ratios = {key: median(r["ratios"][key] for r in rounds) for key in rounds[0]["ratios"]}
     stages_bf16 = report_bf16["stages"]
     bf16 = {
         "diffusers_bf16": theirs_bf16,
@@ -225,6 +265,7 @@ def main() -> None:
         "targets": targets,
         "png_max_pixel_diff": int(diff(ours_img, their_img)["max_abs"]),
         "bf16_request": bf16,
+        "rounds": [{k: r[k] for k in ["ours", "theirs", "ratios"]} for r in rounds],
     }
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     mib = 1 << 20
@@ -240,12 +281,14 @@ def main() -> None:
     lines = [f"# pixart vs diffusers on the CPU — {env.get('cpu_model', env['cpu'])}, {env['cores']} cores", "",
              f"`{results['command']}`", "", f"Environment: `{json.dumps(env)}`", "",
              f"{SIZE}², {STEPS} steps, DPM-Solver++, guidance 4.5, seed {SEED}, f32. Model: "
-             + "random, configs in results.json.", "",
+             + f"random, configs in results.json. {len(rounds)} rounds (pixart, then diffusers): each figure "
+             + "is the median of the rounds' figures, each ratio the median of the rounds' ratios.", "",
              "| what | diffusers | pixart | pixart / diffusers | target |", "|---|---|---|---|---|"]
     for label, theirs_v, ours_v, unit, key in rows:
         target = f"≤ {targets[key]}" if key in targets else ""
         lines.append(f"| {label} | {theirs_v:.1f} {unit} | {ours_v:.1f} {unit} | {ratios[key]:.2f} | {target} |")
     lines.append(f"| PNG max per-pixel difference | | | {results['png_max_pixel_diff']}/255 | |")
+    lines += rounds_table(rounds)
     ratios_bf16 = bf16["ratios_pixart_over_diffusers_bf16"]
     products = ours_b["cpu_products"]
     lines += ["", "The same request in bf16: diffusers computing in bf16 against `pixart --dtype bf16` (on the CPU: "
