@@ -116,18 +116,28 @@ def diffusers_in_child(args: argparse.Namespace, model: Path, out: Path, dtype: 
                     "--diffusers-child", str(model), str(out), dtype], check=True)
 
 
-def measure_round(args: argparse.Namespace, common: list[str], model: Path, work: Path) -> dict:
-    """One f32 round: a whole `pixart generate` process, `pixart bench`, then diffusers' child;
-    returns both sides' figures, their ratios and our PNG."""
-    work.mkdir(parents=True)
-    gen, generate_ms, generate_rss = timed_process(
+def pixart_generate(args: argparse.Namespace, common: list[str], out_dir: Path) -> tuple[str, float, int]:
+    """A whole `pixart generate` process: its PNG's path, wall time (ms) and peak RSS (bytes)."""
+    gen, wall_ms, rss = timed_process(
         [args.pixart, "generate", *common, "--prompt", PROMPT, "--image-size", f"{SIZE}x{SIZE}",
-         "--steps", str(STEPS), "--seed", str(SEED), "--out-dir", str(work), "--quiet"])
-    png = json.loads(gen.stdout)["images"][0]["url"].removeprefix("file://")
+         "--steps", str(STEPS), "--seed", str(SEED), "--out-dir", str(out_dir), "--quiet"])
+    return json.loads(gen.stdout)["images"][0]["url"].removeprefix("file://"), wall_ms, rss
+
+
+def pixart_bench(args: argparse.Namespace, common: list[str]) -> dict:
+    """`pixart bench --json`'s report (--runs runs after one warm-up)."""
     bench, _, _ = timed_process(
         [args.pixart, "bench", *common, "--size", f"{SIZE}x{SIZE}", "--steps", str(STEPS), "--seed", str(SEED),
          "--prompt", PROMPT, "--runs", str(args.runs), "--warmup", "1", "--json"])
-    report = json.loads(bench.stdout)
+    return json.loads(bench.stdout)
+
+
+def measure_round(args: argparse.Namespace, common: list[str], model: Path, work: Path) -> dict:
+    """One f32 round: a whole `pixart generate` process, `pixart bench`, then diffusers' child;
+    returns both sides' figures, their ratios and both PNGs."""
+    work.mkdir(parents=True)
+    png, generate_ms, generate_rss = pixart_generate(args, common, work)
+    report = pixart_bench(args, common)
     diffusers_in_child(args, model, work, "f32")
     theirs = json.loads((work / "diffusers-f32.json").read_text())
     stages = report["stages"]
@@ -149,7 +159,7 @@ def measure_round(args: argparse.Namespace, common: list[str], model: Path, work
         "peak_rss": ours["peak_rss_bytes"] / theirs["peak_rss_bytes"],
     }
     print(f"round {work.name}: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()), flush=True)
-    return {"ours": ours, "theirs": theirs, "ratios": ratios, "png": png}
+    return {"ours": ours, "theirs": theirs, "ratios": ratios, "png": png, "their_png": work / "diffusers-f32.png"}
 
 
 def rounds_table(rounds: list[dict]) -> list[str]:
@@ -197,21 +207,14 @@ def main() -> None:
         # lands on both sides of some round, not on one side of the only one.
         rounds = [measure_round(args, common, model, work / f"round-{i + 1}") for i in range(args.rounds)]
         bf16_common = [arg if arg != "f32" else "bf16" for arg in common]
-        bench_bf16, _, _ = timed_process(
-            [args.pixart, "bench", *bf16_common, "--size", f"{SIZE}x{SIZE}", "--steps", str(STEPS), "--seed",
-             str(SEED), "--prompt", PROMPT, "--runs", str(args.runs), "--warmup", "1", "--json"])
-        report_bf16 = json.loads(bench_bf16.stdout)
-        gen_bf16, _, generate_bf16_rss = timed_process(
-            [args.pixart, "generate", *bf16_common, "--prompt", PROMPT, "--image-size", f"{SIZE}x{SIZE}",
-             "--steps", str(STEPS), "--seed", str(SEED), "--out-dir", str(work / "bf16"), "--quiet"])
-        png_bf16 = json.loads(gen_bf16.stdout)["images"][0]["url"].removeprefix("file://")
+        report_bf16 = pixart_bench(args, bf16_common)
+        png_bf16, _, generate_bf16_rss = pixart_generate(args, bf16_common, work / "bf16")
         diffusers_in_child(args, model, work, "bf16")
         theirs_bf16 = json.loads((work / "diffusers-bf16.json").read_text())
         from PIL import Image
 
-        last = work / f"round-{args.rounds}"
         ours_img = np.asarray(Image.open(rounds[-1]["png"]).convert("RGB"))
-        their_img = np.asarray(Image.open(last / "diffusers-f32.png").convert("RGB"))
+        their_img = np.asarray(Image.open(rounds[-1]["their_png"]).convert("RGB"))
         ours_bf16_img = np.asarray(Image.open(png_bf16).convert("RGB"))
         their_bf16_img = np.asarray(Image.open(work / "diffusers-bf16.png").convert("RGB"))
 
