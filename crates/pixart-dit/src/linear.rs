@@ -2,14 +2,16 @@
 //! [`LinearF32Cpu`] (the bias folded into the product); on the CPU when the model is built with
 //! [`CpuProducts::Bf16`] and the CPU has AVX512-BF16, products of bf16 operands summed in f32
 //! through [`LinearBf16`], everything around them staying f32. The weight is then packed once
-//! (half its f32 size) beside the f32 tensor, which stays shared with the loaded weights.
+//! (half its f32 size) beside the f32 tensor, which stays shared with the loaded weights. In f32
+//! on the CPU the weight is used column-major ([`column_major`]; the loaded weights already are,
+//! so nothing is copied).
 
 use std::sync::Arc;
 
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
 use pixart_core::linear_bf16::{CpuProducts, LinearBf16};
-use pixart_core::linear_f32::LinearF32Cpu;
+use pixart_core::linear_f32::{column_major, LinearF32Cpu};
 
 /// One linear layer `[…, in] → […, out]`.
 #[derive(Debug, Clone)]
@@ -35,7 +37,12 @@ impl DitLinear {
         };
         let weight = plain.weight();
         let packs = kind.in_bf16() && weight.device().is_cpu() && weight.dtype() == DType::F32;
-        let bf16 = if packs { Some(Arc::new(LinearBf16::new(weight, plain.bias())?)) } else { None };
+        let (plain, bf16) = if packs {
+            let packed = Arc::new(LinearBf16::new(weight, plain.bias())?);
+            (plain, Some(packed))
+        } else {
+            (Linear::new(column_major(weight)?, plain.bias().cloned()), None)
+        };
         let f32_cpu = Arc::new(LinearF32Cpu::new(plain.bias())?);
         Ok(Self { plain, bf16, f32_cpu })
     }

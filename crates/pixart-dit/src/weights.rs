@@ -8,6 +8,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use pixart_core::linear_f32::column_major;
 use pixart_core::{ModelWeights, UnsupportedConfig, WeightsError};
 
 use crate::config::DitConfig;
@@ -59,11 +60,25 @@ fn read_file(path: &Path) -> Result<Vec<(String, Tensor)>, DitError> {
     }
 }
 
+/// `tensor` as the model's products read it: a linear layer's weight (2-D `*.weight`) in f32 on
+/// the CPU stored column-major ([`column_major`]), so the model uses it without a copy; anything
+/// else as it is.
+fn stored_for_products(name: &str, tensor: &Tensor) -> candle_core::Result<Tensor> {
+    if name.ends_with(".weight") {
+        column_major(tensor)
+    } else {
+        Ok(tensor.clone())
+    }
+}
+
 impl TransformerWeights {
     /// The weights of a diffusers `transformer/` folder (`diffusion_pytorch_model.safetensors`,
     /// or its shards).
     pub fn from_folder(dir: &Path, dtype: DType, device: &Device) -> Result<Self, DitError> {
-        let tensors = ModelWeights::find(dir, "diffusion_pytorch_model")?.load_all(dtype, device)?;
+        let mut tensors = ModelWeights::find(dir, "diffusion_pytorch_model")?.load_all(dtype, device)?;
+        for (name, tensor) in tensors.iter_mut() {
+            *tensor = stored_for_products(name, tensor)?;
+        }
         Ok(Self { tensors, source: dir.to_path_buf(), layout: Layout::Diffusers, position_tokens: None })
     }
 
@@ -78,7 +93,7 @@ impl TransformerWeights {
         let mut position_tokens = None;
         let mut tensors = HashMap::with_capacity(read.len());
         let mut put = |name: String, tensor: Tensor| -> Result<(), DitError> {
-            let tensor = tensor.to_dtype(dtype)?.to_device(device)?;
+            let tensor = stored_for_products(&name, &tensor.to_dtype(dtype)?.to_device(device)?)?;
             tensors.insert(name, tensor);
             Ok(())
         };
@@ -217,7 +232,7 @@ impl TransformerWeights {
                 )));
             }
             let merged = (base.to_dtype(DType::F32)? + delta.to_device(base.device())?)?.to_dtype(base.dtype())?;
-            changed.tensors.insert(name, merged);
+            changed.tensors.insert(name.clone(), stored_for_products(&name, &merged)?);
         }
         Ok(changed)
     }
