@@ -109,3 +109,29 @@ fn prepared_steps_equal_diffusers() {
         assert_close(&format!("{model} shared timestep"), &got, &same, 1e-6);
     }
 }
+
+/// A classifier-free-guidance batch (one latent at one timestep under two captions) computes
+/// the first block's self-attention once for both rows (`SharedRows`); each row still equals
+/// that row alone: the first against diffusers' output for it, the second against a batch of one.
+#[test]
+fn rows_with_equal_latents_share_the_first_self_attention_and_equal_diffusers() {
+    use candle_core::Tensor;
+    use pixart_dit::shared_rows::SharedRows;
+    for model in FIXTURE_MODELS {
+        let g = load_goldens(&format!("{model}/transformer.safetensors"));
+        let dit = PixArtTransformer::load(&model_dir(model).join("transformer"), DType::F32, &Device::Cpu).unwrap();
+        let t = timesteps(golden(&g, "timestep"));
+        let first = golden(&g, "hidden_states").narrow(0, 0, 1).unwrap();
+        let latents = Tensor::cat(&[&first, &first], 0).unwrap();
+        let (caption, mask) = (golden(&g, "encoder_hidden_states"), golden(&g, "encoder_attention_mask"));
+        let t6 = Tensor::zeros((1, 6), DType::F32, &Device::Cpu).unwrap();
+        assert!(SharedRows::of(&latents, &t6).unwrap().is_some());
+        assert!(SharedRows::of(golden(&g, "hidden_states"), &t6).unwrap().is_none());
+        let both = dit.forward(&latents, &[t[0], t[0]], caption, Some(mask)).unwrap();
+        let row0 = golden(&g, "output").narrow(0, 0, 1).unwrap();
+        assert_close(&format!("{model} shared row 0"), &both.narrow(0, 0, 1).unwrap(), &row0, 1e-5);
+        let one = |x: &Tensor| x.narrow(0, 1, 1).unwrap();
+        let alone = dit.forward(&first, &[t[0]], &one(caption), Some(&one(mask))).unwrap();
+        assert_close(&format!("{model} shared row 1"), &both.narrow(0, 1, 1).unwrap(), &alone, 1e-6);
+    }
+}

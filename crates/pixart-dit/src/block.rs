@@ -10,6 +10,7 @@ use crate::attention::Attention;
 use crate::config::DitConfig;
 use crate::embeddings::modulated_layer_norm;
 use crate::linear::DitLinear;
+use crate::shared_rows::SharedRows;
 
 /// Self-attention, cross-attention to the caption, and a GELU(tanh) feed-forward, modulated by
 /// the timestep through a learned `scale_shift_table`.
@@ -46,15 +47,15 @@ impl TransformerBlock {
     }
 
     /// `x`: `[B, N, D]`; `t6`: `[B or 1, 6D]`; `caption_kv`: from [`Self::caption_keys_values`];
-    /// `caption_mask`: the caption tokens each row attends to; `identity_from`: the rows from
-    /// this one on get identity self-attention (perturbed-attention guidance).
+    /// `caption_mask`: the caption tokens each row attends to; `self_attention_rows`: how the
+    /// self-attention treats the batch rows.
     pub fn forward(
         &self,
         x: &Tensor,
         t6: &Tensor,
         caption_kv: &(Tensor, Tensor),
         caption_mask: Option<&KeyMask>,
-        identity_from: Option<usize>,
+        self_attention_rows: SelfAttentionRows,
     ) -> candle_core::Result<Tensor> {
         let d = x.dim(2)?;
         let rows = t6.dim(0)?; // one timestep per batch row, or one for the whole batch
@@ -65,7 +66,7 @@ impl TransformerBlock {
         let (shift_mlp, scale_mlp, gate_mlp) = (part(3)?, part(4)?, part(5)?);
 
         let h = modulated_layer_norm(x, &scale_msa, &shift_msa, self.eps)?;
-        let x = gated_residual(x, &self.self_attention(&h, identity_from)?, &gate_msa)?;
+        let x = gated_residual(x, &self.self_attention(&h, self_attention_rows)?, &gate_msa)?;
         let (caption_k, caption_v) = caption_kv;
         let x = (&x + self.attn2.forward_with_keys_values(&x, caption_k, caption_v, caption_mask)?)?;
         let h = modulated_layer_norm(&x, &scale_mlp, &shift_mlp, self.eps)?;
@@ -73,11 +74,15 @@ impl TransformerBlock {
         gated_residual(&x, &ff, &gate_mlp)
     }
 
-    /// Self-attention of the rows before `identity_from`, identity attention for the rest.
-    fn self_attention(&self, h: &Tensor, identity_from: Option<usize>) -> candle_core::Result<Tensor> {
+    /// Self-attention of every row, of the distinct rows only (spread back), or of the rows
+    /// before `identity_from` with identity attention for the rest.
+    fn self_attention(&self, h: &Tensor, rows: SelfAttentionRows) -> candle_core::Result<Tensor> {
         let b = h.dim(0)?;
-        match identity_from {
-            Some(from) if from < b => {
+        match rows {
+            SelfAttentionRows::Shared(shared) => {
+                shared.spread(&self.attn1.forward(&shared.distinct(h)?, None, None)?)
+            }
+            SelfAttentionRows::IdentityFrom(from) if from < b => {
                 let perturbed = self.attn1.identity(&h.narrow(0, from, b - from)?)?;
                 if from == 0 {
                     return Ok(perturbed);
@@ -88,6 +93,17 @@ impl TransformerBlock {
             _ => self.attn1.forward(h, None, None),
         }
     }
+}
+
+/// How a block's self-attention treats the batch rows.
+#[derive(Debug, Clone, Copy)]
+pub enum SelfAttentionRows<'a> {
+    /// Every row attends over its own tokens.
+    Each,
+    /// Rows from this one on get identity attention (perturbed-attention guidance).
+    IdentityFrom(usize),
+    /// Rows that are equal (and so is their modulation) are computed once.
+    Shared(&'a SharedRows),
 }
 
 /// `x + y · gate` (`gate` broadcastable from `[B or 1, 1, D]`): one pass on the CPU in f32

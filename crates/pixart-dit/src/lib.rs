@@ -20,6 +20,7 @@ pub mod linear;
 pub mod lora;
 pub mod model;
 pub mod original_layout;
+pub mod shared_rows;
 pub mod weights;
 
 pub use config::DitConfig;

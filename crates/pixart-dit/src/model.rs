@@ -7,9 +7,10 @@ use candle_nn::{Linear, VarBuilder};
 use pixart_core::attention::KeyMask;
 use pixart_core::{UnsupportedConfig, WeightsError};
 
-use crate::block::TransformerBlock;
+use crate::block::{SelfAttentionRows, TransformerBlock};
 use crate::config::DitConfig;
 use crate::embeddings::{modulated_layer_norm, AdaLayerNormSingle, CaptionProjection, PatchEmbed};
+use crate::shared_rows::SharedRows;
 use crate::weights::TransformerWeights;
 use crate::DitError;
 
@@ -292,9 +293,15 @@ impl PixArtTransformer {
         let x = self.pos_embed.forward(&latents.to_dtype(self.dtype)?)?;
         let mut tokens = x.clone();
         let mut block_outputs = Vec::new();
+        // Until the first cross-attention, rows with equal latents and timesteps stay equal.
+        let shared = SharedRows::of(latents, t6)?;
         for (i, (block, caption_kv)) in self.blocks.iter().zip(&prepared.keys_values).enumerate() {
-            let identity_from = perturbation.filter(|p| p.blocks.contains(&i)).map(|p| p.rows_from);
-            tokens = block.forward(&tokens, t6, caption_kv, mask, identity_from)?;
+            let rows = match (perturbation.filter(|p| p.blocks.contains(&i)), &shared) {
+                (Some(p), _) => SelfAttentionRows::IdentityFrom(p.rows_from),
+                (None, Some(shared)) if i == 0 => SelfAttentionRows::Shared(shared),
+                _ => SelfAttentionRows::Each,
+            };
+            tokens = block.forward(&tokens, t6, caption_kv, mask, rows)?;
             if trace {
                 block_outputs.push(tokens.clone());
             }
