@@ -91,8 +91,9 @@ fn transposed(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     unsafe { crate::buffers::assume_written(out) }
 }
 
-/// Whether a 2-D `weight` is stored column-major (strides `[1, rows]`).
-fn is_column_major(weight: &Tensor) -> bool {
+/// Whether a 2-D `weight` is stored column-major (strides `[1, rows]`), as [`column_major`]
+/// leaves it.
+pub fn is_column_major(weight: &Tensor) -> bool {
     match (weight.dims(), weight.stride()) {
         (&[rows, _], &[1, column_stride]) => column_stride == rows,
         _ => false,

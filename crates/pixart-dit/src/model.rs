@@ -108,7 +108,8 @@ impl PixArtTransformer {
     pub fn load(dir: &Path, dtype: DType, device: &candle_core::Device) -> Result<Self, DitError> {
         let config: DitConfig =
             pixart_core::load_checked_config::<_, DitError>(&dir.join("config.json"), DitConfig::validate)?;
-        Self::from_weights(&config, &TransformerWeights::from_folder(dir, dtype, device)?)
+        let weights = TransformerWeights::from_folder(dir, dtype, device)?.for_cpu_products(config.cpu_products)?;
+        Self::from_weights(&config, &weights)
     }
 
     /// Builds the model from weights read by [`TransformerWeights`] (a folder, a single file, or
@@ -293,10 +294,11 @@ impl PixArtTransformer {
         let x = self.pos_embed.forward(&latents.to_dtype(self.dtype)?)?;
         let mut tokens = x.clone();
         let mut block_outputs = Vec::new();
+        let perturbed = |i: usize| perturbation.filter(|p| p.blocks.contains(&i));
         // Until the first cross-attention, rows with equal latents and timesteps stay equal.
-        let shared = SharedRows::of(latents, t6)?;
+        let shared = if perturbed(0).is_none() { SharedRows::of(latents, t6)? } else { None };
         for (i, (block, caption_kv)) in self.blocks.iter().zip(&prepared.keys_values).enumerate() {
-            let rows = match (perturbation.filter(|p| p.blocks.contains(&i)), &shared) {
+            let rows = match (perturbed(i), &shared) {
                 (Some(p), _) => SelfAttentionRows::IdentityFrom(p.rows_from),
                 (None, Some(shared)) if i == 0 => SelfAttentionRows::Shared(shared),
                 _ => SelfAttentionRows::Each,

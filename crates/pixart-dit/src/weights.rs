@@ -8,7 +8,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use pixart_core::linear_f32::column_major;
+use pixart_core::linear_bf16::CpuProducts;
+use pixart_core::linear_f32::{column_major, is_column_major};
 use pixart_core::{ModelWeights, UnsupportedConfig, WeightsError};
 
 use crate::config::DitConfig;
@@ -60,25 +61,11 @@ fn read_file(path: &Path) -> Result<Vec<(String, Tensor)>, DitError> {
     }
 }
 
-/// `tensor` as the model's products read it: a linear layer's weight (2-D `*.weight`) in f32 on
-/// the CPU stored column-major ([`column_major`]), so the model uses it without a copy; anything
-/// else as it is.
-fn stored_for_products(name: &str, tensor: &Tensor) -> candle_core::Result<Tensor> {
-    if name.ends_with(".weight") {
-        column_major(tensor)
-    } else {
-        Ok(tensor.clone())
-    }
-}
-
 impl TransformerWeights {
     /// The weights of a diffusers `transformer/` folder (`diffusion_pytorch_model.safetensors`,
     /// or its shards).
     pub fn from_folder(dir: &Path, dtype: DType, device: &Device) -> Result<Self, DitError> {
-        let mut tensors = ModelWeights::find(dir, "diffusion_pytorch_model")?.load_all(dtype, device)?;
-        for (name, tensor) in tensors.iter_mut() {
-            *tensor = stored_for_products(name, tensor)?;
-        }
+        let tensors = ModelWeights::find(dir, "diffusion_pytorch_model")?.load_all(dtype, device)?;
         Ok(Self { tensors, source: dir.to_path_buf(), layout: Layout::Diffusers, position_tokens: None })
     }
 
@@ -93,7 +80,7 @@ impl TransformerWeights {
         let mut position_tokens = None;
         let mut tensors = HashMap::with_capacity(read.len());
         let mut put = |name: String, tensor: Tensor| -> Result<(), DitError> {
-            let tensor = stored_for_products(&name, &tensor.to_dtype(dtype)?.to_device(device)?)?;
+            let tensor = tensor.to_dtype(dtype)?.to_device(device)?;
             tensors.insert(name, tensor);
             Ok(())
         };
@@ -131,6 +118,22 @@ impl TransformerWeights {
             }
         }
         Ok(Self { tensors, source: path.to_path_buf(), layout, position_tokens })
+    }
+
+    /// These weights laid out for `products`: unless the products run in bf16 (which packs its
+    /// own copy from row-major weights), every linear layer's weight (2-D `*.weight`) in f32 on
+    /// the CPU is stored column-major ([`column_major`]), how the f32 product reads it without
+    /// repacking, so the model built from them uses them without a copy. LoRA merges
+    /// ([`Self::with_deltas`]) keep each tensor's layout.
+    pub fn for_cpu_products(mut self, products: CpuProducts) -> Result<Self, DitError> {
+        if !products.in_bf16() {
+            for (name, tensor) in self.tensors.iter_mut() {
+                if name.ends_with(".weight") {
+                    *tensor = column_major(tensor)?;
+                }
+            }
+        }
+        Ok(self)
     }
 
     /// Where the weights were read from.
@@ -232,7 +235,8 @@ impl TransformerWeights {
                 )));
             }
             let merged = (base.to_dtype(DType::F32)? + delta.to_device(base.device())?)?.to_dtype(base.dtype())?;
-            changed.tensors.insert(name.clone(), stored_for_products(&name, &merged)?);
+            let merged = if is_column_major(base) { column_major(&merged)? } else { merged };
+            changed.tensors.insert(name, merged);
         }
         Ok(changed)
     }

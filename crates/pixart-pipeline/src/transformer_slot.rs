@@ -47,6 +47,7 @@ impl TransformerSlot {
                 (weights, config)
             }
         };
+        let weights = weights.for_cpu_products(products)?;
         let base = Arc::new(PixArtTransformer::from_weights(&config, &weights)?);
         Ok(Self { weights, config, base, merged: Mutex::new(None) })
     }
