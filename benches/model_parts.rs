@@ -88,10 +88,21 @@ fn linear_ff_up(bencher: divan::Bencher, products: &str) {
 
 /// Self-attention at `benches/cpu_vs_diffusers.py`'s transformer shape: `[2, 6, 1024, 64]`
 /// (CFG batch 2, 6 heads, 32² latent patches), 3.22 GFLOP (two 2·6·1024²·64 products):
-/// GFLOP/s = 3.22 / seconds.
-#[divan::bench(sample_count = 20)]
-fn attention_self_1024(bencher: divan::Bencher) {
-    let qkv: Vec<Tensor> = (0..3).map(|_| Tensor::randn(0f32, 1.0, (2, 6, 1024, 64), &Device::Cpu).unwrap()).collect();
+/// GFLOP/s = 3.22 / seconds. Q, K and V as the model reads them, heads split in place: from
+/// three `[2, 1024, 384]` projections (`separate`) or from one `[2, 1024, 1152]` stacked
+/// product (`stacked`, each token's Q, K and V side by side); `contiguous`, each its own
+/// `[2, 6, 1024, 64]` tensor.
+#[divan::bench(sample_count = 20, args = ["separate", "stacked", "contiguous"])]
+fn attention_self_1024(bencher: divan::Bencher, layout: &str) {
+    let heads = |t: Tensor| t.reshape((2, 1024, 6, 64)).unwrap().transpose(1, 2).unwrap();
+    let qkv: Vec<Tensor> = match layout {
+        "separate" => (0..3).map(|_| heads(Tensor::randn(0f32, 1.0, (2, 1024, 384), &Device::Cpu).unwrap())).collect(),
+        "stacked" => {
+            let all = Tensor::randn(0f32, 1.0, (2, 1024, 3, 6, 64), &Device::Cpu).unwrap();
+            (0..3).map(|i| all.narrow(2, i, 1).unwrap().squeeze(2).unwrap().transpose(1, 2).unwrap()).collect()
+        }
+        _ => (0..3).map(|_| Tensor::randn(0f32, 1.0, (2, 6, 1024, 64), &Device::Cpu).unwrap()).collect(),
+    };
     bencher.bench_local(|| {
         pixart_core::attention::scaled_dot_product_attention(&qkv[0], &qkv[1], &qkv[2], None, 0.125).unwrap()
     });
@@ -110,17 +121,19 @@ fn attention_self_1024(bencher: divan::Bencher) {
 #[divan::bench(sample_count = 30, args = [
     "384x384/bias", "384x384/plain", "384x384/bias-column-major", "384x1152/bias", "384x1152/bias-column-major",
     "384x1536/bias", "384x1536/bias-column-major", "1536x384/bias", "1536x384/bias-column-major",
+    "1152x1152/xl", "1152x3456/xl",
 ])]
 fn linear_f32_384_wide(bencher: divan::Bencher, case: &str) {
     use pixart_core::linear_f32::{column_major, LinearF32Cpu};
     let (shape, how) = case.split_once('/').unwrap();
     let (k, n): (usize, usize) = shape.split_once('x').map(|(k, n)| (k.parse().unwrap(), n.parse().unwrap())).unwrap();
-    let x = Tensor::randn(0f32, 1.0, (2, 1024, k), &Device::Cpu).unwrap();
+    let tokens = if how == "xl" { 4096 } else { 1024 };
+    let x = Tensor::randn(0f32, 1.0, (2, tokens, k), &Device::Cpu).unwrap();
     let mut w = Tensor::randn(0f32, 0.05, (n, k), &Device::Cpu).unwrap();
-    if how.ends_with("column-major") {
+    if how.ends_with("column-major") || how == "xl" {
         w = column_major(&w).unwrap();
     }
     let b = Tensor::randn(0f32, 1.0, n, &Device::Cpu).unwrap();
-    let linear = LinearF32Cpu::new(how.starts_with("bias").then_some(&b)).unwrap();
+    let linear = LinearF32Cpu::new((how != "plain").then_some(&b)).unwrap();
     bencher.bench_local(|| linear.forward(&x, &w).unwrap());
 }

@@ -84,6 +84,38 @@ fn loras_add_up_and_leave_the_model_as_it_was() {
     assert_eq!(two_again.images, two.images);
 }
 
+/// A LoRA on the self-attention's Q/K/V merged into weights that stack them: the stacks are
+/// rebuilt from the merged layers, every block still multiplies Q, K and V in one product, and
+/// the model equals the same merge into unstacked weights (three products); the base weights
+/// are left as they were.
+#[test]
+fn a_lora_on_stacked_qkv_weights_restacks_them() {
+    use pixart_dit::{CpuProducts, PixArtTransformer, TransformerWeights};
+    let dir = model_dir("tiny-sigma-256").join("transformer");
+    let config: pixart_dit::DitConfig =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let unstacked = TransformerWeights::from_folder(&dir, DType::F32, &Device::Cpu).unwrap();
+    let stacked = unstacked.clone().for_cpu_products(CpuProducts::F32).unwrap();
+    let latents = Tensor::randn(0f32, 1.0, (2, 4, 8, 8), &Device::Cpu).unwrap();
+    let caption = Tensor::randn(0f32, 1.0, (2, 5, config.caption_channels), &Device::Cpu).unwrap();
+    let run = |m: &PixArtTransformer| m.forward(&latents, &[500.0, 500.0], &caption, None).unwrap();
+    let diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let before = run(&PixArtTransformer::from_weights(&config, &stacked).unwrap());
+    let lora = lora("a_peft");
+    let deltas = lora.deltas(&stacked, 1.0).unwrap();
+    assert!(deltas.keys().any(|k| k.ends_with("attn1.to_k.weight")), "{:?}", deltas.keys());
+    let merged = stacked.with_deltas(deltas.clone()).unwrap();
+    let model = PixArtTransformer::from_weights(&config, &merged).unwrap();
+    assert_eq!(model.blocks_with_stacked_qkv(), config.num_layers);
+    let reference = PixArtTransformer::from_weights(&config, &unstacked.with_deltas(deltas).unwrap()).unwrap();
+    assert_eq!(reference.blocks_with_stacked_qkv(), 0);
+    let (ours, want) = (run(&model), run(&reference));
+    assert!(diff(&ours, &want) < 1e-5, "stacked merge {} from the unstacked one", diff(&ours, &want));
+    assert!(diff(&before, &want) > 1e-3, "the LoRA changed nothing");
+    let after = run(&PixArtTransformer::from_weights(&config, &stacked).unwrap());
+    assert_eq!(diff(&after, &before), 0.0, "the base weights changed");
+}
+
 /// A safetensors file of `tensors` in a temporary folder.
 fn write_lora(name: &str, tensors: &[(&str, Tensor)]) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("pixart-lora-test-{}", std::process::id()));

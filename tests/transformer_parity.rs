@@ -14,6 +14,8 @@ fn every_block_and_the_output_match_diffusers() {
     for model in FIXTURE_MODELS {
         let g = load_goldens(&format!("{model}/transformer.safetensors"));
         let dit = PixArtTransformer::load(&model_dir(model).join("transformer"), DType::F32, &Device::Cpu).unwrap();
+        // In f32 on the CPU every self-attention's Q, K and V come out of one product.
+        assert_eq!(dit.blocks_with_stacked_qkv(), dit.config().num_layers, "{model}");
         let latents = golden(&g, "hidden_states");
         let (_, _, h, w) = latents.dims4().unwrap();
         assert_ne!(h, w, "the golden latent must be non-square");

@@ -91,13 +91,33 @@ fn transposed(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     unsafe { crate::buffers::assume_written(out) }
 }
 
-/// Whether a 2-D `weight` is stored column-major (strides `[1, rows]`), as [`column_major`]
-/// leaves it.
+/// Whether a 2-D `weight` is stored column-major (strides `[1, s]`, `s` ≥ its rows: each column
+/// contiguous), as [`column_major`] leaves it and as the rows of [`stacked_column_major`]'s
+/// weight are.
 pub fn is_column_major(weight: &Tensor) -> bool {
     match (weight.dims(), weight.stride()) {
-        (&[rows, _], &[1, column_stride]) => column_stride == rows,
+        (&[rows, _], &[1, column_stride]) => column_stride >= rows.max(1),
         _ => false,
     }
+}
+
+/// `parts` (2-D weights `[out_i, in]` with the same `in`, f32 on the CPU) stacked into one
+/// column-major `[Σ out_i, in]` weight, returned with each part as a view of it (rows of the
+/// stack, column-major with the stack's column stride): one product by the stack computes every
+/// part's output (a self-attention's Q, K and V) and the parts share its memory.
+pub fn stacked_column_major(parts: &[&Tensor]) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
+    let stacked = column_major(&Tensor::cat(parts, 0)?)?;
+    if !is_column_major(&stacked) {
+        candle_core::bail!("stacked_column_major: f32 weights on the CPU only, got {:?}", stacked.dtype())
+    }
+    let mut views = Vec::with_capacity(parts.len());
+    let mut first_row = 0;
+    for part in parts {
+        let rows = part.dim(0)?;
+        views.push(stacked.narrow(0, first_row, rows)?);
+        first_row += rows;
+    }
+    Ok((stacked, views))
 }
 
 /// A `[n, k]` weight's elements and how it is read as the `k × n` right operand:
@@ -105,11 +125,12 @@ pub fn is_column_major(weight: &Tensor) -> bool {
 fn weight_operand<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<(&'a [f32], isize, isize)> {
     let (n, k) = layout.shape().dims2()?;
     match layout.stride() {
-        [1, rows] if *rows == n => {
+        &[1, column_stride] if column_stride >= n.max(1) => {
             let CpuStorage::F32(data) = storage else { candle_core::bail!("linear-f32-cpu: f32 weights only") };
             let start = layout.start_offset();
-            match data.get(start..start + n * k) {
-                Some(data) => Ok((data, 1, n as isize)),
+            let len = if k == 0 { 0 } else { (k - 1) * column_stride + n };
+            match data.get(start..start + len) {
+                Some(data) => Ok((data, 1, column_stride as isize)),
                 None => candle_core::bail!("linear-f32-cpu: weight outside its storage"),
             }
         }
@@ -183,8 +204,9 @@ fn gemm_with_bias_rows(
         });
     }
     if m > 0 && n > 0 && k > 0 {
-        // SAFETY: `out` is m × n row-major, `x` m × k row-major, `w` n × k (n·k elements) read
-        // as its transpose through its strides; all inside their slices. With a bias every
+        // SAFETY: `out` is m × n row-major, `x` m × k row-major, `w` an n × k weight read
+        // as its transpose through its strides, every element it reaches inside its slice
+        // (`weight_operand`); all inside their slices. With a bias every
         // element was set above; without one the GEMM, told not to read `out`, writes them all.
         unsafe {
             gemm::gemm(
@@ -245,5 +267,36 @@ mod tests {
         let bad = LinearF32Cpu::new(Some(&Tensor::zeros(3, DType::F32, &dev).unwrap())).unwrap();
         let x = Tensor::zeros((2, 4), DType::F32, &dev).unwrap();
         assert!(bad.forward(&x, &Tensor::zeros((5, 4), DType::F32, &dev).unwrap()).is_err());
+    }
+
+    /// A stack of three weights multiplies like the three separately (one product, each part's
+    /// output in its columns), and each part, a view of the stack, like candle's `Linear` on it.
+    #[test]
+    fn stacked_weights_and_their_views_equal_candles_linear() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (3, 70, 48), &dev).unwrap();
+        let parts: Vec<Tensor> =
+            [40, 40, 24].iter().map(|&n| Tensor::randn(0f32, 1.0, (n, 48), &dev).unwrap()).collect();
+        let biases: Vec<Tensor> =
+            parts.iter().map(|p| Tensor::randn(0f32, 1.0, p.dim(0).unwrap(), &dev).unwrap()).collect();
+        let (stacked, views) = stacked_column_major(&parts.iter().collect::<Vec<_>>()).unwrap();
+        assert!(is_column_major(&stacked) && views.iter().all(is_column_major));
+        assert_eq!(stacked.dims(), &[104, 48]);
+        let max_diff = |a: &Tensor, b: &Tensor| {
+            assert_eq!(a.dims(), b.dims());
+            (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+        };
+        let stacked_bias = Tensor::cat(&biases, 0).unwrap();
+        let all = LinearF32Cpu::new(Some(&stacked_bias)).unwrap().forward(&x, &stacked).unwrap();
+        let mut column = 0;
+        for ((part, view), bias) in parts.iter().zip(&views).zip(&biases) {
+            assert_eq!(view.to_vec2::<f32>().unwrap(), part.to_vec2::<f32>().unwrap());
+            let want = candle_nn::Linear::new(part.clone(), Some(bias.clone())).forward(&x).unwrap();
+            let ours = LinearF32Cpu::new(Some(bias)).unwrap().forward(&x, view).unwrap();
+            assert!(max_diff(&ours, &want) < 1e-4);
+            let n = part.dim(0).unwrap();
+            assert!(max_diff(&all.narrow(2, column, n).unwrap(), &want) < 1e-4);
+            column += n;
+        }
     }
 }

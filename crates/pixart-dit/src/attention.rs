@@ -14,6 +14,9 @@ pub struct Attention {
     to_k: DitLinear,
     to_v: DitLinear,
     to_out: DitLinear,
+    /// Q, K and V in one product (self-attention), from a stacked weight
+    /// ([`Self::stack_projections`]).
+    to_qkv: Option<DitLinear>,
     heads: usize,
     head_dim: usize,
 }
@@ -35,14 +38,45 @@ impl Attention {
             to_k: DitLinear::new(context_dim, inner, bias, products, vb.pp("to_k"))?,
             to_v: DitLinear::new(context_dim, inner, bias, products, vb.pp("to_v"))?,
             to_out: DitLinear::new(inner, query_dim, true, products, vb.pp("to_out").pp("0"))?,
+            to_qkv: None,
             heads,
             head_dim,
         })
     }
 
+    /// Self-attention multiplies Q, K and V in one product by `stacked` `[3·inner, query_dim]`,
+    /// whose rows must be `to_q`'s, `to_k`'s and `to_v`'s weights (e.g.
+    /// [`crate::TransformerWeights::stacked_qkv`], of which those layers' weights are views).
+    pub fn stack_projections(&mut self, stacked: &Tensor) -> candle_core::Result<()> {
+        let (rows, _) = stacked.dims2()?;
+        if rows != 3 * self.heads * self.head_dim {
+            candle_core::bail!("stacked Q/K/V weight of {rows} rows for {} heads of {}", self.heads, self.head_dim)
+        }
+        let biases = [self.to_q.bias(), self.to_k.bias(), self.to_v.bias()];
+        let bias = match biases {
+            [Some(q), Some(k), Some(v)] => Some(Tensor::cat(&[q, k, v], 0)?),
+            [None, None, None] => None,
+            _ => candle_core::bail!("stacked Q/K/V: some of to_q, to_k, to_v have a bias and some not"),
+        };
+        self.to_qkv = Some(DitLinear::from_tensors(stacked, bias.as_ref(), CpuProducts::F32)?);
+        Ok(())
+    }
+
+    /// Whether self-attention multiplies Q, K and V in one product.
+    pub fn has_stacked_projections(&self) -> bool {
+        self.to_qkv.is_some()
+    }
+
     /// `x`: `[B, N, D]`; `context`: `[B, L, C]` (None: self-attention); `mask`: the keys each
     /// row attends to (None: all).
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>, mask: Option<&KeyMask>) -> candle_core::Result<Tensor> {
+        if let (None, Some(to_qkv)) = (context, &self.to_qkv) {
+            // [B, N, 3, heads, head_dim]: Q, K and V side by side in each token's row.
+            let (b, n, _) = x.dims3()?;
+            let qkv = to_qkv.forward(x)?.reshape((b, n, 3, self.heads, self.head_dim))?;
+            let part = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2); // [B, heads, N, head_dim] views
+            return self.attend(&part(0)?, &part(1)?, &part(2)?, mask);
+        }
         let context = context.unwrap_or(x);
         let (k, v) = (self.split_heads(self.to_k.forward(context)?)?, self.split_heads(self.to_v.forward(context)?)?);
         self.forward_with_keys_values(x, &k, &v, mask)
@@ -64,8 +98,12 @@ impl Attention {
         v: &Tensor,
         mask: Option<&KeyMask>,
     ) -> candle_core::Result<Tensor> {
-        let q = self.split_heads(self.to_q.forward(x)?)?;
-        let out = scaled_dot_product_attention(&q, k, v, mask, 1.0 / (self.head_dim as f64).sqrt())?;
+        self.attend(&self.split_heads(self.to_q.forward(x)?)?, k, v, mask)
+    }
+
+    /// Attention of queries `[B, heads, N, head_dim]` to keys and values, through `to_out`.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&KeyMask>) -> candle_core::Result<Tensor> {
+        let out = scaled_dot_product_attention(q, k, v, mask, 1.0 / (self.head_dim as f64).sqrt())?;
         let (b, _, n, _) = out.dims4()?;
         self.to_out.forward(&out.transpose(1, 2)?.reshape((b, n, self.heads * self.head_dim))?)
     }

@@ -40,6 +40,17 @@ impl TransformerBlock {
         })
     }
 
+    /// The self-attention's Q, K and V multiply in one product by `stacked` (see
+    /// [`Attention::stack_projections`]).
+    pub fn stack_self_attention_projections(&mut self, stacked: &Tensor) -> candle_core::Result<()> {
+        self.attn1.stack_projections(stacked)
+    }
+
+    /// Whether the self-attention multiplies Q, K and V in one product.
+    pub fn has_stacked_self_attention_projections(&self) -> bool {
+        self.attn1.has_stacked_projections()
+    }
+
     /// The cross-attention keys and values of a projected caption `[B, L, D]` (constant across
     /// denoising steps, so computed once per generation).
     pub fn caption_keys_values(&self, caption: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {

@@ -35,16 +35,25 @@ impl DitLinear {
         } else {
             candle_nn::linear_no_bias(in_dim, out_dim, vb)?
         };
-        let weight = plain.weight();
+        Self::from_tensors(plain.weight(), plain.bias(), kind)
+    }
+
+    /// The layer of `weight` `[out, in]` and `bias` `[out]`.
+    pub fn from_tensors(weight: &Tensor, bias: Option<&Tensor>, kind: CpuProducts) -> candle_core::Result<Self> {
         let packs = kind.in_bf16() && weight.device().is_cpu() && weight.dtype() == DType::F32;
         let (plain, bf16) = if packs {
-            let packed = Arc::new(LinearBf16::new(weight, plain.bias())?);
-            (plain, Some(packed))
+            let packed = Arc::new(LinearBf16::new(weight, bias)?);
+            (Linear::new(weight.clone(), bias.cloned()), Some(packed))
         } else {
-            (Linear::new(column_major(weight)?, plain.bias().cloned()), None)
+            (Linear::new(column_major(weight)?, bias.cloned()), None)
         };
         let f32_cpu = Arc::new(LinearF32Cpu::new(plain.bias())?);
         Ok(Self { plain, bf16, f32_cpu })
+    }
+
+    /// The bias, if the layer has one.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.plain.bias()
     }
 
     /// Whether the products run in bf16 ([`CpuProducts::Bf16`] on a CPU that has it).

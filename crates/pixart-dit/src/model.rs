@@ -125,11 +125,23 @@ impl PixArtTransformer {
         };
         let vb = VarBuilder::from_tensors(weights.tensors().clone(), dtype, &device);
         let source = weights.source();
-        Self::new(config, vb).map_err(|e| match e {
+        let mut model = Self::new(config, vb).map_err(|e| match e {
             DitError::Unsupported(e) => DitError::Unsupported(e.in_file(source)),
             DitError::Candle(error) => WeightsError::tensor(source, error).into(),
             other => other,
-        })
+        })?;
+        for (i, block) in model.blocks.iter_mut().enumerate() {
+            if let Some(stacked) = weights.stacked_qkv(&format!("transformer_blocks.{i}.attn1")) {
+                block.stack_self_attention_projections(stacked)?;
+            }
+        }
+        Ok(model)
+    }
+
+    /// How many blocks multiply their self-attention's Q, K and V in one product (weights from
+    /// [`TransformerWeights::for_cpu_products`] in f32 on the CPU: every block).
+    pub fn blocks_with_stacked_qkv(&self) -> usize {
+        self.blocks.iter().filter(|b| b.has_stacked_self_attention_projections()).count()
     }
 
     /// Builds the model from its config and weights.

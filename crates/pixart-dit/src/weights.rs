@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use pixart_core::linear_bf16::CpuProducts;
-use pixart_core::linear_f32::{column_major, is_column_major};
+use pixart_core::linear_f32::{column_major, is_column_major, stacked_column_major};
 use pixart_core::{ModelWeights, UnsupportedConfig, WeightsError};
 
 use crate::config::DitConfig;
@@ -36,7 +36,14 @@ pub struct TransformerWeights {
     /// Tokens of the original layout's stored position table (`pos_embed`), when present: the
     /// grid the model was trained at.
     position_tokens: Option<usize>,
+    /// Per self-attention (`transformer_blocks.N.attn1`), its Q, K and V weights stacked into
+    /// one column-major `[3·inner, in]` weight, of which the `to_q/to_k/to_v` tensors are views
+    /// ([`Self::for_cpu_products`] in f32 on the CPU).
+    stacked_qkv: HashMap<String, Tensor>,
 }
+
+/// The projections a self-attention's stacked weight holds, in its row order.
+const STACKED_PROJECTIONS: [&str; 3] = ["to_q", "to_k", "to_v"];
 
 /// Reads every tensor of a single file as `(name, tensor)` on the CPU.
 fn read_file(path: &Path) -> Result<Vec<(String, Tensor)>, DitError> {
@@ -66,7 +73,13 @@ impl TransformerWeights {
     /// or its shards).
     pub fn from_folder(dir: &Path, dtype: DType, device: &Device) -> Result<Self, DitError> {
         let tensors = ModelWeights::find(dir, "diffusion_pytorch_model")?.load_all(dtype, device)?;
-        Ok(Self { tensors, source: dir.to_path_buf(), layout: Layout::Diffusers, position_tokens: None })
+        Ok(Self {
+            tensors,
+            source: dir.to_path_buf(),
+            layout: Layout::Diffusers,
+            position_tokens: None,
+            stacked_qkv: HashMap::new(),
+        })
     }
 
     /// The weights of one file: `.safetensors`, or a PyTorch checkpoint (`.pth`, `.pt`, `.bin`;
@@ -117,16 +130,27 @@ impl TransformerWeights {
                 }
             }
         }
-        Ok(Self { tensors, source: path.to_path_buf(), layout, position_tokens })
+        Ok(Self { tensors, source: path.to_path_buf(), layout, position_tokens, stacked_qkv: HashMap::new() })
     }
 
     /// These weights laid out for `products`: unless the products run in bf16 (which packs its
     /// own copy from row-major weights), every linear layer's weight (2-D `*.weight`) in f32 on
     /// the CPU is stored column-major ([`column_major`]), how the f32 product reads it without
-    /// repacking, so the model built from them uses them without a copy. LoRA merges
-    /// ([`Self::with_deltas`]) keep each tensor's layout.
+    /// repacking, so the model built from them uses them without a copy; each self-attention's
+    /// Q, K and V weights are stored as one stacked weight ([`Self::stacked_qkv`]), which the
+    /// model multiplies in one product. LoRA merges ([`Self::with_deltas`]) keep each tensor's
+    /// layout.
     pub fn for_cpu_products(mut self, products: CpuProducts) -> Result<Self, DitError> {
         if !products.in_bf16() {
+            let self_attentions: Vec<String> = self
+                .tensors
+                .keys()
+                .filter_map(|k| k.strip_suffix(".attn1.to_q.weight"))
+                .map(|p| format!("{p}.attn1"))
+                .collect();
+            for attention in self_attentions {
+                self.stack_qkv(&attention)?;
+            }
             for (name, tensor) in self.tensors.iter_mut() {
                 if name.ends_with(".weight") {
                     *tensor = column_major(tensor)?;
@@ -134,6 +158,33 @@ impl TransformerWeights {
             }
         }
         Ok(self)
+    }
+
+    /// Stacks `attention`'s `to_q/to_k/to_v` weights (when all three are 2-D f32 on the CPU with
+    /// the same shape) and puts views of the stack in their place.
+    fn stack_qkv(&mut self, attention: &str) -> Result<(), DitError> {
+        let names = STACKED_PROJECTIONS.map(|p| format!("{attention}.{p}.weight"));
+        let Some(parts) = names.iter().map(|n| self.tensors.get(n)).collect::<Option<Vec<&Tensor>>>() else {
+            return Ok(());
+        };
+        let stackable = |t: &&Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && t.rank() == 2;
+        if !parts.iter().all(stackable) || parts.iter().any(|p| p.dims() != parts[0].dims()) {
+            return Ok(());
+        }
+        let (stacked, views) = stacked_column_major(&parts)?;
+        for (name, view) in names.into_iter().zip(views) {
+            self.tensors.insert(name, view);
+        }
+        self.stacked_qkv.insert(attention.to_string(), stacked);
+        Ok(())
+    }
+
+    /// The stacked `[3·inner, in]` Q/K/V weight of a self-attention (e.g.
+    /// `transformer_blocks.0.attn1`), whose rows are its `to_q`, `to_k` and `to_v` weights (the
+    /// tensors of those names are views of it); `None` where [`Self::for_cpu_products`] did not
+    /// stack them (bf16 products, another device or dtype).
+    pub fn stacked_qkv(&self, attention: &str) -> Option<&Tensor> {
+        self.stacked_qkv.get(attention)
     }
 
     /// Where the weights were read from.
@@ -223,9 +274,16 @@ impl TransformerWeights {
 
     /// These weights with `deltas` (f32, by tensor name) added: each changed tensor is computed
     /// in f32 and stored back in its dtype; every other tensor is shared.
+    /// A self-attention whose stacked Q/K/V weight ([`Self::stacked_qkv`]) had a part changed is
+    /// stacked again from its merged parts.
     pub fn with_deltas(&self, deltas: HashMap<String, Tensor>) -> Result<Self, DitError> {
         let mut changed = self.clone();
+        let mut restack = BTreeSet::new();
         for (name, delta) in deltas {
+            let attention = STACKED_PROJECTIONS.iter().find_map(|p| name.strip_suffix(&format!(".{p}.weight")));
+            if let Some(attention) = attention.filter(|a| self.stacked_qkv.contains_key(*a)) {
+                restack.insert(attention.to_string());
+            }
             let base = self.get(&name)?;
             if base.dims() != delta.dims() {
                 return Err(DitError::Input(format!(
@@ -237,6 +295,10 @@ impl TransformerWeights {
             let merged = (base.to_dtype(DType::F32)? + delta.to_device(base.device())?)?.to_dtype(base.dtype())?;
             let merged = if is_column_major(base) { column_major(&merged)? } else { merged };
             changed.tensors.insert(name, merged);
+        }
+        for attention in restack {
+            changed.stacked_qkv.remove(&attention);
+            changed.stack_qkv(&attention)?;
         }
         Ok(changed)
     }
