@@ -20,12 +20,12 @@ then diffusers; figures and ratios are the medians over the rounds, every round 
   * `pixart bench` (stage medians over --runs runs after a warm-up) and a whole `pixart generate`
     process (load included: what a user waits for), with its peak resident set;
   * the max per-pixel difference of the two PNGs;
-  * the same request asked for in bf16: diffusers in bf16 (its CPU bf16 kernels, e.g. AVX512-BF16)
-    against `pixart bench --dtype bf16`, which on a CPU with AVX512-BF16 multiplies the
-    transformer's linear layers and the VAE decoder's 3×3 convolutions in bf16 and computes the
-    rest in f32 (elsewhere all f32), and the
-    max per-pixel difference of `pixart generate --dtype bf16`'s PNG to both of diffusers' PNGs,
-    and that process's peak resident set against diffusers' bf16 child's.
+  * the same request asked for in bf16, then in f16: diffusers in that dtype (torch's CPU kernels
+    for it, e.g. AVX512-BF16, AVX512-FP16) against `pixart bench --dtype bf16|f16` (bf16: on a CPU
+    with AVX512-BF16 the transformer's linear layers and the VAE decoder's 3×3 convolutions
+    multiply in bf16, the rest in f32; f16, and bf16 elsewhere: all f32), the max per-pixel
+    difference of `pixart generate --dtype`'s PNG to diffusers' PNG in that dtype and in f32, and
+    that process's peak resident set against diffusers' child's.
 
 Prints the ratios (pixart / diffusers: below 1 is faster or smaller) and writes results.json
 and results.md to --out with the machine and the command.
@@ -83,7 +83,8 @@ def make_cpu_model(out: Path) -> dict:
 def diffusers_child(model: Path, out: Path, dtype: str) -> None:
     """Runs in a child process: diffusers' timings, image and peak RSS in `dtype`."""
     torch.set_num_threads(os.cpu_count() or 1)
-    result = run_diffusers(model, "cpu", {"f32": torch.float32, "bf16": torch.bfloat16}[dtype], SIZE, STEPS, SEED)
+    torch_dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[dtype]
+    result = run_diffusers(model, "cpu", torch_dtype, SIZE, STEPS, SEED)
     from PIL import Image
 
     Image.fromarray(result.pop("image")).save(out / f"diffusers-{dtype}.png")
@@ -162,6 +163,74 @@ def measure_round(args: argparse.Namespace, common: list[str], model: Path, work
     return {"ours": ours, "theirs": theirs, "ratios": ratios, "png": png, "their_png": work / "diffusers-f32.png"}
 
 
+def measure_half(args: argparse.Namespace, common: list[str], model: Path, work: Path, dtype: str) -> dict:
+    """The request asked for in `dtype` (bf16 or f16): `pixart bench` and a whole `pixart generate`
+    process with `--dtype`, then diffusers' child in that dtype; both sides' figures, their
+    ratios and both images (arrays)."""
+    from PIL import Image
+
+    half_common = [arg if arg != "f32" else dtype for arg in common]
+    report = pixart_bench(args, half_common)
+    png, _, generate_rss = pixart_generate(args, half_common, work / dtype)
+    diffusers_in_child(args, model, work, dtype)
+    theirs = json.loads((work / f"diffusers-{dtype}.json").read_text())
+    stages = report["stages"]
+    ours = {
+        "cpu_products": report.get("cpu_products"),
+        "pipeline_total_ms": stages["total"]["median_ms"],
+        "transformer_step_ms_median": stages["transformer_step"]["median_ms"],
+        "vae_ms": stages["vae"]["median_ms"],
+        "peak_rss_bytes": generate_rss,
+    }
+    ratios = {
+        "transformer_step": ours["transformer_step_ms_median"] / theirs["transformer_step_ms_median"],
+        "vae": ours["vae_ms"] / theirs["vae_ms"],
+        "pipeline_call": ours["pipeline_total_ms"] / theirs["total_ms"],
+        "peak_rss": ours["peak_rss_bytes"] / theirs["peak_rss_bytes"],
+    }
+    images = (np.asarray(Image.open(png).convert("RGB")),
+              np.asarray(Image.open(work / f"diffusers-{dtype}.png").convert("RGB")))
+    return {"theirs": theirs, "ours": ours, "ratios": ratios, "images": images}
+
+
+def half_summary(dtype: str, half: dict, their_f32_img: np.ndarray) -> dict:
+    """results.json's record of one half-precision request (see `measure_half`)."""
+    ours_img, their_img = half["images"]
+    return {
+        f"diffusers_{dtype}": half["theirs"],
+        f"pixart_dtype_{dtype}": half["ours"],
+        f"png_max_pixel_diff_to_diffusers_{dtype}": int(diff(ours_img, their_img)["max_abs"]),
+        "png_max_pixel_diff_to_diffusers_f32": int(diff(ours_img, their_f32_img)["max_abs"]),
+        f"diffusers_{dtype}_png_max_pixel_diff_to_diffusers_f32": int(diff(their_img, their_f32_img)["max_abs"]),
+        f"ratios_pixart_over_diffusers_{dtype}": half["ratios"],
+    }
+
+
+def half_lines(dtype: str, summary: dict) -> list[str]:
+    """results.md's table of one half-precision request."""
+    mib = 1 << 20
+    theirs, ours = summary[f"diffusers_{dtype}"], summary[f"pixart_dtype_{dtype}"]
+    ratios = summary[f"ratios_pixart_over_diffusers_{dtype}"]
+    products = ours["cpu_products"]
+    how = (f"the transformer's linear layers and the VAE decoder's 3×3 convolutions in {products}, everything else "
+           "in f32") if products != "f32" else "everything in f32"
+    lines = ["", f"The same request in {dtype}: diffusers computing in {dtype} against `pixart --dtype {dtype}` "
+             f"(on this CPU: {how}):", "",
+             f"| what | diffusers {dtype} | pixart `--dtype {dtype}` | pixart / diffusers |", "|---|---|---|---|"]
+    for label, key, ratio in [("transformer step (median, CFG batch 2)", "transformer_step_ms_median", "transformer_step"),
+                              ("VAE decode", "vae_ms", "vae"), ("pipeline call (load excluded)", None, "pipeline_call")]:
+        theirs_ms, ours_ms = (theirs[key], ours[key]) if key else (theirs["total_ms"], ours["pipeline_total_ms"])
+        lines.append(f"| {label} | {theirs_ms:.1f} ms | {ours_ms:.1f} ms | {ratios[ratio]:.2f} |")
+    lines.append(f"| peak RSS (`pixart generate --dtype {dtype}` process; diffusers' {dtype} process) | "
+                 f"{theirs['peak_rss_bytes'] / mib:.1f} MiB | {ours['peak_rss_bytes'] / mib:.1f} MiB | "
+                 f"{ratios['peak_rss']:.2f} |")
+    lines.append(f"| PNG max per-pixel difference: pixart {dtype} to diffusers {dtype} / to diffusers f32; diffusers "
+                 f"{dtype} to f32 | | | {summary[f'png_max_pixel_diff_to_diffusers_{dtype}']}/255, "
+                 f"{summary['png_max_pixel_diff_to_diffusers_f32']}/255; "
+                 f"{summary[f'diffusers_{dtype}_png_max_pixel_diff_to_diffusers_f32']}/255 |")
+    return lines
+
+
 def rounds_table(rounds: list[dict]) -> list[str]:
     """Markdown lines: each round's ratios (pixart ms / diffusers ms for the step)."""
     lines = ["", "Rounds (pixart / diffusers):", "",
@@ -206,17 +275,11 @@ def main() -> None:
         # f32 in rounds, each pixart then diffusers: a neighbour's load that comes and goes
         # lands on both sides of some round, not on one side of the only one.
         rounds = [measure_round(args, common, model, work / f"round-{i + 1}") for i in range(args.rounds)]
-        bf16_common = [arg if arg != "f32" else "bf16" for arg in common]
-        report_bf16 = pixart_bench(args, bf16_common)
-        png_bf16, _, generate_bf16_rss = pixart_generate(args, bf16_common, work / "bf16")
-        diffusers_in_child(args, model, work, "bf16")
-        theirs_bf16 = json.loads((work / "diffusers-bf16.json").read_text())
+        halves = {dtype: measure_half(args, common, model, work, dtype) for dtype in ["bf16", "f16"]}
         from PIL import Image
 
         ours_img = np.asarray(Image.open(rounds[-1]["png"]).convert("RGB"))
         their_img = np.asarray(Image.open(rounds[-1]["their_png"]).convert("RGB"))
-        ours_bf16_img = np.asarray(Image.open(png_bf16).convert("RGB"))
-        their_bf16_img = np.asarray(Image.open(work / "diffusers-bf16.png").convert("RGB"))
 
     # Each figure: its median over the rounds; each ratio: the median of the rounds' ratios.
     theirs = {key: median(r["theirs"][key] for r in rounds)
@@ -224,27 +287,7 @@ def main() -> None:
     theirs["torch_threads"] = rounds[0]["theirs"]["torch_threads"]
     ours = {key: median(r["ours"][key] for r in rounds) for key in rounds[0]["ours"]}
     ratios = {key: median(r["ratios"][key] for r in rounds) for key in rounds[0]["ratios"]}
-    stages_bf16 = report_bf16["stages"]
-    bf16 = {
-        "diffusers_bf16": theirs_bf16,
-        "pixart_dtype_bf16": {
-            "cpu_products": report_bf16.get("cpu_products"),
-            "pipeline_total_ms": stages_bf16["total"]["median_ms"],
-            "transformer_step_ms_median": stages_bf16["transformer_step"]["median_ms"],
-            "vae_ms": stages_bf16["vae"]["median_ms"],
-            "peak_rss_bytes": generate_bf16_rss,
-        },
-    }
-    bf16["png_max_pixel_diff_to_diffusers_bf16"] = int(diff(ours_bf16_img, their_bf16_img)["max_abs"])
-    bf16["png_max_pixel_diff_to_diffusers_f32"] = int(diff(ours_bf16_img, their_img)["max_abs"])
-    bf16["diffusers_bf16_png_max_pixel_diff_to_diffusers_f32"] = int(diff(their_bf16_img, their_img)["max_abs"])
-    ours_b = bf16["pixart_dtype_bf16"]
-    bf16["ratios_pixart_over_diffusers_bf16"] = {
-        "transformer_step": ours_b["transformer_step_ms_median"] / theirs_bf16["transformer_step_ms_median"],
-        "vae": ours_b["vae_ms"] / theirs_bf16["vae_ms"],
-        "pipeline_call": ours_b["pipeline_total_ms"] / theirs_bf16["total_ms"],
-        "peak_rss": ours_b["peak_rss_bytes"] / theirs_bf16["peak_rss_bytes"],
-    }
+    summaries = {dtype: half_summary(dtype, half, their_img) for dtype, half in halves.items()}
     targets = {"transformer_step": 0.8, "vae": 0.8, "generate_process_vs_pipeline_call": 0.9, "peak_rss": 1.0}
     env = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
            "cores": os.cpu_count(), "torch_threads": theirs["torch_threads"]}
@@ -267,7 +310,8 @@ def main() -> None:
         "ratios_pixart_over_diffusers": ratios,
         "targets": targets,
         "png_max_pixel_diff": int(diff(ours_img, their_img)["max_abs"]),
-        "bf16_request": bf16,
+        "bf16_request": summaries["bf16"],
+        "f16_request": summaries["f16"],
         "rounds": [{k: r[k] for k in ["ours", "theirs", "ratios"]} for r in rounds],
     }
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -292,24 +336,8 @@ def main() -> None:
         lines.append(f"| {label} | {theirs_v:.1f} {unit} | {ours_v:.1f} {unit} | {ratios[key]:.2f} | {target} |")
     lines.append(f"| PNG max per-pixel difference | | | {results['png_max_pixel_diff']}/255 | |")
     lines += rounds_table(rounds)
-    ratios_bf16 = bf16["ratios_pixart_over_diffusers_bf16"]
-    products = ours_b["cpu_products"]
-    lines += ["", "The same request in bf16: diffusers computing in bf16 against `pixart --dtype bf16` (on the CPU: "
-              f"the transformer's linear layers and the VAE decoder's 3×3 convolutions in {products}, everything "
-              "else in f32):", "",
-              "| what | diffusers bf16 | pixart `--dtype bf16` | pixart / diffusers |", "|---|---|---|---|"]
-    for label, key, ratio in [("transformer step (median, CFG batch 2)", "transformer_step_ms_median", "transformer_step"),
-                              ("VAE decode", "vae_ms", "vae")]:
-        lines.append(f"| {label} | {theirs_bf16[key]:.1f} ms | {ours_b[key]:.1f} ms | {ratios_bf16[ratio]:.2f} |")
-    lines.append(f"| pipeline call (load excluded) | {theirs_bf16['total_ms']:.1f} ms | "
-                 f"{ours_b['pipeline_total_ms']:.1f} ms | {ratios_bf16['pipeline_call']:.2f} |")
-    lines.append(f"| peak RSS (`pixart generate --dtype bf16` process; diffusers' bf16 process) | "
-                 f"{theirs_bf16['peak_rss_bytes'] / mib:.1f} MiB | {ours_b['peak_rss_bytes'] / mib:.1f} MiB | "
-                 f"{ratios_bf16['peak_rss']:.2f} |")
-    lines.append(f"| PNG max per-pixel difference: pixart bf16 to diffusers bf16 / to diffusers f32; diffusers bf16 "
-                 f"to f32 | | | {bf16['png_max_pixel_diff_to_diffusers_bf16']}/255, "
-                 f"{bf16['png_max_pixel_diff_to_diffusers_f32']}/255; "
-                 f"{bf16['diffusers_bf16_png_max_pixel_diff_to_diffusers_f32']}/255 |")
+    for dtype, summary in summaries.items():
+        lines += half_lines(dtype, summary)
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

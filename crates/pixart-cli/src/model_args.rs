@@ -67,7 +67,8 @@ pub struct ModelArgs {
     pub device: DeviceArg,
     /// Compute dtype (default: f32 on the CPU, bf16 on a GPU). On a CPU with AVX512-BF16, bf16
     /// multiplies the transformer's linear layers and the VAE's 3x3 convolutions in bf16 (sums in
-    /// f32); on other CPUs, and for f16 on any CPU, it computes in f32 and says so.
+    /// f32); on other CPUs, and for f16 on any CPU (AVX512-FP16 included), it computes in f32 and
+    /// says so.
     #[arg(long, env = "PIXART_DTYPE", value_enum)]
     pub dtype: Option<DtypeArg>,
     /// Never use the network: read the model from the hub cache only (like HF_HUB_OFFLINE=1).
@@ -160,6 +161,14 @@ impl ModelArgs {
             ));
             return (DType::F32, CpuProducts::Bf16);
         }
+        if asked == DType::F16 && cpu_has_avx512_fp16() {
+            warn(
+                "--dtype f16: computing in f32 on the CPU instead (no f16 kernels here: AVX512-FP16's f16 FMAs would \
+                 round every sum to f16, and f16 operands widened for f32 FMAs multiply slower than f32 ones, as bf16's \
+                 do); the weights take twice the memory of f16",
+            );
+            return (DType::F32, CpuProducts::F32);
+        }
         warn(&format!(
             "--dtype {name}: computing in f32 on the CPU instead (this build has no {name} kernels for this CPU: every \
              op would convert to f32 and back, about 2x slower per step); the weights take twice the memory of {name}"
@@ -249,4 +258,12 @@ fn warn(message: &str) {
     } else {
         eprintln!("warning: {message}");
     }
+}
+
+/// Whether this CPU has AVX512-FP16 (f16 arithmetic in 512-bit vectors).
+fn cpu_has_avx512_fp16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::is_x86_feature_detected!("avx512fp16");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
