@@ -63,19 +63,26 @@ fn matmul_2048_f32(bencher: divan::Bencher) {
 /// The transformer's feed-forward up-projection at XL-2 width on 1024 tokens × CFG batch 2
 /// (`[2048, 1152] · [1152, 4608]ᵀ`, 21.7 GFLOP): f32 (`f32`), and bf16 products by
 /// `vdpbf16ps` (`dot`) or by f32 FMAs on the widened operands (`fma`), where the CPU has
-/// AVX512-BF16. GFLOP/s = 21.7 / seconds.
-#[divan::bench(sample_count = 10, args = ["f32", "dot", "fma"])]
+/// AVX512-BF16, and f16 products by `vfmadd231ph` (`f16`), where it has AVX512-FP16.
+/// GFLOP/s = 21.7 / seconds.
+#[divan::bench(sample_count = 10, args = ["f32", "dot", "fma", "f16"])]
 fn linear_ff_up(bencher: divan::Bencher, products: &str) {
     use pixart_core::linear_bf16::{Bf16Kernel, LinearBf16};
-    use pixart_core::linear_f32::LinearF32Cpu;
+    use pixart_core::linear_f16::LinearF16;
+    use pixart_core::linear_f32::{column_major, LinearF32Cpu};
     let x = Tensor::randn(0f32, 1.0, (2048, 1152), &Device::Cpu).unwrap();
     let w = Tensor::randn(0f32, 0.03, (4608, 1152), &Device::Cpu).unwrap();
     let b = Tensor::randn(0f32, 1.0, 4608, &Device::Cpu).unwrap();
     let kernel = match products {
         "dot" => Bf16Kernel::DotProduct,
         "fma" => Bf16Kernel::WidenedFma,
+        "f16" if LinearF16::available() => {
+            let linear = LinearF16::new(&w, Some(&b)).unwrap();
+            return bencher.bench_local(|| linear.forward(&x).unwrap());
+        }
+        "f16" => return,
         _ => {
-            let linear = LinearF32Cpu::new(Some(&b)).unwrap();
+            let (linear, w) = (LinearF32Cpu::new(Some(&b)).unwrap(), column_major(&w).unwrap());
             return bencher.bench_local(|| linear.forward(&x, &w).unwrap());
         }
     };
@@ -123,7 +130,7 @@ fn attention_self_1024(bencher: divan::Bencher, layout: &str) {
 #[divan::bench(sample_count = 30, args = [
     "384x384/bias", "384x384/plain", "384x384/bias-column-major", "384x1152/bias", "384x1152/bias-column-major",
     "384x1536/bias", "384x1536/bias-column-major", "1536x384/bias", "1536x384/bias-column-major",
-    "1152x1152/xl", "1152x3456/xl",
+    "1152x1152/xl", "1152x3456/xl", "384x384/f16", "384x1152/f16", "384x1536/f16", "1536x384/f16",
 ])]
 fn linear_f32_384_wide(bencher: divan::Bencher, case: &str) {
     use pixart_core::linear_f32::{column_major, LinearF32Cpu};
@@ -136,6 +143,13 @@ fn linear_f32_384_wide(bencher: divan::Bencher, case: &str) {
         w = column_major(&w).unwrap();
     }
     let b = Tensor::randn(0f32, 1.0, n, &Device::Cpu).unwrap();
+    if how == "f16" {
+        if !pixart_core::linear_f16::LinearF16::available() {
+            return;
+        }
+        let linear = pixart_core::linear_f16::LinearF16::new(&w, Some(&b)).unwrap();
+        return bencher.bench_local(|| linear.forward(&x).unwrap());
+    }
     let linear = LinearF32Cpu::new((how != "plain").then_some(&b)).unwrap();
     bencher.bench_local(|| linear.forward(&x, &w).unwrap());
 }

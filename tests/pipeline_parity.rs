@@ -50,6 +50,21 @@ fn fal_requests_reproduce_diffusers_images() {
 /// ran). On a CPU without the instruction the option changes nothing: the f32 images, exactly.
 #[test]
 fn bf16_products_stay_within_bf16_rounding_of_diffusers_images() {
+    half_products_stay_near_diffusers_images(CpuProducts::Bf16, CpuProducts::Bf16.in_bf16(), BF16_PRODUCTS_BOUND);
+}
+
+/// f16 products (what `--dtype f16` runs on an AVX512-FP16 CPU: the transformer's linear layers,
+/// operands rounded to f16, sums in f16 along runs of 32 and in f32 across them): on the
+/// fixtures within [`F16_PRODUCTS_BOUND`] of diffusers' f32 images, and not equal to the f32
+/// run's; elsewhere the f32 images, exactly.
+#[test]
+fn f16_products_stay_within_f16_rounding_of_diffusers_images() {
+    half_products_stay_near_diffusers_images(CpuProducts::F16, CpuProducts::F16.in_f16(), F16_PRODUCTS_BOUND);
+}
+
+/// Every end-to-end case with `products` (which run, on this CPU, when `runs`) against
+/// diffusers' f32 images: at most `bound` per pixel, and not all equal to the f32 run's.
+fn half_products_stay_near_diffusers_images(products: CpuProducts, runs: bool, bound: u8) {
     let cases = std::fs::read_dir(goldens_dir().join("e2e")).unwrap();
     let mut names: Vec<_> = cases.map(|e| e.unwrap().path()).collect();
     names.sort();
@@ -57,31 +72,35 @@ fn bf16_products_stay_within_bf16_rounding_of_diffusers_images() {
     let mut differs_from_f32 = false;
     for case in names {
         let model = std::fs::read_to_string(case.join("model.txt")).unwrap().trim().to_string();
-        let (plain, bf16) =
-            pipelines.entry(model.clone()).or_insert_with(|| (load(&model), load_with(&model, CpuProducts::Bf16)));
+        let (plain, half) =
+            pipelines.entry(model.clone()).or_insert_with(|| (load(&model), load_with(&model, products)));
         let request = GenerateRequest::from_json(&std::fs::read_to_string(case.join("request.json")).unwrap()).unwrap();
         let want = plain.generate(&request.to_params()).unwrap();
-        let ours = bf16.generate(&request.to_params()).unwrap();
+        let ours = half.generate(&request.to_params()).unwrap();
         for (i, (image, f32_image)) in ours.images.iter().zip(&want.images).enumerate() {
-            if !CpuProducts::Bf16.in_bf16() {
+            if !runs {
                 assert_eq!(image.pixels, f32_image.pixels, "{}: image {i}", case.display());
                 continue;
             }
             differs_from_f32 |= image.pixels != f32_image.pixels;
             let diff = max_pixel_diff(&image.pixels, &case.join(format!("image_{i}.png")));
             eprintln!(
-                "{} image {i}: bf16 products, max pixel diff {diff}/255",
+                "{} image {i}: {products:?} products, max pixel diff {diff}/255",
                 case.file_name().unwrap().to_string_lossy()
             );
-            assert!(diff <= BF16_PRODUCTS_BOUND, "{}: image {i} differs by {diff}/255", case.display());
+            assert!(diff <= bound, "{}: image {i} differs by {diff}/255", case.display());
         }
     }
-    assert!(differs_from_f32 || !CpuProducts::Bf16.in_bf16(), "the bf16 products gave the f32 images: did they run?");
+    assert!(differs_from_f32 || !runs, "the {products:?} products gave the f32 images: did they run?");
 }
 
 /// See [`bf16_products_stay_within_bf16_rounding_of_diffusers_images`]: 2–3/255 measured, room
 /// for another CPU's order of sums.
 const BF16_PRODUCTS_BOUND: u8 = 5;
+
+/// See [`f16_products_stay_within_f16_rounding_of_diffusers_images`]: 1/255 measured (Intel Xeon),
+/// room for another CPU.
+const F16_PRODUCTS_BOUND: u8 = 3;
 
 #[test]
 fn intermediate_values_equal_the_hooked_diffusers_run() {

@@ -310,9 +310,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let measured = Measured { load, runs: &runs, memory: &memory, baseline, peak, text_encoder: &text_encoder };
     let mut report = report_json(&args, &device, dtype, &measured);
     if let Some(map) = report.as_object_mut() {
-        // How the matrix products ran (`--dtype bf16` on an AVX512-BF16 CPU: bf16).
+        // How the matrix products ran (`--dtype bf16` on an AVX512-BF16 CPU: bf16; `--dtype f16`
+        // on an AVX512-FP16 CPU: f16).
         let bf16 = options.cpu_products.in_bf16() && device.is_cpu();
-        let products = if bf16 { json!("bf16") } else { map["dtype"].clone() };
+        let f16 = options.cpu_products.in_f16() && device.is_cpu();
+        let products = match (bf16, f16) {
+            (true, _) => json!("bf16"),
+            (_, true) => json!("f16"),
+            _ => map["dtype"].clone(),
+        };
         map.insert("cpu_products".into(), products);
         if bf16 {
             // `vdpbf16ps` ("dot") or f32 FMAs on the widened operands ("fma").

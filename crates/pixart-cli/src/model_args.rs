@@ -67,7 +67,8 @@ pub struct ModelArgs {
     pub device: DeviceArg,
     /// Compute dtype (default: f32 on the CPU, bf16 on a GPU). On a CPU with AVX512-BF16, bf16
     /// multiplies the transformer's linear layers and the VAE's 3x3 convolutions in bf16 (sums in
-    /// f32); on other CPUs, and for f16 on any CPU (AVX512-FP16 included), it computes in f32 and
+    /// f32); on a CPU with AVX512-FP16, f16 multiplies the transformer's linear layers in f16
+    /// (sums in f16 along short runs, in f32 across them); on other CPUs it computes in f32 and
     /// says so.
     #[arg(long, env = "PIXART_DTYPE", value_enum)]
     pub dtype: Option<DtypeArg>,
@@ -133,7 +134,8 @@ impl ModelArgs {
     /// The dtype asked for, else f32 on the CPU and bf16 on a GPU, and how matrix products run
     /// on the CPU. There everything computes in f32 (with a note): `--dtype bf16` on a CPU with
     /// AVX512-BF16 multiplies the transformer blocks' linear layers and the VAE decoder's 3×3
-    /// convolutions in bf16 (sums in f32); otherwise bf16 and f16 have no CPU kernels here, and
+    /// convolutions in bf16 (sums in f32), `--dtype f16` on a CPU with AVX512-FP16 the linear
+    /// layers in f16; otherwise bf16 and f16 have no CPU kernels here, and
     /// converting to f32 and back at every op was about twice as slow per step.
     pub fn precision_for(&self, device: &Device) -> (DType, CpuProducts) {
         let asked = match self.dtype {
@@ -161,13 +163,14 @@ impl ModelArgs {
             ));
             return (DType::F32, CpuProducts::Bf16);
         }
-        if asked == DType::F16 && cpu_has_avx512_fp16() {
-            warn(
-                "--dtype f16: computing in f32 on the CPU instead (no f16 kernels here: AVX512-FP16's f16 FMAs would \
-                 round every sum to f16, and f16 operands widened for f32 FMAs multiply slower than f32 ones, as bf16's \
-                 do); the weights take twice the memory of f16",
-            );
-            return (DType::F32, CpuProducts::F32);
+        if asked == DType::F16 && CpuProducts::F16.in_f16() {
+            warn(&format!(
+                "--dtype f16 on this CPU: the transformer's linear layers multiply in f16 (AVX512-FP16's vfmadd231ph; \
+                 sums in f16 along runs of {RUN}, in f32 across them); everything else, the VAE included (as diffusers \
+                 runs it in f16), computes in f32",
+                RUN = pixart_core::linear_f16::RUN
+            ));
+            return (DType::F32, CpuProducts::F16);
         }
         warn(&format!(
             "--dtype {name}: computing in f32 on the CPU instead (this build has no {name} kernels for this CPU: every \
@@ -258,12 +261,4 @@ fn warn(message: &str) {
     } else {
         eprintln!("warning: {message}");
     }
-}
-
-/// Whether this CPU has AVX512-FP16 (f16 arithmetic in 512-bit vectors).
-fn cpu_has_avx512_fp16() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return std::is_x86_feature_detected!("avx512fp16");
-    #[cfg(not(target_arch = "x86_64"))]
-    false
 }

@@ -409,11 +409,12 @@ fn bench_reports_every_stage_as_json_and_as_a_table() {
 }
 
 #[test]
-fn bf16_and_f16_on_the_cpu_compute_in_f32_and_say_so() {
+fn bf16_and_f16_on_the_cpu_say_how_they_compute() {
     let model = fixtures().join("tiny-sigma-256");
     let m = model.to_str().unwrap();
     let args = ["bench", "--model", m, "--size", "64x64", "--steps", "1", "--runs", "1", "--warmup", "0", "--json"];
     let bf16_cpu = pixart_core::linear_bf16::CpuProducts::Bf16.in_bf16();
+    let f16_cpu = pixart_core::linear_bf16::CpuProducts::F16.in_f16();
     for dtype in ["bf16", "f16"] {
         let output = pixart(&[&args[..], &["--dtype", dtype]].concat(), &[]);
         let report = response(&output);
@@ -424,6 +425,13 @@ fn bf16_and_f16_on_the_cpu_compute_in_f32_and_say_so() {
             assert_eq!(report["cpu_products"], "bf16", "{report}");
             assert!(
                 stderr.contains("--dtype bf16 on this CPU: the transformer's linear layers and the VAE"),
+                "{stderr}"
+            );
+        } else if dtype == "f16" && f16_cpu {
+            // AVX512-FP16: the transformer's linear layers in f16, the rest (the VAE too) in f32.
+            assert_eq!(report["cpu_products"], "f16", "{report}");
+            assert!(
+                stderr.contains("--dtype f16 on this CPU: the transformer's linear layers multiply in f16"),
                 "{stderr}"
             );
         } else {

@@ -20,6 +20,7 @@ pub mod fast_math;
 mod gemm_cpu;
 pub mod group_norm;
 pub mod linear_bf16;
+pub mod linear_f16;
 pub mod linear_f32;
 pub mod modulation;
 pub mod weights;

@@ -30,12 +30,28 @@ pub enum CpuProducts {
     /// Operands rounded to bf16, products summed in f32 (`vdpbf16ps`), where
     /// [`LinearBf16::available`]; elsewhere as [`CpuProducts::F32`].
     Bf16,
+    /// The transformer's linear layers with operands rounded to f16, products summed in f16
+    /// along short runs and in f32 across them (AVX512-FP16, [`crate::linear_f16`]), where
+    /// [`crate::linear_f16::LinearF16::available`]; elsewhere, and for the VAE (which a model
+    /// in f16 runs in f32), as [`CpuProducts::F32`].
+    F16,
 }
 
 impl CpuProducts {
     /// Whether products run in bf16 on this CPU.
     pub fn in_bf16(self) -> bool {
         self == CpuProducts::Bf16 && LinearBf16::available()
+    }
+
+    /// Whether the transformer's linear layers multiply in f16 on this CPU.
+    pub fn in_f16(self) -> bool {
+        self == CpuProducts::F16 && crate::linear_f16::LinearF16::available()
+    }
+
+    /// Whether linear layers pack their own copy of the weight (bf16 or f16 products): the
+    /// loaded f32 weights are then best left row-major.
+    pub fn packs_weights(self) -> bool {
+        self.in_bf16() || self.in_f16()
     }
 }
 

@@ -1,24 +1,33 @@
 //! The transformer's linear layers: candle's `Linear` on a GPU; on the CPU in f32,
 //! [`LinearF32Cpu`] (the bias folded into the product); on the CPU when the model is built with
 //! [`CpuProducts::Bf16`] and the CPU has AVX512-BF16, products of bf16 operands summed in f32
-//! through [`LinearBf16`], everything around them staying f32. The weight is then packed once
-//! (half its f32 size) beside the f32 tensor, which stays shared with the loaded weights. In f32
-//! on the CPU the weight is used column-major ([`column_major`]; the loaded weights already are,
-//! so nothing is copied).
+//! through [`LinearBf16`], and with [`CpuProducts::F16`] on a CPU with AVX512-FP16, products of
+//! f16 operands through [`LinearF16`]; everything around them stays f32. The weight is then
+//! packed once (half its f32 size) beside the f32 tensor, which stays shared with the loaded
+//! weights. In f32 on the CPU the weight is used column-major ([`column_major`]; the loaded
+//! weights already are, so nothing is copied).
 
 use std::sync::Arc;
 
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
 use pixart_core::linear_bf16::{CpuProducts, LinearBf16};
+use pixart_core::linear_f16::LinearF16;
 use pixart_core::linear_f32::{column_major, LinearF32Cpu};
 
 /// One linear layer `[…, in] → […, out]`.
 #[derive(Debug, Clone)]
 pub struct DitLinear {
     plain: Linear,
-    bf16: Option<Arc<LinearBf16>>,
+    packed: Option<Packed>,
     f32_cpu: Arc<LinearF32Cpu>,
+}
+
+/// A weight packed for products in half precision on the CPU.
+#[derive(Debug, Clone)]
+enum Packed {
+    Bf16(Arc<LinearBf16>),
+    F16(Arc<LinearF16>),
 }
 
 impl DitLinear {
@@ -40,15 +49,19 @@ impl DitLinear {
 
     /// The layer of `weight` `[out, in]` and `bias` `[out]`.
     pub fn from_tensors(weight: &Tensor, bias: Option<&Tensor>, kind: CpuProducts) -> candle_core::Result<Self> {
-        let packs = kind.in_bf16() && weight.device().is_cpu() && weight.dtype() == DType::F32;
-        let (plain, bf16) = if packs {
-            let packed = Arc::new(LinearBf16::new(weight, bias)?);
-            (Linear::new(weight.clone(), bias.cloned()), Some(packed))
-        } else {
-            (Linear::new(column_major(weight)?, bias.cloned()), None)
+        let packs = kind.packs_weights() && weight.device().is_cpu() && weight.dtype() == DType::F32;
+        let (plain, packed) = match kind {
+            _ if !packs => (Linear::new(column_major(weight)?, bias.cloned()), None),
+            CpuProducts::F16 => {
+                (Linear::new(weight.clone(), bias.cloned()), Some(Packed::F16(Arc::new(LinearF16::new(weight, bias)?))))
+            }
+            _ => (
+                Linear::new(weight.clone(), bias.cloned()),
+                Some(Packed::Bf16(Arc::new(LinearBf16::new(weight, bias)?))),
+            ),
         };
         let f32_cpu = Arc::new(LinearF32Cpu::new(plain.bias())?);
-        Ok(Self { plain, bf16, f32_cpu })
+        Ok(Self { plain, packed, f32_cpu })
     }
 
     /// The bias, if the layer has one.
@@ -58,13 +71,20 @@ impl DitLinear {
 
     /// Whether the products run in bf16 ([`CpuProducts::Bf16`] on a CPU that has it).
     pub fn multiplies_in_bf16(&self) -> bool {
-        self.bf16.is_some()
+        matches!(self.packed, Some(Packed::Bf16(_)))
+    }
+
+    /// Whether the products run in f16 ([`CpuProducts::F16`] on a CPU that has it).
+    pub fn multiplies_in_f16(&self) -> bool {
+        matches!(self.packed, Some(Packed::F16(_)))
     }
 
     /// `x · Wᵀ + b`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match &self.bf16 {
-            Some(packed) if x.device().is_cpu() && x.dtype() == DType::F32 => packed.forward(x),
+        let on_cpu_in_f32 = x.device().is_cpu() && x.dtype() == DType::F32;
+        match &self.packed {
+            Some(Packed::Bf16(packed)) if on_cpu_in_f32 => packed.forward(x),
+            Some(Packed::F16(packed)) if on_cpu_in_f32 => packed.forward(x),
             _ if LinearF32Cpu::runs(x, self.plain.weight()) => self.f32_cpu.forward(x, self.plain.weight()),
             _ => self.plain.forward(x),
         }

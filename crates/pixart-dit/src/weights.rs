@@ -133,15 +133,15 @@ impl TransformerWeights {
         Ok(Self { tensors, source: path.to_path_buf(), layout, position_tokens, stacked_qkv: HashMap::new() })
     }
 
-    /// These weights laid out for `products`: unless the products run in bf16 (which packs its
-    /// own copy from row-major weights), every linear layer's weight (2-D `*.weight`) in f32 on
+    /// These weights laid out for `products`: unless the products run in bf16 or f16 (which
+    /// pack their own copy from row-major weights), every linear layer's weight (2-D `*.weight`) in f32 on
     /// the CPU is stored column-major ([`column_major`]), how the f32 product reads it without
     /// repacking, so the model built from them uses them without a copy; each self-attention's
     /// Q, K and V weights are stored as one stacked weight ([`Self::stacked_qkv`]), which the
     /// model multiplies in one product. LoRA merges ([`Self::with_deltas`]) keep each tensor's
     /// layout.
     pub fn for_cpu_products(mut self, products: CpuProducts) -> Result<Self, DitError> {
-        if !products.in_bf16() {
+        if !products.packs_weights() {
             let self_attentions: Vec<String> = self
                 .tensors
                 .keys()
@@ -182,7 +182,7 @@ impl TransformerWeights {
     /// The stacked `[3·inner, in]` Q/K/V weight of a self-attention (e.g.
     /// `transformer_blocks.0.attn1`), whose rows are its `to_q`, `to_k` and `to_v` weights (the
     /// tensors of those names are views of it); `None` where [`Self::for_cpu_products`] did not
-    /// stack them (bf16 products, another device or dtype).
+    /// stack them (bf16 or f16 products, another device or dtype).
     pub fn stacked_qkv(&self, attention: &str) -> Option<&Tensor> {
         self.stacked_qkv.get(attention)
     }

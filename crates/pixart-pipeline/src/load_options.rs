@@ -45,7 +45,8 @@ pub struct LoadOptions {
     /// [`Self::dtype`], the transformer blocks' linear layers and the VAE decoder's 3×3
     /// convolutions round their operands to bf16 and sum in f32 (AVX512-BF16), everything else
     /// stays f32; on a CPU without AVX512-BF16, or on a GPU, this changes nothing. What
-    /// `pixart --dtype bf16` asks for on such a CPU.
+    /// `pixart --dtype bf16` asks for on such a CPU. With [`CpuProducts::F16`], the transformer
+    /// blocks' linear layers multiply f16 operands (AVX512-FP16; `pixart --dtype f16`).
     pub cpu_products: CpuProducts,
 }
 
