@@ -23,7 +23,8 @@ then diffusers; figures and ratios are the medians over the rounds, every round 
   * the same request asked for in bf16, then in f16: diffusers in that dtype (torch's CPU kernels
     for it, e.g. AVX512-BF16, AVX512-FP16) against `pixart bench --dtype bf16|f16` (bf16: on a CPU
     with AVX512-BF16 the transformer's linear layers and the VAE decoder's 3×3 convolutions
-    multiply in bf16, the rest in f32; f16, and bf16 elsewhere: all f32), the max per-pixel
+    multiply in bf16, the rest in f32; f16: on a CPU with AVX512-FP16 the transformer's linear
+    layers multiply in f16, the rest in f32; elsewhere all f32), the max per-pixel
     difference of `pixart generate --dtype`'s PNG to diffusers' PNG in that dtype and in f32, and
     that process's peak resident set against diffusers' child's.
 
@@ -212,8 +213,9 @@ def half_lines(dtype: str, summary: dict) -> list[str]:
     theirs, ours = summary[f"diffusers_{dtype}"], summary[f"pixart_dtype_{dtype}"]
     ratios = summary[f"ratios_pixart_over_diffusers_{dtype}"]
     products = ours["cpu_products"]
-    how = (f"the transformer's linear layers and the VAE decoder's 3×3 convolutions in {products}, everything else "
-           "in f32") if products != "f32" else "everything in f32"
+    how = {"bf16": "the transformer's linear layers and the VAE decoder's 3×3 convolutions in bf16, everything else "
+                   "in f32",
+           "f16": "the transformer's linear layers in f16, everything else in f32"}.get(products, "everything in f32")
     lines = ["", f"The same request in {dtype}: diffusers computing in {dtype} against `pixart --dtype {dtype}` "
              f"(on this CPU: {how}):", "",
              f"| what | diffusers {dtype} | pixart `--dtype {dtype}` | pixart / diffusers |", "|---|---|---|---|"]
