@@ -23,6 +23,7 @@ pub mod linear_bf16;
 pub mod linear_f16;
 pub mod linear_f32;
 pub mod modulation;
+mod packed_linear;
 pub mod weights;
 
 pub use config_error::{ConfigCheck, UnsupportedConfig};

@@ -50,16 +50,7 @@ pub struct LinearF16 {
 impl LinearF16 {
     /// Whether this CPU has the instructions (AVX-512 F, BW and FP16), checked at run time.
     pub fn available() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512bw")
-                && std::arch::is_x86_feature_detected!("avx512fp16")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
+        crate::packed_linear::has_avx512_with(crate::packed_linear::Avx512Extension::Fp16)
     }
 
     /// Packs `weight` `[out, in]` (any float dtype; rounded to f16 to nearest even) and `bias`
@@ -75,13 +66,7 @@ impl LinearF16 {
                 }
             }
         });
-        let bias = match bias {
-            Some(b) => b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
-            None => Vec::new(),
-        };
-        if !bias.is_empty() && bias.len() != n {
-            candle_core::bail!("linear-f16: a bias of {} for {n} outputs", bias.len())
-        }
+        let bias = crate::packed_linear::bias_values(bias, n, "linear-f16")?;
         Ok(Self { out_features: n, in_features: k, packed, bias })
     }
 
@@ -162,20 +147,9 @@ impl CustomOp1 for LinearF16 {
         if !Self::available() {
             candle_core::bail!("linear-f16: this CPU has no AVX512-FP16")
         }
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("linear-f16: input is not contiguous")
-        };
-        let x = &storage.as_slice::<f32>()?[start..end];
-        let dims = layout.shape().dims();
-        if dims.last() != Some(&self.in_features) {
-            candle_core::bail!("linear-f16: input {dims:?} does not end in {}", self.in_features)
-        }
-        let m = x.len() / self.in_features.max(1);
-        let mut out_dims = dims.to_vec();
-        if let Some(last) = out_dims.last_mut() {
-            *last = self.out_features;
-        }
-        Ok((CpuStorage::F32(self.matmul(x, m)), Shape::from(out_dims)))
+        let features = (self.in_features, self.out_features);
+        let (x, m, shape) = crate::packed_linear::input_rows(storage, layout, features, "linear-f16")?;
+        Ok((CpuStorage::F32(self.matmul(x, m)), shape))
     }
 }
 
