@@ -8,25 +8,25 @@ use std::mem::{ManuallyDrop, MaybeUninit};
 
 use rayon::prelude::*;
 
-/// `len` unwritten f32s, for an op that writes every one of them before [`assume_written`]
-/// turns them into its output.
-pub(crate) fn unwritten(len: usize) -> Vec<MaybeUninit<f32>> {
+/// `len` unwritten values (f32s, or an op's packed operands), for an op that writes every one
+/// of them before [`assume_written`] turns them into its output.
+pub(crate) fn unwritten<T: Copy>(len: usize) -> Vec<MaybeUninit<T>> {
     let mut out = Vec::with_capacity(len);
     // SAFETY: `MaybeUninit` needs no initialisation, and the capacity is `len`.
     unsafe { out.set_len(len) };
     out
 }
 
-/// The f32s of `buffer`, once written.
+/// The values of `buffer`, once written.
 ///
 /// # Safety
 /// Every element of `buffer` was written.
-pub(crate) unsafe fn assume_written(buffer: Vec<MaybeUninit<f32>>) -> Vec<f32> {
+pub(crate) unsafe fn assume_written<T: Copy>(buffer: Vec<MaybeUninit<T>>) -> Vec<T> {
     let mut buffer = ManuallyDrop::new(buffer);
     let (ptr, len, capacity) = (buffer.as_mut_ptr(), buffer.len(), buffer.capacity());
-    // SAFETY: same allocation, element layout (`MaybeUninit<f32>` is `f32`'s), length and
+    // SAFETY: same allocation, element layout (`MaybeUninit<T>` is `T`'s), length and
     // capacity; the caller guarantees every element is initialised.
-    unsafe { Vec::from_raw_parts(ptr.cast::<f32>(), len, capacity) }
+    unsafe { Vec::from_raw_parts(ptr.cast::<T>(), len, capacity) }
 }
 
 /// `len` f32s written in parallel chunks of `chunk` elements (the last one shorter):

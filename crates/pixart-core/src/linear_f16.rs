@@ -78,18 +78,26 @@ impl LinearF16 {
     /// `dst[m × n] = round_f16(x)[m × k] · round_f16(W)ᵀ + b`.
     fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         let (n, k) = (self.out_features, self.in_features);
-        // The rows rounded to f16, padded with zero rows to whole blocks.
+        // The rows rounded to f16, padded with zero rows to whole blocks (written once: no
+        // clearing pass first).
         let padded_rows = m.div_ceil(ROWS) * ROWS;
-        let mut a = vec![0u16; padded_rows * k];
+        let mut a = crate::buffers::unwritten::<u16>(padded_rows * k);
         if k > 0 {
             a.par_chunks_mut(k * ROWS).zip(x.par_chunks(k * ROWS)).for_each(|(out, rows)| {
-                // SAFETY: `available()` holds (checked by the op).
+                let (values, padding) = out.split_at_mut(rows.len());
+                padding.iter_mut().for_each(|v| {
+                    v.write(0);
+                });
+                // SAFETY: `available()` holds (checked by the op); `values` holds `rows.len()`.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    x86::round_rows(rows, out)
+                    x86::round_rows(rows, values)
                 }
             });
         }
+        // SAFETY: each block's rows are written by `round_rows` and its padding rows above (the
+        // zipped chunks cover every block: the last chunk of `x` is the last block's rows).
+        let a = unsafe { crate::buffers::assume_written(a) };
         let mut dst = crate::buffers::unwritten(m * n);
         let out = OutPtr::unwritten(&mut dst);
         let panels = n.div_ceil(PANEL);
@@ -157,16 +165,18 @@ impl CustomOp1 for LinearF16 {
 mod x86 {
     use std::arch::asm;
     use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
 
     use super::{Tile, PANEL, ROWS, RUN, SLICE};
 
-    /// Rounds each `k`-long row of `x` to f16 bits (to nearest even) into `out`, row-major
-    /// (`out` holds as many rows or more; the rest is left as it is).
+    /// Rounds the values of `x` (rows of `k`) to f16 bits (to nearest even) into `out`, one for
+    /// one: every element of `out` is written.
     ///
     /// # Safety
-    /// The CPU has AVX-512 F.
+    /// The CPU has AVX-512 F; `out` is as long as `x`.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn round_rows(x: &[f32], out: &mut [u16]) {
+    pub(super) unsafe fn round_rows(x: &[f32], out: &mut [MaybeUninit<u16>]) {
+        debug_assert_eq!(x.len(), out.len());
         let full = x.len() / 16 * 16;
         for (src, dst) in x[..full].chunks_exact(16).zip(out.chunks_exact_mut(16)) {
             // SAFETY: 16 values each; AVX-512 F as the caller promises.
@@ -177,7 +187,7 @@ mod x86 {
             }
         }
         for (src, dst) in x[full..].iter().zip(&mut out[full..]) {
-            *dst = half::f16::from_f32(*src).to_bits();
+            dst.write(half::f16::from_f32(*src).to_bits());
         }
     }
 

@@ -134,9 +134,10 @@ impl TransformerWeights {
     }
 
     /// These weights laid out for `products`: unless the products run in bf16 or f16 (which
-    /// pack their own copy from row-major weights), every linear layer's weight (2-D `*.weight`) in f32 on
-    /// the CPU is stored column-major ([`column_major`]), how the f32 product reads it without
-    /// repacking, so the model built from them uses them without a copy; each self-attention's
+    /// pack their own copy from row-major weights), every linear layer's weight (2-D
+    /// `*.weight`) in f32 on the CPU is stored column-major ([`column_major`]), how the f32
+    /// product reads it without repacking, so the model built from them uses them without a
+    /// copy; each self-attention's
     /// Q, K and V weights are stored as one stacked weight ([`Self::stacked_qkv`]), which the
     /// model multiplies in one product. LoRA merges ([`Self::with_deltas`]) keep each tensor's
     /// layout.
@@ -273,15 +274,15 @@ impl TransformerWeights {
     }
 
     /// These weights with `deltas` (f32, by tensor name) added: each changed tensor is computed
-    /// in f32 and stored back in its dtype; every other tensor is shared.
-    /// A self-attention whose stacked Q/K/V weight ([`Self::stacked_qkv`]) had a part changed is
+    /// in f32 and stored back in its dtype; every other tensor is shared. A self-attention whose stacked Q/K/V weight ([`Self::stacked_qkv`]) had a part changed is
     /// stacked again from its merged parts.
     pub fn with_deltas(&self, deltas: HashMap<String, Tensor>) -> Result<Self, DitError> {
         let mut changed = self.clone();
         let mut restack = BTreeSet::new();
         for (name, delta) in deltas {
             let attention = STACKED_PROJECTIONS.iter().find_map(|p| name.strip_suffix(&format!(".{p}.weight")));
-            if let Some(attention) = attention.filter(|a| self.stacked_qkv.contains_key(*a)) {
+            let stacked = attention.filter(|a| self.stacked_qkv.contains_key(*a));
+            if let Some(attention) = stacked {
                 restack.insert(attention.to_string());
             }
             let base = self.get(&name)?;
@@ -293,7 +294,8 @@ impl TransformerWeights {
                 )));
             }
             let merged = (base.to_dtype(DType::F32)? + delta.to_device(base.device())?)?.to_dtype(base.dtype())?;
-            let merged = if is_column_major(base) { column_major(&merged)? } else { merged };
+            // A part of a stack is laid out when the stack is built again, below.
+            let merged = if is_column_major(base) && stacked.is_none() { column_major(&merged)? } else { merged };
             changed.tensors.insert(name, merged);
         }
         for attention in restack {
