@@ -46,6 +46,54 @@ fn every_block_and_the_output_match_diffusers() {
     }
 }
 
+/// With the linear layers multiplying in bf16 or f16 (where this CPU has the instructions;
+/// elsewhere in f32), every self-attention's Q, K and V still come out of one product (the
+/// three packed layers in one op), and the output stays within half precision's rounding of
+/// diffusers' f32 output.
+#[test]
+fn half_products_multiply_qkv_in_one_product_near_diffusers() {
+    use pixart_core::linear_bf16::CpuProducts;
+    use pixart_dit::TransformerWeights;
+    for (products, runs, bound) in [
+        (CpuProducts::Bf16, CpuProducts::Bf16.in_bf16(), BF16_BOUND),
+        (CpuProducts::F16, CpuProducts::F16.in_f16(), F16_BOUND),
+    ] {
+        for model in FIXTURE_MODELS {
+            let g = load_goldens(&format!("{model}/transformer.safetensors"));
+            let dir = model_dir(model).join("transformer");
+            let mut config: DitConfig =
+                serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+            config.cpu_products = products;
+            let weights = TransformerWeights::from_folder(&dir, DType::F32, &Device::Cpu)
+                .unwrap()
+                .for_cpu_products(products)
+                .unwrap();
+            let dit = PixArtTransformer::from_weights(&config, &weights).unwrap();
+            assert_eq!(dit.blocks_with_stacked_qkv(), config.num_layers, "{model} {products:?}");
+            let out = dit
+                .forward(
+                    golden(&g, "hidden_states"),
+                    &timesteps(golden(&g, "timestep")),
+                    golden(&g, "encoder_hidden_states"),
+                    Some(golden(&g, "encoder_attention_mask")),
+                )
+                .unwrap();
+            let tol = if runs { bound } else { 1e-5 };
+            assert_close(&format!("{model} {products:?} output"), &out, golden(&g, "output"), tol);
+            // And the half-precision products did run: their rounding shows.
+            assert_eq!(pixart_suite::max_abs_diff(&out, golden(&g, "output")) > 1e-5, runs, "{model} {products:?}");
+        }
+    }
+}
+
+/// See [`half_products_multiply_qkv_in_one_product_near_diffusers`]: on outputs up to 1.7–2.0,
+/// 0.9–1.0e-3 measured (Intel Xeon), below bf16's unit roundoff (2⁻⁹) of them; room for
+/// another CPU's order of sums.
+const BF16_BOUND: f32 = 4e-3;
+/// See [`half_products_multiply_qkv_in_one_product_near_diffusers`]: 3.1–4.7e-4 measured (Intel
+/// Xeon), f16's 11-bit significands; room as above.
+const F16_BOUND: f32 = 2e-3;
+
 #[test]
 fn absent_use_additional_conditions_means_false_and_true_is_refused() {
     let dir = model_dir("tiny-sigma-256").join("transformer");

@@ -15,11 +15,12 @@
 //! pairs widened to f32 in registers (a shift and a mask, exact), summed by f32 FMAs. Products of
 //! bf16 values are exact in f32 either way; only the rounding of the sums differs.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use candle_core::{DType, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
 use crate::conv_cpu::OutPtr;
+use crate::packed_linear::{forward_side_by_side, output_columns, tasks, Avx512Extension, PackedLayer};
 
 /// How matrix products run on the CPU: in f32, or with bf16 operands summed in f32.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -138,7 +139,7 @@ pub struct LinearBf16 {
 impl LinearBf16 {
     /// Whether this CPU has the instructions (AVX-512 F, BW and BF16), checked at run time.
     pub fn available() -> bool {
-        crate::packed_linear::has_avx512_with(crate::packed_linear::Avx512Extension::Bf16)
+        crate::packed_linear::has_avx512_with(Avx512Extension::Bf16)
     }
 
     /// Packs `weight` `[out, in]` (any float dtype; rounded to bf16 to nearest even) and
@@ -171,45 +172,69 @@ impl LinearBf16 {
         Ok(Self { out_features: n, in_features: k, packed, bias, kernel })
     }
 
-    /// `x` `[…, in]` f32 on the CPU → `[…, out]` f32.
-    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.contiguous()?.apply_op1_no_bwd(self)
+    /// How it computes its products.
+    pub fn kernel(&self) -> Bf16Kernel {
+        self.kernel
     }
 
-    /// `dst[m × n] = round_bf16(x)[m × k] · round_bf16(W)ᵀ + b`.
-    fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let (n, k) = (self.out_features, self.in_features);
-        let (pairs, words, kernel) = (k.div_ceil(2), self.kernel.row_words(k), self.kernel);
+    /// `x` `[…, in]` f32 on the CPU → `[…, out]` f32.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        forward_side_by_side(&[self], x)
+    }
+
+    /// `x` `[…, in]` f32 on the CPU through each of `layers` (all `in` wide, one kernel) →
+    /// `[…, Σ out]`, their outputs side by side in `layers`' order: one op, the input rounded
+    /// once (a self-attention's Q, K and V in one product).
+    pub fn forward_side_by_side(layers: &[&LinearBf16], x: &Tensor) -> candle_core::Result<Tensor> {
+        forward_side_by_side(layers, x)
+    }
+}
+
+impl PackedLayer for LinearBf16 {
+    const NAME: &'static str = "linear-bf16";
+    const EXTENSION: Avx512Extension = Avx512Extension::Bf16;
+
+    fn features(&self) -> (usize, usize) {
+        (self.in_features, self.out_features)
+    }
+
+    fn reads_rows_like(&self, other: &Self) -> bool {
+        self.kernel == other.kernel
+    }
+
+    /// `dst[m × Σn] = round_bf16(x)[m × k] · round_bf16(W_l)ᵀ + b_l` for each layer `l`.
+    unsafe fn side_by_side(layers: &[&Self], x: &[f32], m: usize) -> Vec<f32> {
+        let Some(first) = layers.first() else { return Vec::new() };
+        let (k, kernel) = (first.in_features, first.kernel);
+        let (pairs, words) = (k.div_ceil(2), kernel.row_words(k));
         // The rows rounded to bf16, as the kernel reads them.
         let mut a = vec![0u32; m * words];
         a.par_chunks_mut(words * ROWS).zip(x.par_chunks(k * ROWS)).for_each(|(out, rows)| {
-            // SAFETY: `available()` holds (checked by the op); `out` has `row_words(k)` per row.
+            // SAFETY: the CPU has AVX512-BF16, as the caller promises; `out` has `row_words(k)`
+            // per row.
             unsafe { round_rows(rows, k, out, kernel) }
         });
+        let (starts, n) = output_columns(layers.iter().map(|l| l.out_features));
         let mut dst = crate::buffers::unwritten(m * n);
         let out = OutPtr::unwritten(&mut dst);
-        let panels = n.div_ceil(PANEL);
-        // Tasks: groups of panels × chunks of rows, enough of them to keep every core busy.
-        let tasks: Vec<(usize, usize)> = (0..panels)
-            .step_by(PANELS_PER_TASK)
-            .flat_map(|p| (0..m).step_by(ROWS_PER_TASK).map(move |r| (p, r)))
-            .collect();
-        tasks.par_iter().for_each(|&(first, rows_from)| {
-            let rows = ROWS_PER_TASK.min(m - rows_from);
-            for p in first..(first + PANELS_PER_TASK).min(panels) {
-                let cols = PANEL.min(n - p * PANEL);
-                let panel = &self.packed[p * pairs * PANEL * 2..(p + 1) * pairs * PANEL * 2];
-                let bias = if self.bias.is_empty() { None } else { Some(&self.bias[p * PANEL..p * PANEL + cols]) };
-                let a = &a[rows_from * words..(rows_from + rows) * words];
+        let panels: Vec<usize> = layers.iter().map(|l| l.out_features.div_ceil(PANEL)).collect();
+        tasks(&panels, m, (PANELS_PER_TASK, ROWS_PER_TASK)).par_iter().for_each(|task| {
+            let layer = layers[task.layer];
+            for p in task.panels.clone() {
+                let cols = PANEL.min(layer.out_features - p * PANEL);
+                let panel = &layer.packed[p * pairs * PANEL * 2..(p + 1) * pairs * PANEL * 2];
+                let bias = if layer.bias.is_empty() { None } else { Some(&layer.bias[p * PANEL..p * PANEL + cols]) };
+                let a = &a[task.rows.start * words..task.rows.end * words];
                 let tile = Tile { a, pairs, panel, bias, cols, kernel };
-                // SAFETY: `available()` was checked by the op; `tile` holds `rows` rows and a
-                // whole panel; the destination addresses `rows` rows of `cols` columns
-                // (stride `n`) that only this task writes.
-                unsafe { product(&tile, out.offset(rows_from * n + p * PANEL).get(), n) }
+                let dst = out.offset(task.rows.start * n + starts[task.layer] + p * PANEL);
+                // SAFETY: the CPU has AVX512-BF16, as the caller promises; `tile` holds the
+                // task's rows and a whole panel; the destination addresses those rows' `cols`
+                // columns (stride `n`), which only this task writes.
+                unsafe { product(&tile, dst.get(), n) }
             }
         });
-        // SAFETY: the tasks cover every row and every panel, and `product` stores every column
-        // of its panel in every row of its tile.
+        // SAFETY: the tasks cover every row and every panel of every layer, whose columns tile
+        // each row, and `product` stores every column of its panel in every row of its tile.
         unsafe { crate::buffers::assume_written(dst) }
     }
 }
@@ -303,21 +328,6 @@ pub(crate) struct Tile<'a> {
     pub kernel: Bf16Kernel,
 }
 
-impl CustomOp1 for LinearBf16 {
-    fn name(&self) -> &'static str {
-        "linear-bf16"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        if !Self::available() {
-            candle_core::bail!("linear-bf16: this CPU has no AVX512-BF16")
-        }
-        let features = (self.in_features, self.out_features);
-        let (x, m, shape) = crate::packed_linear::input_rows(storage, layout, features, "linear-bf16")?;
-        Ok((CpuStorage::F32(self.matmul(x, m)), shape))
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
@@ -390,63 +400,19 @@ mod x86 {
     }
 
     /// Products per nanosecond of `vdpbf16ps` and of `vfmadd231ps` on 512-bit registers, twelve
-    /// independent accumulators each, the best of five alternating timings of each.
+    /// independent accumulators each, the best of five alternating timings of each. Every lane
+    /// of both multiplicands is `0x3F80_3F80`: a pair of bf16 ones, and a normal f32 (≈1.004),
+    /// so no sum overflows and no operand is denormal (which would slow the FMA down, not
+    /// `vdpbf16ps`, which flushes them).
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub(super) unsafe fn products_per_ns() -> (f64, f64) {
-        const ROUNDS: u64 = 10_000;
-        let time = |f: &dyn Fn()| {
-            let t = std::time::Instant::now();
-            f();
-            t.elapsed().as_secs_f64().max(1e-9)
-        };
-        let (mut dot, mut fma) = (f64::MAX, f64::MAX);
-        for _ in 0..5 {
-            // SAFETY: the caller checked the instructions.
-            dot = dot.min(time(&|| unsafe { twelve_chains::<true>(ROUNDS) }));
-            fma = fma.min(time(&|| unsafe { twelve_chains::<false>(ROUNDS) }));
-        }
-        // 12 instructions per round: 32 products each for `vdpbf16ps`, 16 for the FMA.
-        let products = 12.0 * ROUNDS as f64 * 1e-9;
-        (32.0 * products / dot, 16.0 * products / fma)
-    }
-
-    /// `rounds` × twelve `vdpbf16ps` (`DOT`) or `vfmadd231ps` into zmm0..11, cleared first, all in
-    /// one asm block. Every lane of both multiplicands is `0x3F80_3F80`: a pair of bf16 ones, and
-    /// a normal f32 (≈1.004), so no sum overflows and no operand is denormal (which would slow
-    /// the FMA down, not `vdpbf16ps`, which flushes them).
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    unsafe fn twelve_chains<const DOT: bool>(rounds: u64) {
+        use crate::packed_linear::twelve_chains;
         let ones = _mm512_castsi512_ps(_mm512_set1_epi32(0x3F80_3F80));
-        macro_rules! twelve {
-            ($op:literal) => {
-                std::arch::asm!(
-                    "vxorps zmm0, zmm0, zmm0", "vxorps zmm1, zmm1, zmm1", "vxorps zmm2, zmm2, zmm2",
-                    "vxorps zmm3, zmm3, zmm3", "vxorps zmm4, zmm4, zmm4", "vxorps zmm5, zmm5, zmm5",
-                    "vxorps zmm6, zmm6, zmm6", "vxorps zmm7, zmm7, zmm7", "vxorps zmm8, zmm8, zmm8",
-                    "vxorps zmm9, zmm9, zmm9", "vxorps zmm10, zmm10, zmm10", "vxorps zmm11, zmm11, zmm11",
-                    "2:",
-                    concat!($op, " zmm0, zmm30, zmm31"), concat!($op, " zmm1, zmm30, zmm31"),
-                    concat!($op, " zmm2, zmm30, zmm31"), concat!($op, " zmm3, zmm30, zmm31"),
-                    concat!($op, " zmm4, zmm30, zmm31"), concat!($op, " zmm5, zmm30, zmm31"),
-                    concat!($op, " zmm6, zmm30, zmm31"), concat!($op, " zmm7, zmm30, zmm31"),
-                    concat!($op, " zmm8, zmm30, zmm31"), concat!($op, " zmm9, zmm30, zmm31"),
-                    concat!($op, " zmm10, zmm30, zmm31"), concat!($op, " zmm11, zmm30, zmm31"),
-                    "dec {left}",
-                    "jnz 2b",
-                    left = inout(reg) rounds.max(1) => _,
-                    in("zmm30") ones, in("zmm31") ones,
-                    out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _, out("zmm4") _,
-                    out("zmm5") _, out("zmm6") _, out("zmm7") _, out("zmm8") _, out("zmm9") _,
-                    out("zmm10") _, out("zmm11") _,
-                    options(nomem, nostack),
-                )
-            };
-        }
-        if DOT {
-            twelve!("vdpbf16ps")
-        } else {
-            twelve!("vfmadd231ps")
-        }
+        // SAFETY (both loops): registers only; the caller checked the instructions.
+        let dot = |rounds: u64| unsafe { twelve_chains!("vdpbf16ps", rounds, ones) };
+        let fma = |rounds: u64| unsafe { twelve_chains!("vfmadd231ps", rounds, ones) };
+        let [dot, fma] = crate::packed_linear::products_per_ns(10_000, [(&dot, 32.0), (&fma, 16.0)]);
+        (dot, fma)
     }
 
     /// `R` rows of `tile` into `dst` (row stride `dst_stride`), starting from the bias; returns `R`.
@@ -566,5 +532,35 @@ mod tests {
             let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(err <= 2e-6 * scale * (k as f32).sqrt(), "{kernel:?} {m}×{k}×{n}: {err} vs {scale}");
         }
+    }
+
+    /// Layers run side by side give each layer's own outputs, in order, bit for bit (the same
+    /// sums in the same order), for both kernels and ragged widths; layers of different inputs
+    /// or kernels are refused.
+    #[test]
+    fn layers_side_by_side_equal_each_alone() {
+        if !LinearBf16::available() {
+            return;
+        }
+        let dev = Device::Cpu;
+        let layer = |n: usize, k: usize, bias: bool, kernel: Bf16Kernel| {
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
+            LinearBf16::with_kernel(&w, bias.then_some(&b), kernel).unwrap()
+        };
+        let x = Tensor::randn(0f32, 1.0, (2, 21, 77), &dev).unwrap();
+        for kernel in [Bf16Kernel::DotProduct, Bf16Kernel::WidenedFma] {
+            let layers = [layer(32, 77, true, kernel), layer(45, 77, false, kernel), layer(130, 77, true, kernel)];
+            let refs: Vec<&LinearBf16> = layers.iter().collect();
+            let together = LinearBf16::forward_side_by_side(&refs, &x).unwrap();
+            let alone: Vec<Tensor> = layers.iter().map(|l| l.forward(&x).unwrap()).collect();
+            let alone = Tensor::cat(&alone, 2).unwrap();
+            assert_eq!(together.dims(), [2, 21, 32 + 45 + 130]);
+            let diff = (&together - &alone).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert_eq!(diff, 0.0, "{kernel:?}");
+            assert!(LinearBf16::forward_side_by_side(&[&layers[0], &layer(8, 76, true, kernel)], &x).is_err());
+        }
+        let (dot, fma) = (layer(8, 77, true, Bf16Kernel::DotProduct), layer(8, 77, true, Bf16Kernel::WidenedFma));
+        assert!(LinearBf16::forward_side_by_side(&[&dot, &fma], &x).is_err());
     }
 }

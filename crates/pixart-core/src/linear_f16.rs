@@ -16,10 +16,11 @@
 //! two FMAs (16 f16 accumulators), and after every run the accumulators are widened into f32
 //! sums that started at the bias.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
 use crate::conv_cpu::OutPtr;
+use crate::packed_linear::{forward_side_by_side, output_columns, tasks, Avx512Extension, PackedLayer};
 
 /// Output columns per panel (two vectors of 32 f16).
 const PANEL: usize = 64;
@@ -50,7 +51,7 @@ pub struct LinearF16 {
 impl LinearF16 {
     /// Whether this CPU has the instructions (AVX-512 F, BW and FP16), checked at run time.
     pub fn available() -> bool {
-        crate::packed_linear::has_avx512_with(crate::packed_linear::Avx512Extension::Fp16)
+        crate::packed_linear::has_avx512_with(Avx512Extension::Fp16)
     }
 
     /// Packs `weight` `[out, in]` (any float dtype; rounded to f16 to nearest even) and `bias`
@@ -72,63 +73,88 @@ impl LinearF16 {
 
     /// `x` `[…, in]` f32 on the CPU → `[…, out]` f32.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.contiguous()?.apply_op1_no_bwd(self)
+        forward_side_by_side(&[self], x)
     }
 
-    /// `dst[m × n] = round_f16(x)[m × k] · round_f16(W)ᵀ + b`.
-    fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let (n, k) = (self.out_features, self.in_features);
-        // The rows rounded to f16, padded with zero rows to whole blocks (written once: no
-        // clearing pass first).
-        let padded_rows = m.div_ceil(ROWS) * ROWS;
-        let mut a = crate::buffers::unwritten::<u16>(padded_rows * k);
-        if k > 0 {
-            a.par_chunks_mut(k * ROWS).zip(x.par_chunks(k * ROWS)).for_each(|(out, rows)| {
-                let (values, padding) = out.split_at_mut(rows.len());
-                padding.iter_mut().for_each(|v| {
-                    v.write(0);
-                });
-                // SAFETY: `available()` holds (checked by the op); `values` holds `rows.len()`.
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    x86::round_rows(rows, values)
-                }
-            });
-        }
-        // SAFETY: each block's rows are written by `round_rows` and its padding rows above (the
-        // zipped chunks cover every block: the last chunk of `x` is the last block's rows).
-        let a = unsafe { crate::buffers::assume_written(a) };
+    /// `x` `[…, in]` f32 on the CPU through each of `layers` (all `in` wide) → `[…, Σ out]`,
+    /// their outputs side by side in `layers`' order: one op, the input rounded once (a
+    /// self-attention's Q, K and V in one product).
+    pub fn forward_side_by_side(layers: &[&LinearF16], x: &Tensor) -> candle_core::Result<Tensor> {
+        forward_side_by_side(layers, x)
+    }
+}
+
+impl PackedLayer for LinearF16 {
+    const NAME: &'static str = "linear-f16";
+    const EXTENSION: Avx512Extension = Avx512Extension::Fp16;
+
+    fn features(&self) -> (usize, usize) {
+        (self.in_features, self.out_features)
+    }
+
+    fn reads_rows_like(&self, _: &Self) -> bool {
+        true
+    }
+
+    /// `dst[m × Σn] = round_f16(x)[m × k] · round_f16(W_l)ᵀ + b_l` for each layer `l`.
+    unsafe fn side_by_side(layers: &[&Self], x: &[f32], m: usize) -> Vec<f32> {
+        let k = layers.first().map_or(0, |l| l.in_features);
+        // SAFETY: the CPU has AVX-512 FP16 (and F), as the caller promises.
+        let a = unsafe { rounded_rows(x, m, k) };
+        let (starts, n) = output_columns(layers.iter().map(|l| l.out_features));
         let mut dst = crate::buffers::unwritten(m * n);
         let out = OutPtr::unwritten(&mut dst);
-        let panels = n.div_ceil(PANEL);
-        let tasks: Vec<(usize, usize)> = (0..panels)
-            .step_by(PANELS_PER_TASK)
-            .flat_map(|p| (0..m).step_by(ROWS_PER_TASK).map(move |r| (p, r)))
-            .collect();
-        tasks.par_iter().for_each(|&(first, rows_from)| {
-            let rows = ROWS_PER_TASK.min(m - rows_from);
-            for p in first..(first + PANELS_PER_TASK).min(panels) {
-                let cols = PANEL.min(n - p * PANEL);
+        let panels: Vec<usize> = layers.iter().map(|l| l.out_features.div_ceil(PANEL)).collect();
+        tasks(&panels, m, (PANELS_PER_TASK, ROWS_PER_TASK)).par_iter().for_each(|task| {
+            let (layer, rows) = (layers[task.layer], task.rows.len());
+            for p in task.panels.clone() {
+                let cols = PANEL.min(layer.out_features - p * PANEL);
                 let tile = Tile {
-                    a: &a[rows_from * k..(rows_from + rows.div_ceil(ROWS) * ROWS) * k],
+                    a: &a[task.rows.start * k..(task.rows.start + rows.div_ceil(ROWS) * ROWS) * k],
                     k,
-                    panel: &self.packed[p * k * PANEL..(p + 1) * k * PANEL],
-                    bias: if self.bias.is_empty() { None } else { Some(&self.bias[p * PANEL..p * PANEL + cols]) },
+                    panel: &layer.packed[p * k * PANEL..(p + 1) * k * PANEL],
+                    bias: if layer.bias.is_empty() { None } else { Some(&layer.bias[p * PANEL..p * PANEL + cols]) },
                     rows,
                     cols,
                 };
-                // SAFETY: `available()` was checked by the op; the destination addresses `rows`
-                // rows of `cols` columns (stride `n`) that only this task writes.
+                let dst = out.offset(task.rows.start * n + starts[task.layer] + p * PANEL);
+                // SAFETY: the CPU has AVX-512 FP16, as the caller promises; the destination
+                // addresses `rows` rows of `cols` columns (stride `n`) that only this task writes.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    x86::tile(&tile, out.offset(rows_from * n + p * PANEL).get(), n)
+                    x86::tile(&tile, dst.get(), n)
                 }
             }
         });
-        // SAFETY: the tasks cover every row and every panel, and `tile` stores every column of its
-        // panel in every row of its task.
+        // SAFETY: the tasks cover every row and every panel of every layer, whose columns tile
+        // each row, and `tile` stores every column of its panel in every row of its task.
         unsafe { crate::buffers::assume_written(dst) }
     }
+}
+
+/// The `m` rows `x` (`k` each) rounded to f16, padded with zero rows to whole blocks of
+/// [`ROWS`] (written once: no clearing pass first).
+///
+/// # Safety
+/// The CPU has AVX-512 F.
+unsafe fn rounded_rows(x: &[f32], m: usize, k: usize) -> Vec<u16> {
+    let mut a = crate::buffers::unwritten::<u16>(m.div_ceil(ROWS) * ROWS * k);
+    if k > 0 {
+        a.par_chunks_mut(k * ROWS).zip(x.par_chunks(k * ROWS)).for_each(|(out, rows)| {
+            let (values, padding) = out.split_at_mut(rows.len());
+            padding.iter_mut().for_each(|v| {
+                v.write(0);
+            });
+            // SAFETY: AVX-512 F as the caller promises; `values` holds `rows.len()`.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                x86::round_rows(rows, values)
+            }
+        });
+    }
+    // SAFETY: each block's rows are written by `round_rows` and its padding rows above (the
+    // zipped chunks cover every block: the last chunk of `x` is the last block's rows).
+    unsafe { crate::buffers::assume_written(a) }
 }
 
 /// The operands of one task's rows against one panel.
@@ -144,21 +170,6 @@ struct Tile<'a> {
     rows: usize,
     /// Columns to store (the last panel may be partial).
     cols: usize,
-}
-
-impl CustomOp1 for LinearF16 {
-    fn name(&self) -> &'static str {
-        "linear-f16"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        if !Self::available() {
-            candle_core::bail!("linear-f16: this CPU has no AVX512-FP16")
-        }
-        let features = (self.in_features, self.out_features);
-        let (x, m, shape) = crate::packed_linear::input_rows(storage, layout, features, "linear-f16")?;
-        Ok((CpuStorage::F32(self.matmul(x, m)), shape))
-    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -259,47 +270,13 @@ mod x86 {
     #[cfg(test)]
     #[target_feature(enable = "avx512f,avx512fp16")]
     pub(super) unsafe fn products_per_ns() -> (f64, f64) {
-        macro_rules! twelve {
-            ($op:literal, $rounds:expr) => {
-                asm!(
-                    "vxorps zmm0, zmm0, zmm0", "vxorps zmm1, zmm1, zmm1", "vxorps zmm2, zmm2, zmm2",
-                    "vxorps zmm3, zmm3, zmm3", "vxorps zmm4, zmm4, zmm4", "vxorps zmm5, zmm5, zmm5",
-                    "vxorps zmm6, zmm6, zmm6", "vxorps zmm7, zmm7, zmm7", "vxorps zmm8, zmm8, zmm8",
-                    "vxorps zmm9, zmm9, zmm9", "vxorps zmm10, zmm10, zmm10", "vxorps zmm11, zmm11, zmm11",
-                    "vxorps zmm30, zmm30, zmm30", "vxorps zmm31, zmm31, zmm31",
-                    "2:",
-                    concat!($op, " zmm0, zmm30, zmm31"), concat!($op, " zmm1, zmm30, zmm31"),
-                    concat!($op, " zmm2, zmm30, zmm31"), concat!($op, " zmm3, zmm30, zmm31"),
-                    concat!($op, " zmm4, zmm30, zmm31"), concat!($op, " zmm5, zmm30, zmm31"),
-                    concat!($op, " zmm6, zmm30, zmm31"), concat!($op, " zmm7, zmm30, zmm31"),
-                    concat!($op, " zmm8, zmm30, zmm31"), concat!($op, " zmm9, zmm30, zmm31"),
-                    concat!($op, " zmm10, zmm30, zmm31"), concat!($op, " zmm11, zmm30, zmm31"),
-                    "dec {left}",
-                    "jnz 2b",
-                    left = inout(reg) $rounds => _,
-                    out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _, out("zmm4") _,
-                    out("zmm5") _, out("zmm6") _, out("zmm7") _, out("zmm8") _, out("zmm9") _,
-                    out("zmm10") _, out("zmm11") _, out("zmm30") _, out("zmm31") _,
-                    options(nomem, nostack),
-                )
-            };
-        }
-        const ROUNDS: u64 = 2_000_000;
-        let best = |f: &dyn Fn()| {
-            (0..3)
-                .map(|_| {
-                    let start = std::time::Instant::now();
-                    f();
-                    start.elapsed().as_secs_f64()
-                })
-                .fold(f64::INFINITY, f64::min)
-        };
-        // SAFETY: registers only; AVX-512 F and FP16 as the caller promises.
-        let f16 = best(&|| unsafe { twelve!("vfmadd231ph", ROUNDS) });
-        // SAFETY: as above.
-        let f32 = best(&|| unsafe { twelve!("vfmadd231ps", ROUNDS) });
-        let products = (ROUNDS * 12) as f64 / 1e9;
-        (products * 32.0 / f16, products * 16.0 / f32)
+        use crate::packed_linear::twelve_chains;
+        let zeros = _mm512_setzero_ps();
+        // SAFETY (both loops): registers only; AVX-512 F and FP16 as the caller promises.
+        let f16 = |rounds: u64| unsafe { twelve_chains!("vfmadd231ph", rounds, zeros) };
+        let f32 = |rounds: u64| unsafe { twelve_chains!("vfmadd231ps", rounds, zeros) };
+        let [f16, f32] = crate::packed_linear::products_per_ns(200_000, [(&f16, 32.0), (&f32, 16.0)]);
+        (f16, f32)
     }
 
     /// Adds the 32 f16 sums of `acc` to the f32 sums at `sums`.
@@ -431,6 +408,33 @@ mod tests {
         let (f16, f32) = unsafe { x86::products_per_ns() };
         eprintln!("products per ns: vfmadd231ph {f16:.1}, vfmadd231ps {f32:.1}");
         assert!(f16.is_finite() && f32.is_finite() && f16 > 0.1 && f32 > 0.1, "{f16} {f32}");
+    }
+
+    /// Layers run side by side give each layer's own outputs, in order, bit for bit (the same
+    /// sums in the same order), ragged widths included; layers of different inputs are refused.
+    #[test]
+    fn layers_side_by_side_equal_each_alone() {
+        if !LinearF16::available() {
+            return;
+        }
+        let dev = Device::Cpu;
+        let layer = |n: usize, k: usize, bias: bool| {
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
+            LinearF16::new(&w, bias.then_some(&b)).unwrap()
+        };
+        let layers = [layer(64, 96, true), layer(45, 96, false), layer(130, 96, true)];
+        let x = Tensor::randn(0f32, 1.0, (2, 21, 96), &dev).unwrap();
+        let refs: Vec<&LinearF16> = layers.iter().collect();
+        let together = LinearF16::forward_side_by_side(&refs, &x).unwrap();
+        let alone: Vec<Tensor> = layers.iter().map(|l| l.forward(&x).unwrap()).collect();
+        let alone = Tensor::cat(&alone, 2).unwrap();
+        assert_eq!(together.dims(), [2, 21, 64 + 45 + 130]);
+        let diff = (&together - &alone).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(diff, 0.0);
+        let narrower = layer(8, 95, true);
+        assert!(LinearF16::forward_side_by_side(&[&layers[0], &narrower], &x).is_err());
+        assert!(LinearF16::forward_side_by_side(&[], &x).is_err());
     }
 
     #[test]

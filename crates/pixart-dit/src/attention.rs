@@ -62,24 +62,36 @@ impl Attention {
         Ok(())
     }
 
-    /// Whether self-attention multiplies Q, K and V in one product.
+    /// Whether self-attention multiplies Q, K and V in one product: by a stacked f32 weight
+    /// ([`Self::stack_projections`]), or, where the three layers multiply in bf16 or f16 on the
+    /// CPU, by their packed weights in one op ([`DitLinear::forward_side_by_side`]).
     pub fn has_stacked_projections(&self) -> bool {
-        self.to_qkv.is_some()
+        self.to_qkv.is_some() || DitLinear::multiply_side_by_side(&[&self.to_q, &self.to_k, &self.to_v])
     }
 
     /// `x`: `[B, N, D]`; `context`: `[B, L, C]` (None: self-attention); `mask`: the keys each
     /// row attends to (None: all).
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>, mask: Option<&KeyMask>) -> candle_core::Result<Tensor> {
-        if let (None, Some(to_qkv)) = (context, &self.to_qkv) {
+        let qkv = if context.is_none() { self.qkv_in_one_product(x)? } else { None };
+        if let Some(qkv) = qkv {
             // [B, N, 3, heads, head_dim]: Q, K and V side by side in each token's row.
             let (b, n, _) = x.dims3()?;
-            let qkv = to_qkv.forward(x)?.reshape((b, n, 3, self.heads, self.head_dim))?;
+            let qkv = qkv.reshape((b, n, 3, self.heads, self.head_dim))?;
             let part = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2); // [B, heads, N, head_dim] views
             return self.attend(&part(0)?, &part(1)?, &part(2)?, mask);
         }
         let context = context.unwrap_or(x);
         let (k, v) = (self.split_heads(self.to_k.forward(context)?)?, self.split_heads(self.to_v.forward(context)?)?);
         self.forward_with_keys_values(x, &k, &v, mask)
+    }
+
+    /// `[B, N, 3·inner]`: the Q, K and V of `x` side by side from one product, where
+    /// [`Self::has_stacked_projections`] and the input suits it; `None` otherwise.
+    fn qkv_in_one_product(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        match &self.to_qkv {
+            Some(to_qkv) => to_qkv.forward(x).map(Some),
+            None => DitLinear::forward_side_by_side(&[&self.to_q, &self.to_k, &self.to_v], x),
+        }
     }
 
     /// Keys and values of `context` `[B, L, C]`, each `[B, heads, L, head_dim]`: computed once for

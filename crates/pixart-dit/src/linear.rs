@@ -30,6 +30,22 @@ enum Packed {
     F16(Arc<LinearF16>),
 }
 
+impl Packed {
+    fn as_bf16(&self) -> Option<&LinearBf16> {
+        match self {
+            Packed::Bf16(layer) => Some(layer),
+            Packed::F16(_) => None,
+        }
+    }
+
+    fn as_f16(&self) -> Option<&LinearF16> {
+        match self {
+            Packed::F16(layer) => Some(layer),
+            Packed::Bf16(_) => None,
+        }
+    }
+}
+
 impl DitLinear {
     /// `vb`'s `weight` `[out, in]` and, with `bias`, its `bias`.
     pub fn new(
@@ -77,6 +93,42 @@ impl DitLinear {
     /// Whether the products run in f16 ([`CpuProducts::F16`] on a CPU that has it).
     pub fn multiplies_in_f16(&self) -> bool {
         matches!(self.packed, Some(Packed::F16(_)))
+    }
+
+    /// `x` `[…, in]` through each of `layers` → `[…, Σ out]` in one product, their outputs side
+    /// by side, where the layers multiply in the same half precision on the CPU (the bf16 or
+    /// f16 op runs them together, the input rounded once) and `x` is f32 on the CPU; `None`
+    /// otherwise.
+    pub fn forward_side_by_side(layers: &[&DitLinear], x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        if !(Self::multiply_side_by_side(layers) && x.device().is_cpu() && x.dtype() == DType::F32) {
+            return Ok(None);
+        }
+        let bf16: Option<Vec<&LinearBf16>> = layers.iter().map(|l| l.packed.as_ref()?.as_bf16()).collect();
+        if let Some(bf16) = bf16 {
+            return LinearBf16::forward_side_by_side(&bf16, x).map(Some);
+        }
+        let f16: Option<Vec<&LinearF16>> = layers.iter().map(|l| l.packed.as_ref()?.as_f16()).collect();
+        match f16 {
+            Some(f16) => LinearF16::forward_side_by_side(&f16, x).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether [`Self::forward_side_by_side`] runs `layers` in one product (given an f32 input
+    /// on the CPU): all of them multiply in bf16 with one kernel, or all in f16, with inputs
+    /// of one width.
+    pub fn multiply_side_by_side(layers: &[&DitLinear]) -> bool {
+        let Some(first) = layers.first() else { return false };
+        let width = first.plain.weight().dim(1).ok();
+        layers.iter().all(|l| {
+            let same_width = l.plain.weight().dim(1).ok() == width;
+            let alike = match (&l.packed, &first.packed) {
+                (Some(Packed::Bf16(a)), Some(Packed::Bf16(b))) => a.kernel() == b.kernel(),
+                (Some(Packed::F16(_)), Some(Packed::F16(_))) => true,
+                _ => false,
+            };
+            same_width && alike
+        })
     }
 
     /// `x · Wᵀ + b`.

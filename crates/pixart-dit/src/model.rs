@@ -138,8 +138,9 @@ impl PixArtTransformer {
         Ok(model)
     }
 
-    /// How many blocks multiply their self-attention's Q, K and V in one product (weights from
-    /// [`TransformerWeights::for_cpu_products`] in f32 on the CPU: every block).
+    /// How many blocks multiply their self-attention's Q, K and V in one product (on the CPU,
+    /// weights from [`TransformerWeights::for_cpu_products`] in f32, or products in bf16 or f16
+    /// where the CPU has them: every block).
     pub fn blocks_with_stacked_qkv(&self) -> usize {
         self.blocks.iter().filter(|b| b.has_stacked_self_attention_projections()).count()
     }
