@@ -4,8 +4,9 @@
 //! through [`LinearBf16`], and with [`CpuProducts::F16`] on a CPU with AVX512-FP16, products of
 //! f16 operands through [`LinearF16`]; everything around them stays f32. The weight is then
 //! packed once (half its f32 size) beside the f32 tensor, which stays shared with the loaded
-//! weights. In f32 on the CPU the weight is used column-major ([`column_major`]; the loaded
-//! weights already are, so nothing is copied).
+//! weights; layers of one input can run in one op ([`DitLinear::forward_side_by_side`]). In f32
+//! on the CPU the weight is used column-major ([`column_major`]; the loaded weights already are,
+//! so nothing is copied).
 
 use std::sync::Arc;
 
