@@ -75,10 +75,51 @@ impl CustomOp3 for GroupNormOp {
 /// Mean and (biased) variance of `values`, accumulated in f64 in two passes.
 fn moments(values: &[f32]) -> (f64, f64) {
     let n = values.len().max(1) as f64;
-    let mean = values.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
-    let var = values.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>() / n;
-    (mean, var)
+    let (mut sum, mut squares) = (0.0, 0.0);
+    sum_f64(values, None, &mut sum);
+    let mean = sum / n;
+    sum_f64(values, Some(mean), &mut squares);
+    (mean, squares / n)
 }
+
+/// Independent f64 sums per call of [`sum_f64`]: a few vectors of them, so that the additions
+/// run in parallel lanes instead of one chain that waits on each addition's latency.
+const LANES: usize = 32;
+
+crate::fast_math::dispatch!(
+    /// `out = Σ v` over `values` (`centre` None) or `Σ (v − centre)²`, in f64: [`LANES`]
+    /// interleaved partial sums (vectorised by the compiler), added up at the end.
+    sum_f64, sum_f64_at(values: &[f32], centre: Option<f64>, out: &mut f64) {
+        let mut lanes = [0f64; LANES];
+        let chunks = values.chunks_exact(LANES);
+        let rest = chunks.remainder();
+        match centre {
+            None => {
+                for chunk in chunks {
+                    for (lane, &v) in lanes.iter_mut().zip(chunk) {
+                        *lane += f64::from(v);
+                    }
+                }
+                for (lane, &v) in lanes.iter_mut().zip(rest) {
+                    *lane += f64::from(v);
+                }
+            }
+            Some(centre) => {
+                for chunk in chunks {
+                    for (lane, &v) in lanes.iter_mut().zip(chunk) {
+                        let d = f64::from(v) - centre;
+                        *lane += d * d;
+                    }
+                }
+                for (lane, &v) in lanes.iter_mut().zip(rest) {
+                    let d = f64::from(v) - centre;
+                    *lane += d * d;
+                }
+            }
+        }
+        *out = lanes.iter().sum();
+    }
+);
 
 impl GroupNorm {
     /// `groups` groups over `channels` channels, weights `weight` and `bias` from `vb`.
@@ -138,6 +179,27 @@ mod tests {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap()
+    }
+
+    /// Each SIMD level's f64 sums against one plain chain of f64 additions, on lengths that
+    /// leave remainders, values with a large common offset.
+    #[test]
+    fn every_simd_level_sums_alike() {
+        use crate::fast_math::Simd;
+        for len in [0, 1, 31, 32, 33, 1000, 4099] {
+            let values: Vec<f32> = (0..len).map(|i| 40.0 + ((i * 7919) % 1013) as f32 * 0.013).collect();
+            let plain: f64 = values.iter().map(|&v| f64::from(v)).sum();
+            let centre = plain / len.max(1) as f64;
+            let plain_squares: f64 = values.iter().map(|&v| (f64::from(v) - centre).powi(2)).sum();
+            for level in Simd::supported() {
+                let (mut sum, mut squares) = (f64::NAN, f64::NAN);
+                sum_f64_at(level, &values, None, &mut sum);
+                sum_f64_at(level, &values, Some(centre), &mut squares);
+                assert!((sum - plain).abs() <= 1e-12 * plain.abs().max(1.0), "{level:?} {len}: {sum} vs {plain}");
+                let close = (squares - plain_squares).abs() <= 1e-12 * plain_squares.max(1.0);
+                assert!(close, "{level:?} {len}: {squares} vs {plain_squares}");
+            }
+        }
     }
 
     #[test]
