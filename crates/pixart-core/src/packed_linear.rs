@@ -170,6 +170,7 @@ impl Avx512Extension {
 /// Products per nanosecond of each instruction loop of `loops` (`(run, products)`: `run(rounds)`
 /// issues `rounds` × 12 instructions of `products` products each), the best of five alternating
 /// timings of each.
+#[cfg(target_arch = "x86_64")]
 pub(crate) fn products_per_ns<const N: usize>(rounds: u64, loops: [(&dyn Fn(u64), f64); N]) -> [f64; N] {
     let mut best = [f64::MAX; N];
     for _ in 0..5 {
