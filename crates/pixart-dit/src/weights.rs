@@ -134,13 +134,12 @@ impl TransformerWeights {
     }
 
     /// These weights laid out for `products`: unless the products run in bf16 or f16 (which
-    /// pack their own copy from row-major weights), every linear layer's weight (2-D
-    /// `*.weight`) in f32 on the CPU is stored column-major ([`column_major`]), how the f32
-    /// product reads it without repacking, so the model built from them uses them without a
-    /// copy; each self-attention's
-    /// Q, K and V weights are stored as one stacked weight ([`Self::stacked_qkv`]), which the
-    /// model multiplies in one product. LoRA merges ([`Self::with_deltas`]) keep each tensor's
-    /// layout.
+    /// pack their own copy from row-major weights, and run a self-attention's three packed
+    /// layers in one op), every linear layer's weight (2-D `*.weight`) in f32 on the CPU is
+    /// stored column-major ([`column_major`]), how the f32 product reads it without repacking,
+    /// so the model built from them uses them without a copy, and each self-attention's Q, K
+    /// and V weights are stored as one stacked weight ([`Self::stacked_qkv`]), which the model
+    /// multiplies in one product. LoRA merges ([`Self::with_deltas`]) keep each tensor's layout.
     pub fn for_cpu_products(mut self, products: CpuProducts) -> Result<Self, DitError> {
         if !products.packs_weights() {
             let self_attentions: Vec<String> = self
@@ -274,8 +273,9 @@ impl TransformerWeights {
     }
 
     /// These weights with `deltas` (f32, by tensor name) added: each changed tensor is computed
-    /// in f32 and stored back in its dtype; every other tensor is shared. A self-attention whose stacked Q/K/V weight ([`Self::stacked_qkv`]) had a part changed is
-    /// stacked again from its merged parts.
+    /// in f32 and stored back in its dtype; every other tensor is shared. A self-attention whose
+    /// stacked Q/K/V weight ([`Self::stacked_qkv`]) had a part changed is stacked again from its
+    /// merged parts.
     pub fn with_deltas(&self, deltas: HashMap<String, Tensor>) -> Result<Self, DitError> {
         let mut changed = self.clone();
         let mut restack = BTreeSet::new();
