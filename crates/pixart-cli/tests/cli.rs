@@ -447,6 +447,13 @@ fn bf16_and_f16_on_the_cpu_say_how_they_compute() {
             assert!(String::from_utf8_lossy(&output.stderr).contains(says), "{kernel}");
         }
     }
+    // PIXART_SIMD=avx2 runs what an AVX2-only CPU runs: neither half-precision kernel.
+    for dtype in ["bf16", "f16"] {
+        let output = pixart(&[&args[..], &["--dtype", dtype]].concat(), &[("PIXART_SIMD", "avx2")]);
+        assert_eq!(response(&output)["cpu_products"], "f32", "{dtype}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(&format!("--dtype {dtype}: computing in f32 on the CPU")), "{stderr}");
+    }
     let output = pixart(&[&args[..], &["--dtype", "f32"]].concat(), &[]);
     assert_eq!(response(&output)["dtype"], "f32");
     assert_eq!(response(&output)["cpu_products"], "f32");
