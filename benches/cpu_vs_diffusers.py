@@ -20,7 +20,7 @@ then diffusers; figures and ratios are the medians over the rounds, every round 
   * `pixart bench` (stage medians over --runs runs after a warm-up) and a whole `pixart generate`
     process (load included: what a user waits for), with its peak resident set;
   * the max per-pixel difference of the two PNGs;
-  * the same request asked for in bf16, then in f16: diffusers in that dtype (torch's CPU kernels
+  * the same request asked for in bf16, then in f16 (`--half`): diffusers in that dtype (torch's CPU kernels
     for it, e.g. AVX512-BF16, AVX512-FP16) against `pixart bench --dtype bf16|f16` (bf16: on a CPU
     with AVX512-BF16 the transformer's linear layers and the VAE decoder's 3×3 convolutions
     multiply in bf16, the rest in f32; f16: on a CPU with AVX512-FP16 the transformer's linear
@@ -30,6 +30,13 @@ then diffusers; figures and ratios are the medians over the rounds, every round 
 
 Prints the ratios (pixart / diffusers: below 1 is faster or smaller) and writes results.json
 and results.md to --out with the machine and the command.
+
+What an AVX2-only CPU runs can be measured on an AVX-512 one, both sides lowered alike: a pixart
+built without the `gemm` crate's `x86-v4` feature (drop `features = ["x86-v4"]` from the `gemm`
+lines of Cargo.toml and crates/pixart-core/Cargo.toml) run with PIXART_SIMD=avx2, torch with
+ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2, and glibc's copies
+on both sides with GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD
+(set all five for this script; results.json records them and the capability torch ran with).
 """
 
 from __future__ import annotations
@@ -246,6 +253,15 @@ def rounds_table(rounds: list[dict]) -> list[str]:
     return lines
 
 
+def half_dtypes(spec: str) -> list[str]:
+    """The dtypes `--half` names, in the order given ("none": none)."""
+    dtypes = [d.strip() for d in spec.split(",") if d.strip() and d.strip() != "none"]
+    unknown = [d for d in dtypes if d not in ("bf16", "f16")]
+    if unknown:
+        raise SystemExit(f"--half: {', '.join(unknown)} is not bf16, f16 or none")
+    return dtypes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pixart", required=True, help="path to a release build of pixart")
@@ -253,6 +269,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="measured pixart bench runs per round")
     parser.add_argument("--rounds", type=int, default=3,
                         help="f32 rounds (pixart, then diffusers); figures and ratios are their medians")
+    parser.add_argument("--half", default="bf16,f16",
+                        help="the half-precision requests to compare after the f32 rounds: bf16, f16, both "
+                             "(comma-separated) or none")
     parser.add_argument("--model-dir", type=Path,
                         help="keep the random model here (made on the first run, reused after)")
     parser.add_argument("--diffusers-child", nargs=3, metavar=("MODEL", "OUT", "DTYPE"), help=argparse.SUPPRESS)
@@ -277,7 +296,7 @@ def main() -> None:
         # f32 in rounds, each pixart then diffusers: a neighbour's load that comes and goes
         # lands on both sides of some round, not on one side of the only one.
         rounds = [measure_round(args, common, model, work / f"round-{i + 1}") for i in range(args.rounds)]
-        halves = {dtype: measure_half(args, common, model, work, dtype) for dtype in ["bf16", "f16"]}
+        halves = {dtype: measure_half(args, common, model, work, dtype) for dtype in half_dtypes(args.half)}
         from PIL import Image
 
         ours_img = np.asarray(Image.open(rounds[-1]["png"]).convert("RGB"))
@@ -301,7 +320,12 @@ def main() -> None:
         env["cpu_simd"] = " ".join(f for f in flags if f in ("avx2", "fma") or f.startswith(("avx512", "amx")))
     except (OSError, StopIteration):
         pass
-    env["PIXART_SIMD"] = os.environ.get("PIXART_SIMD", "")
+    # What lowers either side's instruction set (to measure what an AVX2-only CPU runs on a
+    # newer one): ours, torch's own kernels, MKL's, oneDNN's and glibc's string functions;
+    # torch's choice as it ran.
+    for name in ["PIXART_SIMD", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "GLIBC_TUNABLES"]:
+        env[name] = os.environ.get(name, "")
+    env["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     results = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "request": {"size": SIZE, "steps": STEPS, "seed": SEED, "scheduler": "DPM-SOLVER", "guidance_scale": 4.5, "dtype": "f32"},
@@ -312,8 +336,7 @@ def main() -> None:
         "ratios_pixart_over_diffusers": ratios,
         "targets": targets,
         "png_max_pixel_diff": int(diff(ours_img, their_img)["max_abs"]),
-        "bf16_request": summaries["bf16"],
-        "f16_request": summaries["f16"],
+        **{f"{dtype}_request": summary for dtype, summary in summaries.items()},
         "rounds": [{k: r[k] for k in ["ours", "theirs", "ratios"]} for r in rounds],
     }
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
