@@ -281,6 +281,7 @@ def main() -> None:
         diffusers_child(Path(model_dir), Path(out_dir), dtype)
         return
 
+    half_requests = half_dtypes(args.half)  # a typo fails here, not after the f32 rounds
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -296,7 +297,7 @@ def main() -> None:
         # f32 in rounds, each pixart then diffusers: a neighbour's load that comes and goes
         # lands on both sides of some round, not on one side of the only one.
         rounds = [measure_round(args, common, model, work / f"round-{i + 1}") for i in range(args.rounds)]
-        halves = {dtype: measure_half(args, common, model, work, dtype) for dtype in half_dtypes(args.half)}
+        halves = {dtype: measure_half(args, common, model, work, dtype) for dtype in half_requests}
         from PIL import Image
 
         ours_img = np.asarray(Image.open(rounds[-1]["png"]).convert("RGB"))
@@ -325,7 +326,7 @@ def main() -> None:
     # torch's choice as it ran.
     for name in ["PIXART_SIMD", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "GLIBC_TUNABLES"]:
         env[name] = os.environ.get(name, "")
-    env["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    env["torch_cpu_capability"] = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
     results = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "request": {"size": SIZE, "steps": STEPS, "seed": SEED, "scheduler": "DPM-SOLVER", "guidance_scale": 4.5, "dtype": "f32"},

@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use clap::builder::FalseyValueParser;
 use clap::{Args, ValueEnum};
+use pixart_core::fast_math::Simd;
 use pixart_pipeline::{
     Bf16Kernel, CpuProducts, HubOptions, LoadOptions, Offload, Pipeline, PipelineError, QuantType, TextEncoderOptions,
     DEFAULT_MODEL, DEFAULT_SAFETY_CHECKER,
@@ -172,9 +173,14 @@ impl ModelArgs {
             ));
             return (DType::F32, CpuProducts::F16);
         }
+        let why = if Simd::detected() < Simd::best_supported() {
+            "PIXART_SIMD keeps this CPU's AVX-512 kernels off".to_string()
+        } else {
+            format!("this build has no {name} kernels for this CPU")
+        };
         warn(&format!(
-            "--dtype {name}: computing in f32 on the CPU instead (this build has no {name} kernels for this CPU: every \
-             op would convert to f32 and back, about 2x slower per step); the weights take twice the memory of {name}"
+            "--dtype {name}: computing in f32 on the CPU instead ({why}: every op would convert to f32 and back, \
+             about 2x slower per step); the weights take twice the memory of {name}"
         ));
         (DType::F32, CpuProducts::F32)
     }

@@ -453,6 +453,8 @@ fn bf16_and_f16_on_the_cpu_say_how_they_compute() {
         assert_eq!(response(&output)["cpu_products"], "f32", "{dtype}");
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(&format!("--dtype {dtype}: computing in f32 on the CPU")), "{stderr}");
+        let lowered = pixart_core::fast_math::Simd::best_supported() == pixart_core::fast_math::Simd::Avx512;
+        assert_eq!(stderr.contains("PIXART_SIMD keeps this CPU's AVX-512 kernels off"), lowered, "{stderr}");
     }
     let output = pixart(&[&args[..], &["--dtype", "f32"]].concat(), &[]);
     assert_eq!(response(&output)["dtype"], "f32");
