@@ -87,39 +87,35 @@ fn moments(values: &[f32]) -> (f64, f64) {
 const LANES: usize = 32;
 
 crate::fast_math::dispatch!(
-    /// `out = Σ v` over `values` (`centre` None) or `Σ (v − centre)²`, in f64: [`LANES`]
-    /// interleaved partial sums (vectorised by the compiler), added up at the end.
+    /// `out = Σ v` over `values` (`centre` None) or `Σ (v − centre)²`, in f64.
     sum_f64, sum_f64_at(values: &[f32], centre: Option<f64>, out: &mut f64) {
-        let mut lanes = [0f64; LANES];
-        let chunks = values.chunks_exact(LANES);
-        let rest = chunks.remainder();
-        match centre {
-            None => {
-                for chunk in chunks {
-                    for (lane, &v) in lanes.iter_mut().zip(chunk) {
-                        *lane += f64::from(v);
-                    }
-                }
-                for (lane, &v) in lanes.iter_mut().zip(rest) {
-                    *lane += f64::from(v);
-                }
-            }
-            Some(centre) => {
-                for chunk in chunks {
-                    for (lane, &v) in lanes.iter_mut().zip(chunk) {
-                        let d = f64::from(v) - centre;
-                        *lane += d * d;
-                    }
-                }
-                for (lane, &v) in lanes.iter_mut().zip(rest) {
-                    let d = f64::from(v) - centre;
-                    *lane += d * d;
-                }
-            }
-        }
-        *out = lanes.iter().sum();
+        *out = match centre {
+            None => interleaved_sum(values, f64::from),
+            Some(centre) => interleaved_sum(values, |v| {
+                let d = f64::from(v) - centre;
+                d * d
+            }),
+        };
     }
 );
+
+/// `Σ term(v)` over `values`: [`LANES`] interleaved partial sums (vectorised by the compiler, at
+/// the SIMD level of the function this is inlined into), added up at the end.
+#[inline(always)]
+fn interleaved_sum(values: &[f32], term: impl Fn(f32) -> f64) -> f64 {
+    let mut lanes = [0f64; LANES];
+    let chunks = values.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane += term(v);
+        }
+    }
+    for (lane, &v) in lanes.iter_mut().zip(rest) {
+        *lane += term(v);
+    }
+    lanes.iter().sum()
+}
 
 impl GroupNorm {
     /// `groups` groups over `channels` channels, weights `weight` and `bias` from `vb`.

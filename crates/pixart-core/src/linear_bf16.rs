@@ -138,11 +138,10 @@ pub struct LinearBf16 {
 
 impl LinearBf16 {
     /// Whether this CPU has the instructions (AVX-512 F, BW and BF16), checked at run time,
-    /// and `PIXART_SIMD` leaves AVX-512 on ([`crate::fast_math::Simd::detected`]: with `avx2`
-    /// a newer CPU runs what an AVX2-only one does).
+    /// and `PIXART_SIMD` leaves AVX-512 on (with `avx2` a newer CPU runs what an AVX2-only one
+    /// does).
     pub fn available() -> bool {
-        crate::fast_math::Simd::detected() == crate::fast_math::Simd::Avx512
-            && crate::packed_linear::has_avx512_with(Avx512Extension::Bf16)
+        crate::packed_linear::offered(Avx512Extension::Bf16)
     }
 
     /// Packs `weight` `[out, in]` (any float dtype; rounded to bf16 to nearest even) and

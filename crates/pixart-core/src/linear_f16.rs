@@ -50,11 +50,10 @@ pub struct LinearF16 {
 
 impl LinearF16 {
     /// Whether this CPU has the instructions (AVX-512 F, BW and FP16), checked at run time,
-    /// and `PIXART_SIMD` leaves AVX-512 on ([`crate::fast_math::Simd::detected`]: with `avx2`
-    /// a newer CPU runs what an AVX2-only one does).
+    /// and `PIXART_SIMD` leaves AVX-512 on (with `avx2` a newer CPU runs what an AVX2-only one
+    /// does).
     pub fn available() -> bool {
-        crate::fast_math::Simd::detected() == crate::fast_math::Simd::Avx512
-            && crate::packed_linear::has_avx512_with(Avx512Extension::Fp16)
+        crate::packed_linear::offered(Avx512Extension::Fp16)
     }
 
     /// Packs `weight` `[out, in]` (any float dtype; rounded to f16 to nearest even) and `bias`

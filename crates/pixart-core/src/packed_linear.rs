@@ -148,6 +148,13 @@ pub(crate) fn has_avx512_with(extension: Avx512Extension) -> bool {
     }
 }
 
+/// Whether the packed ops on `extension` are offered: the CPU has them ([`has_avx512_with`]) and
+/// `PIXART_SIMD` leaves AVX-512 on ([`crate::fast_math::Simd::detected`]: with `avx2` a newer
+/// CPU runs what an AVX2-only one does).
+pub(crate) fn offered(extension: Avx512Extension) -> bool {
+    crate::fast_math::Simd::detected() == crate::fast_math::Simd::Avx512 && has_avx512_with(extension)
+}
+
 /// The half-precision extensions of AVX-512 the packed ops run on.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Avx512Extension {
